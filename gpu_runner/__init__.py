@@ -1,0 +1,1 @@
+"""The GPU runner: an HTTP server, a pipelined worker and the engines it drives."""

@@ -1,0 +1,1 @@
+"""Engines behind one interface (gpu_runner.engines.base.Engine)."""

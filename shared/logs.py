@@ -1,0 +1,82 @@
+"""JSON log lines on stdout in Cloud Logging's structured shape.
+
+Cloud Logging reads ``severity``, ``message`` and
+``logging.googleapis.com/trace`` from each JSON line; everything else lands in
+``jsonPayload`` where log-based metrics (infra/terraform/monitoring.tf) pick up
+``event``, ``task_id``, ``code`` and the timing fields.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["bind_task", "configure_logging", "get_logger", "log_event"]
+
+_task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
+_trace_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace", default=None)
+
+# Attributes every LogRecord has; anything else was passed through ``extra=``.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Never write these keys' values, whatever a caller passes in ``extra``.
+_SECRET_KEYS = {"authorization", "api_key", "token", "secret", "password", "r2_secret_key", "x-api-key"}
+
+
+class CloudLoggingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": record.levelname if record.levelname != "WARNING" else "WARNING",
+            "message": record.getMessage(),
+            "time": dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(),
+            "logger": record.name,
+        }
+        task_id = getattr(record, "task_id", None) or _task_id_var.get()
+        if task_id:
+            entry["task_id"] = task_id
+        trace = _trace_var.get()
+        if trace:
+            entry["logging.googleapis.com/trace"] = trace
+        for key, value in vars(record).items():
+            if key in _RESERVED or key.startswith("_") or key in entry:
+                continue
+            entry[key] = "[redacted]" if key.lower() in _SECRET_KEYS else value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Route the root logger to one JSON line per record on stdout (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_comfyswap", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(CloudLoggingFormatter())
+    handler._comfyswap = True  # type: ignore[attr-defined]  # marker so reconfiguring replaces it
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("urllib3", "google", "botocore", "boto3", "httpx", "httpcore", "websockets", "werkzeug"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def bind_task(task_id: str | None) -> contextvars.Token[str | None]:
+    """Attach a task id to every log line of the current context."""
+    return _task_id_var.set(task_id)
+
+
+def bind_trace(trace: str | None) -> contextvars.Token[str | None]:
+    return _trace_var.set(trace)
+
+
+def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """One structured event (``event`` is what log-based metrics filter on)."""
+    logger.log(level, event, extra={"event": event, **fields})

@@ -1,0 +1,213 @@
+"""One settings object per process, read from the environment and validated at start-up.
+
+The seed service's variable names are part of the interface (existing deployments set
+them), so they are kept verbatim; new names are documented in the README's settings table.
+A bad value stops the process with a message that names the variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "reset_settings_cache"]
+
+StorageProviderName = Literal["local", "gcs", "r2", "cf_images"]
+
+
+class Settings(BaseSettings):
+    """Every setting, by its environment name. Build with kwargs in tests."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="",
+        case_sensitive=False,
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # --- seed names -------------------------------------------------------------------
+    app_env: Literal["development", "test", "staging", "production"] = Field(
+        "development", description="APP_ENV: deployment stage; production refuses open (keyless) access."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="LOG_LEVEL: minimum severity written to stdout."
+    )
+    task_api_url: str = Field(
+        "http://127.0.0.1:8080/api",
+        description="TASK_API_URL: base URL of the task API the runner pulls from (pull mode).",
+    )
+    comfyui_url: str = Field(
+        "", description="COMFYUI_URL: the ComfyUI server for the `comm` environment; empty = none configured."
+    )
+    comfyui_client_id: str = Field("comfyswap-runner", description="COMFYUI_CLIENT_ID: websocket client id.")
+    face_swap_api_url: str = Field(
+        "http://127.0.0.1:8000", description="FACE_SWAP_API_URL: the seed's FaceFusion HTTP API."
+    )
+    face_swap_timeout: float = Field(120.0, gt=0, description="FACE_SWAP_TIMEOUT: seconds per swap call.")
+    face_swap_retry_count: int = Field(3, ge=1, le=10, description="FACE_SWAP_RETRY_COUNT: attempts per call.")
+    storage_provider: StorageProviderName = Field("local", description="STORAGE_PROVIDER: primary provider.")
+    gcs_bucket_name: str = Field("", description="GCS_BUCKET_NAME: results bucket for `gcs`.")
+    gcs_bucket_region: str = Field("us-central1", description="GCS_BUCKET_REGION: region of that bucket.")
+    google_application_credentials: str = Field(
+        "", description="GOOGLE_APPLICATION_CREDENTIALS: service-account key file (optional on GCP)."
+    )
+    r2_bucket_name: str = Field("", description="R2_BUCKET_NAME: results bucket for `r2`.")
+    r2_account_id: str = Field("", description="R2_ACCOUNT_ID: Cloudflare account id (endpoint host).")
+    r2_access_key: str = Field("", description="R2_ACCESS_KEY: R2 access key id.", repr=False)
+    r2_secret_key: str = Field("", description="R2_SECRET_KEY: R2 secret access key.", repr=False)
+    r2_public_domain: str = Field("", description="R2_PUBLIC_DOMAIN: public domain; empty = presigned URLs.")
+    cf_images_account_id: str = Field("", description="CF_IMAGES_ACCOUNT_ID: Cloudflare account id.")
+    cf_images_api_token: str = Field("", description="CF_IMAGES_API_TOKEN: Images API token.", repr=False)
+    cf_images_delivery_domain: str = Field(
+        "", description="CF_IMAGES_DELIVERY_DOMAIN: custom delivery domain; empty = imagedelivery.net."
+    )
+
+    # --- new names --------------------------------------------------------------------
+    task_store: Literal["sqlite", "firestore"] = Field("sqlite", description="TASK_STORE: task store backend.")
+    dispatch_mode: Literal["pull", "push"] = Field(
+        "pull", description="DISPATCH_MODE: `pull` (runner claims via fetch_task) or `push` (Cloud Tasks)."
+    )
+    storage_fallback: str = Field(
+        "", description="STORAGE_FALLBACK: comma-separated providers tried after STORAGE_PROVIDER."
+    )
+    api_host: str = Field("127.0.0.1", description="API_HOST: bind address of the local API (dev server).")
+    api_port: int = Field(8080, ge=0, le=65535, description="API_PORT: port of the local API.")
+    runner_host: str = Field("127.0.0.1", description="RUNNER_HOST: bind address of the runner.")
+    runner_port: int = Field(8090, ge=0, le=65535, description="RUNNER_PORT: port of the runner.")
+    runner_url: str = Field(
+        "",
+        description="RUNNER_URL: the runner's base URL, for Cloud Tasks push targets and the dev server's "
+        "forwarding; empty = http://RUNNER_HOST:RUNNER_PORT.",
+    )
+    data_dir: Path = Field(Path("./.comfyswap"), description="DATA_DIR: SQLite file, local results, temp files.")
+    face_swap_engine: Literal["cpu", "facefusion", "facefusion_api"] = Field(
+        "cpu", description="FACE_SWAP_ENGINE: face-swap engine of the runner."
+    )
+    firestore_emulator_host: str = Field("", description="FIRESTORE_EMULATOR_HOST: Firestore emulator host:port.")
+    storage_emulator_host: str = Field("", description="STORAGE_EMULATOR_HOST: GCS emulator URL.")
+    cloud_tasks_emulator_host: str = Field(
+        "", description="CLOUD_TASKS_EMULATOR_HOST: host:port of a Cloud Tasks emulator (insecure gRPC)."
+    )
+    r2_endpoint_url: str = Field("", description="R2_ENDPOINT_URL: override of the R2 endpoint (tests).")
+    cf_images_api_base: str = Field(
+        "https://api.cloudflare.com/client/v4", description="CF_IMAGES_API_BASE: Cloudflare API base (tests)."
+    )
+    google_cloud_project: str = Field(
+        "comfyswap-local",
+        validation_alias=AliasChoices("GOOGLE_CLOUD_PROJECT", "GCP_PROJECT", "google_cloud_project"),
+        description="GOOGLE_CLOUD_PROJECT: project of Firestore and Cloud Tasks.",
+    )
+    firestore_database: str = Field("(default)", description="FIRESTORE_DATABASE: Firestore database id.")
+    firestore_collection: str = Field("tasks", description="FIRESTORE_COLLECTION: collection holding tasks.")
+    cloud_tasks_location: str = Field("us-central1", description="CLOUD_TASKS_LOCATION: queue region.")
+    cloud_tasks_queue: str = Field("comfyswap-runner", description="CLOUD_TASKS_QUEUE: queue id.")
+    cloud_tasks_invoker_email: str = Field(
+        "", description="CLOUD_TASKS_INVOKER_EMAIL: service account whose OIDC token Cloud Tasks sends."
+    )
+    cloud_tasks_dispatch_deadline_s: int = Field(
+        1800, ge=15, le=1800, description="CLOUD_TASKS_DISPATCH_DEADLINE_S: how long Cloud Tasks waits."
+    )
+    runner_oidc_audience: str = Field(
+        "", description="RUNNER_OIDC_AUDIENCE: expected audience of push tokens; empty = RUNNER_URL."
+    )
+    runner_id: str = Field("", description="RUNNER_ID: this runner's lease owner name; empty = host-pid.")
+    runner_environments: str = Field(
+        "face_swap,comm", description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves."
+    )
+    engine_slots: int = Field(1, ge=1, le=16, description="ENGINE_SLOTS: concurrent jobs per engine.")
+    lease_seconds: int = Field(60, ge=5, le=3600, description="LEASE_SECONDS: lease length; renewed by heartbeat.")
+    max_attempts: int = Field(3, ge=1, le=20, description="MAX_ATTEMPTS: deliveries before a task is FAILED.")
+    task_timeout_s: float = Field(1800.0, gt=0, description="TASK_TIMEOUT_S: engine time limit per task.")
+    fetch_max_bytes: int = Field(
+        100 * 1024 * 1024, gt=0, description="FETCH_MAX_BYTES: largest input a URL may deliver."
+    )
+    fetch_timeout_s: float = Field(30.0, gt=0, description="FETCH_TIMEOUT_S: time limit per input download.")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="MAX_IMAGE_PIXELS: largest decoded image (decompression-bomb cap)."
+    )
+    max_request_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="MAX_REQUEST_BYTES: largest JSON body the API accepts."
+    )
+    local_storage_base_url: str = Field(
+        "",
+        description="LOCAL_STORAGE_BASE_URL: public base of `local` results; empty = http://API_HOST:API_PORT/results.",
+    )
+    signed_urls: bool = Field(False, description="SIGNED_URLS: return signed (not public) result URLs.")
+    signed_url_ttl_s: int = Field(3600, ge=60, le=604800, description="SIGNED_URL_TTL_S: signed URL lifetime.")
+    fetch_allow_loopback: bool = Field(
+        False,
+        description="FETCH_ALLOW_LOOPBACK: let input URLs point at 127.0.0.0/8 (local demos and tests only; "
+        "refused when APP_ENV=production).",
+    )
+
+    @field_validator("storage_fallback")
+    @classmethod
+    def _check_fallback(cls, value: str) -> str:
+        allowed = {"local", "gcs", "r2", "cf_images"}
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {unknown}; allowed: {sorted(allowed)}")
+        return ",".join(names)
+
+    @field_validator("runner_environments")
+    @classmethod
+    def _check_environments(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names:
+            raise ValueError("at least one environment is required")
+        return ",".join(names)
+
+    @field_validator("fetch_allow_loopback")
+    @classmethod
+    def _no_loopback_in_production(cls, value: bool, info: object) -> bool:
+        data = getattr(info, "data", {})
+        if value and data.get("app_env") == "production":
+            raise ValueError("must be false when APP_ENV=production")
+        return value
+
+    # --- derived values ---------------------------------------------------------------
+    @property
+    def fallback_providers(self) -> list[str]:
+        return [name for name in self.storage_fallback.split(",") if name]
+
+    @property
+    def environments(self) -> list[str]:
+        return self.runner_environments.split(",")
+
+    @property
+    def effective_runner_url(self) -> str:
+        return (self.runner_url or f"http://{self.runner_host}:{self.runner_port}").rstrip("/")
+
+    @property
+    def effective_local_storage_base_url(self) -> str:
+        return (self.local_storage_base_url or f"http://{self.api_host}:{self.api_port}/results").rstrip("/")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings; a bad value exits with a message naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "?"
+            lines.append(f"  {name}: {error['msg']}")
+        sys.stderr.write("comfyswap: invalid settings:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()

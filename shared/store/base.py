@@ -1,0 +1,298 @@
+"""The TaskStore interface and the task life cycle built on its two atomic primitives.
+
+A backend implements storage and two atomic operations:
+
+* ``update(task_id, mutate)``: read, apply ``mutate``, write back, all or nothing
+  (SQLite ``BEGIN IMMEDIATE``; a Firestore transaction). ``mutate`` may raise to abort.
+* ``claim_next(...)``: pick the best PENDING task for some environments and lease it, in
+  one atomic step, so two runners never get the same task.
+
+Everything else (claim one task, heartbeat, progress, complete, fail, retry, release,
+cancel, reap expired leases) is written once here on top of ``update``, so both
+backends follow the same rules (shared.tasks.apply_transition).
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from shared.errors import ComfySwapError, Conflict, NotFound
+from shared.tasks import (
+    LEASED_STATUSES,
+    Lease,
+    Progress,
+    QueueStats,
+    Task,
+    TaskError,
+    TaskStatus,
+    apply_transition,
+    utcnow,
+)
+
+__all__ = ["TaskStore"]
+
+Mutation = Callable[[Task], Task]
+
+
+class TaskStore(abc.ABC):
+    """Where tasks live. Implementations: SQLiteTaskStore, FirestoreTaskStore."""
+
+    # --- backend primitives ------------------------------------------------------------
+    @abc.abstractmethod
+    def create(self, task: Task) -> Task:
+        """Store a new task. Raises Conflict(code=idempotency_key_reused) carrying the
+        existing task in ``details['task_id']`` if (owner, idempotency_key) is taken."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    def update(self, task_id: str, mutate: Mutation) -> Task:
+        """Atomically replace the task by ``mutate(task)``; NotFound if absent."""
+
+    @abc.abstractmethod
+    def claim_next(
+        self, *, worker_id: str, environments: Iterable[str], lease_seconds: float, now: dt.datetime | None = None
+    ) -> Task | None:
+        """Lease the highest-priority, oldest available PENDING task of ``environments``."""
+
+    @abc.abstractmethod
+    def list_tasks(
+        self, *, owner: str | None = None, statuses: Iterable[TaskStatus] | None = None, limit: int = 50
+    ) -> list[Task]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def queue_stats(self, *, owner: str | None = None) -> QueueStats: ...
+
+    @abc.abstractmethod
+    def find_by_idempotency_key(self, owner: str, key: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        """Ids of FETCHED/PROCESSING tasks whose lease ended before ``now``."""
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a task may have become claimable, or the timeout passes.
+
+        The default sleeps; backends override it with a notification so a pulling
+        runner learns of new work in milliseconds, not a polling interval."""
+        import time
+
+        time.sleep(timeout_s)
+        return False
+
+    def close(self) -> None:  # noqa: B027  # optional hook, most backends hold nothing to close
+        """Release connections."""
+
+    # --- the life cycle, once for every backend ---------------------------------------
+    def get_or_raise(self, task_id: str) -> Task:
+        task = self.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
+        return task
+
+    def claim(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
+        """Lease one named task (push delivery). Conflict if it is not PENDING."""
+        now = utcnow()
+
+        def mutate(task: Task) -> Task:
+            if task.status != TaskStatus.PENDING:
+                raise Conflict(
+                    f"task {task_id} is {task.status}, not PENDING",
+                    code="not_claimable",
+                    details={"task_id": task_id, "status": task.status.value},
+                )
+            return _leased(task, worker_id, lease_seconds, now)
+
+        return self.update(task_id, mutate)
+
+    def heartbeat(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
+        """Extend the lease; Conflict(lease_lost) if another runner holds it now."""
+        now = utcnow()
+
+        def mutate(task: Task) -> Task:
+            _check_holder(task, worker_id)
+            updated = task.model_copy(deep=True)
+            updated.lease = Lease(owner=worker_id, expires_at=now + dt.timedelta(seconds=lease_seconds))
+            updated.updated_at = now
+            return updated
+
+        return self.update(task_id, mutate)
+
+    def set_progress(self, task_id: str, *, worker_id: str, progress: Progress) -> Task:
+        def mutate(task: Task) -> Task:
+            _check_holder(task, worker_id)
+            updated = task.model_copy(deep=True)
+            updated.progress = progress
+            updated.updated_at = utcnow()
+            return updated
+
+        return self.update(task_id, mutate)
+
+    def transition(
+        self,
+        task_id: str,
+        to: TaskStatus,
+        *,
+        worker_id: str | None = None,
+        changes: dict[str, Any] | None = None,
+    ) -> Task:
+        return self.update(task_id, lambda task: apply_transition(task, to, worker_id=worker_id, changes=changes))
+
+    def start_processing(self, task_id: str, *, worker_id: str, timings: dict[str, float] | None = None) -> Task:
+        def mutate(task: Task) -> Task:
+            merged = {**task.timings, **(timings or {})}
+            return apply_transition(task, TaskStatus.PROCESSING, worker_id=worker_id, changes={"timings": merged})
+
+        return self.update(task_id, mutate)
+
+    def complete(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        output_data: dict[str, Any],
+        timings: dict[str, float] | None = None,
+    ) -> Task:
+        def mutate(task: Task) -> Task:
+            merged = {**task.timings, **(timings or {})}
+            progress = Progress(value=1, max=1, stage="done")
+            changes = {"output_data": output_data, "timings": merged, "error": None, "progress": progress}
+            return apply_transition(task, TaskStatus.COMPLETED, worker_id=worker_id, changes=changes)
+
+        return self.update(task_id, mutate)
+
+    def fail_or_retry(
+        self,
+        task_id: str,
+        *,
+        worker_id: str | None,
+        error: ComfySwapError,
+        timings: dict[str, float] | None = None,
+        retry_delay_s: float = 0.0,
+    ) -> Task:
+        """A retryable error with attempts left sends the task back to PENDING (after
+        ``retry_delay_s``); anything else ends it FAILED. Either way the attempt is kept in
+        ``attempt_history`` so nothing about it is lost."""
+        now = utcnow()
+
+        def mutate(task: Task) -> Task:
+            merged = {**task.timings, **(timings or {})}
+            history = [*task.attempt_history, _attempt_record(task, error, now)]
+            task_error = TaskError(**error.to_dict())
+            if error.retryable and task.attempts < task.max_attempts:
+                changes = {
+                    "error": task_error,
+                    "timings": merged,
+                    "attempt_history": history,
+                    "available_at": now + dt.timedelta(seconds=retry_delay_s),
+                    "progress": None,
+                }
+                return apply_transition(task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes)
+            if error.retryable:
+                task_error = TaskError(
+                    code=error.code,
+                    message=f"{error.message} (gave up after {task.attempts} attempts)",
+                    retryable=False,
+                    details=error.details or None,
+                )
+            changes = {"error": task_error, "timings": merged, "attempt_history": history}
+            return apply_transition(task, TaskStatus.FAILED, worker_id=worker_id, now=now, changes=changes)
+
+        return self.update(task_id, mutate)
+
+    def release(self, task_id: str, *, worker_id: str, reason: str) -> Task:
+        """Give a leased task back (shutdown) without counting the attempt against it."""
+        now = utcnow()
+
+        def mutate(task: Task) -> Task:
+            history = [*task.attempt_history, {"attempt": task.attempts, "released": reason, "at": now.isoformat()}]
+            changes = {"attempts": max(0, task.attempts - 1), "attempt_history": history, "available_at": now}
+            return apply_transition(task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes)
+
+        return self.update(task_id, mutate)
+
+    def cancel(self, task_id: str) -> Task:
+        def mutate(task: Task) -> Task:
+            if task.is_terminal:
+                raise Conflict(
+                    f"task {task_id} is already {task.status}",
+                    code="already_finished",
+                    details={"task_id": task_id, "status": task.status.value},
+                )
+            error = TaskError(code="cancelled", message="cancelled by the client", retryable=False)
+            return apply_transition(task, TaskStatus.CANCELLED, changes={"error": error})
+
+        return self.update(task_id, mutate)
+
+    def reap_expired_leases(self, now: dt.datetime | None = None) -> list[Task]:
+        """Re-queue (or fail, after max attempts) tasks whose runner stopped renewing."""
+        now = now or utcnow()
+        reaped: list[Task] = []
+        for task_id in self.expired_lease_ids(now):
+
+            def mutate(task: Task) -> Task:
+                if task.status not in LEASED_STATUSES or task.lease is None or task.lease.expires_at >= now:
+                    raise Conflict("lease no longer expired", code="not_expired")
+                error = ComfySwapError(
+                    f"runner {task.lease.owner} stopped renewing its lease", code="lease_expired", retryable=True
+                )
+                history = [*task.attempt_history, _attempt_record(task, error, now)]
+                if task.attempts < task.max_attempts:
+                    changes = {"attempt_history": history, "available_at": now, "progress": None}
+                    return apply_transition(task, TaskStatus.PENDING, now=now, changes=changes)
+                final = TaskError(
+                    code="lease_expired",
+                    message=f"no runner finished the task in {task.attempts} attempts; last runner "
+                    f"{task.lease.owner} stopped renewing its lease",
+                    retryable=False,
+                )
+                return apply_transition(
+                    task, TaskStatus.FAILED, now=now, changes={"attempt_history": history, "error": final}
+                )
+
+            try:
+                reaped.append(self.update(task_id, mutate))
+            except (Conflict, NotFound):
+                continue
+        return reaped
+
+
+def _leased(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:
+    updated = apply_transition(task, TaskStatus.FETCHED, now=now)
+    updated.attempts = task.attempts + 1
+    updated.lease = Lease(owner=worker_id, expires_at=now + dt.timedelta(seconds=lease_seconds))
+    updated.error = None
+    queue_wait = max(0.0, (now - task.available_at).total_seconds())
+    updated.timings = {**task.timings, "queue_wait_s": round(queue_wait, 6)}
+    return updated
+
+
+def _check_holder(task: Task, worker_id: str) -> None:
+    holder = task.lease.owner if task.lease else None
+    if task.status not in LEASED_STATUSES or holder != worker_id:
+        raise Conflict(
+            f"task {task.taskId} is not leased to {worker_id!r} (status {task.status}, holder {holder!r})",
+            code="lease_lost",
+            details={"task_id": task.taskId, "lease_owner": holder, "status": task.status.value},
+        )
+
+
+def _attempt_record(task: Task, error: ComfySwapError, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "attempt": task.attempts,
+        "runner": task.lease.owner if task.lease else None,
+        "code": error.code,
+        "message": error.message,
+        "retryable": error.retryable,
+        "at": now.isoformat(),
+    }
+
+
+def leased_copy(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:
+    """The claimed form of a PENDING task; backends call this inside claim_next."""
+    return _leased(task, worker_id, lease_seconds, now)

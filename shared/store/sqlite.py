@@ -1,0 +1,250 @@
+"""The embedded task store: one SQLite file in WAL mode, safe across threads and processes.
+
+Writers serialise on ``BEGIN IMMEDIATE`` (SQLite's reserved lock), so a claim's
+select-then-update can never interleave with another claim, in this process or any
+other. Each row keeps the whole task document as JSON plus the columns the queue
+queries need, indexed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from shared.errors import Conflict, NotFound
+from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
+
+__all__ = ["SQLiteTaskStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id          TEXT PRIMARY KEY,
+    status           TEXT NOT NULL,
+    environment      TEXT NOT NULL,
+    priority         INTEGER NOT NULL,
+    available_at     REAL NOT NULL,
+    created_at       REAL NOT NULL,
+    lease_expires_at REAL,
+    owner            TEXT NOT NULL,
+    idempotency_key  TEXT,
+    document         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, environment, priority DESC, available_at);
+CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, created_at);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+"""
+
+# How often a waiting fetch looks for commits made by other processes (in-process
+# commits wake it at once through the condition variable).
+_CROSS_PROCESS_POLL_S = 0.01
+
+
+def _ts(value: dt.datetime) -> float:
+    return value.timestamp()
+
+
+class SQLiteTaskStore(TaskStore):
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._work_available = threading.Condition()
+        self._generation = 0
+        with self._connection() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    # --- connections ------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=True
+            )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- rows -------------------------------------------------------------------------
+    @staticmethod
+    def _row_values(task: Task) -> tuple[object, ...]:
+        return (
+            task.status.value,
+            task.environment,
+            task.priority,
+            _ts(task.available_at),
+            _ts(task.created_at),
+            _ts(task.lease.expires_at) if task.lease else None,
+            task.owner,
+            task.idempotency_key,
+            json.dumps(task.to_document()),
+            task.taskId,
+        )
+
+    def _write_row(self, conn: sqlite3.Connection, task: Task) -> None:
+        conn.execute(
+            "UPDATE tasks SET status=?, environment=?, priority=?, available_at=?, created_at=?, "
+            "lease_expires_at=?, owner=?, idempotency_key=?, document=? WHERE task_id=?",
+            self._row_values(task),
+        )
+
+    @staticmethod
+    def _load(document: str) -> Task:
+        return Task.from_document(json.loads(document))
+
+    def _notify(self) -> None:
+        with self._work_available:
+            self._generation += 1
+            self._work_available.notify_all()
+
+    # --- primitives -------------------------------------------------------------------
+    def create(self, task: Task) -> Task:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO tasks (status, environment, priority, available_at, created_at, "
+                    "lease_expires_at, owner, idempotency_key, document, task_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    self._row_values(task),
+                )
+        except sqlite3.IntegrityError as exc:
+            existing = (
+                self.find_by_idempotency_key(task.owner, task.idempotency_key) if task.idempotency_key else None
+            )
+            if existing is not None:
+                raise Conflict(
+                    "idempotency key already used",
+                    code="idempotency_key_reused",
+                    details={"task_id": existing.taskId},
+                ) from exc
+            raise Conflict(f"task {task.taskId} already exists", code="task_exists") from exc
+        self._notify()
+        return task
+
+    def get(self, task_id: str) -> Task | None:
+        row = self._connection().execute("SELECT document FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        return self._load(row[0]) if row else None
+
+    def update(self, task_id: str, mutate: Mutation) -> Task:
+        with self._write() as conn:
+            row = conn.execute("SELECT document FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
+            updated = mutate(self._load(row[0]))
+            self._write_row(conn, updated)
+        if updated.status == TaskStatus.PENDING:
+            self._notify()
+        return updated
+
+    def claim_next(
+        self, *, worker_id: str, environments: Iterable[str], lease_seconds: float, now: dt.datetime | None = None
+    ) -> Task | None:
+        now = now or utcnow()
+        envs = list(environments)
+        if not envs:
+            return None
+        marks = ",".join("?" * len(envs))
+        with self._write() as conn:
+            row = conn.execute(
+                f"SELECT document FROM tasks WHERE status='PENDING' AND environment IN ({marks}) "  # noqa: S608  # only '?' marks are interpolated
+                "AND available_at <= ? ORDER BY priority DESC, available_at ASC LIMIT 1",
+                (*envs, _ts(now)),
+            ).fetchone()
+            if row is None:
+                return None
+            claimed = leased_copy(self._load(row[0]), worker_id, lease_seconds, now)
+            self._write_row(conn, claimed)
+        return claimed
+
+    def list_tasks(
+        self, *, owner: str | None = None, statuses: Iterable[TaskStatus] | None = None, limit: int = 50
+    ) -> list[Task]:
+        clauses: list[str] = []
+        args: list[object] = []
+        if owner is not None:
+            clauses.append("owner = ?")
+            args.append(owner)
+        status_list = [s.value for s in statuses] if statuses is not None else None
+        if status_list:
+            clauses.append(f"status IN ({','.join('?' * len(status_list))})")
+            args.extend(status_list)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._connection().execute(
+            f"SELECT document FROM tasks {where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608  # clauses are constants
+            (*args, limit),
+        )
+        return [self._load(row[0]) for row in rows]
+
+    def queue_stats(self, *, owner: str | None = None) -> QueueStats:
+        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        conn = self._connection()
+        counts = dict(conn.execute(f"SELECT status, COUNT(*) FROM tasks {where} GROUP BY status", args).fetchall())  # noqa: S608
+        pending_where = "WHERE status='PENDING'" + (" AND owner = ?" if owner is not None else "")
+        oldest = conn.execute(f"SELECT MIN(created_at) FROM tasks {pending_where}", args).fetchone()[0]  # noqa: S608
+        return QueueStats(
+            **{status.value.lower(): int(counts.get(status.value, 0)) for status in TaskStatus},
+            oldest_pending_age_s=(utcnow().timestamp() - oldest) if oldest is not None else None,
+        )
+
+    def find_by_idempotency_key(self, owner: str, key: str) -> Task | None:
+        row = (
+            self._connection()
+            .execute("SELECT document FROM tasks WHERE owner=? AND idempotency_key=?", (owner, key))
+            .fetchone()
+        )
+        return self._load(row[0]) if row else None
+
+    def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        leased = tuple(status.value for status in LEASED_STATUSES)
+        rows = self._connection().execute(
+            "SELECT task_id FROM tasks WHERE status IN (?, ?) AND lease_expires_at < ? LIMIT ?",
+            (*leased, _ts(now), limit),
+        )
+        return [row[0] for row in rows]
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Wake on a commit by this process at once, or by another process within ~10 ms
+        (``PRAGMA data_version`` changes when another connection commits)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        conn = self._connection()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        with self._work_available:
+            generation = self._generation
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._work_available.wait(min(remaining, _CROSS_PROCESS_POLL_S))
+                if self._generation != generation:
+                    return True
+                if conn.execute("PRAGMA data_version").fetchone()[0] != version:
+                    return True

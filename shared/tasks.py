@@ -1,0 +1,204 @@
+"""The task: the seed's unified format, its statuses and the transitions between them.
+
+A task is one document (Firestore) or row (SQLite). Every status change goes through
+:func:`apply_transition`, which both stores call inside their compare-and-set, so the
+rules live in one place: terminal states never change, and a worker may only move a
+task it holds the lease on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import Conflict
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "TERMINAL_STATUSES",
+    "Lease",
+    "Progress",
+    "QueueStats",
+    "Task",
+    "TaskError",
+    "TaskStatus",
+    "apply_transition",
+    "new_task_id",
+    "utcnow",
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_task_id() -> str:
+    """``task_`` + 128 random bits: never sequential, never guessable."""
+    return "task_" + secrets.token_hex(16)
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    FETCHED = "FETCHED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+# FETCHED: claimed by a runner (lease held), inputs downloading. PROCESSING: on an engine.
+# Back to PENDING: released (shutdown), retried after a transient error, or lease expired.
+ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.FETCHED, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.FETCHED: frozenset(
+        {TaskStatus.PROCESSING, TaskStatus.PENDING, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+    ),
+    TaskStatus.PROCESSING: frozenset(
+        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.PENDING, TaskStatus.CANCELLED}
+    ),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+# Statuses in which a runner holds a lease.
+LEASED_STATUSES = frozenset({TaskStatus.FETCHED, TaskStatus.PROCESSING})
+
+
+class Lease(BaseModel):
+    owner: str
+    expires_at: dt.datetime
+
+
+class Progress(BaseModel):
+    value: float = 0
+    max: float = 1
+    stage: str = ""
+
+
+class TaskError(BaseModel):
+    code: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] | None = None
+
+
+class TaskParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input_data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Task(BaseModel):
+    """One task in the unified format (DESIGN.md §2). Unknown fields are kept, not dropped."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    taskId: str = Field(default_factory=new_task_id)  # noqa: N815  # seed field name
+    workflow: str
+    workflow_name: str = ""
+    environment: str
+    target_port: int | None = None
+    params: TaskParams = Field(default_factory=TaskParams)
+    status: TaskStatus = TaskStatus.PENDING
+    priority: int = Field(5, ge=0, le=10)
+    attempts: int = 0
+    max_attempts: int = 3
+    lease: Lease | None = None
+    progress: Progress | None = None
+    output_data: dict[str, Any] | None = None
+    error: TaskError | None = None
+    owner: str = ""
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    attempt_history: list[dict[str, Any]] = Field(default_factory=list)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    # When a PENDING task may next be claimed: its creation, or a retry's backoff time.
+    available_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+    def model_post_init(self, context: Any, /) -> None:
+        if not self.workflow_name:
+            self.workflow_name = self.workflow
+
+    @property
+    def task_id(self) -> str:
+        return self.taskId
+
+    @property
+    def input_data(self) -> dict[str, Any]:
+        return self.params.input_data
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_document(self) -> dict[str, Any]:
+        """The stored and served form: JSON-safe, timestamps as ISO-8601 UTC."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> Task:
+        return cls.model_validate(document)
+
+
+class QueueStats(BaseModel):
+    pending: int = 0
+    fetched: int = 0
+    processing: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    oldest_pending_age_s: float | None = None
+
+    @property
+    def queue_length(self) -> int:
+        return self.pending
+
+
+def apply_transition(
+    task: Task,
+    to: TaskStatus,
+    *,
+    worker_id: str | None = None,
+    now: dt.datetime | None = None,
+    changes: dict[str, Any] | None = None,
+) -> Task:
+    """Return ``task`` moved to ``to``, or raise :class:`Conflict` if the move is not allowed.
+
+    ``worker_id`` is the fencing token: a runner whose lease was taken over (it stalled,
+    the reaper re-queued its task) cannot complete or fail a task it no longer holds.
+    """
+    now = now or utcnow()
+    if to not in ALLOWED_TRANSITIONS[task.status]:
+        raise Conflict(
+            f"task {task.taskId} is {task.status}, it cannot become {to}",
+            code="invalid_transition",
+            details={"task_id": task.taskId, "status": task.status.value, "requested": to.value},
+        )
+    if worker_id is not None and task.status in LEASED_STATUSES:
+        holder = task.lease.owner if task.lease else None
+        if holder != worker_id:
+            raise Conflict(
+                f"task {task.taskId} is leased to {holder!r}, not {worker_id!r}",
+                code="lease_lost",
+                details={"task_id": task.taskId, "lease_owner": holder},
+            )
+    updated = task.model_copy(deep=True, update=dict(changes or {}))
+    updated.status = to
+    updated.updated_at = now
+    if to == TaskStatus.PROCESSING and updated.started_at is None:
+        updated.started_at = now
+    if to in TERMINAL_STATUSES or to == TaskStatus.PENDING:
+        updated.lease = None
+    if to in TERMINAL_STATUSES:
+        updated.finished_at = now
+    return updated
