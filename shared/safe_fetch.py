@@ -1,0 +1,765 @@
+"""Fetch user-supplied input URLs without letting them reach our own network (SSRF).
+
+A task names its inputs by URL, and the runner downloads them from inside our cloud
+network, next to the metadata server (169.254.169.254) and internal services. So:
+
+* ``check_input_url`` is the cheap check at task creation (no network): http(s) or a
+  ``data:`` image/video only, no credentials, no private, loopback or metadata host in any
+  spelling a resolver would accept (``127.1``, ``0x7f000001``, ``[::ffff:127.0.0.1]``...).
+* ``SafeFetcher.fetch_to_file`` is the download in the runner. It resolves each host
+  once, refuses it if ANY address is not public, and connects only to those checked
+  addresses (a second lookup could answer differently: DNS rebinding). Redirects are
+  followed by hand so every hop is checked the same way before a connection is made.
+  Size and time are capped while streaming, and the bytes are sniffed and (for images)
+  decoded under a pixel cap, because headers and names are the sender's to choose.
+
+Pinning works below HTTP: requests go through ``httpcore`` with a network backend that
+ignores the host name it is given and dials only the checked addresses. TLS still
+verifies the certificate against the URL's host name (and sends it as SNI), because
+httpcore takes ``server_hostname`` from the URL, not from the socket. Every dial also
+passes a connection guard first; tests inject one that fails on any non-loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Final, NoReturn
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpcore
+
+from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable, ValidationFailed
+from shared.logs import get_logger, log_event
+from shared.media import MEDIA_EXTENSIONS, check_image, sniff_kind
+from shared.settings import Settings
+
+__all__ = [
+    "DEFAULT_MAX_INPUT_BYTES",
+    "MAX_URL_LENGTH",
+    "ConnectionGuard",
+    "FetchedInput",
+    "Resolver",
+    "SafeFetcher",
+    "check_input_url",
+    "resolve_host",
+]
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""``(host, port) -> addresses``; the fetcher checks every address it returns."""
+
+ConnectionGuard = Callable[[str, int], None]
+"""Called with ``(ip, port)`` right before each TCP connect; raising stops the connect."""
+
+MAX_URL_LENGTH: Final = 8192
+DEFAULT_MAX_INPUT_BYTES: Final = 100 * 1024 * 1024  # Settings.fetch_max_bytes' default
+
+_logger = get_logger(__name__)
+
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+# 408/425/429 say "not now", so they are retried like a 5xx.
+_TRANSIENT_CLIENT_STATUSES: Final = frozenset({408, 425, 429})
+_HTTP_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_CHUNK_BYTES: Final = 64 * 1024
+
+# Names that reach the platform rather than the internet. Single-label names are refused
+# too (see _check_host_name): resolvers complete them with the VPC's search domains.
+_BLOCKED_HOST_NAMES: Final = frozenset(
+    {"localhost", "metadata", "metadata.google.internal", "metadata.goog", "instance-data"}
+)
+_BLOCKED_HOST_SUFFIXES: Final = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa", ".svc")
+_LOOPBACK_NAMES: Final = frozenset({"localhost"})
+
+_HOST_NAME_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
+# Anything a browser or libc would rewrite or cut at: whitespace, controls, backslash.
+_URL_FORBIDDEN_CHARS: Final = re.compile(r"[\x00-\x20\x7f\\]")
+_NUMERIC_LABEL: Final = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)")
+_DATA_URL: Final = re.compile(
+    r"data:(?P<media_type>[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)",
+    re.IGNORECASE | re.DOTALL,
+)
+_BASE64_CHARS: Final = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+# Besides ipaddress' own flags (is_private, is_reserved...), which differ between Python
+# patch releases, these ranges are listed explicitly so the policy does not drift.
+_NON_PUBLIC_NETWORKS: Final[tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]] = tuple(
+    (ipaddress.ip_network(network), label)
+    for network, label in (
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "shared (CGNAT)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "reserved"),
+        ("192.0.2.0/24", "reserved"),
+        ("192.88.99.0/24", "reserved"),
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "reserved"),
+        ("198.51.100.0/24", "reserved"),
+        ("203.0.113.0/24", "reserved"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::/96", "reserved"),
+        ("64:ff9b:1::/48", "private"),
+        ("100::/64", "reserved"),
+        ("2001::/23", "reserved"),
+        ("2001:db8::/32", "reserved"),
+        ("3fff::/20", "reserved"),
+        ("5f00::/16", "reserved"),
+        ("fc00::/7", "private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+_NAT64_PREFIX: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class _RefusalError(Exception):
+    """Why a URL or address is refused; the public entry points turn it into their own error."""
+
+    def __init__(self, reason: str, code: str = "unsafe_url") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------
+# Addresses and host names
+# --------------------------------------------------------------------------------------
+
+
+def _address_refusal(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, *, allow_loopback: bool
+) -> str | None:
+    """Why ``address`` must not be contacted, or None when it is public (or allowed loopback)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            inner = _address_refusal(embedded, allow_loopback=allow_loopback)
+            return f"{inner.removesuffix(')')} inside {address})" if inner else None
+    label = next((label for network, label in _NON_PUBLIC_NETWORKS if address in network), None)
+    if label is None and (address.is_multicast or address.is_reserved or not address.is_global):
+        label = "non-public"
+    if label is None or (label == "loopback" and allow_loopback):
+        return None
+    article = "an" if label[0] in "aeiou" else "a"
+    return f"{article} {label} address ({address})"
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address routes to (mapped, 6to4, NAT64), judged by that."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _parse_ipv4_like(host: str) -> ipaddress.IPv4Address | None:
+    """Read ``host`` the way inet_aton and browsers do, or None when it is a DNS name.
+
+    ``127.1``, ``0x7f.1``, ``0177.0.0.1`` and ``2130706433`` all dial 127.0.0.1, so they
+    must be judged as that address. As in the WHATWG URL standard, a host whose last label
+    is numeric is an address or invalid, never a name to look up.
+    """
+    labels = host.split(".")
+    if not _NUMERIC_LABEL.fullmatch(labels[-1]):
+        return None
+    if len(labels) > 4 or not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
+        raise _RefusalError(f"host {host!r} is neither a valid IPv4 address nor a host name")
+    numbers = [_parse_ipv4_number(label, host) for label in labels]
+    *leading, last = numbers
+    if any(number > 0xFF for number in leading) or last >= 256 ** (5 - len(numbers)):
+        raise _RefusalError(f"host {host!r} is out of range for an IPv4 address")
+    value = last
+    for position, number in enumerate(leading):
+        value += number << (8 * (3 - position))
+    return ipaddress.IPv4Address(value)
+
+
+def _parse_ipv4_number(label: str, host: str) -> int:
+    try:
+        if label[:2].lower() == "0x":
+            return int(label[2:] or "0", 16)
+        if len(label) > 1 and label.startswith("0"):
+            return int(label[1:], 8)
+        return int(label, 10)
+    except ValueError:
+        raise _RefusalError(f"host {host!r} is neither a valid IPv4 address nor a host name") from None
+
+
+def _check_host_name(host: str, *, allow_loopback: bool) -> None:
+    """Refuse names that lead to the platform itself rather than the internet."""
+    if allow_loopback and (host in _LOOPBACK_NAMES or host.endswith(".localhost")):
+        return
+    if host in _BLOCKED_HOST_NAMES or host.endswith(_BLOCKED_HOST_SUFFIXES):
+        raise _RefusalError(f"host {host!r} is an internal name")
+    if "." not in host:
+        raise _RefusalError(f"host {host!r} is a single-label (internal) name")
+
+
+# --------------------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HttpTarget:
+    """An http(s) URL that passed the static checks, split the way the request needs it."""
+
+    url: str
+    scheme: str
+    host: str  # ASCII, lower case, no brackets, no trailing dot
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # set when the host is a literal
+    port: int
+    target: str  # path and query, percent-encoded ASCII
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if isinstance(self.address, ipaddress.IPv6Address) else self.host
+        return host if self.port == _HTTP_DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+
+def _parse_http_url(url: str, *, allow_loopback: bool) -> _HttpTarget:
+    """Static checks of an http(s) URL: everything that can be decided without DNS."""
+    if not url:
+        raise _RefusalError("URL is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise _RefusalError(f"URL is longer than {MAX_URL_LENGTH} characters")
+    if _URL_FORBIDDEN_CHARS.search(url):
+        raise _RefusalError("URL contains whitespace, control characters or a backslash")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _RefusalError(f"URL is malformed ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _HTTP_DEFAULT_PORTS:
+        raise _RefusalError(f"scheme {scheme or '(none)'!r} is not allowed; use http, https or data")
+    if "@" in parts.netloc:
+        raise _RefusalError("URL must not contain credentials (user:password@)")
+    if port == 0:
+        raise _RefusalError("port 0 is not allowed")
+    raw_host = parts.hostname or ""
+    if not raw_host:
+        raise _RefusalError("URL has no host")
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    if parts.netloc.startswith("["):
+        if "%" in raw_host:
+            raise _RefusalError("IPv6 zone identifiers are not allowed")
+        try:
+            address = ipaddress.IPv6Address(raw_host)
+        except ValueError:
+            raise _RefusalError(f"host [{raw_host}] is not a valid IPv6 address") from None
+        host = str(address)
+    else:
+        host = _ascii_host(raw_host)
+        address = _parse_ipv4_like(host)
+        if address is None:
+            _check_host_name(host, allow_loopback=allow_loopback)
+        else:
+            host = str(address)
+    if address is not None:
+        reason = _address_refusal(address, allow_loopback=allow_loopback)
+        if reason:
+            raise _RefusalError(f"host is {reason}")
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    query = quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+    return _HttpTarget(
+        url=url,
+        scheme=scheme,
+        host=host,
+        address=address,
+        port=port or _HTTP_DEFAULT_PORTS[scheme],
+        target=f"{path}?{query}" if query else path,
+    )
+
+
+def _ascii_host(raw_host: str) -> str:
+    """Lower-case ASCII form (IDNA) of a host name, so look-alike spellings compare equal."""
+    host = raw_host.lower().removesuffix(".")
+    try:
+        # IDNA also folds full-width digits and dots into ASCII.
+        ascii_host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise _RefusalError(f"host {raw_host!r} is not a valid host name") from None
+    if not ascii_host or not _HOST_NAME_CHARS.fullmatch(ascii_host):
+        raise _RefusalError(f"host {raw_host!r} is not a valid host name")
+    return ascii_host
+
+
+def _decode_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
+    """``(media_type, payload)`` of a base64 ``data:`` URL holding an image or video."""
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        raise _RefusalError("data: URL is malformed; expected data:<image or video type>;base64,<data>")
+    media_type = match["media_type"].lower()
+    params = [param.strip().lower() for param in match["params"].split(";") if param.strip()]
+    if not media_type.startswith(("image/", "video/")):
+        raise _RefusalError(
+            f"data: URL media type {media_type!r} is not an image or video", "unsupported_media"
+        )
+    if "base64" not in params:
+        raise _RefusalError("data: URL must be base64-encoded (;base64,)")
+    encoded = match["payload"]
+    # Four characters carry three bytes: refuse before decoding a huge payload.
+    if len(encoded) // 4 * 3 > max_bytes + 2:
+        raise _RefusalError(f"data: URL payload is larger than {max_bytes} bytes", "input_too_large")
+    if not encoded or len(encoded) % 4 or not _BASE64_CHARS.fullmatch(encoded):
+        raise _RefusalError("data: URL payload is not valid base64")
+    try:
+        payload = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise _RefusalError("data: URL payload is not valid base64") from None
+    if len(payload) > max_bytes:
+        raise _RefusalError(f"data: URL payload is larger than {max_bytes} bytes", "input_too_large")
+    return media_type, payload
+
+
+def _is_data_url(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+def check_input_url(
+    value: str,
+    *,
+    field: str,
+    allow_loopback: bool = False,
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+) -> None:
+    """Refuse an input URL at task creation, before anything is queued; no network is used.
+
+    Passing this check does not make a URL safe to fetch: its host may resolve to a
+    private address later. ``SafeFetcher`` checks again, with DNS, at download time.
+    Raises ``ValidationFailed(field, reason, code=...)`` with code ``unsafe_url``,
+    ``unsupported_media`` or ``input_too_large``.
+    """
+    try:
+        if _is_data_url(value):
+            _, payload = _decode_data_url(value, max_bytes=max_bytes)
+            _sniff_or_refuse(payload)
+        else:
+            _parse_http_url(value, allow_loopback=allow_loopback)
+    except _RefusalError as refusal:
+        raise ValidationFailed(field, refusal.reason, code=refusal.code) from None
+
+
+def _sniff_or_refuse(payload: bytes) -> None:
+    try:
+        sniff_kind(payload)
+    except UnsafeInput as exc:
+        raise _RefusalError(exc.message, exc.code) from None
+
+
+# --------------------------------------------------------------------------------------
+# Resolution and pinned connections
+# --------------------------------------------------------------------------------------
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The system resolver: every address ``host`` has, in the resolver's order."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _public_only_guard(*, allow_loopback: bool) -> ConnectionGuard:
+    """Default guard: re-check the address at dial time, a second line behind the resolver check."""
+
+    def guard(ip: str, port: int) -> None:
+        reason = _address_refusal(ipaddress.ip_address(ip), allow_loopback=allow_loopback)
+        if reason:
+            raise UnsafeInput(f"refused to connect to {reason}", code="unsafe_url")
+
+    return guard
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Dials only the addresses checked for one hop, whatever host name httpcore asks for.
+
+    httpcore still uses the URL's host name for the Host header, SNI and certificate
+    verification, so pinning does not weaken TLS.
+    """
+
+    def __init__(self, addresses: list[str], guard: ConnectionGuard) -> None:
+        self._addresses = addresses
+        self._guard = guard
+        self._dialer = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failure: Exception | None = None
+        for address in self._addresses:
+            self._guard(address, port)
+            try:
+                return await self._dialer.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc  # try the host's next address, as a browser would
+        assert failure is not None  # _resolve_checked never returns an empty list
+        raise failure
+
+    async def sleep(self, seconds: float) -> None:
+        await self._dialer.sleep(seconds)
+
+
+# --------------------------------------------------------------------------------------
+# The fetcher
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FetchedInput:
+    """A downloaded input, described by what its bytes are rather than what the server said."""
+
+    path: Path
+    content_type: str  # sniffed, e.g. image/jpeg
+    size: int
+    kind: str  # "image" or "video"
+    width: int | None  # images only
+    height: int | None
+    source_url: str  # as requested (a data: URL is shortened to its media type)
+    final_url: str  # after redirects; equals source_url when there were none
+
+
+class SafeFetcher:
+    """Downloads task inputs with the SSRF, size, time and content checks of DESIGN.md §8.
+
+    One instance per process is enough; it holds no connections between fetches.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        max_image_pixels: int,
+        allow_loopback: bool = False,
+        max_redirects: int = 5,
+        resolver: Resolver | None = None,
+        connection_guard: ConnectionGuard | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
+        outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
+        resolver, a guard refusing non-public addresses, httpcore's certifi context."""
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.max_image_pixels = max_image_pixels
+        self.allow_loopback = allow_loopback
+        self.max_redirects = max_redirects
+        self._resolver = resolver or resolve_host
+        self._guard = connection_guard or _public_only_guard(allow_loopback=allow_loopback)
+        self._ssl_context = ssl_context
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SafeFetcher:
+        return cls(
+            max_bytes=settings.fetch_max_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            max_image_pixels=settings.max_image_pixels,
+            allow_loopback=settings.fetch_allow_loopback,
+        )
+
+    async def fetch_to_file(
+        self,
+        url: str,
+        dest_dir: Path,
+        *,
+        field: str,
+        allowed_kinds: frozenset[str] = frozenset({"image", "video"}),
+    ) -> FetchedInput:
+        """Download ``url`` (http, https or data:) into a new file in ``dest_dir``.
+
+        Errors name ``field``: ``UnsafeInput`` (``unsafe_url``, ``too_many_redirects``,
+        ``input_too_large``, ``unsupported_media``, ``image_too_large``, ``corrupt_media``),
+        ``JobFailed`` (``input_not_found``; ``input_unreachable`` for a name that does not
+        exist or a bad certificate) and ``UpstreamUnavailable`` (``input_unreachable``:
+        timeouts, refused connections, 5xx; retryable).
+        """
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"input-{uuid.uuid4().hex}"
+        part_path = dest_dir / f"{stem}.part"
+        try:
+            if _is_data_url(url):
+                source_url = final_url = url[: url.find(",") + 1] + "..."
+                size = self._write_data_url(url, part_path, field)
+            else:
+                source_url = url
+                final_url, size = await self._download_within_deadline(url, part_path, field)
+            return await self._inspect(part_path, stem, size, field, allowed_kinds, source_url, final_url)
+        except BaseException:
+            part_path.unlink(missing_ok=True)
+            raise
+
+    def _write_data_url(self, url: str, part_path: Path, field: str) -> int:
+        try:
+            _, payload = _decode_data_url(url, max_bytes=self.max_bytes)
+        except _RefusalError as refusal:
+            raise _unsafe(field, refusal) from None
+        with part_path.open("xb") as file:
+            file.write(payload)
+        return len(payload)
+
+    async def _download_within_deadline(self, url: str, part_path: Path, field: str) -> tuple[str, int]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._download(url, part_path, field)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                f"{field}: download did not finish within {self.timeout_s:g}s",
+                code="input_unreachable",
+                details={"field": field},
+            ) from None
+
+    async def _download(self, url: str, part_path: Path, field: str) -> tuple[str, int]:
+        """Follow redirects by hand; each hop is checked and resolved before it is dialled."""
+        current_url = url
+        for hop in range(self.max_redirects + 1):
+            try:
+                target = _parse_http_url(current_url, allow_loopback=self.allow_loopback)
+            except _RefusalError as refusal:
+                if hop:
+                    refusal.reason = f"redirect to a refused URL: {refusal.reason}"
+                raise _unsafe(field, refusal) from None
+            addresses = await self._resolve_checked(target, field)
+            location = await self._request(target, addresses, part_path, field)
+            if location is None:
+                return current_url, part_path.stat().st_size
+            current_url = urljoin(current_url, location)
+            log_event(_logger, "input_redirect", level=logging.DEBUG, field=field, hop=hop + 1)
+        raise UnsafeInput(
+            f"{field}: more than {self.max_redirects} redirects",
+            code="too_many_redirects",
+            details={"field": field},
+        )
+
+    async def _resolve_checked(self, target: _HttpTarget, field: str) -> list[str]:
+        """Resolve once; refuse if ANY address is not public (one private answer is enough)."""
+        if target.address is not None:
+            return [str(target.address)]
+        try:
+            answers = await self._resolver(target.host, target.port)
+        except socket.gaierror as exc:
+            _raise_resolution_failure(target.host, field, exc)
+        if not answers:
+            _raise_resolution_failure(target.host, field, None)
+        addresses: list[str] = []
+        for answer in answers:
+            address = ipaddress.ip_address(answer.split("%", 1)[0])
+            reason = _address_refusal(address, allow_loopback=self.allow_loopback)
+            if reason:
+                raise _unsafe(field, _RefusalError(f"host {target.host!r} resolves to {reason}"))
+            addresses.append(str(address))
+        return addresses
+
+    async def _request(
+        self, target: _HttpTarget, addresses: list[str], part_path: Path, field: str
+    ) -> str | None:
+        """GET one hop: the redirect location, or None once the body is in ``part_path``."""
+        timeout = {
+            "connect": self.timeout_s,
+            "read": self.timeout_s,
+            "write": self.timeout_s,
+            "pool": self.timeout_s,
+        }
+        headers = [
+            (b"Host", target.host_header.encode("ascii")),
+            (b"User-Agent", b"ComfySwap-input-fetcher/1"),
+            (b"Accept", b"image/*, video/*"),
+            (b"Accept-Encoding", b"identity"),  # sniff and count the bytes as they are stored
+        ]
+        url = httpcore.URL(
+            scheme=target.scheme.encode("ascii"),
+            host=target.host.encode("ascii"),
+            port=target.port,
+            target=target.target.encode("ascii"),
+        )
+        backend = _PinnedBackend(addresses, self._guard)
+        try:
+            async with (
+                httpcore.AsyncConnectionPool(
+                    ssl_context=self._ssl_context, max_connections=1, retries=0, network_backend=backend
+                ) as pool,
+                pool.stream(b"GET", url, headers=headers, extensions={"timeout": timeout}) as response,
+            ):
+                location = self._check_status(response, target, field)
+                if location is not None:
+                    return location
+                await self._stream_body(response, part_path, field)
+                return None
+        except httpcore.TimeoutException as exc:
+            raise _unreachable(field, target, f"timed out ({type(exc).__name__})") from None
+        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+            if _is_certificate_error(exc):
+                raise JobFailed(
+                    f"{field}: the TLS certificate of {target.host} is not valid ({exc})",
+                    code="input_unreachable",
+                    details={"field": field, "host": target.host},
+                ) from None
+            raise _unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
+
+    def _check_status(self, response: httpcore.Response, target: _HttpTarget, field: str) -> str | None:
+        status = response.status
+        details = {"field": field, "host": target.host, "status": status}
+        if status in _REDIRECT_STATUSES:
+            location = _header(response, b"location")
+            if location is None:
+                raise JobFailed(
+                    f"{field}: HTTP {status} without a Location", code="input_not_found", details=details
+                )
+            return location
+        if status >= 500 or status in _TRANSIENT_CLIENT_STATUSES:
+            raise UpstreamUnavailable(
+                f"{field}: {target.host} answered HTTP {status}", code="input_unreachable", details=details
+            )
+        if status >= 400:
+            raise JobFailed(
+                f"{field}: {target.host} answered HTTP {status}", code="input_not_found", details=details
+            )
+        if status != 200:
+            raise JobFailed(
+                f"{field}: {target.host} answered HTTP {status}, not 200",
+                code="input_not_found",
+                details=details,
+            )
+        declared = _header(response, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise _too_large(field, self.max_bytes)
+        return None
+
+    async def _stream_body(self, response: httpcore.Response, part_path: Path, field: str) -> None:
+        """Count while streaming: Content-Length may be absent, or chunked bodies may run on."""
+        received = 0
+        with part_path.open("xb") as file:
+            async for chunk in response.aiter_stream():
+                received += len(chunk)
+                if received > self.max_bytes:
+                    raise _too_large(field, self.max_bytes)
+                file.write(chunk)
+
+    async def _inspect(
+        self,
+        part_path: Path,
+        stem: str,
+        size: int,
+        field: str,
+        allowed_kinds: frozenset[str],
+        source_url: str,
+        final_url: str,
+    ) -> FetchedInput:
+        """Sniff and (for images) decode under the pixel cap, then give the file its real extension."""
+        try:
+            kind, content_type = sniff_kind(part_path)
+            if kind not in allowed_kinds:
+                raise UnsafeInput(
+                    f"input is a {kind}, expected {' or '.join(sorted(allowed_kinds))}",
+                    code="unsupported_media",
+                )
+            width = height = None
+            if kind == "image":
+                # A full decode is CPU-bound; keep it off the event loop.
+                width, height = await asyncio.to_thread(check_image, part_path, self.max_image_pixels)
+        except UnsafeInput as exc:
+            raise UnsafeInput(
+                f"{field}: {exc.message}", code=exc.code, details={**exc.details, "field": field}
+            ) from exc
+        final_path = part_path.with_name(stem + MEDIA_EXTENSIONS[content_type])
+        part_path.rename(final_path)
+        return FetchedInput(
+            path=final_path,
+            content_type=content_type,
+            size=size,
+            kind=kind,
+            width=width,
+            height=height,
+            source_url=source_url,
+            final_url=final_url,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Error helpers
+# --------------------------------------------------------------------------------------
+
+_PERMANENT_RESOLVER_ERRORS: Final = frozenset(
+    code
+    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None
+)
+
+
+def _raise_resolution_failure(host: str, field: str, exc: socket.gaierror | None) -> NoReturn:
+    """A name that does not exist will not start to; a resolver hiccup may pass."""
+    details = {"field": field, "host": host}
+    if exc is None or exc.errno in _PERMANENT_RESOLVER_ERRORS:
+        raise JobFailed(f"{field}: host {host!r} does not exist", code="input_unreachable", details=details)
+    raise UpstreamUnavailable(
+        f"{field}: could not resolve {host!r} ({exc.strerror})", code="input_unreachable", details=details
+    )
+
+
+def _unsafe(field: str, refusal: _RefusalError) -> UnsafeInput:
+    log_event(
+        _logger, "input_refused", level=logging.WARNING, field=field, reason=refusal.reason, code=refusal.code
+    )
+    return UnsafeInput(
+        f"{field}: refused: {refusal.reason}",
+        code=refusal.code,
+        details={"field": field, "reason": refusal.reason},
+    )
+
+
+def _unreachable(field: str, target: _HttpTarget, reason: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(
+        f"{field}: could not download from {target.host}: {reason}",
+        code="input_unreachable",
+        details={"field": field, "host": target.host},
+    )
+
+
+def _too_large(field: str, max_bytes: int) -> UnsafeInput:
+    return UnsafeInput(
+        f"{field}: input is larger than {max_bytes} bytes",
+        code="input_too_large",
+        details={"field": field, "max_bytes": max_bytes},
+    )
+
+
+def _header(response: httpcore.Response, name: bytes) -> str | None:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:  # chains can loop
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return any(isinstance(link, ssl.SSLCertVerificationError) for link in chain)
