@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     )
     signed_urls: bool = Field(False, description="SIGNED_URLS: return signed (not public) result URLs.")
     signed_url_ttl_s: int = Field(3600, ge=60, le=604800, description="SIGNED_URL_TTL_S: signed URL lifetime.")
+    storage_retry_deadline_s: float = Field(
+        30.0,
+        gt=0,
+        description="STORAGE_RETRY_DEADLINE_S: how long one storage provider retries transient failures "
+        "before the chain moves on to the next provider.",
+    )
     fetch_allow_loopback: bool = Field(
         False,
         description="FETCH_ALLOW_LOOPBACK: let input URLs point at 127.0.0.0/8 (local demos and tests only; "

@@ -1,0 +1,225 @@
+"""Cloudflare R2 through its S3 API (boto3): one bucket, public-domain or presigned URLs.
+
+boto3 costs a noticeable import; it is imported when the provider is built, never when
+this package is imported, so the slim functions that only read tasks do not pay for it.
+
+Uploads use ``upload_file`` with a transfer config: files over the threshold go up as a
+multipart upload read piece by piece from disk, so memory stays near
+``chunk_size * max_concurrency`` whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from shared.errors import ComfySwapError
+from shared.storage import upstream_error
+from shared.storage.base import StorageProvider, StoredObject
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["R2Storage"]
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_MAX_CONCURRENCY = 4
+
+
+class R2Storage(StorageProvider):
+    name = "r2"
+
+    def __init__(
+        self,
+        bucket_name: str,
+        *,
+        account_id: str = "",
+        access_key: str = "",
+        secret_key: str = "",
+        endpoint_url: str = "",
+        public_domain: str = "",
+        signed_urls: bool = False,
+        signed_url_ttl_s: int = 3600,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_attempts: int = 3,  # botocore's count, first try included; bounds the wait before a fallback
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.bucket_name = bucket_name
+        self.account_id = account_id
+        self.endpoint_url = (endpoint_url or self._account_endpoint(account_id)).rstrip("/")
+        self.public_domain = public_domain.strip().removeprefix("https://").rstrip("/")
+        self.signed_urls = signed_urls
+        self.signed_url_ttl_s = signed_url_ttl_s
+        self.chunk_size = chunk_size
+        self.max_concurrency = max_concurrency
+        self.max_attempts = max_attempts
+        self.timeout_s = timeout_s
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> R2Storage:
+        return cls(
+            settings.r2_bucket_name,
+            account_id=settings.r2_account_id,
+            access_key=settings.r2_access_key,
+            secret_key=settings.r2_secret_key,
+            endpoint_url=settings.r2_endpoint_url,
+            public_domain=settings.r2_public_domain,
+            signed_urls=settings.signed_urls,
+            signed_url_ttl_s=settings.signed_url_ttl_s,
+        )
+
+    @staticmethod
+    def _account_endpoint(account_id: str) -> str:
+        return f"https://{account_id}.r2.cloudflarestorage.com" if account_id else ""
+
+    def _missing_settings(self) -> list[str]:
+        missing = []
+        if not self.bucket_name:
+            missing.append("R2_BUCKET_NAME")
+        if not self.endpoint_url:
+            missing.append("R2_ACCOUNT_ID (or R2_ENDPOINT_URL)")
+        if not self._access_key:
+            missing.append("R2_ACCESS_KEY")
+        if not self._secret_key:
+            missing.append("R2_SECRET_KEY")
+        return missing
+
+    # --- client -----------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """One boto3 S3 client per provider (thread-safe for calls), built on first use."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _build_client(self) -> Any:
+        missing = self._missing_settings()
+        if missing:
+            raise upstream_error(
+                self.name,
+                f"not configured: set {', '.join(missing)}",
+                code="storage_not_configured",
+                retryable=False,
+            )
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            region_name="auto",
+            signature_version="s3v4",
+            # R2 documents path-style and virtual-host access; path style also works
+            # with an IP-address endpoint (tests) where bucket subdomains cannot resolve.
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=self.timeout_s,
+            # Newer botocore adds CRC checksums to every request by default; only send
+            # them where the S3 API requires them, which every S3-compatible store accepts.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self._access_key,
+            aws_secret_access_key=self._secret_key,
+            config=config,
+        )
+
+    # --- interface --------------------------------------------------------------------
+    def upload_file(self, local_path: Path, key: str, content_type: str) -> StoredObject:
+        size = local_path.stat().st_size
+        try:
+            from boto3.s3.transfer import TransferConfig
+
+            transfer = TransferConfig(
+                multipart_threshold=self.chunk_size,
+                multipart_chunksize=self.chunk_size,
+                max_concurrency=self.max_concurrency,
+                use_threads=True,
+            )
+            self.client.upload_file(
+                str(local_path),
+                self.bucket_name,
+                key,
+                ExtraArgs={"ContentType": content_type},
+                Config=transfer,
+            )
+            url = self.url_for(key)
+        except ComfySwapError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+        return StoredObject(
+            provider=self.name,
+            key=key,
+            url=url,
+            content_type=content_type,
+            size=size,
+            extra={"bucket": self.bucket_name, "signed": url != self.public_url(key)},
+        )
+
+    def health(self) -> dict[str, Any]:
+        """Configured and the bucket reachable with these keys (HEAD bucket, no upload)."""
+        missing = self._missing_settings()
+        if missing:
+            return {"status": "error", "reason": f"not configured: set {', '.join(missing)}"}
+        try:
+            self.client.head_bucket(Bucket=self.bucket_name)
+        except Exception as exc:
+            error = exc if isinstance(exc, ComfySwapError) else self._wrap(exc, None)
+            return {"status": "error", "bucket": self.bucket_name, "error": error.to_dict()}
+        return {"status": "configured", "bucket": self.bucket_name, "endpoint": self.endpoint_url}
+
+    # --- URLs -------------------------------------------------------------------------
+    def public_url(self, key: str) -> str:
+        return f"https://{self.public_domain}/{quote(key, safe='/')}" if self.public_domain else ""
+
+    def url_for(self, key: str) -> str:
+        """The public-domain URL, unless signed URLs are asked for or no public domain exists."""
+        if self.public_domain and not self.signed_urls:
+            return self.public_url(key)
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket_name, "Key": key},
+            ExpiresIn=self.signed_url_ttl_s,
+        )
+        return url
+
+    # --- errors -----------------------------------------------------------------------
+    def _wrap(self, exc: Exception, key: str | None) -> ComfySwapError:
+        """Map boto3/botocore failures onto the service's tree with the S3 status and error."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            response: dict[str, Any] = dict(exc.response)
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            body = f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
+            return upstream_error(
+                self.name, f"R2 refused the request: {body}", status=status, body=body, key=key
+            )
+        if isinstance(exc, S3UploadFailedError):
+            # upload_file flattens the S3 error into a message; the original, when chained,
+            # still has the status that decides whether a retry can help.
+            cause = exc.__cause__ or exc.__context__
+            status = (
+                cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if isinstance(cause, ClientError)
+                else None
+            )
+            return upstream_error(
+                self.name, f"R2 upload failed: {exc}", status=status, body=str(exc), key=key
+            )
+        if isinstance(exc, BotoCoreError):
+            return upstream_error(self.name, f"R2 unreachable: {type(exc).__name__}: {exc}", key=key)
+        return upstream_error(self.name, f"R2 upload failed: {type(exc).__name__}: {exc}", key=key)
