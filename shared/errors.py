@@ -9,6 +9,7 @@
     ├── Conflict (409)             state changed under you: a transition, an idempotency key
     ├── PayloadTooLarge (413)      body or input over a cap
     ├── RateLimited (429)          slow down; carries retry_after
+    ├── JobCancelled (409)         the client cancelled; the engine stopped
     ├── TransientError (503)       a dependency failed; the task will be retried
     │   ├── UpstreamUnavailable    ComfyUI / FaceFusion / storage unreachable
     │   └── RunnerBusy             engine slots full (push: Cloud Tasks backs off)
@@ -28,6 +29,7 @@ __all__ = [
     "ComfySwapError",
     "Conflict",
     "Forbidden",
+    "JobCancelled",
     "JobFailed",
     "NotFound",
     "PayloadTooLarge",
@@ -109,6 +111,13 @@ class NotFound(ComfySwapError):
 class Conflict(ComfySwapError):
     http_status = 409
     default_code = "conflict"
+
+
+class JobCancelled(ComfySwapError):
+    """Raised inside the runner when a task is cancelled (or its lease lost) mid-run."""
+
+    http_status = 409
+    default_code = "cancelled"
 
 
 class PayloadTooLarge(ComfySwapError):

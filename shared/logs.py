@@ -15,7 +15,15 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["bind_task", "configure_logging", "get_logger", "log_event"]
+__all__ = [
+    "bind_task",
+    "bind_trace",
+    "configure_logging",
+    "get_logger",
+    "log_event",
+    "unbind_task",
+    "unbind_trace",
+]
 
 _task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
 _trace_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace", default=None)
@@ -73,8 +81,16 @@ def bind_task(task_id: str | None) -> contextvars.Token[str | None]:
     return _task_id_var.set(task_id)
 
 
+def unbind_task(token: contextvars.Token[str | None]) -> None:
+    _task_id_var.reset(token)
+
+
 def bind_trace(trace: str | None) -> contextvars.Token[str | None]:
     return _trace_var.set(trace)
+
+
+def unbind_trace(token: contextvars.Token[str | None]) -> None:
+    _trace_var.reset(token)
 
 
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:

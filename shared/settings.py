@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8000", description="FACE_SWAP_API_URL: the seed's FaceFusion HTTP API."
     )
     face_swap_timeout: float = Field(120.0, gt=0, description="FACE_SWAP_TIMEOUT: seconds per swap call.")
-    face_swap_retry_count: int = Field(3, ge=1, le=10, description="FACE_SWAP_RETRY_COUNT: attempts per call.")
+    face_swap_retry_count: int = Field(
+        3, ge=1, le=10, description="FACE_SWAP_RETRY_COUNT: attempts per call."
+    )
     storage_provider: StorageProviderName = Field("local", description="STORAGE_PROVIDER: primary provider.")
     gcs_bucket_name: str = Field("", description="GCS_BUCKET_NAME: results bucket for `gcs`.")
     gcs_bucket_region: str = Field("us-central1", description="GCS_BUCKET_REGION: region of that bucket.")
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
     )
 
     # --- new names --------------------------------------------------------------------
-    task_store: Literal["sqlite", "firestore"] = Field("sqlite", description="TASK_STORE: task store backend.")
+    task_store: Literal["sqlite", "firestore"] = Field(
+        "sqlite", description="TASK_STORE: task store backend."
+    )
     dispatch_mode: Literal["pull", "push"] = Field(
         "pull", description="DISPATCH_MODE: `pull` (runner claims via fetch_task) or `push` (Cloud Tasks)."
     )
@@ -85,11 +89,15 @@ class Settings(BaseSettings):
         description="RUNNER_URL: the runner's base URL, for Cloud Tasks push targets and the dev server's "
         "forwarding; empty = http://RUNNER_HOST:RUNNER_PORT.",
     )
-    data_dir: Path = Field(Path("./.comfyswap"), description="DATA_DIR: SQLite file, local results, temp files.")
+    data_dir: Path = Field(
+        Path("./.comfyswap"), description="DATA_DIR: SQLite file, local results, temp files."
+    )
     face_swap_engine: Literal["cpu", "facefusion", "facefusion_api"] = Field(
         "cpu", description="FACE_SWAP_ENGINE: face-swap engine of the runner."
     )
-    firestore_emulator_host: str = Field("", description="FIRESTORE_EMULATOR_HOST: Firestore emulator host:port.")
+    firestore_emulator_host: str = Field(
+        "", description="FIRESTORE_EMULATOR_HOST: Firestore emulator host:port."
+    )
     storage_emulator_host: str = Field("", description="STORAGE_EMULATOR_HOST: GCS emulator URL.")
     cloud_tasks_emulator_host: str = Field(
         "", description="CLOUD_TASKS_EMULATOR_HOST: host:port of a Cloud Tasks emulator (insecure gRPC)."
@@ -120,8 +128,16 @@ class Settings(BaseSettings):
     runner_environments: str = Field(
         "face_swap,comm", description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves."
     )
+    runner_api_key: str = Field(
+        "", repr=False, description="RUNNER_API_KEY: the key a pulling runner presents to fetch_task."
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, le=3600, description="SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight tasks may finish."
+    )
     engine_slots: int = Field(1, ge=1, le=16, description="ENGINE_SLOTS: concurrent jobs per engine.")
-    lease_seconds: int = Field(60, ge=5, le=3600, description="LEASE_SECONDS: lease length; renewed by heartbeat.")
+    lease_seconds: int = Field(
+        60, ge=5, le=3600, description="LEASE_SECONDS: lease length; renewed by heartbeat."
+    )
     max_attempts: int = Field(3, ge=1, le=20, description="MAX_ATTEMPTS: deliveries before a task is FAILED.")
     task_timeout_s: float = Field(1800.0, gt=0, description="TASK_TIMEOUT_S: engine time limit per task.")
     fetch_max_bytes: int = Field(
@@ -139,12 +155,23 @@ class Settings(BaseSettings):
         description="LOCAL_STORAGE_BASE_URL: public base of `local` results; empty = http://API_HOST:API_PORT/results.",
     )
     signed_urls: bool = Field(False, description="SIGNED_URLS: return signed (not public) result URLs.")
-    signed_url_ttl_s: int = Field(3600, ge=60, le=604800, description="SIGNED_URL_TTL_S: signed URL lifetime.")
+    signed_url_ttl_s: int = Field(
+        3600, ge=60, le=604800, description="SIGNED_URL_TTL_S: signed URL lifetime."
+    )
     storage_retry_deadline_s: float = Field(
         30.0,
         gt=0,
         description="STORAGE_RETRY_DEADLINE_S: how long one storage provider retries transient failures "
         "before the chain moves on to the next provider.",
+    )
+    api_keys: str = Field(
+        "",
+        repr=False,
+        description="API_KEYS: comma-separated `sha256(key):owner:role+role` entries (roles: client, admin, "
+        "raw_workflows, runner); empty with no API_KEYS_FILE = open local mode (refused in production).",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="API_KEYS_FILE: a file of API_KEYS entries, one a line."
     )
     fetch_allow_loopback: bool = Field(
         False,
@@ -176,6 +203,14 @@ class Settings(BaseSettings):
         data = getattr(info, "data", {})
         if value and data.get("app_env") == "production":
             raise ValueError("must be false when APP_ENV=production")
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_required_in_production(cls, value: Path | None, info: object) -> Path | None:
+        data = getattr(info, "data", {})
+        if data.get("app_env") == "production" and not value and not data.get("api_keys"):
+            raise ValueError("APP_ENV=production needs API_KEYS or API_KEYS_FILE (no open access)")
         return value
 
     # --- derived values ---------------------------------------------------------------

@@ -57,7 +57,13 @@ TERMINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStat
 ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.PENDING: frozenset({TaskStatus.FETCHED, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.FETCHED: frozenset(
-        {TaskStatus.PROCESSING, TaskStatus.PENDING, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+        {
+            TaskStatus.PROCESSING,
+            TaskStatus.PENDING,
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.CANCELLED,
+        }
     ),
     TaskStatus.PROCESSING: frozenset(
         {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.PENDING, TaskStatus.CANCELLED}
@@ -116,6 +122,8 @@ class Task(BaseModel):
     owner: str = ""
     webhook_url: str | None = None
     idempotency_key: str | None = None
+    # sha256 of the create request, to tell an Idempotency-Key replay from a reuse.
+    request_fingerprint: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     attempt_history: list[dict[str, Any]] = Field(default_factory=list)
     created_at: dt.datetime = Field(default_factory=utcnow)

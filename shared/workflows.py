@@ -158,7 +158,10 @@ def _generation_graph(params: GenerationParams) -> dict[str, Any]:
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": params.negative_prompt, "clip": ["4", 1]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": params.filename_prefix, "images": ["8", 0]}},
+        "9": {
+            "class_type": "SaveImage",
+            "inputs": {"filename_prefix": params.filename_prefix, "images": ["8", 0]},
+        },
     }
 
 
@@ -176,7 +179,10 @@ def _invert_graph(params: ImageInputParams) -> dict[str, Any]:
     graph: dict[str, Any] = {
         "1": {"class_type": "LoadImage", "inputs": {"image": params.image_url}},
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": params.filename_prefix, "images": ["2", 0]}},
+        "4": {
+            "class_type": "SaveImage",
+            "inputs": {"filename_prefix": params.filename_prefix, "images": ["2", 0]},
+        },
     }
     if params.width and params.height:
         graph["3"] = {
@@ -274,7 +280,9 @@ def resolve_environment(workflow: str, requested: str | None) -> EnvironmentConf
     name = default if requested in (None, "", "auto") else str(requested)
     environment = ENVIRONMENTS.get(name)
     if environment is None:
-        raise ValidationFailed("environment", f"unknown environment {name!r}; known: auto, {', '.join(ENVIRONMENTS)}")
+        raise ValidationFailed(
+            "environment", f"unknown environment {name!r}; known: auto, {', '.join(ENVIRONMENTS)}"
+        )
     wants_face_swap = workflow == "face_swap"
     if wants_face_swap != (environment.kind == "face_swap"):
         raise ValidationFailed("environment", f"workflow {workflow!r} cannot run in environment {name!r}")

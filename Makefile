@@ -1,0 +1,65 @@
+# ComfySwap: thin targets. `make run` runs the service; `make test` passes the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run demo test test-fast lint fmt mypy bench bundle run-emulated smoke deploy clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY) ## Install the project, dev tools, face models and emulator tools
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) scripts/fetch_models.py
+	bash scripts/install_tools.sh
+
+run: install ## Run the API (three functions) and the runner on embedded defaults
+	$(BIN)/comfyswap run
+
+demo: ## Swap the sample faces against the running service (after `make run`)
+	$(BIN)/comfyswap demo
+
+test: install ## Run the whole test suite (starts the emulators it needs)
+	$(BIN)/pytest -q
+
+test-fast: ## Unit tests only, no install step
+	$(BIN)/pytest -q tests/unit
+
+lint: ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared gpu_runner comfyswap functions/*/main.py
+
+fmt: ## Format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+mypy: ## Type-check
+	$(BIN)/mypy shared gpu_runner comfyswap functions/*/main.py
+
+bench: install ## Print the performance figures (docs: README, Performance)
+	$(PY) -m benchmarks.run
+
+bundle: ## Build each function's deployable folder under build/functions/
+	$(PY) scripts/bundle_functions.py
+
+run-emulated: install ## The cloud code path on one machine: Firestore/Cloud Tasks emulators, fake GCS
+	$(PY) scripts/run_emulated.py
+
+smoke: ## System test against a deployed API: make smoke BASE_URL=https://...
+	BASE_URL=$(BASE_URL) $(BIN)/pytest -q tests/system
+
+deploy: bundle ## terraform apply (see docs/deploy.md)
+	terraform -chdir=infra/terraform init
+	terraform -chdir=infra/terraform apply
+
+clean: ## Remove local state and build output
+	rm -rf build .comfyswap .pytest_cache .mypy_cache .ruff_cache

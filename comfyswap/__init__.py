@@ -1,0 +1,1 @@
+"""ComfySwap: the command line and the local dev server."""

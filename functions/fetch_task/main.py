@@ -1,0 +1,41 @@
+"""fetch_task: a pulling runner claims its next task (the seed's consumer endpoint).
+
+Route: GET /api/comm/task/fetch?worker_id=W&environments=face_swap,comm&wait=20
+Answers the seed's envelope ``{code, success, data, message}``; ``wait`` holds the
+request open (long poll, at most 25 s) until a task arrives.
+"""
+
+from __future__ import annotations
+
+import flask
+import functions_framework
+
+from shared.http import RequestContext, Route, dispatch_request, health_response, json_response, query_float
+
+
+def fetch(ctx: RequestContext) -> flask.Response:
+    ctx.principal.require_runner()
+    environments = [
+        name.strip()
+        for name in (ctx.request.args.get("environments") or ctx.settings.runner_environments).split(",")
+        if name.strip()
+    ]
+    worker_id = ctx.request.args.get("worker_id") or ctx.request.headers.get("X-Worker-Id") or ""
+    task = ctx.service.fetch_for_runner(
+        worker_id=worker_id, environments=environments, wait_s=query_float(ctx.request, "wait", 0.0)
+    )
+    if task is None:
+        return json_response({"code": 204, "success": True, "data": None, "message": "No task available"})
+    data = ctx.service.task_view(task)["task"]
+    return json_response({"code": 200, "success": True, "data": data, "message": "Task fetched successfully"})
+
+
+ROUTES = [
+    Route("GET", "/api/comm/task/fetch", fetch, "fetch_task"),
+    Route("GET", "/api/health", health_response, "health"),
+]
+
+
+@functions_framework.http
+def fetch_task(request: flask.Request) -> flask.Response:
+    return dispatch_request(request, ROUTES)

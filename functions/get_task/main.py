@@ -1,0 +1,63 @@
+"""get_task: one task, the task list with queue statistics, and health.
+
+Routes: GET /api/tasks/{task_id}, GET /api/tasks/ (admin sees all; a client its own),
+GET /api/face-swap/queue-status, GET /api/health, GET /api/status, POST /internal/reap.
+"""
+
+from __future__ import annotations
+
+import flask
+import functions_framework
+
+from shared.http import (
+    RequestContext,
+    Route,
+    dispatch_request,
+    health_response,
+    json_response,
+    query_int,
+    status_response,
+)
+
+
+def one_task(ctx: RequestContext) -> flask.Response:
+    task = ctx.service.get_task(ctx.path_params["task_id"], principal=ctx.principal)
+    return json_response(ctx.service.task_view(task))
+
+
+def all_tasks(ctx: RequestContext) -> flask.Response:
+    body = ctx.service.list_tasks(
+        principal=ctx.principal, status=ctx.request.args.get("status"), limit=query_int(ctx.request, "limit", 50)
+    )
+    return json_response(body)
+
+
+def queue_status(ctx: RequestContext) -> flask.Response:
+    return json_response(ctx.service.queue_status(principal=ctx.principal))
+
+
+def reap(ctx: RequestContext) -> flask.Response:
+    """Called by Cloud Scheduler: re-queue tasks whose runner stopped renewing its lease."""
+    ctx.principal.require_admin()
+    reaped = ctx.service.store.reap_expired_leases()
+    redispatched = 0
+    for task in reaped:
+        if task.status.value == "PENDING":
+            ctx.service._dispatch(task)
+            redispatched += 1
+    return json_response({"reaped": len(reaped), "redispatched": redispatched})
+
+
+ROUTES = [
+    Route("GET", "/api/tasks", all_tasks, "list_tasks"),
+    Route("GET", "/api/tasks/{task_id}", one_task, "get_task"),
+    Route("GET", "/api/face-swap/queue-status", queue_status, "queue_status"),
+    Route("GET", "/api/health", health_response, "health"),
+    Route("GET", "/api/status", status_response, "status"),
+    Route("POST", "/internal/reap", reap, "reap"),
+]
+
+
+@functions_framework.http
+def get_task(request: flask.Request) -> flask.Response:
+    return dispatch_request(request, ROUTES)

@@ -1,0 +1,481 @@
+"""The runner's worker: claim, prepare, run, upload, report, as a pipeline.
+
+Three stages overlap so the engine never waits on the network:
+
+* claiming and ``prepare`` (downloads) of the next task run while the current task holds
+  the engine slot (``prefetch`` tasks may be held ahead of the slots);
+* the engine slot (one per engine by default) is held only for ``Engine.run``;
+* uploads and the final status write happen after the slot is released.
+
+Every held task keeps its lease alive by heartbeat. A lost lease (the client cancelled,
+or the reaper gave the task to another runner) stops the engine and writes nothing, so a
+task never ends with two results. SIGTERM drains: no new claims, in-flight tasks get a
+grace period, the rest are released for another runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from gpu_runner.engines.base import Engine, EngineResult, PreparedJob
+from shared.errors import (
+    ComfySwapError,
+    Conflict,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    TransientError,
+    UpstreamUnavailable,
+)
+from shared.logs import bind_task, get_logger, log_event, unbind_task
+from shared.settings import Settings
+from shared.storage.base import StoredObject, result_key
+from shared.store.base import TaskStore
+from shared.tasks import Progress, Task, TaskStatus
+
+__all__ = ["HttpTaskSource", "StoreTaskSource", "TaskSource", "Uploader", "Worker"]
+
+logger = get_logger(__name__)
+
+Uploader = Callable[[Path, str, str], StoredObject]
+
+
+class TaskSource(Protocol):
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpTaskSource:
+    """Pull mode: claim through the fetch_task function (the seed's consumer endpoint)."""
+
+    def __init__(self, task_api_url: str, *, api_key: str = "") -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=task_api_url.rstrip("/"), headers=headers, timeout=60.0)
+
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        params = {"worker_id": worker_id, "environments": ",".join(environments), "wait": str(wait_s)}
+        try:
+            response = await self._client.get("/comm/task/fetch", params=params, timeout=wait_s + 15.0)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"task API not reachable: {exc}", code="task_api_unavailable") from exc
+        if response.status_code != 200:
+            raise UpstreamUnavailable(
+                f"task API answered {response.status_code}: {response.text[:300]}", code="task_api_error"
+            )
+        data = response.json().get("data")
+        return Task.from_document(data) if data else None
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class StoreTaskSource:
+    """Claims straight from the store (tests, and a runner co-located with its store)."""
+
+    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
+        self._store = store
+        self._lease_seconds = lease_seconds
+
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            task = await asyncio.to_thread(
+                self._store.claim_next,
+                worker_id=worker_id,
+                environments=environments,
+                lease_seconds=self._lease_seconds,
+            )
+            remaining = deadline - time.monotonic()
+            if task is not None or remaining <= 0:
+                return task
+            await asyncio.to_thread(self._store.wait_for_work, min(remaining, 1.0))
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclasses.dataclass
+class _Held:
+    task_id: str
+    cancel: asyncio.Event
+    lease_lost: bool = False
+    progress: Progress | None = None
+    progress_written: Progress | None = None
+    in_engine: bool = False
+
+
+def default_worker_id(settings: Settings) -> str:
+    return settings.runner_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def retry_delay_s(attempt: int) -> float:
+    """Exponential backoff between attempts: 2, 4, 8 ... capped at 60 s."""
+    return float(min(60, 2 ** max(1, attempt)))
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TaskStore,
+        engines: dict[str, Engine],
+        upload: Uploader,
+        *,
+        source: TaskSource | None = None,
+        prefetch: int = 1,
+        on_finished: Callable[[Task], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engines = engines
+        self.upload = upload
+        self.source = source
+        self.worker_id = default_worker_id(settings)
+        self.slots = {name: asyncio.Semaphore(settings.engine_slots) for name in engines}
+        self.capacity = settings.engine_slots * max(1, len(engines)) + prefetch
+        self._held = asyncio.Semaphore(self.capacity)
+        self._held_count = 0
+        self.in_flight: dict[str, _Held] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self._on_finished = on_finished
+        self.work_root = settings.data_dir / "work"
+        self.completed = 0
+        self.failed = 0
+
+    # --- state for routes ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._held_count >= self.capacity
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "draining": self.draining,
+            "capacity": self.capacity,
+            "held": self._held_count,
+            "in_flight": sorted(self.in_flight),
+            "slots": {name: self.settings.engine_slots for name in self.engines},
+            "completed": self.completed,
+            "failed": self.failed,
+        }
+
+    # --- pull mode --------------------------------------------------------------------
+    async def run_pull_loop(self, *, wait_s: float = 10.0) -> None:
+        """Claim tasks while there is capacity; stops when ``draining`` is set."""
+        assert self.source is not None, "pull mode needs a task source"
+        environments = sorted(self.engines)
+        failures = 0
+        while not self.draining:
+            await self._held.acquire()
+            self._held_count += 1
+            if self.draining:
+                self._release_hold()
+                break
+            try:
+                task = await self.source.next_task(worker_id=self.worker_id, environments=environments, wait_s=wait_s)
+                failures = 0
+            except ComfySwapError as exc:
+                self._release_hold()
+                failures += 1
+                delay = min(30.0, 0.5 * 2**failures)
+                log_event(logger, "fetch_failed", code=exc.code, error=exc.message, retry_in_s=delay, level=30)
+                await asyncio.sleep(delay)
+                continue
+            if task is None:
+                self._release_hold()
+                continue
+            if self.draining:
+                await asyncio.to_thread(self.store.release, task.taskId, worker_id=self.worker_id, reason="draining")
+                self._release_hold()
+                break
+            self._spawn(self.process(task, hold_acquired=True))
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _release_hold(self) -> None:
+        self._held_count -= 1
+        self._held.release()
+
+    # --- push mode --------------------------------------------------------------------
+    async def run_pushed(self, task_id: str) -> tuple[int, dict[str, Any]]:
+        """Handle one Cloud Tasks delivery; returns (HTTP status, body).
+
+        2xx tells Cloud Tasks to stop; 429/503 make it retry later with backoff."""
+        if self.draining:
+            return 503, {"status": "draining", "retry_after_s": 10}
+        if self.busy:
+            return 429, {"status": "busy", "retry_after_s": 5}
+        await self._held.acquire()
+        self._held_count += 1
+        try:
+            task = await asyncio.to_thread(
+                self.store.claim, task_id, worker_id=self.worker_id, lease_seconds=self.settings.lease_seconds
+            )
+        except NotFound:
+            self._release_hold()
+            log_event(logger, "push_unknown_task", task_id=task_id, level=30)
+            return 200, {"status": "unknown_task"}
+        except Conflict as exc:
+            self._release_hold()
+            # A duplicate delivery (another delivery holds it) or an already finished task.
+            log_event(logger, "push_duplicate", task_id=task_id, code=exc.code)
+            return 200, {"status": "not_claimable", "detail": exc.message}
+        final = await self.process(task, hold_acquired=True)
+        if final.status == TaskStatus.PENDING:
+            # Retryable failure: let Cloud Tasks deliver it again after its backoff.
+            return 503, {"status": "retry", "error": final.error.model_dump() if final.error else None}
+        return 200, {"status": final.status.value}
+
+    # --- one task ---------------------------------------------------------------------
+    async def process(self, task: Task, *, hold_acquired: bool = False) -> Task:
+        """Run a claimed task to its end and return it as stored afterwards."""
+        if not hold_acquired:
+            await self._held.acquire()
+            self._held_count += 1
+        token = bind_task(task.taskId)
+        held = _Held(task.taskId, asyncio.Event())
+        self.in_flight[task.taskId] = held
+        keeper = asyncio.ensure_future(self._keep_lease(held))
+        workdir = self.work_root / task.taskId
+        timings: dict[str, float] = {}
+        hold_released = False
+        started = time.perf_counter()
+        try:
+            engine = self.engines.get(task.environment)
+            if engine is None:
+                raise JobFailed(
+                    f"this runner has no engine for environment {task.environment!r}", code="no_engine"
+                )
+            workdir.mkdir(parents=True, exist_ok=True)
+            phase = time.perf_counter()
+            job = await self._cancellable(engine.prepare(task, workdir), held)
+            timings["download_s"] = time.perf_counter() - phase
+            async with self.slots[task.environment]:
+                await asyncio.to_thread(
+                    self.store.start_processing, task.taskId, worker_id=self.worker_id, timings=timings
+                )
+                held.in_engine = True
+                phase = time.perf_counter()
+                result = await self._run_engine(engine, job, held)
+                timings["engine_s"] = time.perf_counter() - phase
+                held.in_engine = False
+            # The slot is free; let the next task be claimed while this one uploads.
+            self._release_hold()
+            hold_released = True
+            phase = time.perf_counter()
+            output_data = await self._upload_outputs(task, result, held)
+            timings["upload_s"] = time.perf_counter() - phase
+            timings["runner_total_s"] = time.perf_counter() - started
+            final = await asyncio.to_thread(
+                self.store.complete,
+                task.taskId,
+                worker_id=self.worker_id,
+                output_data=output_data,
+                timings=_rounded(timings),
+            )
+            self.completed += 1
+            self._log_finished(final)
+        except JobCancelled:
+            final = await asyncio.to_thread(self.store.get_or_raise, task.taskId)
+            log_event(logger, "task_stopped", status=final.status.value, reason="cancelled or lease lost")
+        except ComfySwapError as exc:
+            final = await self._record_failure(task, exc, timings)
+        except Exception as exc:
+            logger.exception("engine crashed")
+            wrapped = TransientError(f"runner error: {type(exc).__name__}: {exc}", code="runner_internal_error")
+            final = await self._record_failure(task, wrapped, timings)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self.in_flight.pop(task.taskId, None)
+            if not hold_released:
+                self._release_hold()
+            shutil.rmtree(workdir, ignore_errors=True)
+            unbind_task(token)
+        if self._on_finished is not None and final.is_terminal:
+            await self._on_finished(final)
+        return final
+
+    async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
+        try:
+            final = await asyncio.to_thread(
+                self.store.fail_or_retry,
+                task.taskId,
+                worker_id=self.worker_id,
+                error=error,
+                timings=_rounded(timings),
+                retry_delay_s=retry_delay_s(task.attempts),
+            )
+        except Conflict:
+            # Cancelled or taken over meanwhile: whoever holds it now decides its fate.
+            return await asyncio.to_thread(self.store.get_or_raise, task.taskId)
+        if final.status == TaskStatus.FAILED:
+            self.failed += 1
+            self._log_finished(final)
+        else:
+            log_event(logger, "task_retry", code=error.code, error=error.message, attempt=task.attempts, level=30)
+        return final
+
+    def _log_finished(self, task: Task) -> None:
+        log_event(
+            logger,
+            "task_finished",
+            outcome=task.status.value,
+            code=task.error.code if task.error else "ok",
+            engine=task.environment,
+            attempt=task.attempts,
+            **task.timings,
+        )
+
+    async def _cancellable(self, work: Awaitable[PreparedJob], held: _Held) -> PreparedJob:
+        job_future = asyncio.ensure_future(work)
+        cancel_wait = asyncio.ensure_future(held.cancel.wait())
+        done, _ = await asyncio.wait({job_future, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+        cancel_wait.cancel()
+        if job_future in done:
+            return job_future.result()
+        job_future.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await job_future
+        raise JobCancelled("task cancelled while its inputs downloaded")
+
+    async def _run_engine(self, engine: Engine, job: PreparedJob, held: _Held) -> EngineResult:
+        def on_progress(progress: Progress) -> None:
+            held.progress = progress
+
+        try:
+            result = await asyncio.wait_for(
+                engine.run(job, on_progress, held.cancel), timeout=self.settings.task_timeout_s
+            )
+        except TimeoutError:
+            held.cancel.set()
+            raise JobFailed(
+                f"the engine did not finish within TASK_TIMEOUT_S={self.settings.task_timeout_s:g}s",
+                code="task_timeout",
+            ) from None
+        if held.cancel.is_set():
+            raise JobCancelled("task cancelled while the engine ran")
+        if not result.outputs:
+            raise JobFailed("the engine produced no output", code="no_output")
+        return result
+
+    async def _upload_outputs(self, task: Task, result: EngineResult, held: _Held) -> dict[str, Any]:
+        outputs: list[dict[str, Any]] = []
+        for index, output in enumerate(result.outputs):
+            if held.lease_lost:
+                raise JobCancelled("lease lost before upload")
+            key = result_key(task.taskId, index, output.content_type, suffix=output.path.suffix or None)
+            stored = await asyncio.to_thread(self.upload, output.path, key, output.content_type)
+            outputs.append(
+                {
+                    "url": stored.url,
+                    "key": stored.key,
+                    "provider": stored.provider,
+                    "content_type": stored.content_type,
+                    "size": stored.size,
+                    "kind": output.kind,
+                    "node_id": output.node_id,
+                    "width": output.width,
+                    "height": output.height,
+                    "duration": output.duration,
+                    **({"storage": stored.extra} if stored.extra else {}),
+                    **output.extra,
+                }
+            )
+        first = outputs[0]
+        return {
+            "url": first["url"],
+            "urls": [item["url"] for item in outputs],
+            "provider": first["provider"],
+            "content_type": first["content_type"],
+            "width": first["width"],
+            "height": first["height"],
+            "duration": first["duration"],
+            "outputs": outputs,
+            **({"metadata": result.metadata} if result.metadata else {}),
+        }
+
+    async def _keep_lease(self, held: _Held) -> None:
+        """Heartbeat, write progress, and notice cancellation (a lost lease) within ~0.5 s."""
+        lease = self.settings.lease_seconds
+        heartbeat_every = max(1.0, lease / 3)
+        last_heartbeat = time.monotonic()
+        last_check = last_heartbeat
+        try:
+            while True:
+                await asyncio.sleep(0.25)
+                now = time.monotonic()
+                try:
+                    if held.progress is not None and held.progress != held.progress_written:
+                        progress = held.progress
+                        await asyncio.to_thread(
+                            self.store.set_progress, held.task_id, worker_id=self.worker_id, progress=progress
+                        )
+                        held.progress_written = progress
+                        last_check = now
+                    if now - last_heartbeat >= heartbeat_every:
+                        await asyncio.to_thread(
+                            self.store.heartbeat, held.task_id, worker_id=self.worker_id, lease_seconds=lease
+                        )
+                        last_heartbeat = last_check = now
+                    elif now - last_check >= 0.5:
+                        current = await asyncio.to_thread(self.store.get_or_raise, held.task_id)
+                        holder = current.lease.owner if current.lease else None
+                        if current.is_terminal or holder != self.worker_id:
+                            raise Conflict("lease lost", code="lease_lost")
+                        last_check = now
+                except (Conflict, NotFound):
+                    held.lease_lost = True
+                    held.cancel.set()
+                    log_event(logger, "lease_lost", task_id=held.task_id, level=30)
+                    return
+                except ComfySwapError as exc:
+                    log_event(logger, "heartbeat_failed", task_id=held.task_id, error=exc.message, level=30)
+                except Exception as exc:  # the store hiccuped; the next beat retries before the lease ends
+                    log_event(logger, "heartbeat_failed", task_id=held.task_id, error=repr(exc), level=30)
+        except asyncio.CancelledError:
+            return
+
+    # --- shutdown ---------------------------------------------------------------------
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming; give in-flight tasks ``grace_s``; release the rest."""
+        self.draining = True
+        log_event(logger, "draining", in_flight=len(self.in_flight), grace_s=grace_s)
+        pending = {task for task in self._tasks if not task.done()}
+        if pending:
+            _, still_running = await asyncio.wait(pending, timeout=grace_s)
+        else:
+            still_running = set()
+        for task_id, held in list(self.in_flight.items()):
+            held.cancel.set()
+            with contextlib.suppress(ComfySwapError):
+                await asyncio.to_thread(self.store.release, task_id, worker_id=self.worker_id, reason="shutdown")
+                log_event(logger, "task_released", task_id=task_id)
+        if still_running:
+            await asyncio.wait(still_running, timeout=10)
+        for engine in self.engines.values():
+            await engine.close()
+        if self.source is not None:
+            await self.source.close()
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 6) for key, value in timings.items()}

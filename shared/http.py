@@ -1,0 +1,175 @@
+"""HTTP glue shared by the three functions: routing, JSON bodies, errors to responses.
+
+One place maps :class:`shared.errors.ComfySwapError` to a status code and a body
+``{"success": false, "error": {code, message, retryable, details}, "detail": message}``
+(``detail`` is what the seed's FastAPI clients read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flask
+
+from shared.auth import Principal, authenticate
+from shared.errors import BadRequest, ComfySwapError, NotFound, PayloadTooLarge, RateLimited, ValidationFailed
+from shared.logs import bind_task, bind_trace, configure_logging, get_logger, unbind_task, unbind_trace
+from shared.service import TaskService
+from shared.settings import Settings, get_settings
+
+__all__ = ["Route", "dispatch_request", "json_response", "service"]
+
+logger = get_logger(__name__)
+
+Handler = Callable[["RequestContext"], flask.Response]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    handler: Handler
+    name: str
+
+    @functools.cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "/?$")
+
+
+@dataclasses.dataclass
+class RequestContext:
+    request: flask.Request
+    principal: Principal
+    path_params: dict[str, str]
+    service: TaskService
+    settings: Settings
+
+    def json_body(self) -> Any:
+        """The parsed JSON body, within MAX_REQUEST_BYTES; 4xx for anything else."""
+        length = self.request.content_length
+        limit = self.settings.max_request_bytes
+        if length is not None and length > limit:
+            raise PayloadTooLarge(
+                f"body of {length} bytes is over the {limit}-byte limit", code="body_too_large"
+            )
+        raw = self.request.get_data(cache=True)
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit", code="body_too_large")
+        if not raw:
+            raise ValidationFailed("body", "a JSON object is required")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValidationFailed("body", f"not valid JSON: {exc}") from None
+
+
+@functools.cache
+def service() -> TaskService:
+    """One service (store client, dispatcher) per process instance, created on first use."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return TaskService.from_settings(settings)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
+    response = flask.Response(json.dumps(body, default=str), status=status, mimetype="application/json")
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def error_response(error: ComfySwapError) -> flask.Response:
+    headers = {}
+    if isinstance(error, RateLimited):
+        headers["Retry-After"] = str(error.retry_after_s)
+    body = {"success": False, "error": error.to_dict(), "detail": error.message}
+    return json_response(body, error.http_status, headers)
+
+
+def dispatch_request(request: flask.Request, routes: list[Route]) -> flask.Response:
+    """Find the route, authenticate, run the handler; every error becomes one clear response."""
+    svc = service()
+    trace_header = request.headers.get("X-Cloud-Trace-Context", "")
+    trace_token = bind_trace(
+        f"projects/{svc.settings.google_cloud_project}/traces/{trace_header.split('/')[0]}"
+        if trace_header
+        else None
+    )
+    try:
+        path = request.path
+        allowed_methods = []
+        for route in routes:
+            match = route.regex.match(path)
+            if not match:
+                continue
+            allowed_methods.append(route.method)
+            if route.method != request.method:
+                continue
+            principal = authenticate(request.headers, svc.settings)
+            params = match.groupdict()
+            task_token = bind_task(params.get("task_id"))
+            try:
+                return route.handler(RequestContext(request, principal, params, svc, svc.settings))
+            finally:
+                unbind_task(task_token)
+        if allowed_methods:
+            response = json_response(
+                {
+                    "success": False,
+                    "error": {"code": "method_not_allowed", "message": f"use {allowed_methods}"},
+                },
+                405,
+            )
+            response.headers["Allow"] = ", ".join(sorted(set(allowed_methods)))
+            return response
+        raise NotFound(f"no route {request.method} {path}", code="route_not_found")
+    except ComfySwapError as exc:
+        if exc.http_status >= 500:
+            logger.warning(
+                "request failed", extra={"code": exc.code, "error": exc.message, "path": request.path}
+            )
+        return error_response(exc)
+    except Exception:
+        logger.exception("unhandled error", extra={"path": request.path})
+        return error_response(ComfySwapError("internal error; the request changed nothing it did not report"))
+    finally:
+        unbind_trace(trace_token)
+
+
+def query_int(request: flask.Request, name: str, default: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationFailed(name, "must be an integer") from None
+
+
+def query_float(request: flask.Request, name: str, default: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationFailed(name, "must be a number") from None
+    if value != value or value < 0:  # NaN or negative
+        raise BadRequest(f"{name} must be a non-negative number", code="validation_failed")
+    return value
+
+
+def health_response(ctx: RequestContext) -> flask.Response:
+    from shared.tasks import utcnow
+
+    return json_response({"status": "healthy", "timestamp": utcnow().isoformat()})
+
+
+def status_response(ctx: RequestContext) -> flask.Response:
+    return json_response(ctx.service.status())

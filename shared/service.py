@@ -1,0 +1,294 @@
+"""What the three functions do, without HTTP: create, read, list, claim and cancel tasks.
+
+``functions/*/main.py`` parse the request, call one method here and render the result;
+the local dev server mounts the same functions, so the embedded and cloud paths share
+every line below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.auth import Principal
+from shared.dispatch import Dispatcher, make_dispatcher
+from shared.errors import ComfySwapError, Conflict, NotFound, ValidationFailed
+from shared.logs import get_logger, log_event
+from shared.safe_fetch import check_input_url
+from shared.settings import Settings
+from shared.store import TaskStore, make_task_store
+from shared.tasks import Task, TaskStatus
+from shared.workflows import ENVIRONMENTS, RAW_WORKFLOW, TEMPLATES, build_input_data, resolve_environment
+
+__all__ = ["CreateTaskRequest", "TaskService"]
+
+logger = get_logger(__name__)
+
+# Longest a runner's fetch may hold the request open waiting for work.
+MAX_FETCH_WAIT_S = 25.0
+
+
+class CreateTaskRequest(BaseModel):
+    """Body of POST /api/tasks/create (the seed's shape, plus optional additions)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    workflow: str | None = Field(None, min_length=1, max_length=128)
+    workflow_name: str | None = Field(None, min_length=1, max_length=128)
+    environment: str | None = Field("auto", max_length=64)
+    task_data: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(5, ge=0, le=10)
+    webhook_url: str | None = Field(None, max_length=2048)
+
+    @property
+    def workflow_id(self) -> str:
+        return self.workflow or self.workflow_name or "default"
+
+
+@dataclasses.dataclass
+class CreateResult:
+    task: Task
+    created: bool  # False when an Idempotency-Key replay returned the original task
+
+
+def _request_fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _pydantic_to_validation_failed(exc: ValidationError, prefix: str = "") -> ValidationFailed:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    field = f"{prefix}{location}" if location else prefix.rstrip(".") or "body"
+    reason = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        reason = "field required"
+    elif error["type"] == "extra_forbidden":
+        reason = "unknown field"
+    return ValidationFailed(field, reason)
+
+
+class TaskService:
+    def __init__(self, settings: Settings, store: TaskStore, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.store = store
+        self.dispatcher = dispatcher
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TaskService:
+        return cls(settings, make_task_store(settings), make_dispatcher(settings))
+
+    # --- create -----------------------------------------------------------------------
+    def parse_create(self, body: Any, *, face_swap_shortcut: bool = False) -> CreateTaskRequest:
+        if not isinstance(body, dict):
+            raise ValidationFailed("body", "must be a JSON object")
+        if face_swap_shortcut:
+            # POST /api/face-swap/create-task takes the face-swap fields at the top level.
+            extras = {key: body[key] for key in ("priority", "webhook_url") if key in body}
+            task_data = {key: value for key, value in body.items() if key not in extras}
+            body = {"workflow": "face_swap", "environment": "face_swap", "task_data": task_data, **extras}
+        try:
+            return CreateTaskRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _pydantic_to_validation_failed(exc) from None
+
+    def build_task(self, request: CreateTaskRequest, principal: Principal) -> Task:
+        workflow = request.workflow_id
+        if workflow == RAW_WORKFLOW or "wf_json" in request.task_data:
+            environment = resolve_environment(RAW_WORKFLOW, request.environment)
+        else:
+            if workflow not in TEMPLATES:
+                known = ", ".join([*TEMPLATES, RAW_WORKFLOW])
+                raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
+            environment = resolve_environment(workflow, request.environment)
+        input_data = build_input_data(workflow, request.task_data, allow_raw=principal.may_send_raw_workflows)
+        allow_loopback = self.settings.fetch_allow_loopback
+        for field in ("source_url", "target_url"):
+            if field in input_data:
+                check_input_url(input_data[field], field=f"task_data.{field}", allow_loopback=allow_loopback)
+        for image_input in input_data.get("image_inputs", []):
+            check_input_url(
+                image_input["url"], field=f"task_data.{image_input['param']}", allow_loopback=allow_loopback
+            )
+        if request.webhook_url:
+            check_input_url(request.webhook_url, field="webhook_url", allow_loopback=allow_loopback)
+            if request.webhook_url.startswith("data:"):
+                raise ValidationFailed("webhook_url", "must be an http(s) URL")
+        return Task(
+            workflow=workflow,
+            workflow_name=workflow,
+            environment=environment.name,
+            target_port=environment.target_port,
+            params={"input_data": input_data},
+            priority=request.priority,
+            max_attempts=self.settings.max_attempts,
+            owner=principal.owner,
+            webhook_url=request.webhook_url,
+        )
+
+    def create_task(
+        self,
+        body: Any,
+        *,
+        principal: Principal,
+        idempotency_key: str | None = None,
+        face_swap_shortcut: bool = False,
+    ) -> CreateResult:
+        """Validate, store, dispatch. A bad request raises before anything is written."""
+        request = self.parse_create(body, face_swap_shortcut=face_swap_shortcut)
+        task = self.build_task(request, principal)
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 255:
+                raise ValidationFailed("Idempotency-Key", "must be 1 to 255 characters")
+            task.idempotency_key = idempotency_key
+            task.request_fingerprint = _request_fingerprint(request.model_dump(mode="json"))
+            existing = self.store.find_by_idempotency_key(principal.owner, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, task)
+        try:
+            self.store.create(task)
+        except Conflict as exc:
+            if exc.code != "idempotency_key_reused":
+                raise
+            existing = self.store.get(exc.details["task_id"])
+            if existing is None:
+                raise
+            return self._replay(existing, task)
+        log_event(
+            logger,
+            "task_created",
+            task_id=task.taskId,
+            workflow=task.workflow,
+            environment=task.environment,
+            owner=task.owner,
+        )
+        self._dispatch(task)
+        return CreateResult(task, created=True)
+
+    def _replay(self, existing: Task, attempted: Task) -> CreateResult:
+        if existing.request_fingerprint != attempted.request_fingerprint:
+            raise Conflict(
+                "this Idempotency-Key was used with a different request body",
+                code="idempotency_key_reused",
+                details={"task_id": existing.taskId},
+            )
+        return CreateResult(existing, created=False)
+
+    def _dispatch(self, task: Task) -> None:
+        try:
+            self.dispatcher.dispatch(task)
+        except ComfySwapError as exc:
+            # The task is stored and PENDING; the re-dispatch sweep enqueues it again.
+            # The client still gets its task id: nothing is lost.
+            log_event(
+                logger, "dispatch_failed", task_id=task.taskId, code=exc.code, error=exc.message, level=40
+            )
+
+    # --- read -------------------------------------------------------------------------
+    def get_task(self, task_id: str, *, principal: Principal) -> Task:
+        task = self.store.get(task_id)
+        # Another tenant's task is "not found", not "forbidden": ids leak nothing.
+        if task is None or not principal.can_see(task.owner):
+            raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
+        return task
+
+    @staticmethod
+    def task_view(task: Task) -> dict[str, Any]:
+        """The seed's ``{task, status, result}`` shape."""
+        document = task.to_document()
+        document.pop("request_fingerprint", None)
+        return {
+            "task": document,
+            "status": task.status.value,
+            "result": document["output_data"] if task.status == TaskStatus.COMPLETED else None,
+            "error": document["error"],
+        }
+
+    def list_tasks(
+        self, *, principal: Principal, status: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
+        statuses = None
+        if status:
+            try:
+                statuses = [TaskStatus(value.strip().upper()) for value in status.split(",")]
+            except ValueError:
+                raise ValidationFailed(
+                    "status", f"unknown status; one of {[s.value for s in TaskStatus]}"
+                ) from None
+        if not 1 <= limit <= 500:
+            raise ValidationFailed("limit", "must be between 1 and 500")
+        owner = None if principal.is_admin else principal.owner
+        tasks = self.store.list_tasks(owner=owner, statuses=statuses, limit=limit)
+        stats = self.store.queue_stats(owner=owner)
+        return {
+            "tasks": [self.task_view(task)["task"] for task in tasks],
+            "queue_length": stats.queue_length,
+            "stats": stats.model_dump(),
+        }
+
+    def queue_status(self, *, principal: Principal) -> dict[str, Any]:
+        stats = self.store.queue_stats(owner=None if principal.is_admin else principal.owner)
+        return {"queue_length": stats.queue_length, **stats.model_dump()}
+
+    # --- runner pull ------------------------------------------------------------------
+    def fetch_for_runner(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        """Claim the next task, holding the request up to ``wait_s`` for one to arrive
+        (a long poll: a pulling runner learns of new work at once, without a sleep loop)."""
+        unknown = [name for name in environments if name not in ENVIRONMENTS]
+        if unknown:
+            raise ValidationFailed("environments", f"unknown environment(s) {unknown}")
+        if not worker_id or len(worker_id) > 128:
+            raise ValidationFailed("worker_id", "required, at most 128 characters")
+        deadline = time.monotonic() + max(0.0, min(wait_s, MAX_FETCH_WAIT_S))
+        while True:
+            self.store.reap_expired_leases()
+            task = self.store.claim_next(
+                worker_id=worker_id, environments=environments, lease_seconds=self.settings.lease_seconds
+            )
+            if task is not None:
+                log_event(
+                    logger,
+                    "task_claimed",
+                    task_id=task.taskId,
+                    worker_id=worker_id,
+                    attempt=task.attempts,
+                    queue_wait_s=task.timings.get("queue_wait_s"),
+                )
+                return task
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.store.wait_for_work(min(remaining, 1.0))
+
+    # --- cancel -----------------------------------------------------------------------
+    def cancel_task(self, task_id: str, *, principal: Principal) -> Task:
+        """PENDING ends at once; a running task ends CANCELLED here and its runner, which
+        loses the lease, interrupts the engine at its next check."""
+        self.get_task(task_id, principal=principal)
+        task = self.store.cancel(task_id)
+        log_event(logger, "task_finished", task_id=task_id, outcome="CANCELLED", code="cancelled")
+        return task
+
+    # --- health -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            stats = self.store.queue_stats()
+            store_status: dict[str, Any] = {
+                "status": "healthy",
+                "backend": self.settings.task_store,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+        except Exception as exc:
+            return {"api": "degraded", "store": {"status": "error", "error": str(exc)}, "queue_length": None}
+        return {
+            "api": "healthy",
+            "store": store_status,
+            "dispatch_mode": self.settings.dispatch_mode,
+            "queue_length": stats.queue_length,
+            "queue": stats.model_dump(),
+        }
