@@ -1,0 +1,323 @@
+"""Face swap over a video, streaming: decode a frame, swap, encode, forget it.
+
+* Memory stays flat whatever the length: nothing keeps frames; only the codecs' own
+  look-ahead buffers (x264 ``veryfast``: 10 frames) hold any.
+* Timing is the input's: every output frame takes its input frame's pts in the input
+  stream's time base, and the stream's average rate is kept, so the frame count, fps
+  and any variable frame rate survive.
+* Audio: AAC is copied packet for packet (no generation loss); any other codec is
+  decoded and re-encoded to AAC, which every MP4 player can play.
+* Output: H.264 (libx264, yuv420p, CRF 18), even dimensions, MP4 with ``+faststart``
+  (index first, so browsers can start playing before the download ends). It is written
+  to a ``.partial`` file and renamed when complete: a failed or cancelled swap never
+  leaves a half file at ``output_path``.
+* Landmarks are tracked (each face's crop comes from its landmarks in the last frame,
+  which is steadier than a fresh detection box) and smoothed with an adaptive
+  exponential moving average: strong when the face is still (kills jitter), weak when
+  it moves (no lag), and reset on a scene cut or a jump.
+* Frames where the selector finds no face pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import av.audio.stream
+import av.container
+import av.video.stream
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from .errors import NoFaceInTarget, SwapCancelled, UnreadableMedia
+from .resolution import OutputSize, fit_within, resize_to
+from .swapper import FaceSelector, FaceSwapper, SourceFace, select_faces
+
+__all__ = ["LandmarkSmoother", "VideoInfo", "swap_video"]
+
+FloatArray = npt.NDArray[np.float32]
+ByteImage = npt.NDArray[np.uint8]
+ProgressCallback = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+
+# Mean absolute change of a 32x18 grey thumbnail (0-255) above which a frame is a new shot.
+_SCENE_CUT_THRESHOLD = 40.0
+# Landmark motion (median point displacement / face width) above which a track restarts.
+_JUMP_FRACTION = 0.25
+# Adaptive EMA: weight of the new landmarks = clip(base + gain * motion, base, 1).
+_EMA_BASE_WEIGHT = 0.45
+_EMA_MOTION_GAIN = 12.0
+_X264_OPTIONS = {"crf": "18", "preset": "veryfast"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What swap_video wrote: size, timing, how many frames had a face swapped, audio handling."""
+
+    width: int
+    height: int
+    fps: Fraction
+    frame_count: int
+    frames_swapped: int
+    duration_s: float
+    audio: Literal["copied", "reencoded", "none"]
+
+
+@dataclasses.dataclass
+class _Track:
+    raw: FloatArray  # the landmark model's last points (the next crop is built from them)
+    smoothed: FloatArray  # what is drawn
+
+    @property
+    def centre(self) -> FloatArray:
+        centre: FloatArray = self.smoothed.mean(axis=0)
+        return centre
+
+    @property
+    def width(self) -> float:
+        return float(np.ptp(self.smoothed[:, 0])) + 1.0
+
+
+class LandmarkSmoother:
+    """Per-face landmark tracks across frames with adaptive EMA smoothing."""
+
+    def __init__(self) -> None:
+        self._tracks: list[_Track] = []
+
+    def reset(self) -> None:
+        self._tracks = []
+
+    def match(self, box: FloatArray) -> _Track | None:
+        """The track whose face centre lies inside ``box`` and nearest its centre, if any."""
+        box_centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], dtype=np.float32)
+        best: _Track | None = None
+        best_distance = math.inf
+        for track in self._tracks:
+            centre = track.centre
+            inside = box[0] <= centre[0] <= box[2] and box[1] <= centre[1] <= box[3]
+            distance = float(np.linalg.norm(centre - box_centre))
+            if inside and distance < best_distance:
+                best, best_distance = track, distance
+        return best
+
+    def update(self, track: _Track | None, points: FloatArray) -> _Track:
+        """Fold new landmarks into ``track`` (or start one) and return it."""
+        if track is None:
+            track = _Track(points, points.copy())
+            self._tracks.append(track)
+            return track
+        motion = float(np.median(np.linalg.norm(points - track.smoothed, axis=1))) / track.width
+        jumped = motion > _JUMP_FRACTION
+        weight = 1.0 if jumped else min(1.0, _EMA_BASE_WEIGHT + _EMA_MOTION_GAIN * motion)
+        track.smoothed = (weight * points + (1.0 - weight) * track.smoothed).astype(np.float32)
+        track.raw = points
+        return track
+
+    def keep_only(self, tracks: list[_Track]) -> None:
+        """Drop the tracks not seen in this frame (a face that left must start afresh)."""
+        self._tracks = [track for track in self._tracks if any(track is kept for kept in tracks)]
+
+
+def _thumbnail(frame: ByteImage) -> npt.NDArray[np.float32]:
+    grey = cv2.cvtColor(cv2.resize(frame, (32, 18), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
+    thumbnail: npt.NDArray[np.float32] = grey.astype(np.float32)
+    return thumbnail
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
+    for rate in (stream.average_rate, stream.base_rate, stream.guessed_rate):
+        if rate:
+            return Fraction(rate)
+    return Fraction(25)
+
+
+def _expected_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    if stream.frames:
+        return int(stream.frames)
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return 0
+    return max(0, round(seconds * float(_frame_rate(stream))))
+
+
+class _FrameSwapper:
+    """Swaps one decoded frame at a time, carrying the landmark tracks between frames."""
+
+    def __init__(self, swapper: FaceSwapper, source: SourceFace, face_selector: FaceSelector) -> None:
+        self._swapper = swapper
+        self._source = source
+        self._face_selector = face_selector
+        self._smoother = LandmarkSmoother()
+        self._previous_thumbnail: npt.NDArray[np.float32] | None = None
+
+    def swap(self, frame: ByteImage) -> bool:
+        """Swap in place; False when the selector found no face (the frame is left as is)."""
+        thumbnail = _thumbnail(frame)
+        previous = self._previous_thumbnail
+        if previous is not None and float(np.abs(thumbnail - previous).mean()) > _SCENE_CUT_THRESHOLD:
+            self._smoother.reset()
+        self._previous_thumbnail = thumbnail
+
+        detections = self._swapper.detect_boxes(frame, thorough=self._face_selector != "largest")
+        try:
+            selected = select_faces(detections, self._face_selector)
+        except NoFaceInTarget:
+            self._smoother.reset()
+            return False
+        seen = []
+        for detection in selected:
+            track = self._smoother.match(detection.box)
+            points = None if track is None else self._swapper.track_landmarks(frame, track.raw)
+            if points is None:
+                points = self._swapper.landmarks_for(frame, detection)
+            if points is None:
+                continue
+            track = self._smoother.update(track, points)
+            seen.append(track)
+        self._smoother.keep_only(seen)
+        for track in seen:
+            self._swapper.swap_onto(self._source, frame, track.smoothed)
+        return bool(seen)
+
+
+def swap_video(
+    swapper: FaceSwapper,
+    source: SourceFace,
+    target_path: Path,
+    output_path: Path,
+    *,
+    face_selector: FaceSelector = "largest",
+    output_size: OutputSize | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> VideoInfo:
+    """Swap ``source`` into every frame of ``target_path`` and write an H.264 MP4 to ``output_path``.
+
+    ``progress(frames_done, frames_expected)`` is called about every 1 % of the frames
+    and once at the end; ``should_stop()`` is checked before each frame and a True ends
+    the swap with SwapCancelled. Raises UnreadableMedia when the target has no video.
+    """
+    partial_path = output_path.with_name(output_path.name + ".partial")
+    try:
+        info = _swap_video_to(
+            swapper, source, target_path, partial_path, face_selector, output_size, progress, should_stop
+        )
+        os.replace(partial_path, output_path)
+    except BaseException:
+        partial_path.unlink(missing_ok=True)
+        raise
+    return info
+
+
+def _swap_video_to(
+    swapper: FaceSwapper,
+    source: SourceFace,
+    target_path: Path,
+    output_path: Path,
+    face_selector: FaceSelector,
+    output_size: OutputSize | None,
+    progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+) -> VideoInfo:
+    try:
+        input_container = av.open(str(target_path), mode="r")
+    except (av.FFmpegError, OSError) as exc:
+        raise UnreadableMedia(f"the target video cannot be opened: {exc}") from exc
+    with input_container:
+        if not input_container.streams.video:
+            raise UnreadableMedia("the target file has no video stream")
+        input_video = input_container.streams.video[0]
+        input_video.thread_type = "AUTO"
+        input_audio = input_container.streams.audio[0] if input_container.streams.audio else None
+        fps = _frame_rate(input_video)
+        size = fit_within(input_video.width, input_video.height, output_size, even=True)
+        expected_frames = _expected_frames(input_container, input_video)
+        frame_swapper = _FrameSwapper(swapper, source, face_selector)
+
+        with av.open(str(output_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as output:
+            output_video = output.add_stream("libx264", rate=fps, options=dict(_X264_OPTIONS))
+            output_video.width, output_video.height = size.width, size.height
+            output_video.pix_fmt = "yuv420p"
+            video_time_base = input_video.time_base or Fraction(1, 90_000)
+            output_video.codec_context.time_base = video_time_base
+            output_video.time_base = video_time_base
+
+            audio_mode: Literal["copied", "reencoded", "none"] = "none"
+            output_audio: av.audio.stream.AudioStream | None = None
+            if input_audio is not None:
+                if input_audio.codec_context.name == "aac":
+                    output_audio = output.add_stream_from_template(input_audio)
+                    audio_mode = "copied"
+                else:
+                    output_audio = output.add_stream("aac", rate=input_audio.rate or 48_000)
+                    # By channel count: a container may give an unordered layout ("1 channels") aac refuses.
+                    output_audio.layout = "mono" if input_audio.channels == 1 else "stereo"
+                    output_audio.format = "fltp"  # the only sample format of FFmpeg's aac encoder
+                    audio_mode = "reencoded"
+
+            streams = [input_video] if input_audio is None else [input_video, input_audio]
+            frames_done = frames_swapped = 0
+            last_reported = 0
+            next_pts = first_pts = last_pts = 0
+            for packet in input_container.demux(streams):
+                if packet.stream is input_audio and output_audio is not None:
+                    if audio_mode == "copied":
+                        if packet.dts is not None:
+                            packet.stream = output_audio
+                            output.mux(packet)
+                    else:
+                        for audio_frame in input_audio.decode(packet):
+                            output.mux(output_audio.encode(audio_frame))
+                    continue
+                for video_frame in input_video.decode(packet):
+                    if should_stop is not None and should_stop():
+                        raise SwapCancelled(details={"frames_done": frames_done})
+                    decoded = np.asarray(video_frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+                    image = np.ascontiguousarray(resize_to(decoded, size))
+                    if frame_swapper.swap(image):
+                        frames_swapped += 1
+                    # Keep the input's timestamps; invent them only when the input has none.
+                    pts = video_frame.pts if video_frame.pts is not None else next_pts
+                    if frames_done == 0:
+                        first_pts = pts
+                    else:
+                        pts = max(pts, last_pts + 1)
+                    out_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                    out_frame.pts = pts
+                    out_frame.time_base = video_time_base
+                    output.mux(output_video.encode(out_frame))
+                    last_pts = pts
+                    next_pts = pts + max(1, round(1 / (fps * video_time_base)))
+                    frames_done += 1
+                    if progress is not None and frames_done - last_reported >= max(1, expected_frames // 100):
+                        progress(frames_done, max(expected_frames, frames_done))
+                        last_reported = frames_done
+            output.mux(output_video.encode(None))
+            if output_audio is not None and audio_mode == "reencoded":
+                output.mux(output_audio.encode(None))
+
+    if frames_done == 0:
+        raise UnreadableMedia("the target video has no decodable frames")
+    if frames_swapped == 0:
+        raise NoFaceInTarget("no face was found in any frame of the target video")
+    if progress is not None:
+        progress(frames_done, frames_done)
+    return VideoInfo(
+        width=size.width,
+        height=size.height,
+        fps=fps,
+        frame_count=frames_done,
+        frames_swapped=frames_swapped,
+        duration_s=float((last_pts - first_pts) * video_time_base + 1 / fps),
+        audio=audio_mode,
+    )

@@ -1,0 +1,128 @@
+"""Piecewise-affine warp of the source face onto the target's landmarks.
+
+The source landmarks are triangulated once (Delaunay); the same vertex indices then
+describe a mesh over any target face. Warping triangle by triangle with
+``cv2.warpAffine`` costs one full-image pass per triangle (~900 of them), so instead
+every pixel of the target's face box gets its triangle's label from a raster of the
+target mesh, its source position from that triangle's affine (one batched matrix
+product) and the colour from a single ``cv2.remap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["FaceBox", "WarpedFace", "delaunay_triangles", "warp_face"]
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int32]
+
+
+def delaunay_triangles(points: FloatArray) -> IntArray:
+    """Delaunay triangles of ``points`` (N, 2) as (T, 3) vertex indices.
+
+    ``cv2.Subdiv2D`` returns vertex coordinates and adds three far-away virtual
+    vertices; triangles touching those are dropped and the rest are mapped back to
+    indices by nearest point.
+    """
+    low = np.floor(points.min(axis=0)) - 1
+    high = np.ceil(points.max(axis=0)) + 1
+    subdiv = cv2.Subdiv2D((int(low[0]), int(low[1]), int(high[0] - low[0]) + 1, int(high[1] - low[1]) + 1))
+    subdiv.insert([(float(x), float(y)) for x, y in points])
+    vertices = np.asarray(subdiv.getTriangleList(), dtype=np.float32).reshape(-1, 3, 2)
+    inside = ((vertices >= low) & (vertices <= high)).all(axis=(1, 2))
+    vertices = vertices[inside]
+    distances = np.linalg.norm(vertices.reshape(-1, 1, 2) - points[None, :, :], axis=2)
+    indices: IntArray = distances.argmin(axis=1).reshape(-1, 3).astype(np.int32)
+    distinct: npt.NDArray[np.bool_] = (
+        (indices[:, 0] != indices[:, 1]) & (indices[:, 1] != indices[:, 2]) & (indices[:, 0] != indices[:, 2])
+    )
+    return indices[distinct]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceBox:
+    """An axis-aligned box of whole pixels: columns [x0, x1), rows [y0, y1)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @classmethod
+    def around(cls, points: FloatArray, image_shape: tuple[int, ...], margin: int) -> FaceBox:
+        """The points' bounding box grown by ``margin`` and clipped to the image."""
+        height, width = image_shape[:2]
+        x0 = max(0, int(np.floor(points[:, 0].min())) - margin)
+        y0 = max(0, int(np.floor(points[:, 1].min())) - margin)
+        x1 = min(width, int(np.ceil(points[:, 0].max())) + margin + 1)
+        y1 = min(height, int(np.ceil(points[:, 1].max())) + margin + 1)
+        return cls(x0, y0, max(x0, x1), max(y0, y1))
+
+
+@dataclasses.dataclass(frozen=True)
+class WarpedFace:
+    """The source face drawn in the target's geometry, inside ``box`` of the target."""
+
+    box: FaceBox
+    pixels: npt.NDArray[np.uint8]  # (box.height, box.width, 3) BGR
+    covered: npt.NDArray[np.bool_]  # pixels that fall inside some mesh triangle
+
+
+def _affines_target_to_source(
+    source_points: FloatArray, target_points: FloatArray, triangles: IntArray
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Per triangle, the 2x3 affine taking target pixels to source pixels; and which triangles
+    are usable (a target triangle folded flat has no inverse)."""
+    target_tri = target_points[triangles].astype(np.float64)  # (T, 3, 2)
+    source_tri = source_points[triangles].astype(np.float64)
+    homogeneous = np.concatenate([target_tri, np.ones((len(triangles), 3, 1))], axis=2)  # (T, 3, 3)
+    determinant = np.linalg.det(homogeneous)
+    usable: npt.NDArray[np.bool_] = np.abs(determinant) > 1e-6
+    safe = np.where(usable[:, None, None], homogeneous, np.eye(3)[None])
+    # Rows of homogeneous are [x, y, 1] per vertex: solve H @ A^T = S for A (2x3).
+    affines = np.asarray(np.linalg.solve(safe, source_tri), dtype=np.float64).transpose(0, 2, 1)  # (T, 2, 3)
+    return affines, usable
+
+
+def warp_face(
+    source_image: npt.NDArray[np.uint8],
+    source_points: FloatArray,
+    triangles: IntArray,
+    target_points: FloatArray,
+    target_shape: tuple[int, ...],
+    margin: int = 2,
+) -> WarpedFace:
+    """Warp the source face onto ``target_points`` within the target's face box."""
+    box = FaceBox.around(target_points, target_shape, margin)
+    affines, usable = _affines_target_to_source(source_points, target_points, triangles)
+
+    labels = np.full((box.height, box.width), -1, dtype=np.int32)
+    local = np.round((target_points - [box.x0, box.y0]) * 16).astype(np.int32)
+    for index in np.flatnonzero(usable):
+        # shift=4: sub-pixel vertices, so neighbouring triangles meet without gaps.
+        cv2.fillConvexPoly(labels, local[triangles[index]], int(index), lineType=cv2.LINE_8, shift=4)
+
+    covered = labels >= 0
+    rows, cols = np.nonzero(covered)
+    chosen = affines[labels[rows, cols]]  # (K, 2, 3)
+    xs = cols.astype(np.float64) + box.x0
+    ys = rows.astype(np.float64) + box.y0
+    map_x = np.full(labels.shape, -1.0, dtype=np.float32)
+    map_y = np.full(labels.shape, -1.0, dtype=np.float32)
+    map_x[rows, cols] = chosen[:, 0, 0] * xs + chosen[:, 0, 1] * ys + chosen[:, 0, 2]
+    map_y[rows, cols] = chosen[:, 1, 0] * xs + chosen[:, 1, 1] * ys + chosen[:, 1, 2]
+    pixels = cv2.remap(source_image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return WarpedFace(box, np.asarray(pixels, dtype=np.uint8), covered)
