@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from shared.errors import ValidationFailed
+
 from .blend import blend_face
 from .detection import FULL_RANGE, SHORT_RANGE, BlazeFaceDetector, Detection
 from .errors import ModelsMissing, NoFaceInSource, NoFaceInTarget
@@ -85,7 +87,9 @@ def select_faces(faces: list[_Selectable], face_selector: FaceSelector) -> list[
             f"face {face_selector} was requested but the target has {len(faces)} face(s) (0 is the largest)",
             details={"face_selector": face_selector, "faces_found": len(faces)},
         )
-    raise ValueError(f"face_selector must be 'largest', 'all' or a face index, not {face_selector!r}")
+    raise ValidationFailed(
+        "face_selector", f"expected 'largest', 'all' or a face index (0 = largest), not {face_selector!r}"
+    )
 
 
 class FaceSwapper:

@@ -15,7 +15,8 @@
   which is steadier than a fresh detection box) and smoothed with an adaptive
   exponential moving average: strong when the face is still (kills jitter), weak when
   it moves (no lag), and reset on a scene cut or a jump.
-* Frames where the selector finds no face pass through unchanged.
+* Frames where the selector finds no face pass through unchanged; a video with no face
+  in any frame is a NoFaceInTarget (an unchanged copy is not what the user asked for).
 """
 
 from __future__ import annotations
@@ -59,15 +60,26 @@ _X264_OPTIONS = {"crf": "18", "preset": "veryfast"}
 
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-    """What swap_video wrote: size, timing, how many frames had a face swapped, audio handling."""
+    """What swap_video wrote: size, timing, how many frames had a face swapped, audio handling.
+
+    ``fps`` is rounded for JSON and display; ``frame_rate`` is the exact rate of the stream.
+    """
 
     width: int
     height: int
-    fps: Fraction
-    frame_count: int
+    frame_rate: Fraction
+    frames: int
     frames_swapped: int
-    duration_s: float
+    duration: float  # seconds, first frame's start to last frame's end
     audio: Literal["copied", "reencoded", "none"]
+
+    @property
+    def fps(self) -> float:
+        return round(float(self.frame_rate), 3)
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio != "none"
 
 
 @dataclasses.dataclass
@@ -205,7 +217,8 @@ def swap_video(
 
     ``progress(frames_done, frames_expected)`` is called about every 1 % of the frames
     and once at the end; ``should_stop()`` is checked before each frame and a True ends
-    the swap with SwapCancelled. Raises UnreadableMedia when the target has no video.
+    the swap with SwapCancelled. Raises UnreadableMedia when the target has no video and
+    NoFaceInTarget when no frame has a face.
     """
     partial_path = output_path.with_name(output_path.name + ".partial")
     try:
@@ -315,9 +328,9 @@ def _swap_video_to(
     return VideoInfo(
         width=size.width,
         height=size.height,
-        fps=fps,
-        frame_count=frames_done,
+        frame_rate=fps,
+        frames=frames_done,
         frames_swapped=frames_swapped,
-        duration_s=float((last_pts - first_pts) * video_time_base + 1 / fps),
+        duration=float((last_pts - first_pts) * video_time_base + 1 / fps),
         audio=audio_mode,
     )
