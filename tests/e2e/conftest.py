@@ -1,0 +1,106 @@
+"""The embedded stack as a user runs it: the dev server and the runner as subprocesses."""
+
+from __future__ import annotations
+
+import http.server
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import ServerProcess, free_port, start_server
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+
+
+class Stack:
+    def __init__(self, api: ServerProcess, runner: ServerProcess, data_dir: Path) -> None:
+        self.api = api
+        self.runner = runner
+        self.data_dir = data_dir
+        self.client = httpx.Client(base_url=api.url, timeout=30.0)
+
+    def create(self, body: dict[str, Any]) -> httpx.Response:
+        return self.client.post("/api/tasks/create", json=body)
+
+    def wait(self, task_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            view: dict[str, Any] = self.client.get(f"/api/tasks/{task_id}").json()
+            if view["status"] in TERMINAL:
+                return view
+            time.sleep(0.05)
+        raise TimeoutError(f"{task_id} not finished after {timeout_s}s: {view}\n{self.runner.log()[-3000:]}")
+
+
+def start_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
+    api_port, runner_port = free_port(), free_port()
+    env = {
+        "DATA_DIR": str(tmp / "data"),
+        "API_PORT": str(api_port),
+        "RUNNER_PORT": str(runner_port),
+        "TASK_API_URL": f"http://127.0.0.1:{api_port}/api",
+        "FETCH_ALLOW_LOOPBACK": "true",
+        "MAX_ATTEMPTS": "2",
+        "LOG_LEVEL": "INFO",
+        **(extra_env or {}),
+    }
+    api = start_server(
+        "api", [sys.executable, "-m", "comfyswap.cli", "api"], url=f"http://127.0.0.1:{api_port}",
+        log_dir=tmp / "logs", env=env, health_path="/api/health", timeout_s=60,
+    )
+    try:
+        runner = start_server(
+            "runner", [sys.executable, "-m", "gpu_runner"], url=f"http://127.0.0.1:{runner_port}",
+            log_dir=tmp / "logs", env=env, health_path="/api/health", timeout_s=90,
+        )
+    except BaseException:
+        api.stop()
+        raise
+    return Stack(api, runner, tmp / "data")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("stack"))
+    yield running
+    running.client.close()
+    running.runner.stop()
+    running.api.stop()
+
+
+class _MediaHandler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, tuple[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        entry = self.files.get(self.path)
+        if entry is None:
+            self.send_error(404)
+            return
+        content_type, body = entry
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def media_server() -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+    """A real HTTP server on 127.0.0.1 serving whatever the test puts in its dict."""
+    files: dict[str, tuple[str, bytes]] = {}
+    handler = type("Handler", (_MediaHandler,), {"files": files})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
+    server.shutdown()
+    server.server_close()
