@@ -7,7 +7,9 @@ buckets, never by resetting a server. A missing binary skips its tests with the 
 
 from __future__ import annotations
 
+import hashlib
 import http.server
+import io
 import json
 import shutil
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from shared.settings import Settings
 from tests.fakes.cf_images_fake import CloudflareImagesFake
@@ -183,3 +186,13 @@ def new_r2_bucket(moto_s3: ServerProcess) -> str:
 def storage_settings(**overrides: object) -> Settings:
     """Settings for one test, built with kwargs (what the test depends on is named)."""
     return Settings(**overrides)  # type: ignore[arg-type]  # kwargs checked by pydantic at run time
+
+
+def png_file(directory: Path, *, seed: int) -> tuple[Path, bytes]:
+    """A small real PNG; different seeds give different bytes (to tell versions apart)."""
+    image = Image.frombytes("RGB", (32, 32), hashlib.sha256(str(seed).encode()).digest() * 96)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = directory / f"result-{seed}.png"
+    path.write_bytes(buffer.getvalue())
+    return path, buffer.getvalue()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import uuid
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from shared.storage import StorageProvider, make_provider, result_key
 from tests.storage.conftest import (
@@ -26,6 +24,7 @@ from tests.storage.conftest import (
     R2_SECRET_KEY,
     new_gcs_bucket,
     new_r2_bucket,
+    png_file,
     s3_admin_client,
     storage_settings,
 )
@@ -114,16 +113,6 @@ def _under(root: Path, path: Path, prefix: str) -> bool:
 @pytest.fixture(params=ALL_PROVIDERS)
 def backend(request: pytest.FixtureRequest) -> Backend:
     return build_backend(request.param, request)
-
-
-def png_file(directory: Path, *, seed: int) -> tuple[Path, bytes]:
-    """A small real PNG; different seeds give different bytes (to tell versions apart)."""
-    image = Image.frombytes("RGB", (32, 32), hashlib.sha256(str(seed).encode()).digest() * 96)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path = directory / f"result-{seed}.png"
-    path.write_bytes(buffer.getvalue())
-    return path, buffer.getvalue()
 
 
 def new_key(content_type: str = "image/png") -> str:
