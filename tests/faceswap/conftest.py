@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -75,9 +74,8 @@ class IdentityOracle:
 
         # Located without importing the package: its __init__ imports pkg_resources.
         spec = importlib.util.find_spec("face_recognition_models")
-        assert spec is not None and spec.submodule_search_locations, (
-            "face_recognition_models is not installed"
-        )
+        assert spec is not None, "face_recognition_models is not installed"
+        assert spec.submodule_search_locations
         models = Path(next(iter(spec.submodule_search_locations))) / "models"
         self._detector = dlib.get_frontal_face_detector()
         self._shape_predictor = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
@@ -98,5 +96,5 @@ class IdentityOracle:
 
 
 @pytest.fixture(scope="session")
-def identity() -> Iterator[IdentityOracle]:
-    yield IdentityOracle()
+def identity() -> IdentityOracle:
+    return IdentityOracle()

@@ -16,6 +16,7 @@ import cv2
 import matplotlib
 import numpy as np
 import numpy.typing as npt
+from av.audio.stream import AudioStream
 from skimage import data as skimage_data
 
 ByteImage = npt.NDArray[np.uint8]
@@ -69,8 +70,10 @@ def write_clip(
         video = container.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "ultrafast"})
         video.width = video.height = size
         video.pix_fmt = "yuv420p"
-        audio = container.add_stream(audio_codec, rate=audio_rate) if audio_codec else None
-        if audio is not None:
+        audio = None
+        if audio_codec is not None:
+            audio = container.add_stream(audio_codec, rate=audio_rate)
+            assert isinstance(audio, AudioStream)
             audio.layout = "mono"
         for index in range(frame_count):
             image = (

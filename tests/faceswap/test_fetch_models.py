@@ -21,7 +21,8 @@ from .conftest import REPO_ROOT
 def _load_fetch_models() -> ModuleType:
     # scripts/ is not a package: load the file as a module (registered, for its dataclasses).
     spec = importlib.util.spec_from_file_location("fetch_models", REPO_ROOT / "scripts" / "fetch_models.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("fetch_models", module)
     spec.loader.exec_module(module)
