@@ -1,0 +1,179 @@
+# Service accounts, one per role, and least-privilege grants: no primitive roles, no
+# public members, resource-level bindings wherever the resource allows one.
+
+# --- service accounts ------------------------------------------------------------------
+
+resource "google_service_account" "build" {
+  project      = var.project_id
+  account_id   = "${var.prefix}-build"
+  display_name = "ComfySwap function builds (Cloud Build)"
+}
+
+resource "google_service_account" "function" {
+  for_each     = local.functions
+  project      = var.project_id
+  account_id   = "${var.prefix}-${replace(each.key, "_", "-")}"
+  display_name = "ComfySwap function ${each.key}"
+}
+
+resource "google_service_account" "gateway" {
+  project      = var.project_id
+  account_id   = "${var.prefix}-gateway"
+  display_name = "ComfySwap API Gateway backend caller"
+}
+
+resource "google_service_account" "runner" {
+  project      = var.project_id
+  account_id   = "${var.prefix}-runner"
+  display_name = "ComfySwap GPU runner"
+}
+
+resource "google_service_account" "scheduler" {
+  project      = var.project_id
+  account_id   = "${var.prefix}-scheduler"
+  display_name = "ComfySwap lease reaper schedule"
+}
+
+# Identity whose OIDC token Cloud Tasks attaches to pushes (CLOUD_TASKS_INVOKER_EMAIL).
+resource "google_service_account" "tasks_invoker" {
+  count        = local.push_mode ? 1 : 0
+  project      = var.project_id
+  account_id   = "${var.prefix}-tasks-invoker"
+  display_name = "ComfySwap Cloud Tasks push identity"
+}
+
+# --- builds ----------------------------------------------------------------------------
+
+# The minimal set for a custom function build account (instead of the broader
+# roles/cloudbuild.builds.builder): write build logs, push the built image to the
+# gcf-artifacts repository (created by Cloud Functions, hence project level), read the zip.
+resource "google_project_iam_member" "build" {
+  for_each = toset(["roles/artifactregistry.writer", "roles/logging.logWriter"])
+  project  = var.project_id
+  role     = each.key
+  member   = google_service_account.build.member
+}
+
+resource "google_storage_bucket_iam_member" "build_sources" {
+  bucket = google_storage_bucket.sources.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.build.member
+}
+
+# --- functions -------------------------------------------------------------------------
+
+resource "google_project_iam_member" "function_datastore" {
+  for_each = local.functions
+  project  = var.project_id
+  role     = "roles/datastore.user"
+  member   = google_service_account.function[each.key].member
+}
+
+resource "google_cloud_tasks_queue_iam_member" "function_enqueuer" {
+  for_each = local.push_mode ? local.dispatching_functions : toset([])
+  project  = var.project_id
+  location = google_cloud_tasks_queue.runner.location
+  name     = google_cloud_tasks_queue.runner.name
+  role     = "roles/cloudtasks.enqueuer"
+  member   = google_service_account.function[each.key].member
+}
+
+# Enqueuing a task with an OIDC token for the invoker requires actAs on it.
+resource "google_service_account_iam_member" "function_acts_as_invoker" {
+  for_each           = local.push_mode ? local.dispatching_functions : toset([])
+  service_account_id = google_service_account.tasks_invoker[0].name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.function[each.key].member
+}
+
+resource "google_secret_manager_secret_iam_member" "function" {
+  for_each = {
+    for pair in setproduct(keys(local.functions), [for id, secret in local.secrets : id if secret.functions]) :
+    "${pair[0]}/${pair[1]}" => { function = pair[0], secret = pair[1] }
+  }
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.secret[each.value.secret].secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.function[each.value.function].member
+}
+
+# The gateway calls the functions' Cloud Run services with its own ID token.
+resource "google_cloud_run_v2_service_iam_member" "gateway_functions" {
+  for_each = local.functions
+  project  = var.project_id
+  location = var.region
+  name     = google_cloudfunctions2_function.api[each.key].name
+  role     = "roles/run.invoker"
+  member   = google_service_account.gateway.member
+}
+
+# --- runner ----------------------------------------------------------------------------
+
+resource "google_project_iam_member" "runner" {
+  for_each = toset(concat(
+    ["roles/datastore.user", "roles/logging.logWriter", "roles/monitoring.metricWriter"],
+    # The VM pulls its image itself (Cloud Run's service agent pulls for the service).
+    var.runner_mode == "vm" ? ["roles/artifactregistry.reader"] : [],
+  ))
+  project = var.project_id
+  role    = each.key
+  member  = google_service_account.runner.member
+}
+
+resource "google_storage_bucket_iam_member" "runner_results" {
+  bucket = google_storage_bucket.results.name
+  role   = "roles/storage.objectAdmin"
+  member = google_service_account.runner.member
+}
+
+resource "google_storage_bucket_iam_member" "runner_models" {
+  bucket = local.models_bucket
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.runner.member
+}
+
+resource "google_secret_manager_secret_iam_member" "runner" {
+  for_each  = { for id, secret in local.secrets : id => secret if secret.runner }
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.secret[each.key].secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.runner.member
+}
+
+# The runner signs as itself through IAM (no key file): signBlob for signed result URLs,
+# signJwt for the token a pull-mode runner presents to the gateway's fetch route.
+resource "google_service_account_iam_member" "runner_signs" {
+  count              = var.public_results && local.push_mode ? 0 : 1
+  service_account_id = google_service_account.runner.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = google_service_account.runner.member
+}
+
+resource "google_cloud_run_v2_service_iam_member" "runner_invokers" {
+  for_each = local.push_mode ? {
+    gateway       = google_service_account.gateway.member
+    tasks_invoker = google_service_account.tasks_invoker[0].member
+  } : {}
+  project  = var.project_id
+  location = var.region
+  name     = google_cloud_run_v2_service.runner[0].name
+  role     = "roles/run.invoker"
+  member   = each.value
+}
+
+# --- lease reaper schedule -------------------------------------------------------------
+
+resource "google_cloud_run_v2_service_iam_member" "scheduler_reaper" {
+  project  = var.project_id
+  location = var.region
+  name     = local.reaper_service_name
+  role     = "roles/run.invoker"
+  member   = google_service_account.scheduler.member
+
+  lifecycle {
+    precondition {
+      condition     = local.reaper_service_name != ""
+      error_message = "reaper.target = \"runner\" needs runner_mode = \"cloud_run\"; in vm mode point it at a function."
+    }
+  }
+}

@@ -1,0 +1,140 @@
+# Locals only; resources live in files named by what they hold.
+
+locals {
+  # The three HTTPS functions, by the folder name under functions/ (the entry point is
+  # the function of the same name in its main.py).
+  functions = {
+    create_task = { description = "Validate, store and dispatch a task." }
+    fetch_task  = { description = "Runner pull: claim the next task with a lease." }
+    get_task    = { description = "Read tasks, lists, queue stats and health." }
+  }
+
+  # Functions that enqueue Cloud Tasks (dispatch, and re-dispatch by the reaper).
+  dispatching_functions = toset(compact([
+    "create_task",
+    contains(keys(local.functions), var.reaper.target) ? var.reaper.target : "",
+  ]))
+
+  push_mode       = var.runner_mode == "cloud_run"
+  runner_capacity = var.engine_slots * var.runner_max_instances
+  runner_port     = 8080
+  runner_name     = "${var.prefix}-runner"
+  # Cloud Run's deterministic URL (https://SERVICE-PROJECT_NUMBER.REGION.run.app): known
+  # before the service exists, so the runner can be told its own OIDC audience.
+  runner_url = local.push_mode ? "https://${local.runner_name}-${data.google_project.project.number}.${var.region}.run.app" : ""
+
+  gateway_region = coalesce(var.gateway.region, var.region)
+  gateway_url    = "https://${google_api_gateway_gateway.api.default_hostname}"
+  # Audience of the ID tokens a pull-mode runner sends to GET /api/comm/task/fetch.
+  runner_pull_audience = "${var.prefix}-runner-pull"
+
+  models_bucket = coalesce(var.models_bucket, google_storage_bucket.models[0].name)
+
+  storage_providers = distinct(concat([var.storage_provider], var.storage_fallback))
+
+  # Secret Manager secrets: the env name each is mounted as and who reads it.
+  secrets = {
+    "api-key-pepper"         = { env = "API_KEY_PEPPER", functions = true, runner = false }
+    "cf-images-api-token"    = { env = "CF_IMAGES_API_TOKEN", functions = false, runner = true }
+    "r2-access-key"          = { env = "R2_ACCESS_KEY", functions = false, runner = true }
+    "r2-secret-key"          = { env = "R2_SECRET_KEY", functions = false, runner = true }
+    "webhook-signing-secret" = { env = "WEBHOOK_SIGNING_SECRET", functions = true, runner = true }
+  }
+  # A secret is mounted only once it has a version, else the deploy fails on "latest".
+  secrets_with_version = setunion(nonsensitive(toset(keys(var.secret_values))), toset(var.secrets_out_of_band))
+  function_secret_env  = { for id, secret in local.secrets : secret.env => id if secret.functions && contains(local.secrets_with_version, id) }
+  runner_secret_env    = { for id, secret in local.secrets : secret.env => id if secret.runner && contains(local.secrets_with_version, id) }
+
+  # Settings read by both the functions and the runner (names: shared/settings.py).
+  common_env = {
+    APP_ENV                   = var.app_env
+    CF_IMAGES_ACCOUNT_ID      = var.cf_images.account_id
+    CF_IMAGES_DELIVERY_DOMAIN = var.cf_images.delivery_domain
+    CLOUD_TASKS_INVOKER_EMAIL = local.push_mode ? google_service_account.tasks_invoker[0].email : ""
+    CLOUD_TASKS_LOCATION      = var.region
+    CLOUD_TASKS_QUEUE         = google_cloud_tasks_queue.runner.name
+    DISPATCH_MODE             = local.push_mode ? "push" : "pull"
+    FIRESTORE_COLLECTION      = var.firestore.collection
+    FIRESTORE_DATABASE        = google_firestore_database.tasks.name
+    GCS_BUCKET_NAME           = google_storage_bucket.results.name
+    GCS_BUCKET_REGION         = google_storage_bucket.results.location
+    GOOGLE_CLOUD_PROJECT      = var.project_id
+    LEASE_SECONDS             = tostring(var.task_limits.lease_seconds)
+    LOG_LEVEL                 = var.log_level
+    MAX_ATTEMPTS              = tostring(var.task_limits.max_attempts)
+    R2_ACCOUNT_ID             = var.r2.account_id
+    R2_BUCKET_NAME            = var.r2.bucket_name
+    R2_PUBLIC_DOMAIN          = var.r2.public_domain
+    RUNNER_OIDC_AUDIENCE      = local.runner_url
+    RUNNER_URL                = local.runner_url
+    SIGNED_URLS               = var.public_results ? "false" : "true"
+    STORAGE_FALLBACK          = join(",", var.storage_fallback)
+    STORAGE_PROVIDER          = var.storage_provider
+    TASK_STORE                = "firestore"
+  }
+
+  function_env = merge(local.common_env, {
+    CLOUD_TASKS_DISPATCH_DEADLINE_S = "1800"
+  })
+
+  runner_env = merge(local.common_env, {
+    COMFYUI_CLIENT_ID     = var.comfyui.client_id
+    COMFYUI_URL           = var.comfyui.enabled ? var.comfyui.url : ""
+    DATA_DIR              = "/tmp/comfyswap"
+    ENGINE_SLOTS          = tostring(var.engine_slots)
+    FACE_SWAP_API_URL     = var.face_swap.api_url
+    FACE_SWAP_ENGINE      = var.face_swap.engine
+    FACE_SWAP_RETRY_COUNT = tostring(var.face_swap.retry_count)
+    FACE_SWAP_TIMEOUT     = tostring(var.face_swap.timeout_s)
+    RUNNER_ENVIRONMENTS   = var.comfyui.enabled ? "face_swap,comm" : "face_swap"
+    RUNNER_HOST           = "0.0.0.0"
+    RUNNER_PORT           = tostring(local.runner_port)
+    TASK_TIMEOUT_S        = tostring(var.task_limits.timeout_s)
+  })
+
+  # Pull mode on a VM: the runner claims tasks through the gateway (the Cloud Run
+  # runner must not read the gateway's URL: the gateway's config depends on the runner).
+  vm_runner_env = merge(local.runner_env, {
+    # Audience of the ID token the runner sends to fetch_task through the gateway.
+    TASK_API_AUDIENCE = local.runner_pull_audience
+    TASK_API_URL      = "${local.gateway_url}/api"
+  })
+
+  # Firestore composite indexes: infra/firestore_indexes.json (written from
+  # shared/store/firestore.py REQUIRED_INDEXES) when present, else the same list here.
+  firestore_indexes_file = "${path.module}/../firestore_indexes.json"
+  firestore_indexes_fallback = [
+    [["status", "ASCENDING"], ["environment", "ASCENDING"], ["priority", "DESCENDING"], ["available_at", "ASCENDING"]],
+    [["status", "ASCENDING"], ["available_at", "ASCENDING"]],
+    [["status", "ASCENDING"], ["lease_expires_at", "ASCENDING"]],
+    [["owner", "ASCENDING"], ["created_at", "DESCENDING"]],
+    [["status", "ASCENDING"], ["created_at", "DESCENDING"]],
+    [["owner", "ASCENDING"], ["status", "ASCENDING"], ["created_at", "DESCENDING"]],
+    [["status", "ASCENDING"], ["created_at", "ASCENDING"]],
+    [["owner", "ASCENDING"], ["status", "ASCENDING"], ["created_at", "ASCENDING"]],
+  ]
+  firestore_index_list = fileexists(local.firestore_indexes_file) ? [
+    for index in jsondecode(file(local.firestore_indexes_file)).indexes : {
+      collection = index.collectionGroup == "tasks" ? var.firestore.collection : index.collectionGroup
+      fields     = [for field in index.fields : [field.fieldPath, field.order]]
+    }
+    ] : [
+    for fields in local.firestore_indexes_fallback : { collection = var.firestore.collection, fields = fields }
+  ]
+  # Keyed by the field list so adding an index never re-creates the others.
+  firestore_indexes = {
+    for index in local.firestore_index_list :
+    "${index.collection}:${join(",", [for field in index.fields : "${field[0]}-${lower(field[1])}"])}" => index
+  }
+
+  # Public routes and their backend (functions by name, or the runner); the OpenAPI
+  # template is rendered from this map, and tests/infra checks the two agree.
+  # In vm mode no runner is reachable from the gateway: the runner's routes then go to
+  # get_task, which answers those it knows (queue status) and 404s the rest.
+  gateway_backends = merge(
+    { for name, function in google_cloudfunctions2_function.api : name => function.service_config[0].uri },
+    { runner = local.push_mode ? google_cloud_run_v2_service.runner[0].uri : google_cloudfunctions2_function.api["get_task"].service_config[0].uri },
+  )
+
+  labels = merge(var.labels, { app = "comfyswap", prefix = var.prefix })
+}
