@@ -221,7 +221,17 @@ class GCSStorage(StorageProvider):
     def _wrap(self, exc: Exception, key: str | None) -> ComfySwapError:
         """Map library exceptions onto the service's tree, keeping the upstream status and body."""
         from google.api_core import exceptions as api_exceptions
+        from google.auth import exceptions as auth_exceptions
 
+        if isinstance(exc, auth_exceptions.DefaultCredentialsError):
+            # No credentials on this machine: a deployment problem a retry cannot fix.
+            return upstream_error(
+                self.name,
+                f"no Google credentials: {exc}",
+                key=key,
+                code="storage_not_configured",
+                retryable=False,
+            )
         if isinstance(exc, api_exceptions.GoogleAPICallError):
             status = int(exc.code) if exc.code is not None else None
             body = getattr(exc.response, "text", None) or exc.message

@@ -1,7 +1,8 @@
-"""Result URL forms that need no server: public hosts, public domains, how GCS signs."""
+"""What needs no server: result URL forms, how GCS signs, configuration errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -83,3 +84,15 @@ def test_r2_signed_urls_win_over_the_public_domain() -> None:
 
     assert url.startswith("https://abc123.r2.cloudflarestorage.com/results/results/t/000.png?")
     assert "X-Amz-Expires=600" in url
+
+
+def test_gcs_missing_key_file_is_a_configuration_error(tmp_path: Path) -> None:
+    provider = GCSStorage("results-bucket", credentials_file=str(tmp_path / "missing.json"))
+    result = tmp_path / "000.png"
+    result.write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    with pytest.raises(UpstreamUnavailable) as caught:
+        provider.upload_file(result, "results/t/000.png", "image/png")
+
+    assert caught.value.code == "storage_not_configured"
+    assert caught.value.retryable is False
