@@ -1,0 +1,431 @@
+"""The cloud task store: one Firestore document per task, every change in a transaction.
+
+Document id = ``taskId``; the document is ``Task.to_document()`` with the fields the
+queue queries (``created_at``, ``available_at``, ``updated_at``, ``started_at``,
+``finished_at`` and a top-level ``lease_expires_at``) stored as native Firestore
+timestamps, so range filters and ordering compare instants, not strings. ``status``,
+``environment``, ``priority``, ``owner`` and ``idempotency_key`` are top-level already.
+
+Why transactions everywhere: a Firestore transaction (server client libraries) locks
+what it reads and commits all or nothing; two transactions that touch the same document
+are serialised (one is aborted and retried by ``@firestore.transactional``). That is the
+compare-and-set the life cycle in :mod:`shared.store.base` relies on, and what makes two
+concurrent ``claim_next`` calls never lease the same task.
+
+Idempotency keys are unique per (owner, key) through a second collection,
+``<collection>_idempotency_keys/{sha256(owner, key)}``, created in the same atomic
+batch as the task: the second create of a key fails as a whole.
+
+Every query here is served by an index: single-field indexes (automatic) or the
+composite indexes in :data:`REQUIRED_INDEXES`, which ``infra/firestore_indexes.json``
+mirrors for Terraform. No method scans the collection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+from google.cloud.firestore_v1.field_path import FieldPath
+
+from shared.errors import Conflict, NotFound, TransientError
+from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["REQUIRED_INDEXES", "FirestoreTaskStore", "IndexSpec", "indexes_as_json"]
+
+_T = TypeVar("_T")
+
+Order = Literal["ASCENDING", "DESCENDING"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """One composite index: the collection id and its (field, order) list, in order."""
+
+    collection: str
+    fields: tuple[tuple[str, Order], ...]
+
+
+# The composite indexes the queries below need (the emulator does not enforce indexes,
+# production does: a missing one fails the query with FAILED_PRECONDITION). Terraform's
+# google_firestore_index resources and infra/firestore_indexes.json must match this.
+REQUIRED_INDEXES: tuple[IndexSpec, ...] = (
+    # claim_next: status == PENDING, environment in [...], order by priority desc, available_at.
+    IndexSpec(
+        "tasks",
+        (
+            ("status", "ASCENDING"),
+            ("environment", "ASCENDING"),
+            ("priority", "DESCENDING"),
+            ("available_at", "ASCENDING"),
+        ),
+    ),
+    # wait_for_work: status == PENDING order by available_at.
+    IndexSpec("tasks", (("status", "ASCENDING"), ("available_at", "ASCENDING"))),
+    # expired_lease_ids: status in [FETCHED, PROCESSING], lease_expires_at < now.
+    IndexSpec("tasks", (("status", "ASCENDING"), ("lease_expires_at", "ASCENDING"))),
+    # list_tasks (newest first) by owner, by status, by both.
+    IndexSpec("tasks", (("owner", "ASCENDING"), ("created_at", "DESCENDING"))),
+    IndexSpec("tasks", (("status", "ASCENDING"), ("created_at", "DESCENDING"))),
+    IndexSpec("tasks", (("owner", "ASCENDING"), ("status", "ASCENDING"), ("created_at", "DESCENDING"))),
+    # queue_stats: the oldest PENDING task, overall and per owner.
+    IndexSpec("tasks", (("status", "ASCENDING"), ("created_at", "ASCENDING"))),
+    IndexSpec("tasks", (("owner", "ASCENDING"), ("status", "ASCENDING"), ("created_at", "ASCENDING"))),
+)
+
+
+def indexes_as_json(collection: str = "tasks") -> dict[str, Any]:
+    """REQUIRED_INDEXES in the ``firestore.indexes.json`` shape (Firebase CLI, Terraform input)."""
+    return {
+        "indexes": [
+            {
+                "collectionGroup": collection if spec.collection == "tasks" else spec.collection,
+                "queryScope": "COLLECTION",
+                "fields": [{"fieldPath": name, "order": order} for name, order in spec.fields],
+            }
+            for spec in REQUIRED_INDEXES
+        ],
+        "fieldOverrides": [],
+    }
+
+
+_TIMESTAMP_FIELDS = ("created_at", "available_at", "updated_at", "started_at", "finished_at")
+_LEASE_EXPIRES_AT = "lease_expires_at"
+# Firestore refuses an array directly inside an array (ComfyUI widgets can hold one);
+# such a top-level field is stored as a JSON string under "<field>__json".
+_JSON_SUFFIX = "__json"
+# How many PENDING tasks a claim reads per page while skipping ones in retry backoff,
+# and the most it reads in one claim.
+_CLAIM_PAGE_SIZE = 10
+_CLAIM_SCAN_LIMIT = 100
+
+
+def _has_nested_array(value: Any, inside_array: bool = False) -> bool:
+    if isinstance(value, list):
+        return inside_array or any(_has_nested_array(item, True) for item in value)
+    if isinstance(value, dict):
+        return any(_has_nested_array(item, False) for item in value.values())
+    return False
+
+
+def _plain_utc(value: dt.datetime) -> dt.datetime:
+    """The client returns its own datetime subclass; the model wants a plain tz-aware one."""
+    utc = value.astimezone(dt.UTC)
+    return dt.datetime(
+        utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond, tzinfo=dt.UTC
+    )
+
+
+def encode_task(task: Task) -> dict[str, Any]:
+    """The Firestore document of ``task``."""
+    document = task.to_document()
+    for name in _TIMESTAMP_FIELDS:
+        document[name] = getattr(task, name)
+    document[_LEASE_EXPIRES_AT] = task.lease.expires_at if task.lease else None
+    for name in [name for name, value in document.items() if _has_nested_array(value)]:
+        document[name + _JSON_SUFFIX] = json.dumps(document.pop(name))
+    return document
+
+
+def decode_task(document: dict[str, Any]) -> Task:
+    """The task stored in a Firestore document (inverse of :func:`encode_task`)."""
+    data = dict(document)
+    data.pop(_LEASE_EXPIRES_AT, None)
+    for name in [name for name in data if name.endswith(_JSON_SUFFIX)]:
+        data[name.removesuffix(_JSON_SUFFIX)] = json.loads(data.pop(name))
+    for name in _TIMESTAMP_FIELDS:
+        value = data.get(name)
+        if isinstance(value, dt.datetime):
+            data[name] = _plain_utc(value)
+    return Task.from_document(data)
+
+
+def _replacement(previous: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """Field updates that turn ``previous`` into exactly ``document`` (update() merges).
+
+    Names are quoted as field paths, so a key holding a dot stays one field.
+    """
+    updates: dict[str, Any] = {FieldPath(name).to_api_repr(): value for name, value in document.items()}
+    for name in previous.keys() - document.keys():
+        updates[FieldPath(name).to_api_repr()] = firestore.DELETE_FIELD
+    return updates
+
+
+def idempotency_document_id(owner: str, key: str) -> str:
+    """A fixed-length id per (owner, key): document ids cannot hold '/' or exceed 1500 bytes."""
+    return hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+
+
+class FirestoreTaskStore(TaskStore):
+    """Tasks in one Firestore collection; see the module docstring for the layout."""
+
+    def __init__(
+        self,
+        client: firestore.Client,
+        *,
+        collection: str = "tasks",
+        transaction_attempts: int = 30,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._tasks = client.collection(collection)
+        self._idempotency_keys = client.collection(f"{collection}_idempotency_keys")
+        # Many runners claiming at once contend on the same head-of-queue document; each
+        # aborted transaction is retried keeping its place in line, so a generous cap
+        # only matters under pathological contention.
+        self._transaction_attempts = transaction_attempts
+        self._poll_interval_s = poll_interval_s
+        self._work_available = threading.Condition()
+        self._generation = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FirestoreTaskStore:
+        """The client honours FIRESTORE_EMULATOR_HOST by itself (anonymous credentials)."""
+        client = firestore.Client(project=settings.google_cloud_project, database=settings.firestore_database)
+        return cls(client, collection=settings.firestore_collection)
+
+    def close(self) -> None:
+        self._client.close()  # type: ignore[no-untyped-call]  # the client's close() lacks annotations
+
+    # --- helpers ----------------------------------------------------------------------
+    def _run_transaction(self, body: Callable[[Any], _T]) -> _T:
+        """Run ``body(transaction)`` in a retried read-write transaction.
+
+        Errors raised by ``body`` (a Conflict from a mutation) roll back and propagate;
+        running out of attempts under contention becomes a TransientError (retry later).
+        """
+        transaction = self._client.transaction(max_attempts=self._transaction_attempts)
+        try:
+            result: _T = firestore.transactional(body)(transaction)
+        except ValueError as exc:
+            if isinstance(exc.__cause__, gexc.Aborted):
+                raise TransientError(
+                    "the task store is busy (too much contention); try again",
+                    code="store_contention",
+                    details={"attempts": self._transaction_attempts},
+                ) from exc
+            raise
+        return result
+
+    def _notify(self) -> None:
+        with self._work_available:
+            self._generation += 1
+            self._work_available.notify_all()
+
+    # --- primitives -------------------------------------------------------------------
+    def create(self, task: Task) -> Task:
+        batch = self._client.batch()
+        batch.create(self._tasks.document(task.taskId), encode_task(task))
+        if task.idempotency_key:
+            batch.create(
+                self._idempotency_keys.document(idempotency_document_id(task.owner, task.idempotency_key)),
+                {"task_id": task.taskId, "owner": task.owner, "idempotency_key": task.idempotency_key},
+            )
+        try:
+            batch.commit()
+        except gexc.AlreadyExists as exc:
+            existing = (
+                self.find_by_idempotency_key(task.owner, task.idempotency_key)
+                if task.idempotency_key
+                else None
+            )
+            if existing is not None:
+                raise Conflict(
+                    "idempotency key already used",
+                    code="idempotency_key_reused",
+                    details={"task_id": existing.taskId},
+                ) from exc
+            raise Conflict(f"task {task.taskId} already exists", code="task_exists") from exc
+        self._notify()
+        return task
+
+    def get(self, task_id: str) -> Task | None:
+        snapshot = self._tasks.document(task_id).get()
+        return decode_task(snapshot.to_dict() or {}) if snapshot.exists else None
+
+    def update(self, task_id: str, mutate: Mutation) -> Task:
+        reference = self._tasks.document(task_id)
+
+        def body(transaction: Any) -> Task:
+            snapshot = reference.get(transaction=transaction)
+            if not snapshot.exists:
+                raise NotFound(
+                    f"task {task_id} not found", code="task_not_found", details={"task_id": task_id}
+                )
+            updated = mutate(decode_task(snapshot.to_dict() or {}))
+            transaction.set(reference, encode_task(updated))
+            return updated
+
+        updated = self._run_transaction(body)
+        if updated.status == TaskStatus.PENDING:
+            self._notify()
+        return updated
+
+    def claim_next(
+        self,
+        *,
+        worker_id: str,
+        environments: Iterable[str],
+        lease_seconds: float,
+        now: dt.datetime | None = None,
+    ) -> Task | None:
+        """Lease the best available PENDING task with a compare-and-set on its update time.
+
+        Why not a read-write transaction around the query: its reads lock the head of
+        the queue, so every concurrent claimer queues on the same lock, and the emulator
+        resolves such a collision only by a 2 s lock timeout. A write conditioned on the
+        document's ``update_time`` (as read by the query) is the same compare-and-set
+        without locks: of two claimers of one task exactly one write succeeds, the other
+        gets FAILED_PRECONDITION at once and moves on to the next candidate.
+        """
+        now = now or utcnow()
+        envs = list(dict.fromkeys(environments))
+        if not envs:
+            return None
+        for _ in range(self._transaction_attempts):
+            candidates = self._claim_candidates(envs, now)
+            if not candidates:
+                return None
+            for snapshot in candidates:
+                document = snapshot.to_dict() or {}
+                claimed = leased_copy(decode_task(document), worker_id, lease_seconds, now)
+                try:
+                    snapshot.reference.update(
+                        _replacement(document, encode_task(claimed)),
+                        option=self._client.write_option(last_update_time=snapshot.update_time),
+                    )
+                except (gexc.FailedPrecondition, gexc.NotFound):
+                    continue  # another runner claimed (or someone changed) it first
+                return claimed
+        raise TransientError(
+            "the task queue is busy (too much contention); try again",
+            code="store_contention",
+            details={"attempts": self._transaction_attempts},
+        )
+
+    def _claim_candidates(self, envs: list[str], now: dt.datetime) -> list[Any]:
+        """PENDING snapshots of ``envs`` available at ``now``, best first (one page).
+
+        Firestore cannot filter available_at <= now while ordering by priority first,
+        so tasks in retry backoff are skipped here; within a priority the available ones
+        sort first (available_at ascending), so skipping rarely needs a second page.
+        """
+        queue = (
+            self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+            .where(filter=FieldFilter("environment", "in", envs))
+            .order_by("priority", direction=firestore.Query.DESCENDING)
+            .order_by("available_at", direction=firestore.Query.ASCENDING)
+            .limit(_CLAIM_PAGE_SIZE)
+        )
+        page = queue
+        scanned = 0
+        while scanned < _CLAIM_SCAN_LIMIT:
+            snapshots = list(page.stream())
+            available = [
+                snapshot for snapshot in snapshots if _plain_utc(snapshot.get("available_at")) <= now
+            ]
+            if available or len(snapshots) < _CLAIM_PAGE_SIZE:
+                return available
+            scanned += len(snapshots)
+            page = queue.start_after(snapshots[-1])
+        return []
+
+    def list_tasks(
+        self, *, owner: str | None = None, statuses: Iterable[TaskStatus] | None = None, limit: int = 50
+    ) -> list[Task]:
+        query: Any = self._tasks
+        if owner is not None:
+            query = query.where(filter=FieldFilter("owner", "==", owner))
+        status_values = [TaskStatus(status).value for status in statuses] if statuses is not None else []
+        if len(status_values) == 1:
+            query = query.where(filter=FieldFilter("status", "==", status_values[0]))
+        elif status_values:
+            query = query.where(filter=FieldFilter("status", "in", status_values))
+        query = query.order_by("created_at", direction=firestore.Query.DESCENDING).limit(limit)
+        return [decode_task(snapshot.to_dict()) for snapshot in query.stream()]
+
+    def queue_stats(self, *, owner: str | None = None) -> QueueStats:
+        scope: Any = self._tasks
+        if owner is not None:
+            scope = scope.where(filter=FieldFilter("owner", "==", owner))
+        counts: dict[str, int] = {}
+        for status in TaskStatus:
+            aggregation = scope.where(filter=FieldFilter("status", "==", status.value)).count(alias="n")
+            results = aggregation.get()
+            counts[status.value.lower()] = int(results[0][0].value) if results else 0
+        oldest_pending_age_s: float | None = None
+        oldest = list(
+            scope.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+            .order_by("created_at", direction=firestore.Query.ASCENDING)
+            .limit(1)
+            .stream()
+        )
+        if oldest:
+            created_at = oldest[0].get("created_at")
+            oldest_pending_age_s = (utcnow() - _plain_utc(created_at)).total_seconds()
+        return QueueStats(**counts, oldest_pending_age_s=oldest_pending_age_s)
+
+    def find_by_idempotency_key(self, owner: str, key: str) -> Task | None:
+        snapshot = self._idempotency_keys.document(idempotency_document_id(owner, key)).get()
+        if not snapshot.exists:
+            return None
+        return self.get(str(snapshot.get("task_id")))
+
+    def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        query = (
+            self._tasks.where(
+                filter=FieldFilter("status", "in", sorted(status.value for status in LEASED_STATUSES))
+            )
+            .where(filter=FieldFilter(_LEASE_EXPIRES_AT, "<", now))
+            .limit(limit)
+        )
+        return [snapshot.id for snapshot in query.stream()]
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Wake at once on a commit by this process, else poll for a change in the queue.
+
+        Push mode never calls this (Cloud Tasks delivers each task). A pulling runner on
+        Firestore learns of another process's task within ``poll_interval_s``: it wakes
+        when the PENDING count or the head of the queue changes, or the head's backoff
+        ends. Comparing with the state at the start (not "is anything PENDING") keeps a
+        runner from spinning on tasks of environments it does not serve. A snapshot
+        listener would be faster but holds a stream per runner that must be re-opened
+        after every network hiccup; two small indexed reads per second are simpler.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._work_available:
+            generation = self._generation
+        initial = self._queue_fingerprint()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._work_available:
+                self._work_available.wait(min(remaining, self._poll_interval_s))
+                if self._generation != generation:
+                    return True
+            if self._queue_fingerprint() != initial:
+                return True
+
+    def _queue_fingerprint(self) -> tuple[int, str | None, bool]:
+        """(PENDING count, id of the earliest-available PENDING task, is it available now)."""
+        pending: Any = self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+        results = pending.count(alias="n").get()
+        count = int(results[0][0].value) if results else 0
+        head = list(pending.order_by("available_at", direction=firestore.Query.ASCENDING).limit(1).stream())
+        if not head:
+            return count, None, False
+        return count, head[0].id, _plain_utc(head[0].get("available_at")) <= utcnow()
