@@ -95,6 +95,21 @@ class Settings(BaseSettings):
     face_swap_engine: Literal["cpu", "facefusion", "facefusion_api"] = Field(
         "cpu", description="FACE_SWAP_ENGINE: face-swap engine of the runner."
     )
+    facefusion_command: str = Field(
+        "python /opt/facefusion/facefusion.py",
+        description="FACEFUSION_COMMAND: how the `facefusion` engine starts FaceFusion (split like a shell "
+        "line; run from the folder of its .py script, as FaceFusion expects).",
+    )
+    facefusion_execution_providers: str = Field(
+        "cuda",
+        description="FACEFUSION_EXECUTION_PROVIDERS: ONNX Runtime providers FaceFusion runs on, space- or "
+        "comma-separated (cuda, tensorrt, cpu).",
+    )
+    face_swap_shared_dir: str = Field(
+        "",
+        description="FACE_SWAP_SHARED_DIR: folder the FaceFusion HTTP API writes results into, shared with "
+        "the runner; its output_path must resolve inside it; empty = DATA_DIR/facefusion.",
+    )
     firestore_emulator_host: str = Field(
         "", description="FIRESTORE_EMULATOR_HOST: Firestore emulator host:port."
     )
