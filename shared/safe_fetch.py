@@ -243,7 +243,9 @@ def _parse_http_url(url: str, *, allow_loopback: bool) -> _HttpTarget:
     if len(url) > MAX_URL_LENGTH:
         raise _RefusalError(f"URL is longer than {MAX_URL_LENGTH} characters")
     if _URL_FORBIDDEN_CHARS.search(url):
-        raise _RefusalError("URL contains whitespace, control characters or a backslash")
+        raise _RefusalError(
+            "URL contains whitespace, control characters or a backslash (percent-encode them, e.g. %20)"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -385,7 +387,7 @@ def _public_only_guard(*, allow_loopback: bool) -> ConnectionGuard:
     def guard(ip: str, port: int) -> None:
         reason = _address_refusal(ipaddress.ip_address(ip), allow_loopback=allow_loopback)
         if reason:
-            raise UnsafeInput(f"refused to connect to {reason}", code="unsafe_url")
+            raise _RefusalError(f"refused to connect to {reason}")
 
     return guard
 
@@ -410,7 +412,7 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        failure: Exception | None = None
+        failure: Exception = httpcore.ConnectError("no checked address to connect to")
         for address in self._addresses:
             self._guard(address, port)
             try:
@@ -419,7 +421,6 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = exc  # try the host's next address, as a browser would
-        assert failure is not None  # _resolve_checked never returns an empty list
         raise failure
 
     async def sleep(self, seconds: float) -> None:
@@ -569,7 +570,12 @@ class SafeFetcher:
             _raise_resolution_failure(target.host, field, None)
         addresses: list[str] = []
         for answer in answers:
-            address = ipaddress.ip_address(answer.split("%", 1)[0])
+            try:
+                address = ipaddress.ip_address(answer.split("%", 1)[0])
+            except ValueError:
+                raise _unsafe(
+                    field, _RefusalError(f"resolver returned {answer!r} for {target.host!r}")
+                ) from None
             reason = _address_refusal(address, allow_loopback=self.allow_loopback)
             if reason:
                 raise _unsafe(field, _RefusalError(f"host {target.host!r} resolves to {reason}"))
@@ -611,6 +617,8 @@ class SafeFetcher:
                     return location
                 await self._stream_body(response, part_path, field)
                 return None
+        except _RefusalError as refusal:  # the default connection guard's last-moment refusal
+            raise _unsafe(field, refusal) from None
         except httpcore.TimeoutException as exc:
             raise _unreachable(field, target, f"timed out ({type(exc).__name__})") from None
         except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:

@@ -175,17 +175,29 @@ def test_the_connection_guard_catches_a_bypassed_check(
 
 
 def test_the_default_guard_refuses_non_public_addresses_at_dial_time() -> None:
+    """The production guard re-checks each address at dial time, behind the resolver check."""
     guard = safe_fetch._public_only_guard(allow_loopback=False)
     loopback_guard = safe_fetch._public_only_guard(allow_loopback=True)
 
-    for address in ("10.0.0.1", "169.254.169.254", "::1", "127.0.0.1", "fd00::1"):
-        with pytest.raises(UnsafeInput):
+    for address in ("10.0.0.1", "169.254.169.254", "::1", "127.0.0.1", "fd00::1", "::ffff:10.0.0.1"):
+        with pytest.raises(safe_fetch._RefusalError):
             guard(address, 80)
+    with pytest.raises(safe_fetch._RefusalError):
+        loopback_guard("10.0.0.1", 80)
+    guard("93.184.216.34", 443)
     loopback_guard("127.0.0.1", 80)
     loopback_guard("::1", 80)
-    guard("93.184.216.34", 443)
-    with pytest.raises(UnsafeInput):
-        loopback_guard("10.0.0.1", 80)
+
+
+def test_the_default_guard_lets_allowed_loopback_through(
+    http_server: LocalHttpServer, dest_dir: Path, png_bytes: bytes
+) -> None:
+    url = http_server.serve("/a.png", png_bytes)
+    fetcher = SafeFetcher(max_bytes=10**6, timeout_s=5, max_image_pixels=10**6, allow_loopback=True)
+
+    fetched = run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
+
+    assert fetched.kind == "image"
 
 
 def test_a_public_address_reaches_the_guard_and_no_further(
