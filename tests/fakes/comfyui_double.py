@@ -769,7 +769,8 @@ class ComfyUIDouble:
         ui_outputs: dict[str, Any] = {}
         progress_nodes: dict[str, dict[str, Any]] = {}
         executed: list[str] = []
-        new_cache: dict[str, CacheEntry] = {}
+        # Everything this prompt found in the cache stays cached, visited or not.
+        new_cache = {signatures[node_id]: self.cache[signatures[node_id]] for node_id in cached}
         node_id = ""
         try:
             for node_id in order:
