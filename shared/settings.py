@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     comfyui_url: str = Field(
         "", description="COMFYUI_URL: the ComfyUI server for the `comm` environment; empty = none configured."
     )
+    comfyui_command: str = Field(
+        "",
+        description="COMFYUI_COMMAND: command line of a co-located ComfyUI the runner starts and supervises "
+        "(e.g. `python /opt/ComfyUI/main.py --listen 127.0.0.1 --port 8188`); empty = don't start one.",
+    )
     comfyui_client_id: str = Field("comfyswap-runner", description="COMFYUI_CLIENT_ID: websocket client id.")
     face_swap_api_url: str = Field(
         "http://127.0.0.1:8000", description="FACE_SWAP_API_URL: the seed's FaceFusion HTTP API."
