@@ -62,7 +62,12 @@ class RunnerState:
         self.local_results = LocalStorage(settings.data_dir / "results", settings.effective_local_storage_base_url)
         self.pull = settings.dispatch_mode == "pull" if pull is None else pull
         source = HttpTaskSource(settings.task_api_url, api_key=settings.runner_api_key) if self.pull else None
-        self.worker = Worker(settings, self.store, self.engines, self.upload, source=source)
+        from shared.webhooks import WebhookNotifier
+
+        self.webhooks = WebhookNotifier(settings, self.store)
+        self.worker = Worker(
+            settings, self.store, self.engines, self.upload, source=source, on_finished=self.webhooks.notify
+        )
         self.started_at = time.time()
         self._pull_task: asyncio.Task[None] | None = None
 

@@ -311,7 +311,8 @@ class Worker:
             shutil.rmtree(workdir, ignore_errors=True)
             unbind_task(token)
         if self._on_finished is not None and final.is_terminal:
-            await self._on_finished(final)
+            # Webhooks go out in the background: a slow receiver never holds a slot or a request.
+            self._spawn(self._on_finished(final))
         return final
 
     async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:

@@ -516,6 +516,57 @@ class SafeFetcher:
             part_path.unlink(missing_ok=True)
             raise
 
+    async def post_json(
+        self, url: str, body: bytes, *, headers: dict[str, str], field: str
+    ) -> tuple[int, bytes]:
+        """POST ``body`` to ``url`` with the same SSRF rules as a download (webhooks).
+
+        No redirects are followed (a webhook receiver answers, it does not move), the answer
+        is capped at 64 KiB and the whole call at ``timeout_s``. Returns (status, body)."""
+        try:
+            target = _parse_http_url(url, allow_loopback=self.allow_loopback)
+        except _RefusalError as refusal:
+            raise _unsafe(field, refusal) from None
+        addresses = await self._resolve_checked(target, field)
+        request_headers = [
+            (b"Host", target.host_header.encode("ascii")),
+            (b"User-Agent", b"ComfySwap-webhooks/1"),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+        ]
+        timeout = dict.fromkeys(("connect", "read", "write", "pool"), self.timeout_s)
+        backend = _PinnedBackend(addresses, self._guard)
+        try:
+            async with (
+                asyncio.timeout(self.timeout_s),
+                httpcore.AsyncConnectionPool(
+                    ssl_context=self._ssl_context, max_connections=1, retries=0, network_backend=backend
+                ) as pool,
+                pool.stream(
+                    b"POST",
+                    httpcore.URL(
+                        scheme=target.scheme.encode("ascii"),
+                        host=target.host.encode("ascii"),
+                        port=target.port,
+                        target=target.target.encode("ascii"),
+                    ),
+                    headers=request_headers,
+                    content=body,
+                    extensions={"timeout": timeout},
+                ) as response,
+            ):
+                answer = b""
+                async for chunk in response.aiter_stream():
+                    answer += chunk
+                    if len(answer) > 65536:
+                        break
+                return response.status, answer[:65536]
+        except (TimeoutError, httpcore.TimeoutException) as exc:
+            raise _unreachable(field, target, f"timed out ({type(exc).__name__})") from None
+        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+            raise _unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
+
     def _write_data_url(self, url: str, part_path: Path, field: str) -> int:
         try:
             _, payload = _decode_data_url(url, max_bytes=self.max_bytes)

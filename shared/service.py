@@ -106,18 +106,23 @@ class TaskService:
                 raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
             environment = resolve_environment(workflow, request.environment)
         input_data = build_input_data(workflow, request.task_data, allow_raw=principal.may_send_raw_workflows)
-        allow_loopback = self.settings.fetch_allow_loopback
+        def check(url: str, field: str) -> None:
+            check_input_url(
+                url,
+                field=field,
+                allow_loopback=self.settings.fetch_allow_loopback,
+                max_bytes=self.settings.fetch_max_bytes,
+            )
+
         for field in ("source_url", "target_url"):
             if field in input_data:
-                check_input_url(input_data[field], field=f"task_data.{field}", allow_loopback=allow_loopback)
+                check(input_data[field], f"task_data.{field}")
         for image_input in input_data.get("image_inputs", []):
-            check_input_url(
-                image_input["url"], field=f"task_data.{image_input['param']}", allow_loopback=allow_loopback
-            )
+            check(image_input["url"], f"task_data.{image_input['param']}")
         if request.webhook_url:
-            check_input_url(request.webhook_url, field="webhook_url", allow_loopback=allow_loopback)
-            if request.webhook_url.startswith("data:"):
+            if not request.webhook_url.startswith(("http://", "https://")):
                 raise ValidationFailed("webhook_url", "must be an http(s) URL")
+            check(request.webhook_url, "webhook_url")
         return Task(
             workflow=workflow,
             workflow_name=workflow,
@@ -271,6 +276,13 @@ class TaskService:
         self.get_task(task_id, principal=principal)
         task = self.store.cancel(task_id)
         log_event(logger, "task_finished", task_id=task_id, outcome="CANCELLED", code="cancelled")
+        if task.webhook_url:
+            import asyncio
+
+            from shared.webhooks import WebhookNotifier
+
+            # A function has no background after it answers: two quick attempts, inline.
+            asyncio.run(WebhookNotifier(self.settings, self.store).notify(task, max_attempts=2, base_delay_s=0.5))
         return task
 
     # --- health -----------------------------------------------------------------------

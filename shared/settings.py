@@ -193,6 +193,15 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="API_KEYS_FILE: a file of API_KEYS entries, one a line."
     )
+    webhook_secret: str = Field(
+        "",
+        repr=False,
+        description="WEBHOOK_SECRET: Standard Webhooks signing secret (whsec_<base64>); empty = unsigned "
+        "(refused when APP_ENV=production).",
+    )
+    webhook_max_attempts: int = Field(
+        5, ge=1, le=20, description="WEBHOOK_MAX_ATTEMPTS: deliveries tried per webhook (exponential backoff)."
+    )
     fetch_allow_loopback: bool = Field(
         False,
         description="FETCH_ALLOW_LOOPBACK: let input URLs point at 127.0.0.0/8 (local demos and tests only; "
@@ -231,6 +240,22 @@ class Settings(BaseSettings):
         data = getattr(info, "data", {})
         if data.get("app_env") == "production" and not value and not data.get("api_keys"):
             raise ValueError("APP_ENV=production needs API_KEYS or API_KEYS_FILE (no open access)")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: str, info: object) -> str:
+        data = getattr(info, "data", {})
+        if value:
+            import base64
+            import binascii
+
+            try:
+                base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError("must be whsec_ followed by base64") from None
+        elif data.get("app_env") == "production":
+            raise ValueError("APP_ENV=production needs a webhook signing secret")
         return value
 
     # --- derived values ---------------------------------------------------------------

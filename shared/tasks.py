@@ -121,6 +121,8 @@ class Task(BaseModel):
     error: TaskError | None = None
     owner: str = ""
     webhook_url: str | None = None
+    # Outcome of the completion webhook: {status, attempts, last_status_code, at}.
+    webhook_delivery: dict[str, Any] | None = None
     idempotency_key: str | None = None
     # sha256 of the create request, to tell an Idempotency-Key replay from a reuse.
     request_fingerprint: str | None = None
