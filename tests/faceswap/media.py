@@ -70,10 +70,11 @@ def write_clip(
         video = container.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "ultrafast"})
         video.width = video.height = size
         video.pix_fmt = "yuv420p"
-        audio = None
+        audio: AudioStream | None = None
         if audio_codec is not None:
-            audio = container.add_stream(audio_codec, rate=audio_rate)
-            assert isinstance(audio, AudioStream)
+            added = container.add_stream(audio_codec, rate=audio_rate)
+            assert isinstance(added, AudioStream)
+            audio = added
             audio.layout = "mono"
         for index in range(frame_count):
             image = (

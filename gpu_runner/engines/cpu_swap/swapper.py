@@ -170,12 +170,14 @@ class FaceSwapper:
             self.swap_onto(source, result, face.landmarks)
         return result
 
-    def swap_onto(self, source: SourceFace, image_bgr: ByteImage, target_landmarks: FloatArray) -> None:
-        """Swap ``source`` onto the face at ``target_landmarks`` of ``image_bgr``, in place."""
+    def swap_onto(self, source: SourceFace, image_bgr: ByteImage, target_landmarks: FloatArray) -> FaceBox:
+        """Swap ``source`` onto the face at ``target_landmarks`` of ``image_bgr``, in place;
+        returns the box outside which no pixel changed."""
         warped = warp_face(
             source.image, source.landmarks, source.triangles, target_landmarks, image_bgr.shape
         )
         blend_face(image_bgr, target_landmarks, warped)
+        return warped.box
 
     def swap_image(
         self,

@@ -38,8 +38,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import NoFaceInTarget, SwapCancelled, UnreadableMedia
-from .resolution import OutputSize, fit_within, resize_to
+from .resolution import OutputSize, fit_within
 from .swapper import FaceSelector, FaceSwapper, SourceFace, select_faces
+from .warp import FaceBox
 
 __all__ = ["LandmarkSmoother", "VideoInfo", "swap_video"]
 
@@ -143,6 +144,40 @@ def _thumbnail(frame: ByteImage) -> npt.NDArray[np.float32]:
     return thumbnail
 
 
+def _yuv420p_planes(frame: av.VideoFrame, size: OutputSize) -> ByteImage:
+    """The frame as I420 planes stacked (H * 3/2, W), scaled to ``size`` if it differs."""
+    if frame.format.name != "yuv420p" or (frame.width, frame.height) != (size.width, size.height):
+        frame = frame.reformat(width=size.width, height=size.height, format="yuv420p", interpolation="AREA")
+    return np.ascontiguousarray(frame.to_ndarray(), dtype=np.uint8)
+
+
+def _write_back(image: ByteImage, box: FaceBox, planes: ByteImage) -> None:
+    """Convert only ``box`` of the swapped image back into the I420 ``planes``.
+
+    Pixels outside the face box keep their decoded YUV values exactly: a full
+    YUV -> BGR -> YUV round trip would shift every pixel of every frame by a level or two.
+    The box is widened to even coordinates because chroma is stored per 2x2 block.
+    """
+    height, width = image.shape[:2]
+    x0, y0 = box.x0 // 2 * 2, box.y0 // 2 * 2
+    x1, y1 = min(width, (box.x1 + 1) // 2 * 2), min(height, (box.y1 + 1) // 2 * 2)
+    if x1 <= x0 or y1 <= y0:
+        return
+    box_height, box_width = y1 - y0, x1 - x0
+    converted = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_BGR2YUV_I420).reshape(-1)
+    luma_size, chroma_size = box_height * box_width, box_height * box_width // 4
+    planes[y0:y1, x0:x1] = converted[:luma_size].reshape(box_height, box_width)
+    chroma_shape = (box_height // 2, box_width // 2)
+    frame_chroma_size = height * width // 4
+    chroma_planes = planes[height:].reshape(-1)
+    for plane_index in range(2):
+        frame_plane = chroma_planes[plane_index * frame_chroma_size : (plane_index + 1) * frame_chroma_size]
+        block = converted[luma_size + plane_index * chroma_size : luma_size + (plane_index + 1) * chroma_size]
+        frame_plane.reshape(height // 2, width // 2)[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = block.reshape(
+            chroma_shape
+        )
+
+
 def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
     for rate in (stream.average_rate, stream.base_rate, stream.guessed_rate):
         if rate:
@@ -172,8 +207,8 @@ class _FrameSwapper:
         self._smoother = LandmarkSmoother()
         self._previous_thumbnail: npt.NDArray[np.float32] | None = None
 
-    def swap(self, frame: ByteImage) -> bool:
-        """Swap in place; False when the selector found no face (the frame is left as is)."""
+    def swap(self, frame: ByteImage) -> list[FaceBox]:
+        """Swap in place; returns the boxes that changed (none: the selector found no face)."""
         thumbnail = _thumbnail(frame)
         previous = self._previous_thumbnail
         if previous is not None and float(np.abs(thumbnail - previous).mean()) > _SCENE_CUT_THRESHOLD:
@@ -185,7 +220,7 @@ class _FrameSwapper:
             selected = select_faces(detections, self._face_selector)
         except NoFaceInTarget:
             self._smoother.reset()
-            return False
+            return []
         seen = []
         for detection in selected:
             track = self._smoother.match(detection.box)
@@ -197,9 +232,7 @@ class _FrameSwapper:
             track = self._smoother.update(track, points)
             seen.append(track)
         self._smoother.keep_only(seen)
-        for track in seen:
-            self._swapper.swap_onto(self._source, frame, track.smoothed)
-        return bool(seen)
+        return [self._swapper.swap_onto(self._source, frame, track.smoothed) for track in seen]
 
 
 def swap_video(
@@ -295,17 +328,19 @@ def _swap_video_to(
                 for video_frame in input_video.decode(packet):
                     if should_stop is not None and should_stop():
                         raise SwapCancelled(details={"frames_done": frames_done})
-                    decoded = np.asarray(video_frame.to_ndarray(format="bgr24"), dtype=np.uint8)
-                    image = np.ascontiguousarray(resize_to(decoded, size))
-                    if frame_swapper.swap(image):
-                        frames_swapped += 1
+                    planes = _yuv420p_planes(video_frame, size)
+                    image = np.asarray(cv2.cvtColor(planes, cv2.COLOR_YUV2BGR_I420), dtype=np.uint8)
+                    changed_boxes = frame_swapper.swap(image)
+                    for box in changed_boxes:
+                        _write_back(image, box, planes)
+                    frames_swapped += bool(changed_boxes)
                     # Keep the input's timestamps; invent them only when the input has none.
                     pts = video_frame.pts if video_frame.pts is not None else next_pts
                     if frames_done == 0:
                         first_pts = pts
                     else:
                         pts = max(pts, last_pts + 1)
-                    out_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                    out_frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
                     out_frame.pts = pts
                     out_frame.time_base = video_time_base
                     output.mux(output_video.encode(out_frame))
