@@ -1,6 +1,7 @@
-# API Gateway: one public host for clients. It checks API keys (x-api-key), routes each
-# path to its function or to the runner with its own ID token (jwt_audience), and lets
-# only the runner's service account call fetch_task. Why API Gateway: docs/deploy.md.
+# API Gateway: one public host for clients. It checks API keys (x-api-key: Google API
+# keys restricted to this gateway) and routes each path to its function or to the
+# runner with its own ID token (jwt_audience). The backends check the same key again
+# (API_KEYS digests: owner, roles). Why API Gateway: docs/deploy.md.
 
 resource "google_api_gateway_api" "api" {
   provider     = google-beta
@@ -23,16 +24,14 @@ resource "google_api_gateway_api_config" "api" {
     document {
       path = "openapi2.yaml"
       contents = base64encode(templatefile("${path.module}/templates/openapi2.yaml.tftpl", {
-        api_key_required     = var.gateway.api_key_required
-        create_task_url      = local.gateway_backends["create_task"]
-        deadline_s           = format("%.1f", var.gateway.deadline_s)
-        fetch_task_url       = local.gateway_backends["fetch_task"]
-        get_task_url         = local.gateway_backends["get_task"]
-        process_deadline_s   = format("%.1f", var.gateway.process_deadline_s)
-        runner_email         = google_service_account.runner.email
-        runner_pull_audience = local.runner_pull_audience
-        runner_url           = local.gateway_backends["runner"]
-        title                = "${var.prefix}-api"
+        api_key_required   = var.gateway.api_key_required
+        create_task_url    = local.gateway_backends["create_task"]
+        deadline_s         = format("%.1f", var.gateway.deadline_s)
+        fetch_task_url     = local.gateway_backends["fetch_task"]
+        get_task_url       = local.gateway_backends["get_task"]
+        process_deadline_s = format("%.1f", var.gateway.process_deadline_s)
+        runner_url         = local.gateway_backends["runner"]
+        title              = "${var.prefix}-api"
       }))
     }
   }
@@ -65,6 +64,37 @@ resource "google_project_service" "gateway" {
   service            = google_api_gateway_api.api.managed_service
   disable_on_destroy = false
   depends_on         = [google_api_gateway_gateway.api]
+}
+
+# Keys Terraform itself hands out: the lease reaper's (admin, sent by Cloud Scheduler
+# straight to its function) and, in vm mode, the pulling runner's (role runner).
+resource "google_apikeys_key" "reaper" {
+  project      = var.project_id
+  name         = "${var.prefix}-reaper"
+  display_name = "ComfySwap lease reaper"
+
+  restrictions {
+    api_targets {
+      service = google_api_gateway_api.api.managed_service
+    }
+  }
+
+  depends_on = [google_project_service.gateway]
+}
+
+resource "google_apikeys_key" "runner" {
+  for_each     = var.runner_mode == "vm" ? toset(["runner"]) : toset([])
+  project      = var.project_id
+  name         = "${var.prefix}-runner"
+  display_name = "ComfySwap pull-mode runner"
+
+  restrictions {
+    api_targets {
+      service = google_api_gateway_api.api.managed_service
+    }
+  }
+
+  depends_on = [google_project_service.gateway]
 }
 
 resource "google_apikeys_key" "client" {

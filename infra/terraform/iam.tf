@@ -140,10 +140,9 @@ resource "google_secret_manager_secret_iam_member" "runner" {
   member    = google_service_account.runner.member
 }
 
-# The runner signs as itself through IAM (no key file): signBlob for signed result URLs,
-# signJwt for the token a pull-mode runner presents to the gateway's fetch route.
-resource "google_service_account_iam_member" "runner_signs" {
-  count              = var.public_results && local.push_mode ? 0 : 1
+# Signed result URLs without a key file: the runner signs through IAM signBlob as itself.
+resource "google_service_account_iam_member" "runner_signs_urls" {
+  count              = var.public_results ? 0 : 1
   service_account_id = google_service_account.runner.name
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = google_service_account.runner.member

@@ -25,8 +25,15 @@ locals {
 
   gateway_region = coalesce(var.gateway.region, var.region)
   gateway_url    = "https://${google_api_gateway_gateway.api.default_hostname}"
-  # Audience of the ID tokens a pull-mode runner sends to GET /api/comm/task/fetch.
-  runner_pull_audience = "${var.prefix}-runner-pull"
+
+  # API_KEYS (shared/auth.py): sha256(key):owner:role+role. The same key string passes
+  # the gateway's check (a Google API key) and the application's (its digest here).
+  api_key_entries = concat(
+    [for name, key in google_apikeys_key.client : "${sha256(key.key_string)}:${coalesce(var.api_keys[name].owner, name)}:${join("+", var.api_keys[name].roles)}"],
+    ["${sha256(google_apikeys_key.reaper.key_string)}:reaper:admin"],
+    [for key in google_apikeys_key.runner : "${sha256(key.key_string)}:runner:runner"],
+    var.api_key_digests,
+  )
 
   models_bucket = coalesce(var.models_bucket, google_storage_bucket.models[0].name)
 
@@ -34,19 +41,25 @@ locals {
 
   # Secret Manager secrets: the env name each is mounted as and who reads it.
   secrets = {
-    "api-key-pepper"         = { env = "API_KEY_PEPPER", functions = true, runner = false }
     "cf-images-api-token"    = { env = "CF_IMAGES_API_TOKEN", functions = false, runner = true }
     "r2-access-key"          = { env = "R2_ACCESS_KEY", functions = false, runner = true }
     "r2-secret-key"          = { env = "R2_SECRET_KEY", functions = false, runner = true }
+    "runner-api-key"         = { env = "RUNNER_API_KEY", functions = false, runner = true }
     "webhook-signing-secret" = { env = "WEBHOOK_SIGNING_SECRET", functions = true, runner = true }
   }
   # A secret is mounted only once it has a version, else the deploy fails on "latest".
-  secrets_with_version = setunion(nonsensitive(toset(keys(var.secret_values))), toset(var.secrets_out_of_band))
-  function_secret_env  = { for id, secret in local.secrets : secret.env => id if secret.functions && contains(local.secrets_with_version, id) }
-  runner_secret_env    = { for id, secret in local.secrets : secret.env => id if secret.runner && contains(local.secrets_with_version, id) }
+  # Terraform writes runner-api-key itself in vm mode (the pulling runner's key).
+  secrets_with_version = setunion(
+    nonsensitive(toset(keys(var.secret_values))),
+    toset(var.secrets_out_of_band),
+    var.runner_mode == "vm" ? toset(["runner-api-key"]) : toset([]),
+  )
+  function_secret_env = { for id, secret in local.secrets : secret.env => id if secret.functions && contains(local.secrets_with_version, id) }
+  runner_secret_env   = { for id, secret in local.secrets : secret.env => id if secret.runner && contains(local.secrets_with_version, id) }
 
   # Settings read by both the functions and the runner (names: shared/settings.py).
   common_env = {
+    API_KEYS                  = join(",", local.api_key_entries)
     APP_ENV                   = var.app_env
     CF_IMAGES_ACCOUNT_ID      = var.cf_images.account_id
     CF_IMAGES_DELIVERY_DOMAIN = var.cf_images.delivery_domain
@@ -95,9 +108,7 @@ locals {
   # Pull mode on a VM: the runner claims tasks through the gateway (the Cloud Run
   # runner must not read the gateway's URL: the gateway's config depends on the runner).
   vm_runner_env = merge(local.runner_env, {
-    # Audience of the ID token the runner sends to fetch_task through the gateway.
-    TASK_API_AUDIENCE = local.runner_pull_audience
-    TASK_API_URL      = "${local.gateway_url}/api"
+    TASK_API_URL = "${local.gateway_url}/api"
   })
 
   # Firestore composite indexes: infra/firestore_indexes.json (written from

@@ -41,11 +41,6 @@ output "results_bucket" {
   value       = google_storage_bucket.results.name
 }
 
-output "runner_pull_audience" {
-  description = "Audience of the JWT a pull-mode runner signs (as its service account) for GET /api/comm/task/fetch."
-  value       = local.runner_pull_audience
-}
-
 output "runner_service_account" {
   description = "Email of the runner's service account."
   value       = google_service_account.runner.email

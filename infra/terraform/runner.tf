@@ -202,6 +202,8 @@ resource "google_compute_instance" "runner" {
   depends_on = [
     google_project_service.apis,
     google_secret_manager_secret_iam_member.runner,
+    google_secret_manager_secret_version.runner_api_key,
+    google_secret_manager_secret_version.secret,
     google_storage_bucket_iam_member.runner_models,
   ]
 }

@@ -26,8 +26,13 @@ resource "google_cloud_scheduler_job" "reaper" {
   http_target {
     http_method = "POST"
     uri         = "${local.reaper_url}${var.reaper.path}"
-    headers     = { "Content-Type" = "application/json" }
-    body        = base64encode("{}")
+    # The reap route needs an admin key (shared/auth.py); the OIDC token gets the call
+    # past Cloud Run's IAM check.
+    headers = {
+      "Content-Type" = "application/json"
+      "X-API-Key"    = google_apikeys_key.reaper.key_string
+    }
+    body = base64encode("{}")
     oidc_token {
       service_account_email = google_service_account.scheduler.email
       audience              = local.reaper_url

@@ -14,6 +14,13 @@ resource "google_secret_manager_secret" "secret" {
   depends_on = [google_project_service.apis]
 }
 
+# The pulling runner's API key (vm mode), written here so it never sits in VM metadata.
+resource "google_secret_manager_secret_version" "runner_api_key" {
+  for_each    = google_apikeys_key.runner
+  secret      = google_secret_manager_secret.secret["runner-api-key"].id
+  secret_data = each.value.key_string
+}
+
 resource "google_secret_manager_secret_version" "secret" {
   for_each    = nonsensitive(toset(keys(var.secret_values)))
   secret      = google_secret_manager_secret.secret[each.key].id

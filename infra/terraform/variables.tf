@@ -12,16 +12,37 @@ variable "alert_notification_channels" {
   }
 }
 
+variable "api_key_digests" {
+  description = "Extra API_KEYS entries (sha256(key):owner:role+role, as printed by the comfyswap CLI) for keys made outside Terraform. They only pass the gateway when gateway.api_key_required = false, since the gateway accepts Google API keys only."
+  type        = list(string)
+  default     = []
+  nullable    = false
+  validation {
+    condition     = alltrue([for entry in var.api_key_digests : can(regex("^[0-9a-f]{64}:[^:,]+:(client|admin|raw_workflows|runner)(\\+(client|admin|raw_workflows|runner))*$", entry))])
+    error_message = "Each api_key_digests entry must be sha256hex:owner:role+role with roles among client, admin, raw_workflows, runner."
+  }
+}
+
 variable "api_keys" {
-  description = "Google API keys to create for API clients, by short name; each is restricted to this deployment's API Gateway service. The key strings are never output: read them with `gcloud services api-keys get-key-string`."
+  description = "Client API keys, by short name: Google API keys restricted to this gateway, which the backends also accept (their digests go into API_KEYS with owner, default the name, and roles: client, admin, raw_workflows, runner). The key strings are never output: read one with `gcloud services api-keys get-key-string`."
   type = map(object({
     display_name = optional(string)
+    owner        = optional(string)
+    roles        = optional(list(string), ["client"])
   }))
   default  = {}
   nullable = false
   validation {
     condition     = alltrue([for name in keys(var.api_keys) : can(regex("^[a-z][a-z0-9-]{0,40}$", name))])
     error_message = "api_keys names must be lowercase letters, digits and hyphens, starting with a letter, at most 41 characters."
+  }
+  validation {
+    condition     = alltrue([for key in values(var.api_keys) : length(key.roles) > 0 && alltrue([for role in key.roles : contains(["client", "admin", "raw_workflows", "runner"], role)])])
+    error_message = "api_keys roles must be a non-empty list among client, admin, raw_workflows, runner."
+  }
+  validation {
+    condition     = alltrue([for key in values(var.api_keys) : key.owner == null || can(regex("^[^:,]+$", coalesce(key.owner, "x")))])
+    error_message = "api_keys owner must not contain ':' or ','."
   }
 }
 
@@ -248,7 +269,7 @@ variable "reaper" {
   type = object({
     path      = optional(string, "/internal/reap")
     schedule  = optional(string, "*/2 * * * *")
-    target    = optional(string, "create_task")
+    target    = optional(string, "get_task")
     time_zone = optional(string, "Etc/UTC")
   })
   default  = {}
@@ -383,13 +404,13 @@ variable "runner_vm" {
 }
 
 variable "secret_values" {
-  description = "Secret values Terraform should store as secret versions, by secret id (api-key-pepper, cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret). They end up in the state: prefer adding versions out of band and listing them in secrets_out_of_band. Use {} for none."
+  description = "Secret values Terraform should store as secret versions, by secret id (cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret). They end up in the state: prefer adding versions out of band and listing them in secrets_out_of_band. Use {} for none."
   type        = map(string)
   sensitive   = true
   nullable    = false
   validation {
-    condition     = alltrue([for id in keys(var.secret_values) : contains(["api-key-pepper", "cf-images-api-token", "r2-access-key", "r2-secret-key", "webhook-signing-secret"], id)])
-    error_message = "secret_values keys must be among api-key-pepper, cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret."
+    condition     = alltrue([for id in keys(var.secret_values) : contains(["cf-images-api-token", "r2-access-key", "r2-secret-key", "webhook-signing-secret"], id)])
+    error_message = "secret_values keys must be among cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret."
   }
 }
 
@@ -399,8 +420,8 @@ variable "secrets_out_of_band" {
   default     = []
   nullable    = false
   validation {
-    condition     = alltrue([for id in var.secrets_out_of_band : contains(["api-key-pepper", "cf-images-api-token", "r2-access-key", "r2-secret-key", "webhook-signing-secret"], id)])
-    error_message = "secrets_out_of_band entries must be among api-key-pepper, cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret."
+    condition     = alltrue([for id in var.secrets_out_of_band : contains(["cf-images-api-token", "r2-access-key", "r2-secret-key", "webhook-signing-secret"], id)])
+    error_message = "secrets_out_of_band entries must be among cf-images-api-token, r2-access-key, r2-secret-key, webhook-signing-secret."
   }
 }
 
