@@ -35,6 +35,7 @@ FUNCTION_ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/api/health/?", "get_task"),
     ("GET", r"/api/status/?", "get_task"),
     ("POST", r"/internal/reap/?", "get_task"),
+    ("GET", r"/api/openapi\.json", "get_task"),
     ("GET", r"/api/comm/task/fetch/?", "fetch_task"),
 ]
 

@@ -27,6 +27,7 @@ __all__ = ["Route", "dispatch_request", "json_response", "service"]
 logger = get_logger(__name__)
 
 Handler = Callable[["RequestContext"], flask.Response]
+ANONYMOUS = Principal(owner="", roles=frozenset())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Route:
     pattern: str
     handler: Handler
     name: str
+    # Public routes (health, the OpenAPI document) answer without credentials.
+    public: bool = False
 
     @functools.cached_property
     def regex(self) -> re.Pattern[str]:
@@ -111,7 +114,7 @@ def dispatch_request(request: flask.Request, routes: list[Route]) -> flask.Respo
             allowed_methods.append(route.method)
             if route.method != request.method:
                 continue
-            principal = authenticate(request.headers, svc.settings)
+            principal = ANONYMOUS if route.public else authenticate(request.headers, svc.settings)
             params = match.groupdict()
             task_token = bind_task(params.get("task_id"))
             try:

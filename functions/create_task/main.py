@@ -51,7 +51,7 @@ ROUTES = [
     Route("POST", "/api/tasks/create", create, "create_task"),
     Route("POST", "/api/face-swap/create-task", create_face_swap, "create_face_swap_task"),
     Route("POST", "/api/tasks/{task_id}/cancel", cancel, "cancel_task"),
-    Route("GET", "/api/health", health_response, "health"),
+    Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
 ]
 

@@ -32,7 +32,7 @@ def fetch(ctx: RequestContext) -> flask.Response:
 
 ROUTES = [
     Route("GET", "/api/comm/task/fetch", fetch, "fetch_task"),
-    Route("GET", "/api/health", health_response, "health"),
+    Route("GET", "/api/health", health_response, "health", public=True),
 ]
 
 

@@ -36,6 +36,12 @@ def queue_status(ctx: RequestContext) -> flask.Response:
     return json_response(ctx.service.queue_status(principal=ctx.principal))
 
 
+def openapi(ctx: RequestContext) -> flask.Response:
+    from shared.openapi import openapi_document
+
+    return json_response(openapi_document())
+
+
 def reap(ctx: RequestContext) -> flask.Response:
     """Called by Cloud Scheduler: re-queue tasks whose runner stopped renewing its lease."""
     ctx.principal.require_admin()
@@ -52,9 +58,10 @@ ROUTES = [
     Route("GET", "/api/tasks", all_tasks, "list_tasks"),
     Route("GET", "/api/tasks/{task_id}", one_task, "get_task"),
     Route("GET", "/api/face-swap/queue-status", queue_status, "queue_status"),
-    Route("GET", "/api/health", health_response, "health"),
+    Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
     Route("POST", "/internal/reap", reap, "reap"),
+    Route("GET", "/api/openapi.json", openapi, "openapi", public=True),
 ]
 
 
