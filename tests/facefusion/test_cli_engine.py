@@ -1,0 +1,430 @@
+"""FaceFusionEngine against the stand-in of FaceFusion's ``headless-run`` CLI.
+
+Each test runs the real engine: inputs fetched by the real SafeFetcher from data: URLs
+of real photos, FaceFusion started as a subprocess in its own process group, its output
+parsed. The stand-in records the arguments it was given, so the mapping from our request
+to FaceFusion's options is asserted on what a real FaceFusion would have received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from gpu_runner.engines.facefusion import FaceFusionEngine, FaceFusionProgressParser
+from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
+from shared.safe_fetch import SafeFetcher
+from shared.settings import Settings
+from shared.tasks import Progress
+from tests.servers import wait_until
+
+from .conftest import CLIP_FPS, CLIP_FRAMES, FAKE_CLI, FAKES, Run, face_swap_task
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_engine(tmp_path: Path, fetcher: SafeFetcher, command: str, **overrides: Any) -> FaceFusionEngine:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "facefusion_command": command,
+        "facefusion_execution_providers": "cuda",
+        "task_timeout_s": 30.0,
+        **overrides,
+    }
+    settings = Settings(**values)
+    return FaceFusionEngine(settings, fetcher)
+
+
+@pytest.fixture
+def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "facefusion-record.json"
+    monkeypatch.setenv("FAKE_FACEFUSION_RECORD", str(path))
+    return path
+
+
+def options(argv: list[str]) -> dict[str, list[str]]:
+    """``--name value...`` pairs of a recorded command line (after ``headless-run``)."""
+    parsed: dict[str, list[str]] = {}
+    name = ""
+    for part in argv[1:]:
+        if part.startswith("-"):
+            name = part
+            parsed[name] = []
+        else:
+            parsed[name].append(part)
+    return parsed
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_image_swap_maps_the_request_to_headless_run_arguments(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_image_url: str,
+    astronaut_png: Path,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    result = run()
+
+    record = json.loads(record_path.read_text())
+    argv = record["argv"]
+    assert argv[0] == "headless-run"
+    given = options(argv)
+    assert run.job is not None
+    assert given["--source-paths"] == [str(run.job.inputs["source"])]
+    assert given["--target-path"] == [str(run.job.inputs["target"])]
+    assert given["--output-path"] == [str(tmp_path / "work" / "result.png")]
+    assert given["--processors"] == ["face_swapper"]
+    assert given["--face-swapper-model"] == ["inswapper_128_fp16"]
+    assert given["--face-swapper-pixel-boost"] == ["1024x1024"]
+    assert given["--face-selector-mode"] == ["one"]
+    assert given["--face-selector-order"] == ["large-small"]
+    assert given["--execution-providers"] == ["cuda"]
+    assert given["--log-level"] == ["info"]
+    assert given["--output-image-quality"] == ["95"]
+    assert not {"--trim-frame-start", "--trim-frame-end", "--output-video-encoder"} & set(given)
+    # FaceFusion finds its processors relative to its folder; its temp files stay in the job's.
+    assert Path(record["cwd"]) == FAKES
+    assert Path(record["tmpdir"]).is_relative_to(tmp_path / "work")
+    assert Path(given["--jobs-path"][0]).is_relative_to(tmp_path / "work")
+
+    [output] = result.outputs
+    assert output.content_type == "image/png"
+    assert output.kind == "image"
+    assert (output.width, output.height) == (512, 512)
+    swapped = np.asarray(Image.open(output.path).convert("RGB"), dtype=np.int16)
+    original = np.asarray(Image.open(astronaut_png).convert("RGB"), dtype=np.int16)
+    centre = np.s_[200:312, 200:312]
+    assert np.abs(swapped[centre] - original[centre]).mean() > 20, "the centre should have changed"
+    assert result.metadata["pixel_boost"] == "1024x1024"
+    assert run.progress[0].stage == "starting"
+    assert run.progress[-1] == Progress(value=1, max=1, stage="finished")
+
+
+def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_video_url: str,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command, facefusion_execution_providers="tensorrt, cuda")
+    task = face_swap_task(
+        source_url=source_url,
+        target_url=target_video_url,
+        resolution="640x480",
+        model="simswap_256",
+        face_selector="all",
+    )
+    run = Run(engine, task, tmp_path / "work")
+
+    result = run()
+
+    given = options(json.loads(record_path.read_text())["argv"])
+    assert given["--output-path"] == [str(tmp_path / "work" / "result.mp4")]
+    assert given["--face-swapper-model"] == ["simswap_256"]
+    assert given["--face-swapper-pixel-boost"] == ["512x512"]  # nearest to the shorter side, 480
+    assert given["--face-selector-mode"] == ["many"]
+    assert given["--execution-providers"] == ["tensorrt", "cuda"]
+    assert given["--output-video-encoder"] == ["libx264"]
+    assert given["--output-video-quality"] == ["80"]
+    assert given["--output-video-fps"] == [str(CLIP_FPS)]
+    assert "--output-image-quality" not in given
+
+    [output] = result.outputs
+    assert output.content_type == "video/mp4"
+    assert output.kind == "video"
+    assert output.extra["has_audio"] is True
+    assert output.extra["fps"] == CLIP_FPS
+    with av.open(str(output.path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == CLIP_FRAMES
+    processing = [item for item in run.progress if item.stage == "processing"]
+    assert processing[-1] == Progress(value=CLIP_FRAMES, max=CLIP_FRAMES, stage="processing")
+    assert [item.value for item in processing] == sorted(item.value for item in processing)
+    assert any(item.stage == "analysing" for item in run.progress)
+
+
+def test_a_reference_index_selects_that_face_as_reference(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    task = face_swap_task(
+        source_url=source_url, target_url=target_image_url, face_selector=2, resolution="200x200"
+    )
+
+    Run(engine, task, tmp_path / "work")()
+
+    given = options(json.loads(record_path.read_text())["argv"])
+    assert given["--face-selector-mode"] == ["reference"]
+    assert given["--face-selector-order"] == ["large-small"]
+    assert given["--reference-face-position"] == ["2"]
+    assert given["--face-swapper-pixel-boost"] == ["256x256"]
+
+
+@pytest.mark.parametrize(
+    ("knob", "expected_line"),
+    [("midway", "processing to video failed"), ("no_source_face", "no source face detected")],
+)
+def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_video_url: str,
+    knob: str,
+    expected_line: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", knob)
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_video_url), tmp_path / "work")
+
+    with pytest.raises(JobFailed) as failure:
+        run()
+
+    assert failure.value.code == "facefusion_failed"
+    assert failure.value.retryable is False
+    assert expected_line in failure.value.message
+    assert failure.value.details["exit_code"] == 1
+
+
+def test_exit_2_is_a_failed_precheck(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "precheck")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    with pytest.raises(JobFailed) as failure:
+        run()
+
+    assert failure.value.code == "facefusion_precheck_failed"
+    assert "ffmpeg is not installed" in failure.value.message
+    assert failure.value.details["exit_code"] == 2
+
+
+def test_an_option_facefusion_refuses_is_a_failed_precheck_naming_it(
+    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str, source_url: str, target_image_url: str
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command, facefusion_execution_providers="quantum")
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    with pytest.raises(JobFailed) as failure:
+        run()
+
+    assert failure.value.code == "facefusion_precheck_failed"
+    assert "invalid choice: 'quantum'" in failure.value.message
+
+
+def test_exit_0_without_an_output_file_is_a_failed_job(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "no_output")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    with pytest.raises(JobFailed) as failure:
+        run()
+
+    assert failure.value.code == "facefusion_no_output"
+
+
+def test_a_model_facefusion_does_not_have_fails_before_starting_it(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    task = face_swap_task(source_url=source_url, target_url=target_image_url, model="simswap_512")
+
+    with pytest.raises(JobFailed) as failure:
+        Run(engine, task, tmp_path / "work")()
+
+    assert failure.value.code == "model_not_supported"
+    assert not record_path.exists()
+
+
+def test_timeout_kills_facefusion_and_its_children(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command, task_timeout_s=1.5)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    started = time.monotonic()
+
+    with pytest.raises(JobFailed) as failure:
+        run()
+
+    assert failure.value.code == "task_timeout"
+    assert time.monotonic() - started < 10
+    record = json.loads(record_path.read_text())
+    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+
+
+def test_cancel_stops_facefusion_mid_run_and_leaves_no_process(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_video_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_video_url), tmp_path / "work")
+
+    async def cancel_once_processing() -> None:
+        job = asyncio.ensure_future(run.prepare_and_run())
+        deadline = time.monotonic() + 20
+        while "child_pid" not in (json.loads(record_path.read_text()) if record_path.exists() else {}):
+            assert time.monotonic() < deadline, "FaceFusion never started processing"
+            assert not job.done(), job.result()
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        run.cancel.set()
+        with pytest.raises(JobCancelled):
+            await job
+        assert time.monotonic() - started < 3
+
+    asyncio.run(cancel_once_processing())
+
+    record = json.loads(record_path.read_text())
+    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+    assert any(item.stage == "processing" for item in run.progress), "progress was read before the cancel"
+
+
+def test_when_the_worker_abandons_the_run_facefusion_is_killed(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    """The worker's own TASK_TIMEOUT_S cancels ``run``: the process must not outlive it."""
+    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    async def abandon() -> None:
+        job = await engine.prepare(run.task, run.workdir)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(engine.run(job, run.progress.append, run.cancel), timeout=1.5)
+
+    asyncio.run(abandon())
+
+    record = json.loads(record_path.read_text())
+    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+
+
+@pytest.mark.parametrize(
+    "command", ["/nonexistent/bin/facefusion", f"{sys.executable} /nonexistent/facefusion.py"]
+)
+def test_a_missing_facefusion_is_upstream_unavailable(
+    tmp_path: Path, fetcher: SafeFetcher, source_url: str, target_image_url: str, command: str
+) -> None:
+    engine = make_engine(tmp_path, fetcher, command)
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    with pytest.raises(UpstreamUnavailable) as failure:
+        run()
+
+    assert failure.value.code == "facefusion_unavailable"
+    assert failure.value.retryable is True
+    assert asyncio.run(engine.health())["status"] == "unavailable"
+
+
+def test_health_reports_an_installed_facefusion(
+    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str
+) -> None:
+    health = asyncio.run(make_engine(tmp_path, fetcher, fake_cli_command).health())
+
+    assert health["status"] == "available"
+    assert health["execution_providers"] == ["cuda"]
+    assert "inswapper_128_fp16" in health["models"]
+
+
+def test_the_progress_parser_reads_real_tqdm_output() -> None:
+    """The parser is checked against tqdm itself, configured as FaceFusion configures it."""
+    tqdm = pytest.importorskip("tqdm").tqdm
+    stream = io.StringIO()
+    with tqdm(
+        total=7, desc="processing", unit="frame", ascii=" =", file=stream, mininterval=0, miniters=1
+    ) as bar:
+        bar.set_postfix(execution_providers=["cuda"])
+        for _ in range(7):
+            bar.update()
+    seen: list[Progress] = []
+    parser = FaceFusionProgressParser(seen.append)
+
+    for start in range(0, len(stream.getvalue()), 13):  # arbitrary chunking, as a pipe delivers
+        parser.feed(stream.getvalue()[start : start + 13])
+    parser.feed("[FACEFUSION.CORE] processing step 1 of 1\n")
+    parser.close()
+
+    assert seen[-1] == Progress(value=7, max=7, stage="processing")
+    assert [item.value for item in seen] == sorted(item.value for item in seen)
+    assert list(parser.tail) == ["[FACEFUSION.CORE] processing step 1 of 1"]
+
+
+def test_the_stand_in_refuses_unknown_processors_and_models_as_facefusion_does(tmp_path: Path) -> None:
+    for bad in (["--processors", "face_melter"], ["--face-swapper-model", "simswap_512"]):
+        completed = subprocess.run(
+            [sys.executable, str(FAKE_CLI), "headless-run", *bad],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert completed.returncode == 2
+        assert "invalid choice" in completed.stderr
