@@ -90,7 +90,9 @@ locals {
     CLOUD_TASKS_DISPATCH_DEADLINE_S = "1800"
   })
 
-  runner_env = merge(local.common_env, {
+  # The image starts ComfyUI by default (COMFYUI_COMMAND, gpu_runner/Dockerfile); an
+  # empty command turns it off.
+  runner_env = merge(local.common_env, var.comfyui.enabled ? {} : { COMFYUI_COMMAND = "" }, {
     COMFYUI_CLIENT_ID     = var.comfyui.client_id
     COMFYUI_URL           = var.comfyui.enabled ? var.comfyui.url : ""
     DATA_DIR              = "/tmp/comfyswap"

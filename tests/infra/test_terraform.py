@@ -581,3 +581,44 @@ def test_checkov_finds_no_failed_check() -> None:
     passed = sum(entry.get("summary", {}).get("passed", 0) for entry in reports)
     assert failed == [], "checkov failed checks:\n" + "\n".join(failed)
     assert passed > 0, "checkov passed nothing: did it parse the files?"
+
+
+# --- runner image ----------------------------------------------------------------------------
+
+
+def _requirement_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_runner_requirements_match_pyproject() -> None:
+    """The image installs requirements/runner.txt; CI installs pyproject's dependencies."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = sorted(dependency.replace(" ", "") for dependency in project["dependencies"])
+    listed = sorted(
+        line.replace(" ", "")
+        for line in _requirement_lines((REPO_ROOT / "requirements" / "runner.txt").read_text())
+    )
+    assert listed == declared
+
+
+def test_dockerfile_builds_the_runner_image_as_designed() -> None:
+    dockerfile = (REPO_ROOT / "gpu_runner" / "Dockerfile").read_text()
+    assert re.search(r"nvidia/cuda:12\.[0-9.]+-cudnn-runtime-ubuntu22\.04", dockerfile)
+    assert "python3.11" in dockerfile
+    assert "requirements/runner.txt" in dockerfile
+    assert re.search(r"^ARG COMFYUI_REF=\S+", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^ARG FACEFUSION_VERSION=3\.\d+\.\d+", dockerfile, flags=re.MULTILINE)
+    assert "scripts/fetch_models.py" in dockerfile
+    assert re.search(r"^USER (?!root)\S+", dockerfile, flags=re.MULTILINE)
+    assert "HEALTHCHECK" in dockerfile
+    assert "/api/health" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "gpu_runner.supervisor"]' in dockerfile
+    assert len(re.findall(r"^FROM ", dockerfile, flags=re.MULTILINE)) >= 2, "multi-stage build"
+    # Every file the build copies is in the build context (.dockerignore keeps it).
+    ignored = _requirement_lines((REPO_ROOT / ".dockerignore").read_text())
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, flags=re.MULTILINE):
+        for path in source.split():
+            assert (REPO_ROOT / path).exists(), f"COPY {path}: no such file"
+            assert path.rstrip("/") not in ignored, f"COPY {path}: excluded by .dockerignore"
