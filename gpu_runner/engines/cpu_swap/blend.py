@@ -60,18 +60,17 @@ def face_mask(target_points: FloatArray, warped: WarpedFace) -> ByteImage:
 
 def reinhard_colour_transfer(source: ByteImage, target: ByteImage, mask: ByteImage) -> ByteImage:
     """``source`` recoloured so its LAB mean and standard deviation under ``mask`` match ``target``'s."""
-    inside = mask > 0
-    if inside.sum() < 16:
+    if cv2.countNonZero(mask) < 16:
         return source
-    source_lab = cv2.cvtColor(source, cv2.COLOR_BGR2LAB).astype(np.float32)
-    target_lab = cv2.cvtColor(target, cv2.COLOR_BGR2LAB).astype(np.float32)
-    source_values, target_values = source_lab[inside], target_lab[inside]
-    source_mean, source_std = source_values.mean(axis=0), source_values.std(axis=0)
-    target_mean, target_std = target_values.mean(axis=0), target_values.std(axis=0)
+    source_lab = cv2.cvtColor(source, cv2.COLOR_BGR2LAB)
+    target_lab = cv2.cvtColor(target, cv2.COLOR_BGR2LAB)
+    source_mean, source_std = (values.reshape(3) for values in cv2.meanStdDev(source_lab, mask=mask))
+    target_mean, target_std = (values.reshape(3) for values in cv2.meanStdDev(target_lab, mask=mask))
     ratio = np.clip(target_std / np.maximum(source_std, 1e-3), _MIN_SPREAD_RATIO, _MAX_SPREAD_RATIO)
-    recoloured = (source_lab - source_mean) * ratio + target_mean
-    result: ByteImage = cv2.cvtColor(np.clip(recoloured, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
-    return result
+    # One fused per-channel affine (scale, offset) on uint8: x * ratio + (mean_t - mean_s * ratio).
+    offset = target_mean - source_mean * ratio
+    recoloured = cv2.transform(source_lab, np.hstack([np.diag(ratio), offset[:, np.newaxis]]))
+    return np.asarray(cv2.cvtColor(recoloured, cv2.COLOR_LAB2BGR), dtype=np.uint8)
 
 
 def blend_face(target_image: ByteImage, target_points: FloatArray, warped: WarpedFace) -> None:

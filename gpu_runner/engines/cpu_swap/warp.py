@@ -116,13 +116,16 @@ def warp_face(
         cv2.fillConvexPoly(labels, local[triangles[index]], int(index), lineType=cv2.LINE_8, shift=4)
 
     covered = labels >= 0
-    rows, cols = np.nonzero(covered)
-    chosen = affines[labels[rows, cols]]  # (K, 2, 3)
-    xs = cols.astype(np.float64) + box.x0
-    ys = rows.astype(np.float64) + box.y0
-    map_x = np.full(labels.shape, -1.0, dtype=np.float32)
-    map_y = np.full(labels.shape, -1.0, dtype=np.float32)
-    map_x[rows, cols] = chosen[:, 0, 0] * xs + chosen[:, 0, 1] * ys + chosen[:, 0, 2]
-    map_y[rows, cols] = chosen[:, 1, 0] * xs + chosen[:, 1, 1] * ys + chosen[:, 1, 2]
+    # One extra "triangle" for uncovered pixels maps them off the source (-1, -1). Its
+    # coefficients are gathered per pixel by label: six whole-box takes, no boolean indexing.
+    coefficients = np.zeros((len(triangles) + 1, 6), dtype=np.float32)
+    coefficients[:-1] = affines.reshape(-1, 6)
+    coefficients[-1] = (0, 0, -1, 0, 0, -1)
+    labels[~covered] = len(triangles)
+    xs = np.arange(box.x0, box.x1, dtype=np.float32)[np.newaxis, :]
+    ys = np.arange(box.y0, box.y1, dtype=np.float32)[:, np.newaxis]
+    per_pixel = [coefficients[:, index].take(labels) for index in range(6)]
+    map_x = per_pixel[0] * xs + per_pixel[1] * ys + per_pixel[2]
+    map_y = per_pixel[3] * xs + per_pixel[4] * ys + per_pixel[5]
     pixels = cv2.remap(source_image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return WarpedFace(box, np.asarray(pixels, dtype=np.uint8), covered)
