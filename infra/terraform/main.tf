@@ -28,6 +28,8 @@ locals {
 
   # API_KEYS (shared/auth.py): sha256(key):owner:role+role. The same key string passes
   # the gateway's check (a Google API key) and the application's (its digest here).
+  # Digests of random keys reveal nothing, so the env maps stay non-sensitive (a
+  # sensitive map cannot drive the runner's dynamic env blocks).
   api_key_entries = concat(
     [for name, key in google_apikeys_key.client : "${sha256(key.key_string)}:${coalesce(var.api_keys[name].owner, name)}:${join("+", var.api_keys[name].roles)}"],
     ["${sha256(google_apikeys_key.reaper.key_string)}:reaper:admin"],
@@ -59,7 +61,7 @@ locals {
 
   # Settings read by both the functions and the runner (names: shared/settings.py).
   common_env = {
-    API_KEYS                  = join(",", local.api_key_entries)
+    API_KEYS                  = nonsensitive(join(",", local.api_key_entries))
     APP_ENV                   = var.app_env
     CF_IMAGES_ACCOUNT_ID      = var.cf_images.account_id
     CF_IMAGES_DELIVERY_DOMAIN = var.cf_images.delivery_domain
