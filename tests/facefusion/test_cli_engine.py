@@ -70,7 +70,7 @@ def options(argv: list[str]) -> dict[str, list[str]]:
 def gone(pid: int) -> bool:
     """True once ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
