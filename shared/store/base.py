@@ -55,7 +55,12 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def claim_next(
-        self, *, worker_id: str, environments: Iterable[str], lease_seconds: float, now: dt.datetime | None = None
+        self,
+        *,
+        worker_id: str,
+        environments: Iterable[str],
+        lease_seconds: float,
+        now: dt.datetime | None = None,
     ) -> Task | None:
         """Lease the highest-priority, oldest available PENDING task of ``environments``."""
 
@@ -74,6 +79,13 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
         """Ids of FETCHED/PROCESSING tasks whose lease ended before ``now``."""
+
+    @abc.abstractmethod
+    def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:
+        """Ids of PENDING tasks claimable since before ``cutoff``, longest-waiting first.
+
+        The re-dispatch sweep's query: in push mode such a task's delivery failed or was
+        lost, and oldest first means a backlog cannot starve the earliest tasks."""
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a task may have become claimable, or the timeout passes.
@@ -141,12 +153,18 @@ class TaskStore(abc.ABC):
         worker_id: str | None = None,
         changes: dict[str, Any] | None = None,
     ) -> Task:
-        return self.update(task_id, lambda task: apply_transition(task, to, worker_id=worker_id, changes=changes))
+        return self.update(
+            task_id, lambda task: apply_transition(task, to, worker_id=worker_id, changes=changes)
+        )
 
-    def start_processing(self, task_id: str, *, worker_id: str, timings: dict[str, float] | None = None) -> Task:
+    def start_processing(
+        self, task_id: str, *, worker_id: str, timings: dict[str, float] | None = None
+    ) -> Task:
         def mutate(task: Task) -> Task:
             merged = {**task.timings, **(timings or {})}
-            return apply_transition(task, TaskStatus.PROCESSING, worker_id=worker_id, changes={"timings": merged})
+            return apply_transition(
+                task, TaskStatus.PROCESSING, worker_id=worker_id, changes={"timings": merged}
+            )
 
         return self.update(task_id, mutate)
 
@@ -192,7 +210,9 @@ class TaskStore(abc.ABC):
                     "available_at": now + dt.timedelta(seconds=retry_delay_s),
                     "progress": None,
                 }
-                return apply_transition(task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes)
+                return apply_transition(
+                    task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes
+                )
             if error.retryable:
                 task_error = TaskError(
                     code=error.code,
@@ -210,7 +230,10 @@ class TaskStore(abc.ABC):
         now = utcnow()
 
         def mutate(task: Task) -> Task:
-            history = [*task.attempt_history, {"attempt": task.attempts, "released": reason, "at": now.isoformat()}]
+            history = [
+                *task.attempt_history,
+                {"attempt": task.attempts, "released": reason, "at": now.isoformat()},
+            ]
             changes = {"attempts": max(0, task.attempts - 1), "attempt_history": history, "available_at": now}
             return apply_transition(task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes)
 
@@ -239,7 +262,9 @@ class TaskStore(abc.ABC):
                 if task.status not in LEASED_STATUSES or task.lease is None or task.lease.expires_at >= now:
                     raise Conflict("lease no longer expired", code="not_expired")
                 error = ComfySwapError(
-                    f"runner {task.lease.owner} stopped renewing its lease", code="lease_expired", retryable=True
+                    f"runner {task.lease.owner} stopped renewing its lease",
+                    code="lease_expired",
+                    retryable=True,
                 )
                 history = [*task.attempt_history, _attempt_record(task, error, now)]
                 if task.attempts < task.max_attempts:

@@ -73,7 +73,7 @@ REQUIRED_INDEXES: tuple[IndexSpec, ...] = (
             ("available_at", "ASCENDING"),
         ),
     ),
-    # wait_for_work: status == PENDING order by available_at.
+    # wait_for_work, pending_ids_available_before: status == PENDING by available_at.
     IndexSpec("tasks", (("status", "ASCENDING"), ("available_at", "ASCENDING"))),
     # expired_lease_ids: status in [FETCHED, PROCESSING], lease_expires_at < now.
     IndexSpec("tasks", (("status", "ASCENDING"), ("lease_expires_at", "ASCENDING"))),
@@ -390,6 +390,15 @@ class FirestoreTaskStore(TaskStore):
                 filter=FieldFilter("status", "in", sorted(status.value for status in LEASED_STATUSES))
             )
             .where(filter=FieldFilter(_LEASE_EXPIRES_AT, "<", now))
+            .limit(limit)
+        )
+        return [snapshot.id for snapshot in query.stream()]
+
+    def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:
+        query = (
+            self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+            .where(filter=FieldFilter("available_at", "<", cutoff))
+            .order_by("available_at", direction=firestore.Query.ASCENDING)
             .limit(limit)
         )
         return [snapshot.id for snapshot in query.stream()]

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, environment, priority DESC, available_at);
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS tasks_available ON tasks (status, available_at);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
@@ -131,12 +132,15 @@ class SQLiteTaskStore(TaskStore):
             with self._write() as conn:
                 conn.execute(
                     "INSERT INTO tasks (status, environment, priority, available_at, created_at, "
-                    "lease_expires_at, owner, idempotency_key, document, task_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "lease_expires_at, owner, idempotency_key, document, task_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
                     self._row_values(task),
                 )
         except sqlite3.IntegrityError as exc:
             existing = (
-                self.find_by_idempotency_key(task.owner, task.idempotency_key) if task.idempotency_key else None
+                self.find_by_idempotency_key(task.owner, task.idempotency_key)
+                if task.idempotency_key
+                else None
             )
             if existing is not None:
                 raise Conflict(
@@ -156,7 +160,9 @@ class SQLiteTaskStore(TaskStore):
         with self._write() as conn:
             row = conn.execute("SELECT document FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             if row is None:
-                raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
+                raise NotFound(
+                    f"task {task_id} not found", code="task_not_found", details={"task_id": task_id}
+                )
             updated = mutate(self._load(row[0]))
             self._write_row(conn, updated)
         if updated.status == TaskStatus.PENDING:
@@ -164,7 +170,12 @@ class SQLiteTaskStore(TaskStore):
         return updated
 
     def claim_next(
-        self, *, worker_id: str, environments: Iterable[str], lease_seconds: float, now: dt.datetime | None = None
+        self,
+        *,
+        worker_id: str,
+        environments: Iterable[str],
+        lease_seconds: float,
+        now: dt.datetime | None = None,
     ) -> Task | None:
         now = now or utcnow()
         envs = list(environments)
@@ -205,7 +216,9 @@ class SQLiteTaskStore(TaskStore):
     def queue_stats(self, *, owner: str | None = None) -> QueueStats:
         where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         conn = self._connection()
-        counts = dict(conn.execute(f"SELECT status, COUNT(*) FROM tasks {where} GROUP BY status", args).fetchall())  # noqa: S608
+        counts = dict(
+            conn.execute(f"SELECT status, COUNT(*) FROM tasks {where} GROUP BY status", args).fetchall()  # noqa: S608  # `where` is a constant
+        )
         pending_where = "WHERE status='PENDING'" + (" AND owner = ?" if owner is not None else "")
         oldest = conn.execute(f"SELECT MIN(created_at) FROM tasks {pending_where}", args).fetchone()[0]  # noqa: S608
         return QueueStats(
@@ -226,6 +239,14 @@ class SQLiteTaskStore(TaskStore):
         rows = self._connection().execute(
             "SELECT task_id FROM tasks WHERE status IN (?, ?) AND lease_expires_at < ? LIMIT ?",
             (*leased, _ts(now), limit),
+        )
+        return [row[0] for row in rows]
+
+    def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:
+        rows = self._connection().execute(
+            "SELECT task_id FROM tasks WHERE status='PENDING' AND available_at < ? "
+            "ORDER BY available_at LIMIT ?",
+            (_ts(cutoff), limit),
         )
         return [row[0] for row in rows]
 

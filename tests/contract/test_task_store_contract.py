@@ -553,3 +553,19 @@ def test_eight_processes_claim_every_task_of_one_sqlite_file_exactly_once(tmp_pa
     assert sum(1 for _, ids, _ in reports if ids) > 1, "one process took everything: no overlap"
     assert all(seeding.get_or_raise(task_id).status == TaskStatus.FETCHED for task_id in task_ids)
     seeding.close()
+
+
+def test_pending_ids_available_before_lists_longest_waiting_first(store: TaskStore) -> None:
+    now = utcnow()
+    newer = store.create(make_task(available_at=now - dt.timedelta(minutes=2)))
+    oldest = store.create(make_task(available_at=now - dt.timedelta(minutes=9)))
+    store.create(make_task(available_at=now))
+    store.create(make_task(available_at=now + dt.timedelta(minutes=5)))
+    leased_old = store.create(make_task(environment="comm", available_at=now - dt.timedelta(minutes=30)))
+    claimed(store, environments=["comm"])
+
+    stale = store.pending_ids_available_before(now - dt.timedelta(minutes=1))
+
+    assert leased_old.taskId not in stale
+    assert stale == [oldest.taskId, newer.taskId]
+    assert store.pending_ids_available_before(now - dt.timedelta(minutes=1), limit=1) == [oldest.taskId]
