@@ -1,16 +1,18 @@
-"""Dispatchers: the interface and a factory choosing one from settings."""
+"""Dispatchers: the interface, the re-dispatch sweep and a factory choosing one from settings."""
 
 from __future__ import annotations
 
-from shared.dispatch.base import Dispatcher, NoopDispatcher
+from shared.dispatch.base import Dispatcher, NoopDispatcher, RedispatchReport, redispatch_stale_pending
 from shared.settings import Settings
 
-__all__ = ["Dispatcher", "NoopDispatcher", "make_dispatcher"]
+__all__ = ["Dispatcher", "NoopDispatcher", "RedispatchReport", "make_dispatcher", "redispatch_stale_pending"]
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:
+    """Pull mode needs no dispatch; push mode imports the Cloud Tasks client only when chosen."""
     if settings.dispatch_mode == "push":
         from shared.dispatch.cloud_tasks import CloudTasksDispatcher
 
-        return CloudTasksDispatcher.from_settings(settings)
+        dispatcher: Dispatcher = CloudTasksDispatcher.from_settings(settings)
+        return dispatcher
     return NoopDispatcher()

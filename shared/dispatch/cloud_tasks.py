@@ -1,0 +1,170 @@
+"""Push dispatch: one Cloud Task per delivery, an HTTP POST of the task id to the runner.
+
+The Cloud Task carries only the id (Cloud Tasks caps a task at 100 KB; the data lives
+in the task store) and, when an invoker service account is configured, an OIDC token the
+runner verifies (shared.oidc). Its name is derived from the task id and the attempt
+number, so a repeated dispatch of the same delivery is de-duplicated by Cloud Tasks
+(ALREADY_EXISTS, which counts as success here), while a task re-queued by the reaper or
+a retry gets a fresh name: Cloud Tasks refuses a name for about an hour after its task
+ran, which would otherwise swallow the re-delivery.
+
+Transient gRPC failures are retried a few times with backoff; a final failure raises
+UpstreamUnavailable (``dispatch_failed``). The caller keeps the task PENDING, and
+:func:`shared.dispatch.redispatch_stale_pending` enqueues it again later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import tasks_v2
+
+from shared.dispatch.base import Dispatcher
+from shared.errors import UpstreamUnavailable
+from shared.logs import get_logger, log_event
+from shared.tasks import Task
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["RUNNER_PUSH_PATH", "CloudTasksDispatcher", "cloud_task_id", "make_cloud_tasks_client"]
+
+logger = get_logger(__name__)
+
+# The runner's push endpoint (gpu_runner/app.py serves it).
+RUNNER_PUSH_PATH = "/internal/tasks/run"
+
+# Worth another try: the service or the network hiccuped, or we were throttled.
+_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+    gexc.Aborted,
+    gexc.Unknown,
+    gexc.RetryError,
+)
+
+
+def cloud_task_id(task: Task) -> str:
+    """The Cloud Task's id for this delivery of ``task``.
+
+    A short hash comes first because Cloud Tasks spreads load by name prefix and every
+    task id starts with ``task_``; the attempt count makes each delivery a new name.
+    """
+    spread = hashlib.sha256(task.taskId.encode()).hexdigest()[:8]
+    return f"{spread}-{task.taskId}-{task.attempts}"
+
+
+def make_cloud_tasks_client(settings: Settings) -> tasks_v2.CloudTasksClient:
+    """The client, on an insecure channel to CLOUD_TASKS_EMULATOR_HOST when one is set
+    (TLS with anonymous credentials fails the emulator's handshake)."""
+    if settings.cloud_tasks_emulator_host:
+        import grpc  # type: ignore[import-untyped]  # grpcio ships no type hints
+        from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+
+        channel = grpc.insecure_channel(settings.cloud_tasks_emulator_host)
+        return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
+    return tasks_v2.CloudTasksClient()
+
+
+class CloudTasksDispatcher(Dispatcher):
+    """Enqueue each task as an HTTP Cloud Task targeting the runner's push endpoint."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        queue_path: str,
+        target_url: str,
+        invoker_email: str = "",
+        audience: str = "",
+        dispatch_deadline_s: int = 1800,
+        attempts: int = 4,
+        backoff_s: float = 0.5,
+        request_timeout_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._client = client
+        self.queue_path = queue_path
+        self.target_url = target_url
+        self.invoker_email = invoker_email
+        self.audience = audience or target_url
+        self.dispatch_deadline_s = dispatch_deadline_s
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._request_timeout_s = request_timeout_s
+        self._sleep = sleep
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CloudTasksDispatcher:
+        client = make_cloud_tasks_client(settings)
+        return cls(
+            client,
+            queue_path=client.queue_path(
+                settings.google_cloud_project, settings.cloud_tasks_location, settings.cloud_tasks_queue
+            ),
+            target_url=settings.effective_runner_url + RUNNER_PUSH_PATH,
+            invoker_email=settings.cloud_tasks_invoker_email,
+            audience=settings.runner_oidc_audience or settings.effective_runner_url,
+            dispatch_deadline_s=settings.cloud_tasks_dispatch_deadline_s,
+        )
+
+    def build_cloud_task(self, task: Task) -> tasks_v2.Task:
+        """The typed Cloud Task for one delivery of ``task``: ids only, never its data."""
+        http_request = tasks_v2.HttpRequest(
+            url=self.target_url,
+            http_method=tasks_v2.HttpMethod.POST,
+            headers={"Content-Type": "application/json"},
+            body=json.dumps({"task_id": task.taskId}).encode(),
+        )
+        if self.invoker_email:
+            http_request.oidc_token = tasks_v2.OidcToken(
+                service_account_email=self.invoker_email, audience=self.audience
+            )
+        return tasks_v2.Task(
+            name=f"{self.queue_path}/tasks/{cloud_task_id(task)}",
+            http_request=http_request,
+            dispatch_deadline=dt.timedelta(seconds=self.dispatch_deadline_s),
+        )
+
+    def dispatch(self, task: Task) -> None:
+        cloud_task = self.build_cloud_task(task)
+        last_error: Exception | None = None
+        for attempt in range(1, self._attempts + 1):
+            try:
+                # retry=None: this loop is the only retry, so the attempt count is ours.
+                self._client.create_task(
+                    parent=self.queue_path, task=cloud_task, retry=None, timeout=self._request_timeout_s
+                )
+            except gexc.AlreadyExists:
+                log_event(logger, "dispatch_duplicate", task_id=task.taskId, cloud_task=cloud_task.name)
+                return
+            except _TRANSIENT_ERRORS as exc:
+                last_error = exc
+                if attempt < self._attempts:
+                    self._sleep(self._backoff_s * 2 ** (attempt - 1))
+                continue
+            except gexc.GoogleAPICallError as exc:
+                # Permission, a missing queue, a bad request: retrying now cannot help.
+                raise self._failure(task, exc, attempt) from exc
+            log_event(
+                logger, "task_dispatched", task_id=task.taskId, cloud_task=cloud_task.name, attempt=attempt
+            )
+            return
+        assert last_error is not None
+        raise self._failure(task, last_error, self._attempts) from last_error
+
+    def _failure(self, task: Task, exc: Exception, attempts: int) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            f"could not enqueue task {task.taskId} on Cloud Tasks after {attempts} attempt(s): {exc}",
+            code="dispatch_failed",
+            details={"task_id": task.taskId, "queue": self.queue_path, "error": type(exc).__name__},
+        )
