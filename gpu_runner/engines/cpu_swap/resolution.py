@@ -8,8 +8,9 @@ landmark model), and upscaling adds pixels but no detail while costing time. So:
   fits inside W x H, and is never larger than the target (no upscaling).
 * The target is resized *before* the swap (INTER_AREA), so the work is done at the
   output size: a 4K frame asked for at 1024x1024 costs a 1024-pixel swap.
-* Video dimensions are rounded down to even numbers (yuv420p needs them); a 1-pixel
-  row or column is dropped rather than the frame rescaled.
+* Video dimensions are rounded down to even numbers (yuv420p needs them). Images drop
+  an odd pixel row or column rather than resample (``resize_to``); video frames are
+  scaled by FFmpeg's area filter while being converted to I420.
 * ``None`` keeps the target's size (videos still rounded to even).
 """
 

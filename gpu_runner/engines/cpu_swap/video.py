@@ -15,6 +15,8 @@
   which is steadier than a fresh detection box) and smoothed with an adaptive
   exponential moving average: strong when the face is still (kills jitter), weak when
   it moves (no lag), and reset on a scene cut or a jump.
+* Colour: frames are decoded as I420 and only the face box is converted back from BGR
+  (OpenCV, BT.601); the rest keeps its decoded YUV values exactly, so no colour drifts.
 * Frames where the selector finds no face pass through unchanged; a video with no face
   in any frame is a NoFaceInTarget (an unchanged copy is not what the user asked for).
 """
