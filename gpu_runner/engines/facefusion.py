@@ -389,6 +389,8 @@ class FaceFusionEngine(FaceSwapEngineBase):
             ),
         ]
         environment = {**os.environ, "TMPDIR": str(temp_path), "PYTHONUNBUFFERED": "1"}
+        if cancel.is_set():
+            raise JobCancelled("task cancelled before FaceFusion started")
         progress(Progress(value=0, max=1, stage="starting"))
         exit_code, parser = await self._run_process(argv, command.cwd, environment, progress, cancel)
         self._raise_for_exit(exit_code, parser)
@@ -468,7 +470,9 @@ class FaceFusionEngine(FaceSwapEngineBase):
             return
         tail = list(parser.tail)
         last_lines = "\n".join(tail[-8:])[-2000:] or "(no output)"
-        details = {"exit_code": exit_code, "output_tail": tail}
+        details: dict[str, Any] = {"exit_code": exit_code, "output_tail": tail}
+        if parser.last_progress is not None:
+            details["last_progress"] = parser.last_progress.model_dump()
         if exit_code == 2:
             raise JobFailed(
                 f"FaceFusion refused the job at its pre-check (exit 2):\n{last_lines}",

@@ -191,8 +191,15 @@ def test_a_reference_index_selects_that_face_as_reference(
 
 
 @pytest.mark.parametrize(
-    ("knob", "expected_line"),
-    [("midway", "processing to video failed"), ("no_source_face", "no source face detected")],
+    ("knob", "expected_line", "last_progress"),
+    [
+        (
+            "midway",
+            "processing to video failed",
+            {"value": CLIP_FRAMES // 2, "max": CLIP_FRAMES, "stage": "processing"},
+        ),
+        ("no_source_face", "no source face detected", None),
+    ],
 )
 def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
     tmp_path: Path,
@@ -203,6 +210,7 @@ def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
     target_video_url: str,
     knob: str,
     expected_line: str,
+    last_progress: dict[str, Any] | None,
 ) -> None:
     monkeypatch.setenv("FAKE_FACEFUSION_FAIL", knob)
     engine = make_engine(tmp_path, fetcher, fake_cli_command)
@@ -215,6 +223,7 @@ def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
     assert failure.value.retryable is False
     assert expected_line in failure.value.message
     assert failure.value.details["exit_code"] == 1
+    assert failure.value.details.get("last_progress") == last_progress
 
 
 def test_exit_2_is_a_failed_precheck(
