@@ -69,7 +69,8 @@ def sign(private_pem: str, key_id: str = KEY_ID, **overrides: Any) -> str:
     claims.update(overrides)
     claims = {name: value for name, value in claims.items() if value is not None}
     signer = crypt.RSASigner.from_string(private_pem, key_id=key_id)
-    return jwt.encode(signer, claims).decode()
+    token: bytes = jwt.encode(signer, claims)
+    return token.decode()
 
 
 def verify(header: str | None, certs: dict[str, str]) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def test_a_valid_cloud_tasks_token_is_accepted(google_key, certs, issuer) -> Non
     assert claims["aud"] == AUDIENCE
 
 
-def test_certs_may_come_from_a_fetcher(google_key, certs) -> None:
+def test_certs_may_come_from_a_fetcher(google_key, certs: dict[str, str]) -> None:
     calls: list[int] = []
 
     def fetch() -> dict[str, str]:

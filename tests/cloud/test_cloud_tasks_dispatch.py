@@ -1,0 +1,294 @@
+"""Push dispatch through Cloud Tasks: against the emulator where it is faithful, against
+the documented API (a recording client) where it is not.
+
+The emulator (gcloud-tasks-emulator 0.6.2, in its own venv: scripts/install_cloud_tasks_emulator.sh)
+really creates the queue and the task and POSTs to a real HTTP server on 127.0.0.1. It
+does not de-duplicate task names, send OIDC tokens, or fail on demand, so ALREADY_EXISTS,
+retries and the OIDC fields are checked against ``CloudTasksClient.create_task``'s
+documented contract with a recording client instead.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import tasks_v2
+
+from shared.dispatch import NoopDispatcher, make_dispatcher
+from shared.dispatch.cloud_tasks import RUNNER_PUSH_PATH, CloudTasksDispatcher, cloud_task_id
+from shared.errors import UpstreamUnavailable
+from shared.settings import Settings
+from shared.tasks import Task
+from tests.servers import ServerProcess, free_port, start_server, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EMULATOR_PYTHON = REPO_ROOT / ".tools" / "cloud-tasks-emulator-venv" / "bin" / "python"
+EMULATOR_LAUNCHER = Path(__file__).with_name("cloud_tasks_emulator_main.py")
+PROJECT = "comfyswap-test"
+LOCATION = "us-central1"
+INVOKER = "tasks-invoker@comfyswap-test.iam.gserviceaccount.com"
+
+
+def make_task(**overrides: Any) -> Task:
+    return Task(**{"workflow": "face_swap", "environment": "face_swap", **overrides})
+
+
+# --- the emulator -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cloud_tasks_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a running emulator; ``-r 3`` so a failing target is not retried forever."""
+    if not EMULATOR_PYTHON.exists():
+        pytest.skip(
+            f"Cloud Tasks emulator not installed ({EMULATOR_PYTHON} missing): "
+            "run scripts/install_cloud_tasks_emulator.sh"
+        )
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    probe = make_dispatcher(_settings(host, "probe", "http://127.0.0.1:1"))
+    assert isinstance(probe, CloudTasksDispatcher)
+
+    def answers() -> bool:
+        probe._client.list_queues(parent=f"projects/{PROJECT}/locations/{LOCATION}", timeout=1)
+        return True
+
+    server: ServerProcess = start_server(
+        "cloud-tasks-emulator",
+        [str(EMULATOR_PYTHON), str(EMULATOR_LAUNCHER), "start", "-p", str(port), "-r", "3"],
+        url=f"http://{host}",
+        log_dir=tmp_path_factory.mktemp("cloud-tasks-emulator"),
+        ready=answers,
+        timeout_s=60,
+    )
+    try:
+        yield host
+    finally:
+        server.stop()
+
+
+class RecordingTarget:
+    """The runner's push endpoint as a real HTTP server on 127.0.0.1: records each POST."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        recorded = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                recorded.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def runner_target() -> Iterator[RecordingTarget]:
+    target = RecordingTarget()
+    yield target
+    target.close()
+
+
+def _settings(emulator_host: str, queue: str, runner_url: str, **overrides: Any) -> Settings:
+    return Settings(
+        dispatch_mode="push",
+        cloud_tasks_emulator_host=emulator_host,
+        google_cloud_project=PROJECT,
+        cloud_tasks_location=LOCATION,
+        cloud_tasks_queue=queue,
+        runner_url=runner_url,
+        **overrides,
+    )
+
+
+def test_dispatch_delivers_only_the_task_id_to_the_runner(cloud_tasks_emulator, runner_target) -> None:
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    settings = _settings(cloud_tasks_emulator, queue, runner_target.url, cloud_tasks_invoker_email=INVOKER)
+    dispatcher = make_dispatcher(settings)
+    assert isinstance(dispatcher, CloudTasksDispatcher)
+    dispatcher._client.create_queue(
+        parent=f"projects/{PROJECT}/locations/{LOCATION}", queue=tasks_v2.Queue(name=dispatcher.queue_path)
+    )
+    task = make_task(params={"input_data": {"source_url": "https://example.com/a.jpg"}})
+
+    dispatcher.dispatch(task)
+    wait_until(lambda: len(runner_target.requests) >= 1, timeout_s=20, what="the emulator's POST")
+
+    delivered = runner_target.requests[0]
+    headers = {name.lower(): value for name, value in delivered["headers"].items()}
+    assert delivered["path"] == RUNNER_PUSH_PATH
+    assert json.loads(delivered["body"]) == {"task_id": task.taskId}
+    assert headers["content-type"] == "application/json"
+    assert headers["x-cloudtasks-taskname"] == cloud_task_id(task)
+    assert headers["x-cloudtasks-queuename"].endswith(queue)
+    assert headers["x-cloudtasks-taskretrycount"] == "0"
+
+
+def test_dispatch_to_a_missing_queue_fails_as_dispatch_failed(cloud_tasks_emulator, runner_target) -> None:
+    dispatcher = make_dispatcher(_settings(cloud_tasks_emulator, "no-such-queue", runner_target.url))
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(make_task())
+
+    assert raised.value.code == "dispatch_failed"
+    assert raised.value.details["error"] == "FailedPrecondition"
+    assert runner_target.requests == []
+
+
+# --- the documented API, where the emulator is not faithful -----------------------------
+class RecordingClient:
+    """Stands in for CloudTasksClient.create_task: records calls, raises what it is told."""
+
+    def __init__(self, *outcomes: Exception | None) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[dict[str, Any]] = []
+
+    def create_task(self, *, parent: str, task: tasks_v2.Task, retry: Any, timeout: float) -> tasks_v2.Task:
+        self.calls.append({"parent": parent, "task": task, "retry": retry, "timeout": timeout})
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+        return task
+
+
+QUEUE_PATH = f"projects/{PROJECT}/locations/{LOCATION}/queues/runner"
+
+
+def recording_dispatcher(
+    client: RecordingClient, **overrides: Any
+) -> tuple[CloudTasksDispatcher, list[float]]:
+    sleeps: list[float] = []
+    options: dict[str, Any] = {
+        "queue_path": QUEUE_PATH,
+        "target_url": "https://runner.example.com" + RUNNER_PUSH_PATH,
+        "invoker_email": INVOKER,
+        "audience": "https://runner.example.com",
+        "sleep": sleeps.append,
+        **overrides,
+    }
+    return CloudTasksDispatcher(client, **options), sleeps
+
+
+def test_the_cloud_task_carries_ids_only_an_oidc_token_and_the_deadline() -> None:
+    dispatcher, _ = recording_dispatcher(RecordingClient(), dispatch_deadline_s=900)
+    task = make_task(params={"input_data": {"wf_json": {"1": {"inputs": {"text": "x" * 50_000}}}}})
+
+    cloud_task = dispatcher.build_cloud_task(task)
+
+    assert cloud_task.name == f"{QUEUE_PATH}/tasks/{cloud_task_id(task)}"
+    assert cloud_task.http_request.url == "https://runner.example.com" + RUNNER_PUSH_PATH
+    assert cloud_task.http_request.http_method == tasks_v2.HttpMethod.POST
+    assert cloud_task.http_request.headers["Content-Type"] == "application/json"
+    assert json.loads(cloud_task.http_request.body) == {"task_id": task.taskId}
+    assert cloud_task.http_request.oidc_token.service_account_email == INVOKER
+    assert cloud_task.http_request.oidc_token.audience == "https://runner.example.com"
+    assert cloud_task.dispatch_deadline.total_seconds() == 900
+
+
+def test_without_an_invoker_email_no_oidc_token_is_requested() -> None:
+    dispatcher, _ = recording_dispatcher(RecordingClient(), invoker_email="")
+
+    cloud_task = dispatcher.build_cloud_task(make_task())
+
+    assert "oidc_token" not in cloud_task.http_request
+
+
+def test_each_delivery_of_a_task_gets_its_own_name() -> None:
+    """Cloud Tasks keeps a used name for about an hour; a re-queued task needs a new one."""
+    task = make_task()
+    retried = task.model_copy(update={"attempts": 1})
+
+    assert cloud_task_id(task) != cloud_task_id(retried)
+    assert cloud_task_id(task) == cloud_task_id(task.model_copy())
+    assert task.taskId in cloud_task_id(task)
+
+
+def test_already_exists_counts_as_dispatched() -> None:
+    """The emulator never answers ALREADY_EXISTS (it does not de-duplicate names), so the
+    documented answer to a repeated task name is simulated here."""
+    client = RecordingClient(gexc.AlreadyExists("task already exists"))
+    dispatcher, sleeps = recording_dispatcher(client)
+
+    dispatcher.dispatch(make_task())
+
+    assert len(client.calls) == 1
+    assert sleeps == []
+
+
+def test_transient_errors_are_retried_with_backoff() -> None:
+    client = RecordingClient(gexc.ServiceUnavailable("down"), gexc.DeadlineExceeded("slow"), None)
+    dispatcher, sleeps = recording_dispatcher(client)
+
+    dispatcher.dispatch(make_task())
+
+    assert len(client.calls) == 3
+    assert sleeps == [0.5, 1.0]
+    assert all(call["retry"] is None and call["parent"] == QUEUE_PATH for call in client.calls)
+
+
+def test_persistent_transient_errors_end_in_dispatch_failed() -> None:
+    client = RecordingClient(*[gexc.ServiceUnavailable("down")] * 10)
+    dispatcher, sleeps = recording_dispatcher(client, attempts=3)
+    task = make_task()
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(task)
+
+    assert raised.value.code == "dispatch_failed"
+    assert raised.value.retryable is True
+    assert raised.value.details["task_id"] == task.taskId
+    assert len(client.calls) == 3
+    assert sleeps == [0.5, 1.0]
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    client = RecordingClient(gexc.PermissionDenied("cloudtasks.tasks.create denied"))
+    dispatcher, sleeps = recording_dispatcher(client)
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(make_task())
+
+    assert raised.value.details["error"] == "PermissionDenied"
+    assert len(client.calls) == 1
+    assert sleeps == []
+
+
+def test_make_dispatcher_follows_dispatch_mode() -> None:
+    pull = make_dispatcher(Settings(dispatch_mode="pull"))
+    push = make_dispatcher(
+        Settings(
+            dispatch_mode="push",
+            cloud_tasks_emulator_host="127.0.0.1:9",  # the channel connects lazily
+            google_cloud_project="p",
+            cloud_tasks_location="europe-west4",
+            cloud_tasks_queue="q",
+            runner_url="https://runner.example.com/",
+        )
+    )
+
+    assert isinstance(pull, NoopDispatcher)
+    pull.dispatch(make_task())  # nothing to do: runners pull
+    assert isinstance(push, CloudTasksDispatcher)
+    assert push.queue_path == "projects/p/locations/europe-west4/queues/q"
+    assert push.target_url == "https://runner.example.com" + RUNNER_PUSH_PATH
+    assert push.audience == "https://runner.example.com"
