@@ -1,0 +1,377 @@
+"""Figure 5: the engines' own speed.
+
+* CPU face swap (``gpu_runner.engines.cpu_swap``): ms per image at 512 and 1024 px
+  (median of 5, Grace Hopper onto the astronaut), against face detection + landmarks
+  alone; fps and peak RSS on a 720p clip, against decoding and re-encoding the same clip
+  without a swap. Peak RSS at two clip lengths shows whether memory grows with length.
+  Measured in a fresh subprocess each (``python -m benchmarks.engine_speed ...``) so RSS
+  is the swap's own. The headline numbers come from the cpu_swap package's own benchmark
+  (``python -m gpu_runner.engines.cpu_swap.bench``) when it exists; the baselines and the
+  RSS-growth check are measured here.
+* ComfyUI path: the per-task overhead of ``ComfyUIEngine`` (prepare, run, collect) over a
+  direct client (one websocket, POST /prompt, wait for the end, GET /view) on the
+  ComfyUI test double, with tiny EmptyImage -> SaveImage prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import PY, REPO, Row, fmt_ms, median, run_json_subprocess, verdict
+
+__all__ = ["comfyui_overhead", "cpu_swap_rows"]
+
+COMFYUI_OVERHEAD_TARGET_S = 0.020
+RSS_GROWTH_TARGET = 1.2
+
+
+# --- measurements run in a subprocess ------------------------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure_images(runs: int) -> dict[str, Any]:
+    import cv2
+
+    from gpu_runner.engines.cpu_swap import FaceSwapper
+    from tests.faceswap.media import astronaut_bgr, grace_hopper_bgr
+
+    swapper = FaceSwapper()
+    source = swapper.prepare_source(grace_hopper_bgr())
+    result: dict[str, Any] = {}
+    for size in (512, 1024):
+        target = cv2.resize(astronaut_bgr(), (size, size), interpolation=cv2.INTER_CUBIC)
+        swapper.swap_image(source, target)  # warm-up
+        swap_times, detect_times = [], []
+        for _ in range(runs):
+            started = time.perf_counter()
+            swapper.swap_image(source, target)
+            swap_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            swapper.detect_faces(target)
+            detect_times.append(time.perf_counter() - started)
+        result[str(size)] = {"swap_s": median(swap_times), "detect_s": median(detect_times)}
+    return result
+
+
+def _write_720p_clip(path: Path, frames: int, fps: int = 25) -> None:
+    import av
+    import cv2
+    import numpy as np
+
+    from tests.faceswap.media import astronaut_bgr
+
+    photo = astronaut_bgr()
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "ultrafast"})
+        stream.width, stream.height = 1280, 720
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            phase = index / 12.0
+            scale = 720 / 384 * (1.0 + 0.08 * math.sin(phase))
+            centre_x, centre_y = 225 + 10 * math.sin(phase * 0.7), 200 + 6 * math.cos(phase * 0.9)
+            transform = np.array(
+                [[scale, 0, 640 - centre_x * scale], [0, scale, 360 - centre_y * scale]], dtype=np.float64
+            )
+            image = cv2.warpAffine(photo, transform, (1280, 720), borderMode=cv2.BORDER_REFLECT)
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def _transcode(source: Path, destination: Path) -> int:
+    """Decode every frame to BGR and encode it again: the swap's floor."""
+    import av
+
+    frames = 0
+    with av.open(str(source)) as input_container, av.open(str(destination), mode="w", format="mp4") as output:
+        video = input_container.streams.video[0]
+        video.thread_type = "AUTO"
+        stream = output.add_stream("libx264", rate=video.average_rate or 25)
+        stream.width, stream.height = video.width, video.height
+        stream.pix_fmt = "yuv420p"
+        for frame in input_container.decode(video):
+            image = frame.to_ndarray(format="bgr24")
+            encoded = av.VideoFrame.from_ndarray(image, format="bgr24")
+            output.mux(stream.encode(encoded))
+            frames += 1
+        output.mux(stream.encode(None))
+    return frames
+
+
+def _measure_video(clip: Path, workdir: Path, mode: str) -> dict[str, Any]:
+    if mode == "transcode":
+        started = time.perf_counter()
+        frames = _transcode(clip, workdir / f"transcoded-{uuid.uuid4().hex}.mp4")
+        return {"frames": frames, "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+    from gpu_runner.engines.cpu_swap import FaceSwapper, swap_video
+    from tests.faceswap.media import grace_hopper_bgr
+
+    swapper = FaceSwapper()
+    source = swapper.prepare_source(grace_hopper_bgr())
+    rss_before = _peak_rss_mb()
+    started = time.perf_counter()
+    info = swap_video(swapper, source, clip, workdir / f"swapped-{uuid.uuid4().hex}.mp4")
+    return {
+        "frames": info.frames,
+        "swapped": info.frames_swapped,
+        "seconds": time.perf_counter() - started,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["images", "clip", "video"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clip", type=Path)
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--mode", choices=["swap", "transcode"], default="swap")
+    args = parser.parse_args()
+    if args.what == "images":
+        print(json.dumps(_measure_images(args.runs)))
+    elif args.what == "clip":
+        _write_720p_clip(args.clip, args.frames)
+        print(json.dumps({"written": str(args.clip)}))
+    else:
+        print(json.dumps(_measure_video(args.clip, args.workdir, args.mode)))
+
+
+# --- rows ----------------------------------------------------------------------------------
+_BENCH_MODULE = "gpu_runner.engines.cpu_swap.bench"
+_BENCH_ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<value>[0-9.]+) (?P<unit>ms|fps|MiB)$")
+
+
+def _cpu_swap_bench(frames: int) -> dict[str, float] | None:
+    """The cpu_swap engineer's own benchmark, when it exists: its rows parsed by name
+    (``image 512x512``, ``video 1280x720, N frames``, ``peak RSS (process)``)."""
+    module_file = REPO / Path(*_BENCH_MODULE.split(".")).with_suffix(".py")
+    if not module_file.is_file():
+        return None
+    completed = subprocess.run(
+        [PY, "-m", _BENCH_MODULE, "--runs", "5", "--frames", str(frames)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{_BENCH_MODULE} exited {completed.returncode}: {completed.stderr[-500:]}")
+    values: dict[str, float] = {}
+    for line in completed.stdout.splitlines():
+        match = _BENCH_ROW.match(line.strip())
+        if match:
+            name = match.group("name")
+            key = "fps" if name.startswith("video") and match.group("unit") == "fps" else name
+            values[key] = float(match.group("value"))
+    return values
+
+
+def cpu_swap_rows(workdir: Path, *, video_frames: tuple[int, int] = (25, 75)) -> list[Row]:
+    try:
+        from gpu_runner.engines.cpu_swap import FaceSwapper
+
+        FaceSwapper()
+    except Exception as exc:
+        return [Row("5. CPU face swap", f"not measured: {exc}", "", "", "not measured")]
+    rows = []
+    try:
+        theirs = _cpu_swap_bench(video_frames[1])
+    except Exception as exc:
+        theirs = None
+        rows.append(Row(f"5. {_BENCH_MODULE}", f"not measured: {exc}"[:300], "", "", "not measured"))
+    source = f"python -m {_BENCH_MODULE}" if theirs else "benchmarks.engine_speed"
+    images = run_json_subprocess(["-m", "benchmarks.engine_speed", "images"], timeout_s=240)
+    for size in ("512", "1024"):
+        swap_ms = (theirs or {}).get(f"image {size}x{size}") or images[size]["swap_s"] * 1000
+        rows.append(
+            Row(
+                f"5. CPU face swap, {size}x{size} image (median of 5)",
+                f"{swap_ms:.1f} ms",
+                "none set in issue 8",
+                f"detection + landmarks alone: {fmt_ms(images[size]['detect_s'])}",
+                "info",
+                f"measured by {source}",
+            )
+        )
+    results = {}
+    for frames in video_frames:
+        clip = workdir / f"clip-720p-{frames}.mp4"
+        run_json_subprocess(
+            ["-m", "benchmarks.engine_speed", "clip", "--clip", str(clip), "--frames", str(frames)],
+            timeout_s=240,
+        )
+        common = ["-m", "benchmarks.engine_speed", "video", "--clip", str(clip), "--workdir", str(workdir)]
+        swap = run_json_subprocess(common, timeout_s=600)
+        transcode = run_json_subprocess([*common, "--mode", "transcode"], timeout_s=240)
+        results[frames] = (swap, transcode)
+    short_swap, _ = results[video_frames[0]]
+    long_swap, long_transcode = results[video_frames[1]]
+    fps = (theirs or {}).get("fps") or long_swap["frames"] / long_swap["seconds"]
+    transcode_fps = long_transcode["frames"] / long_transcode["seconds"]
+    rows.append(
+        Row(
+            f"5. CPU face swap, 720p video fps ({video_frames[1]} frames)",
+            f"{fps:.1f} fps",
+            "none set in issue 8",
+            f"decode + re-encode only: {transcode_fps:.1f} fps",
+            "info",
+            f"measured by {source}",
+        )
+    )
+    growth = long_swap["peak_rss_mb"] / short_swap["peak_rss_mb"]
+    rows.append(
+        Row(
+            "5. CPU face swap, 720p video peak RSS",
+            f"{long_swap['peak_rss_mb']:.0f} MB at {long_swap['frames']} frames, "
+            f"{short_swap['peak_rss_mb']:.0f} MB at {short_swap['frames']} ({growth:.2f}x)",
+            f"streamed: <= {RSS_GROWTH_TARGET}x for {video_frames[1] // video_frames[0]}x the frames",
+            f"models loaded: {long_swap['rss_before_mb']:.0f} MB; "
+            f"decode + re-encode only: {long_transcode['peak_rss_mb']:.0f} MB",
+            verdict(growth <= RSS_GROWTH_TARGET),
+            f"{_BENCH_MODULE} reports {theirs['peak RSS (process)']:.0f} MiB"
+            if theirs and "peak RSS (process)" in theirs
+            else "",
+        )
+    )
+    return rows
+
+
+# --- ComfyUI ---------------------------------------------------------------------------------
+def _prompt(index: int) -> dict[str, Any]:
+    # A different colour each time: the double, like ComfyUI, caches an identical prompt.
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": index},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+    }
+
+
+async def _direct_prompts(base_url: str, first: int, count: int, workdir: Path) -> list[float]:
+    """The least a client can do: one socket, POST /prompt, wait for the end, GET /view."""
+    import httpx
+    import websockets
+
+    client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
+    durations = []
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=30) as http,
+        websockets.connect(f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}") as socket,
+    ):
+        for index in range(first, first + count):
+            started = time.perf_counter()
+            prompt_id = str(uuid.uuid4())
+            answer = await http.post(
+                "/prompt", json={"prompt": _prompt(index), "client_id": client_id, "prompt_id": prompt_id}
+            )
+            answer.raise_for_status()
+            images: list[dict[str, Any]] = []
+            while True:
+                message = await asyncio.wait_for(socket.recv(), timeout=30)
+                if isinstance(message, bytes):
+                    continue
+                event = json.loads(message)
+                data = event.get("data", {})
+                if data.get("prompt_id") != prompt_id:
+                    continue
+                if event["type"] == "executed":
+                    images.extend(data.get("output", {}).get("images", []))
+                if event["type"] == "executing" and data.get("node") is None:
+                    break
+            for image in images:
+                response = await http.get("/view", params=image)
+                (workdir / f"direct-{index}-{image['filename']}").write_bytes(response.content)
+            durations.append(time.perf_counter() - started)
+    return durations
+
+
+async def _engine_prompts(base_url: str, first: int, count: int, workdir: Path) -> list[float]:
+    from gpu_runner.engines.comfyui import ComfyUIEngine
+    from shared.settings import Settings
+    from shared.tasks import Task, TaskParams
+
+    settings = Settings(comfyui_url=base_url, data_dir=workdir)  # type: ignore[call-arg]  # kwargs by name
+    engine = ComfyUIEngine(settings, None)
+    durations = []
+    try:
+        for index in range(first, first + count):
+            task = Task(
+                workflow="custom",
+                environment="comm",
+                params=TaskParams(input_data={"wf_json": _prompt(index)}),
+            )
+            started = time.perf_counter()
+            job = await engine.prepare(task, workdir / task.taskId)
+            result = await engine.run(job, lambda progress: None, asyncio.Event())
+            if not result.outputs:
+                raise RuntimeError("the ComfyUI engine returned no output")
+            durations.append(time.perf_counter() - started)
+    finally:
+        await engine.close()
+    return durations
+
+
+def comfyui_overhead(workdir: Path, *, count: int = 30) -> list[Row]:
+    figure = "5. ComfyUI path per-task overhead (test double, EmptyImage -> SaveImage)"
+    double = REPO / "tests" / "fakes" / "comfyui_double.py"
+    engine_module = REPO / "gpu_runner" / "engines" / "comfyui.py"
+    if not double.is_file():
+        return [Row(figure, "not measured: double missing", "", "", "not measured")]
+    if not engine_module.is_file():
+        return [Row(figure, "not measured: gpu_runner/engines/comfyui.py missing", "", "", "not measured")]
+    from tests.servers import free_port, start_server
+
+    port = free_port()
+    server = start_server(
+        "comfyui-double",
+        [PY, "-m", "tests.fakes.comfyui_double", "--port", str(port), "--root", str(workdir / "double-root")],
+        url=f"http://127.0.0.1:{port}",
+        log_dir=workdir,
+        health_path="/system_stats",
+        timeout_s=30,
+        cwd=REPO,
+    )
+    try:
+        base_url = server.url
+        asyncio.run(_direct_prompts(base_url, 10_000, 3, workdir))  # warm-up
+        asyncio.run(_engine_prompts(base_url, 20_000, 3, workdir))
+        # Interleaved halves, so drift on a shared machine lands on both sides.
+        direct = asyncio.run(_direct_prompts(base_url, 0, count // 2, workdir))
+        engine = asyncio.run(_engine_prompts(base_url, 1_000, count // 2, workdir))
+        direct += asyncio.run(_direct_prompts(base_url, 2_000, count // 2, workdir))
+        engine += asyncio.run(_engine_prompts(base_url, 3_000, count // 2, workdir))
+    finally:
+        server.stop()
+    overhead = median(engine) - median(direct)
+    return [
+        Row(
+            f"{figure}, median of {len(engine)}",
+            f"{fmt_ms(overhead)} per task (engine {fmt_ms(median(engine))})",
+            f"< {fmt_ms(COMFYUI_OVERHEAD_TARGET_S)} (as figure 2)",
+            f"direct HTTP + websocket client: {fmt_ms(median(direct))}",
+            verdict(overhead < COMFYUI_OVERHEAD_TARGET_S),
+        )
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -1,0 +1,262 @@
+"""Figure 6: upload throughput and peak memory of each storage provider, on its emulator.
+
+Each upload runs in a fresh process (``python -m benchmarks.storage upload ...``) that
+reports its time and ``ru_maxrss``, so the memory is the upload's own. A 200 MB and a
+20 MB file go through the provider as the runner calls it (``make_storage_chain``):
+memory that does not grow with the file shows the upload is streamed. The baseline is
+the plainest transfer of the same file to the same place: a file copy for ``local``, one
+streamed HTTP request (no SDK) to fake-gcs-server and moto for ``gcs`` and ``r2``.
+``cf_images`` is skipped: Cloudflare Images takes images of at most 10 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Row, run_json_subprocess, verdict
+
+__all__ = ["storage_rows"]
+
+LARGE_MB = 200
+SMALL_MB = 20
+RSS_GROWTH_TARGET = 1.2
+GCS_PROJECT = "comfyswap-bench"
+R2_ACCESS_KEY = "bench-access-key"
+R2_SECRET_KEY = "bench-secret-key"  # noqa: S105  # moto checks no signature; not a secret
+
+
+# --- in the measuring subprocess ---------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            yield chunk
+
+
+def _upload_with_provider(path: Path, key: str) -> None:
+    from shared.settings import get_settings
+    from shared.storage import make_storage_chain
+
+    chain = make_storage_chain(get_settings())
+    chain.upload(path, key, "video/mp4")
+
+
+def _upload_raw(path: Path, key: str, target: str, url: str, bucket: str) -> None:
+    if target == "local":
+        destination = Path(url) / key
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        return
+    import httpx
+
+    size = str(path.stat().st_size)
+    headers = {"Content-Type": "video/mp4", "Content-Length": size}
+    with httpx.Client(timeout=300) as client:
+        if target == "gcs":
+            response = client.post(
+                f"{url}/upload/storage/v1/b/{bucket}/o",
+                params={"uploadType": "media", "name": key},
+                content=_file_chunks(path),
+                headers=headers,
+            )
+        else:
+            response = client.put(f"{url}/{bucket}/{key}", content=_file_chunks(path), headers=headers)
+        response.raise_for_status()
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    key = f"results/bench-{uuid.uuid4().hex}/000.mp4"
+    # The client libraries are imported before the RSS mark: the figure is the upload's memory.
+    if args.raw:
+        import httpx  # noqa: F401
+    else:
+        import boto3  # noqa: F401
+        import google.cloud.storage  # noqa: F401
+
+        from shared.storage import make_storage_chain  # noqa: F401
+    rss_before = _peak_rss_mb()
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    if args.raw:
+        _upload_raw(args.file, key, args.target, args.url, args.bucket)
+    else:
+        _upload_with_provider(args.file, key)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "cpu_s": _cpu_seconds() - cpu_before,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- orchestration -------------------------------------------------------------------------------
+def _write_file(path: Path, megabytes: int) -> None:
+    with path.open("wb") as file:
+        for _ in range(megabytes):
+            file.write(os.urandom(1 << 20))
+
+
+def _upload(path: Path, env: dict[str, str], *, raw: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    args = ["-m", "benchmarks.storage", "upload", "--file", str(path)]
+    if raw is not None:
+        target, url, bucket = raw
+        args += ["--raw", "--target", target, "--url", url, "--bucket", bucket]
+    result: dict[str, Any] = run_json_subprocess(args, timeout_s=300, env=env)
+    return result
+
+
+def _provider_rows(
+    name: str, env: dict[str, str], raw: tuple[str, str, str], large: Path, small: Path
+) -> list[Row]:
+    small_result = _upload(small, env)
+    large_result = _upload(large, env)
+    raw_result = _upload(large, env, raw=raw)
+    throughput = LARGE_MB / large_result["seconds"]
+    raw_throughput = LARGE_MB / raw_result["seconds"]
+    growth = large_result["peak_rss_mb"] / small_result["peak_rss_mb"]
+    return [
+        Row(
+            f"6. storage `{name}`: {LARGE_MB} MB upload",
+            f"{throughput:.0f} MB/s",
+            "none set in issue 8",
+            f"plain streamed transfer: {raw_throughput:.0f} MB/s",
+            "info",
+            f"uploader CPU {large_result['cpu_s']:.1f} s of {large_result['seconds']:.1f} s wall "
+            f"(plain: {raw_result['cpu_s']:.1f} s of {raw_result['seconds']:.1f} s)",
+        ),
+        Row(
+            f"6. storage `{name}`: peak RSS of the uploading process",
+            f"{large_result['peak_rss_mb']:.0f} MB for {LARGE_MB} MB, "
+            f"{small_result['peak_rss_mb']:.0f} MB for {SMALL_MB} MB ({growth:.2f}x)",
+            f"streamed: <= {RSS_GROWTH_TARGET}x for {LARGE_MB // SMALL_MB}x the bytes",
+            f"before the upload: {large_result['rss_before_mb']:.0f} MB; "
+            f"plain transfer peak: {raw_result['peak_rss_mb']:.0f} MB",
+            verdict(growth <= RSS_GROWTH_TARGET),
+        ),
+    ]
+
+
+def storage_rows(workdir: Path) -> list[Row]:
+    from tests.servers import free_port, start_server
+    from tests.storage.conftest import fake_gcs_server_binary, moto_server_binary
+
+    large, small = workdir / "upload-200mb.bin", workdir / "upload-20mb.bin"
+    _write_file(large, LARGE_MB)
+    _write_file(small, SMALL_MB)
+    rows: list[Row] = []
+    base_env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "DATA_DIR": str(workdir / "data")}
+
+    local_env = {**base_env, "STORAGE_PROVIDER": "local"}
+    rows += _provider_rows("local", local_env, ("local", str(workdir / "raw-local"), ""), large, small)
+
+    gcs_binary = fake_gcs_server_binary()
+    if gcs_binary is None:
+        rows.append(
+            Row("6. storage `gcs`", "not measured: fake-gcs-server binary not found", "", "", "not measured")
+        )
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(
+            "fake-gcs-server",
+            [str(gcs_binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "memory", "-external-url", url, "-public-host", f"127.0.0.1:{port}"],
+            url=url,
+            log_dir=workdir,
+            health_path="/storage/v1/b",
+        )  # fmt: skip
+        try:
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            import httpx
+
+            httpx.post(
+                f"{url}/storage/v1/b", params={"project": GCS_PROJECT}, json={"name": bucket}
+            ).raise_for_status()
+            env = {
+                **base_env,
+                "STORAGE_PROVIDER": "gcs",
+                "GCS_BUCKET_NAME": bucket,
+                "STORAGE_EMULATOR_HOST": url,
+                "GOOGLE_CLOUD_PROJECT": GCS_PROJECT,
+            }
+            rows += _provider_rows("gcs", env, ("gcs", url, bucket), large, small)
+        finally:
+            server.stop()
+
+    moto_binary = moto_server_binary()
+    if moto_binary is None:
+        rows.append(Row("6. storage `r2`", "not measured: moto_server not found", "", "", "not measured"))
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(
+            "moto-server", [str(moto_binary), "-H", "127.0.0.1", "-p", str(port)], url=url, log_dir=workdir
+        )
+        try:
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            import boto3
+            from botocore.config import Config
+
+            boto3.client(
+                "s3",
+                endpoint_url=url,
+                aws_access_key_id=R2_ACCESS_KEY,
+                aws_secret_access_key=R2_SECRET_KEY,
+                config=Config(region_name="auto", s3={"addressing_style": "path"}),
+            ).create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "auto"})
+            env = {
+                **base_env,
+                "STORAGE_PROVIDER": "r2",
+                "R2_BUCKET_NAME": bucket,
+                "R2_ENDPOINT_URL": url,
+                "R2_ACCESS_KEY": R2_ACCESS_KEY,
+                "R2_SECRET_KEY": R2_SECRET_KEY,
+            }
+            rows += _provider_rows("r2", env, ("r2", url, bucket), large, small)
+        finally:
+            server.stop()
+
+    rows.append(
+        Row(
+            "6. storage `cf_images`",
+            "not measured: Cloudflare Images takes images of at most 10 MB; a 200 MB file "
+            "(a video) goes to the next provider of the chain",
+            "",
+            "",
+            "not measured",
+        )
+    )
+    return rows
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["upload"])
+    parser.add_argument("--file", type=Path, required=True)
+    parser.add_argument("--raw", action="store_true")
+    parser.add_argument("--target", default="")
+    parser.add_argument("--url", default="")
+    parser.add_argument("--bucket", default="")
+    print(json.dumps(_measure(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    _cli()
