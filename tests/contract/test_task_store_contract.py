@@ -569,3 +569,61 @@ def test_pending_ids_available_before_lists_longest_waiting_first(store: TaskSto
     assert leased_old.taskId not in stale
     assert stale == [oldest.taskId, newer.taskId]
     assert store.pending_ids_available_before(now - dt.timedelta(minutes=1), limit=1) == [oldest.taskId]
+
+
+def test_concurrent_updates_of_one_task_are_never_lost(store_factory: StoreFactory) -> None:
+    """update() is a compare-and-set: concurrent read-modify-writes are serialised.
+
+    Kept small: the Firestore emulator resolves each collision by a 2 s lock timeout
+    (production Firestore aborts the younger transaction at once)."""
+    task = store_factory().create(make_task())
+    writers = [store_factory() for _ in range(3)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(writers))
+
+    def bump(updated: Task) -> Task:
+        changed = updated.model_copy(deep=True)
+        changed.timings["bumps"] = changed.timings.get("bumps", 0) + 1
+        return changed
+
+    def run(writer: TaskStore) -> None:
+        start.wait(timeout=30)
+        try:
+            for _ in range(2):
+                writer.update(task.taskId, bump)
+        except BaseException as exc:  # reported below, with every thread joined
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(writer,)) for writer in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert not errors
+    assert store_factory().get_or_raise(task.taskId).timings["bumps"] == 6
+
+
+def test_duplicate_push_deliveries_claim_a_task_once(store_factory: StoreFactory) -> None:
+    """Cloud Tasks delivers at least once: of simultaneous deliveries one claim wins."""
+    task = store_factory().create(make_task())
+    runners = [store_factory() for _ in range(4)]
+    outcomes: list[str] = []
+    start = threading.Barrier(len(runners))
+
+    def deliver(index: int) -> None:
+        start.wait(timeout=30)
+        try:
+            runners[index].claim(task.taskId, worker_id=f"runner-{index}", lease_seconds=LEASE_S)
+            outcomes.append("claimed")
+        except Conflict as exc:
+            outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=deliver, args=(index,)) for index in range(len(runners))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert sorted(outcomes) == ["claimed"] + ["not_claimable"] * 3
+    assert store_factory().get_or_raise(task.taskId).attempts == 1
