@@ -191,3 +191,61 @@ def test_empty_expectations_are_refused_rather_than_accepting_anything(google_ke
         verify_cloud_tasks_token(
             f"Bearer {sign(google_key[0])}", audience="", service_account_email=INVOKER, certs=certs
         )
+
+
+def test_google_certs_are_fetched_once_per_cache_lifetime(certs: dict[str, str]) -> None:
+    """The default source fetches the certificate mapping over HTTP and honours
+    Cache-Control max-age (here a real server on 127.0.0.1 stands in for Google)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from shared.oidc import GoogleCertsCache
+
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            body = json.dumps(certs).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "public, max-age=3600, must-revalidate")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cache = GoogleCertsCache(f"http://127.0.0.1:{server.server_address[1]}/oauth2/v1/certs")
+        first = cache()
+        second = cache()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+    assert first == certs
+    assert second == certs
+    assert hits == ["/oauth2/v1/certs"]
+
+
+def test_unreachable_certs_refuse_the_token_as_retryable(google_key) -> None:
+    def unreachable() -> dict[str, str]:
+        raise ValueError("certificate endpoint answered garbage")
+
+    with pytest.raises(Unauthorized) as raised:
+        verify_cloud_tasks_token(
+            f"Bearer {sign(google_key[0])}",
+            audience=AUDIENCE,
+            service_account_email=INVOKER,
+            certs=unreachable,
+        )
+
+    assert raised.value.code == "token_certs_unavailable"
+    assert raised.value.retryable is True
