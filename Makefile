@@ -33,17 +33,19 @@ test: install ## Run the whole test suite (starts the emulators it needs)
 test-fast: ## Unit tests only, no install step
 	$(BIN)/pytest -q tests/unit
 
-lint: ## ruff and mypy
+lint: ## ruff and mypy (strict)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared gpu_runner comfyswap functions/*/main.py
+	$(BIN)/mypy shared gpu_runner comfyswap
+	for main in functions/*/main.py; do $(BIN)/mypy $$main || exit 1; done
 
 fmt: ## Format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 mypy: ## Type-check
-	$(BIN)/mypy shared gpu_runner comfyswap functions/*/main.py
+	$(BIN)/mypy shared gpu_runner comfyswap
+	for main in functions/*/main.py; do $(BIN)/mypy $$main || exit 1; done
 
 bench: install ## Print the performance figures (docs: README, Performance)
 	$(PY) -m benchmarks.run

@@ -58,7 +58,9 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[s
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the API at {client.base_url}: {exc} (is `make run` running?)", 3) from None
+        raise CliError(
+            f"cannot reach the API at {client.base_url}: {exc} (is `make run` running?)", 3
+        ) from None
     try:
         body: dict[str, Any] = response.json()
     except ValueError:
@@ -86,8 +88,12 @@ def _wait(client: httpx.Client, task_id: str, timeout_s: float, quiet: bool) -> 
 
     deadline = time.monotonic() + timeout_s
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"), TimeElapsedColumn(),
-        disable=quiet, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=True,
     ) as bar:
         handle = bar.add_task(task_id, total=1.0, stage="PENDING")
         while True:
@@ -95,7 +101,9 @@ def _wait(client: httpx.Client, task_id: str, timeout_s: float, quiet: bool) -> 
             task = view["task"]
             progress = task.get("progress") or {}
             fraction = (progress.get("value", 0) / progress.get("max", 1)) if progress.get("max") else 0
-            bar.update(handle, completed=fraction, stage=f"{view['status']} {progress.get('stage', '')}".strip())
+            bar.update(
+                handle, completed=fraction, stage=f"{view['status']} {progress.get('stage', '')}".strip()
+            )
             if view["status"] in TERMINAL:
                 return view
             if time.monotonic() > deadline:
@@ -122,14 +130,21 @@ def _report(view: dict[str, Any], as_json: bool) -> int:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    task_data: dict[str, Any] = {"source_url": as_input_url(args.source), "target_url": as_input_url(args.target)}
+    task_data: dict[str, Any] = {
+        "source_url": as_input_url(args.source),
+        "target_url": as_input_url(args.target),
+    }
     if args.resolution:
         task_data["resolution"] = args.resolution
     if args.model:
         task_data["model"] = args.model
     if args.face_selector is not None:
-        task_data["face_selector"] = int(args.face_selector) if args.face_selector.isdigit() else args.face_selector
-    return _create_and_follow(args, {"workflow": "face_swap", "environment": "face_swap", "task_data": task_data})
+        task_data["face_selector"] = (
+            int(args.face_selector) if args.face_selector.isdigit() else args.face_selector
+        )
+    return _create_and_follow(
+        args, {"workflow": "face_swap", "environment": "face_swap", "task_data": task_data}
+    )
 
 
 def _parse_value(raw: str) -> Any:
@@ -284,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     source = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     target = Path(tempfile.gettempdir()) / "comfyswap-demo-astronaut.png"
-    Image.fromarray(data.astronaut()).save(target)
+    Image.fromarray(data.astronaut()).save(target)  # type: ignore[no-untyped-call]  # scikit-image is untyped
     print(f"source: {source}\ntarget: {target}")
     args.source, args.target = str(source), str(target)
     args.resolution, args.model, args.face_selector, args.wait = None, None, None, True

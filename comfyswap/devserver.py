@@ -54,7 +54,8 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 
 def _load_function(name: str) -> flask.Flask:
-    return create_app(target=name, source=str(FUNCTIONS_DIR / name / "main.py"))
+    app: flask.Flask = create_app(target=name, source=str(FUNCTIONS_DIR / name / "main.py"))  # type: ignore[no-untyped-call]  # functions-framework is untyped
+    return app
 
 
 def build_app(settings: Settings) -> flask.Flask:
@@ -77,22 +78,31 @@ def build_app(settings: Settings) -> flask.Flask:
                 stream=True,
             )
         except httpx.HTTPError as exc:
-            body = {
+            error_body = {
                 "success": False,
-                "error": {"code": "runner_unavailable", "message": f"runner not reachable: {exc}", "retryable": True},
+                "error": {
+                    "code": "runner_unavailable",
+                    "message": f"runner not reachable: {exc}",
+                    "retryable": True,
+                },
             }
-            return flask.Response(flask.json.dumps(body), 503, mimetype="application/json")
+            return flask.Response(flask.json.dumps(error_body), 503, mimetype="application/json")
 
-        def body() -> Iterable[bytes]:
+        def stream_body() -> Iterable[bytes]:
             try:
                 yield from upstream.iter_raw(64 * 1024)
             finally:
                 upstream.close()
 
         response_headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP]
-        return flask.Response(body(), status=upstream.status_code, headers=response_headers)
+        return flask.Response(stream_body(), status=upstream.status_code, headers=response_headers)
 
-    app.add_url_rule("/<path:path>", "runner", lambda path: forward_to_runner(flask.request), methods=["GET", "POST", "DELETE", "PUT", "HEAD"])
+    app.add_url_rule(
+        "/<path:path>",
+        "runner",
+        lambda path: forward_to_runner(flask.request),
+        methods=["GET", "POST", "DELETE", "PUT", "HEAD"],
+    )
 
     def not_found(path: str) -> flask.Response:
         body = {"success": False, "error": {"code": "route_not_found", "message": f"no route {path}"}}
@@ -111,7 +121,7 @@ def build_app(settings: Settings) -> flask.Flask:
         owner = next((name for m, regex, name in compiled if regex.match(path) and m == method), None)
         owner = owner or next((name for _, regex, name in compiled if regex.match(path)), None)
         target = functions[owner].wsgi_app if owner else fallback.wsgi_app
-        return target(environ, start_response)  # type: ignore[no-any-return]
+        return target(environ, start_response)
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]
     return app
@@ -123,6 +133,13 @@ def serve(settings: Settings, *, threads: int = 64) -> None:
 
     app = build_app(settings)
     # Threads, not processes: long-polling runners each hold one thread while they wait.
-    GunicornApplication(
-        app, settings.api_host, settings.api_port, False, threads=threads, workers=1, timeout=0, accesslog=None
+    GunicornApplication(  # type: ignore[no-untyped-call]  # functions-framework is untyped
+        app,
+        settings.api_host,
+        settings.api_port,
+        False,
+        threads=threads,
+        workers=1,
+        timeout=0,
+        accesslog=None,
     ).run()

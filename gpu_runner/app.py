@@ -28,6 +28,7 @@ from starlette.routing import Route
 from gpu_runner.engines.base import Engine
 from gpu_runner.worker import HttpTaskSource, Worker
 from shared.auth import authenticate
+from shared.dispatch.base import NoopDispatcher
 from shared.errors import ComfySwapError, NotFound, RateLimited, UpstreamUnavailable, ValidationFailed
 from shared.logs import configure_logging, get_logger, log_event
 from shared.settings import Settings
@@ -59,7 +60,9 @@ class RunnerState:
         self.store = store or make_task_store(settings)
         self.engines = engines if engines is not None else build_engines(settings)
         self.storage = make_storage_chain(settings)
-        self.local_results = LocalStorage(settings.data_dir / "results", settings.effective_local_storage_base_url)
+        self.local_results = LocalStorage(
+            settings.data_dir / "results", settings.effective_local_storage_base_url
+        )
         self.pull = settings.dispatch_mode == "pull" if pull is None else pull
         source = HttpTaskSource(settings.task_api_url, api_key=settings.runner_api_key) if self.pull else None
         from shared.webhooks import WebhookNotifier
@@ -70,6 +73,7 @@ class RunnerState:
         )
         self.started_at = time.time()
         self._pull_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
 
     def upload(self, path: Path, key: str, content_type: str) -> StoredObject:
         return self.storage.upload(path, key, content_type)
@@ -79,6 +83,7 @@ class RunnerState:
             await engine.start()
         if self.pull:
             self._pull_task = asyncio.create_task(self.worker.run_pull_loop())
+        self._beat_task = asyncio.create_task(self._report_forever())
         log_event(
             logger,
             "runner_started",
@@ -87,7 +92,21 @@ class RunnerState:
             engines=sorted(self.engines),
         )
 
+    async def _report_forever(self, every_s: float = 60.0) -> None:
+        """``runner_heartbeat`` and ``queue_stats`` log events: the runner-down and backlog
+        alerts (infra/terraform/monitoring.tf) are log-based metrics over these."""
+        while True:
+            log_event(logger, "runner_heartbeat", **self.worker.snapshot())
+            try:
+                stats = await asyncio.to_thread(self.store.queue_stats)
+                log_event(logger, "queue_stats", queue_length=stats.queue_length, **stats.model_dump())
+            except Exception as exc:
+                log_event(logger, "queue_stats_failed", error=repr(exc), level=30)
+            await asyncio.sleep(every_s)
+
     async def stop(self) -> None:
+        if self._beat_task is not None:
+            self._beat_task.cancel()
         await self.worker.drain(grace_s=self.settings.shutdown_grace_s)
         if self._pull_task is not None:
             self._pull_task.cancel()
@@ -104,8 +123,9 @@ def build_engines(settings: Settings) -> dict[str, Engine]:
         engines["face_swap"] = make_face_swap_engine(settings)
     if "comm" in settings.environments:
         from gpu_runner.engines.comfyui import ComfyUIEngine
+        from shared.safe_fetch import SafeFetcher
 
-        engines["comm"] = ComfyUIEngine.from_settings(settings)
+        engines["comm"] = ComfyUIEngine(settings, SafeFetcher.from_settings(settings))
     return engines
 
 
@@ -114,7 +134,9 @@ def _error(exc: ComfySwapError) -> JSONResponse:
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(exc.retry_after_s)
     return JSONResponse(
-        {"success": False, "error": exc.to_dict(), "detail": exc.message}, status_code=exc.http_status, headers=headers
+        {"success": False, "error": exc.to_dict(), "detail": exc.message},
+        status_code=exc.http_status,
+        headers=headers,
     )
 
 
@@ -165,7 +187,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
             body = json.loads(await request.body())
             task_id = str(body["task_id"])
         except (ValueError, KeyError, TypeError):
-            raise ValidationFailed("task_id", "body must be {\"task_id\": ...}") from None
+            raise ValidationFailed("task_id", 'body must be {"task_id": ...}') from None
         code, payload = await runner.worker.run_pushed(task_id)
         headers = {"Retry-After": str(payload["retry_after_s"])} if "retry_after_s" in payload else {}
         return JSONResponse(payload, status_code=code, headers=headers)
@@ -188,7 +210,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
             raise ValidationFailed("body", "not valid JSON") from None
         from shared.service import TaskService
 
-        service = TaskService(settings, runner.store, _NoDispatch())
+        service = TaskService(settings, runner.store, NoopDispatcher())
         create_request = service.parse_create(body, face_swap_shortcut=True)
         task = service.build_task(create_request, principal)
         if runner.worker.busy:
@@ -239,7 +261,9 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
             except ComfySwapError as exc:
                 return _error(exc)
             except TimeoutError:
-                return _error(UpstreamUnavailable("the swap took longer than FACE_SWAP_TIMEOUT", code="timeout"))
+                return _error(
+                    UpstreamUnavailable("the swap took longer than FACE_SWAP_TIMEOUT", code="timeout")
+                )
 
         return guarded
 
@@ -267,11 +291,6 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.runner = runner
     return app
-
-
-class _NoDispatch:
-    def dispatch(self, task: Task) -> None:
-        return None
 
 
 async def _run_direct(runner: RunnerState, engine: Engine, task: Task) -> dict[str, Any]:

@@ -167,7 +167,7 @@ class Worker:
             "capacity": self.capacity,
             "held": self._held_count,
             "in_flight": sorted(self.in_flight),
-            "slots": {name: self.settings.engine_slots for name in self.engines},
+            "slots": dict.fromkeys(self.engines, self.settings.engine_slots),
             "completed": self.completed,
             "failed": self.failed,
         }
@@ -185,20 +185,26 @@ class Worker:
                 self._release_hold()
                 break
             try:
-                task = await self.source.next_task(worker_id=self.worker_id, environments=environments, wait_s=wait_s)
+                task = await self.source.next_task(
+                    worker_id=self.worker_id, environments=environments, wait_s=wait_s
+                )
                 failures = 0
             except ComfySwapError as exc:
                 self._release_hold()
                 failures += 1
                 delay = min(30.0, 0.5 * 2**failures)
-                log_event(logger, "fetch_failed", code=exc.code, error=exc.message, retry_in_s=delay, level=30)
+                log_event(
+                    logger, "fetch_failed", code=exc.code, error=exc.message, retry_in_s=delay, level=30
+                )
                 await asyncio.sleep(delay)
                 continue
             if task is None:
                 self._release_hold()
                 continue
             if self.draining:
-                await asyncio.to_thread(self.store.release, task.taskId, worker_id=self.worker_id, reason="draining")
+                await asyncio.to_thread(
+                    self.store.release, task.taskId, worker_id=self.worker_id, reason="draining"
+                )
                 self._release_hold()
                 break
             self._spawn(self.process(task, hold_acquired=True))
@@ -299,7 +305,9 @@ class Worker:
             final = await self._record_failure(task, exc, timings)
         except Exception as exc:
             logger.exception("engine crashed")
-            wrapped = TransientError(f"runner error: {type(exc).__name__}: {exc}", code="runner_internal_error")
+            wrapped = TransientError(
+                f"runner error: {type(exc).__name__}: {exc}", code="runner_internal_error"
+            )
             final = await self._record_failure(task, wrapped, timings)
         finally:
             keeper.cancel()
@@ -332,19 +340,21 @@ class Worker:
             self.failed += 1
             self._log_finished(final)
         else:
-            log_event(logger, "task_retry", code=error.code, error=error.message, attempt=task.attempts, level=30)
+            log_event(
+                logger, "task_retry", code=error.code, error=error.message, attempt=task.attempts, level=30
+            )
         return final
 
     def _log_finished(self, task: Task) -> None:
-        log_event(
-            logger,
-            "task_finished",
-            outcome=task.status.value,
-            code=task.error.code if task.error else "ok",
-            engine=task.environment,
-            attempt=task.attempts,
+        # Timings go at the top level: log-based metrics read jsonPayload.engine_s etc.
+        fields: dict[str, Any] = {
+            "outcome": task.status.value,
+            "code": task.error.code if task.error else "ok",
+            "engine": task.environment,
+            "attempt": task.attempts,
             **task.timings,
-        )
+        }
+        log_event(logger, "task_finished", **fields)
 
     async def _cancellable(self, work: Awaitable[PreparedJob], held: _Held) -> PreparedJob:
         job_future = asyncio.ensure_future(work)
@@ -468,7 +478,9 @@ class Worker:
         for task_id, held in list(self.in_flight.items()):
             held.cancel.set()
             with contextlib.suppress(ComfySwapError):
-                await asyncio.to_thread(self.store.release, task_id, worker_id=self.worker_id, reason="shutdown")
+                await asyncio.to_thread(
+                    self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"
+                )
                 log_event(logger, "task_released", task_id=task_id)
         if still_running:
             await asyncio.wait(still_running, timeout=10)

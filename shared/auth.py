@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 from shared.errors import Forbidden, Unauthorized
 from shared.settings import Settings
@@ -68,7 +69,7 @@ def parse_key_entries(raw: str) -> dict[str, Principal]:
         item = item.strip()
         if not item or item.startswith("#"):
             continue
-        digest, owner, roles = (item.split(":") + ["", ""])[:3]
+        digest, owner, roles = [*item.split(":"), "", ""][:3]
         role_set = frozenset(role for role in roles.split("+") if role) or frozenset({"client"})
         if len(digest) != 64 or not owner or not role_set <= ROLES:
             raise ValueError(f"bad API key entry for owner {owner!r}: want sha256hex:owner:role+role")
@@ -87,7 +88,7 @@ def open_mode(settings: Settings) -> bool:
     return not settings.api_keys and not settings.api_keys_file
 
 
-def authenticate(headers: Mapping[str, str], settings: Settings) -> Principal:
+def authenticate(headers: Mapping[str, str] | Any, settings: Settings) -> Principal:
     """The caller of this request, from ``X-API-Key`` or ``Authorization: Bearer``."""
     if open_mode(settings):
         return Principal(

@@ -106,6 +106,7 @@ class TaskService:
                 raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
             environment = resolve_environment(workflow, request.environment)
         input_data = build_input_data(workflow, request.task_data, allow_raw=principal.may_send_raw_workflows)
+
         def check(url: str, field: str) -> None:
             check_input_url(
                 url,
@@ -171,7 +172,7 @@ class TaskService:
             environment=task.environment,
             owner=task.owner,
         )
-        self._dispatch(task)
+        self.dispatch_task(task)
         return CreateResult(task, created=True)
 
     def _replay(self, existing: Task, attempted: Task) -> CreateResult:
@@ -183,7 +184,7 @@ class TaskService:
             )
         return CreateResult(existing, created=False)
 
-    def _dispatch(self, task: Task) -> None:
+    def dispatch_task(self, task: Task) -> None:
         try:
             self.dispatcher.dispatch(task)
         except ComfySwapError as exc:
@@ -282,7 +283,9 @@ class TaskService:
             from shared.webhooks import WebhookNotifier
 
             # A function has no background after it answers: two quick attempts, inline.
-            asyncio.run(WebhookNotifier(self.settings, self.store).notify(task, max_attempts=2, base_delay_s=0.5))
+            asyncio.run(
+                WebhookNotifier(self.settings, self.store).notify(task, max_attempts=2, base_delay_s=0.5)
+            )
         return task
 
     # --- health -----------------------------------------------------------------------

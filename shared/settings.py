@@ -200,7 +200,7 @@ class Settings(BaseSettings):
         "(refused when APP_ENV=production).",
     )
     webhook_max_attempts: int = Field(
-        5, ge=1, le=20, description="WEBHOOK_MAX_ATTEMPTS: deliveries tried per webhook (exponential backoff)."
+        5, ge=1, le=20, description="WEBHOOK_MAX_ATTEMPTS: deliveries per webhook (exponential backoff)."
     )
     fetch_allow_loopback: bool = Field(
         False,

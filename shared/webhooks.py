@@ -83,19 +83,25 @@ class WebhookNotifier:
         last_status: int | None = None
         outcome = "failed"
         attempt = 0
-        for attempt in range(1, attempts_allowed + 1):  # noqa: B007  # the count is recorded below
+        for attempt in range(1, attempts_allowed + 1):  # the count is recorded below
             timestamp = int(time.time())
             headers = {"webhook-id": message_id, "webhook-timestamp": str(timestamp)}
             if self.settings.webhook_secret:
                 headers["webhook-signature"] = sign(self.settings.webhook_secret, message_id, timestamp, body)
             try:
-                last_status, _ = await self.fetcher.post_json(task.webhook_url, body, headers=headers, field="webhook_url")
+                last_status, _ = await self.fetcher.post_json(
+                    task.webhook_url, body, headers=headers, field="webhook_url"
+                )
             except (UnsafeInput, JobFailed) as exc:
-                log_event(logger, "webhook_refused", task_id=task.taskId, code=exc.code, error=exc.message, level=30)
+                log_event(
+                    logger, "webhook_refused", task_id=task.taskId, code=exc.code, error=exc.message, level=30
+                )
                 outcome = "refused"
                 break
             except ComfySwapError as exc:
-                log_event(logger, "webhook_attempt_failed", task_id=task.taskId, attempt=attempt, error=exc.message)
+                log_event(
+                    logger, "webhook_attempt_failed", task_id=task.taskId, attempt=attempt, error=exc.message
+                )
             else:
                 if 200 <= last_status < 300:
                     outcome = "delivered"
@@ -105,8 +111,15 @@ class WebhookNotifier:
                     break
             if attempt < attempts_allowed:
                 await asyncio.sleep(base_delay_s * 2 ** (attempt - 1))
-        record = {"status": outcome, "attempts": attempt, "last_status_code": last_status, "at": utcnow().isoformat()}
-        log_event(logger, "webhook_" + outcome, task_id=task.taskId, attempts=attempt, status_code=last_status)
+        record = {
+            "status": outcome,
+            "attempts": attempt,
+            "last_status_code": last_status,
+            "at": utcnow().isoformat(),
+        }
+        log_event(
+            logger, "webhook_" + outcome, task_id=task.taskId, attempts=attempt, status_code=last_status
+        )
 
         def mutate(current: Task) -> Task:
             updated = current.model_copy(deep=True)

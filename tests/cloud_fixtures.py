@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,8 +67,18 @@ class FirestoreEmulator:
         response.raise_for_status()
 
 
+_EMULATOR_KEY = pytest.StashKey[FirestoreEmulator]()
+
+
 @pytest.fixture(scope="session")
-def firestore_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirestoreEmulator]:
+def firestore_emulator(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> FirestoreEmulator:
+    """One emulator per test session, however many test folders import this fixture (each
+    import is its own fixture to pytest, so the instance is kept on the config)."""
+    running = request.config.stash.get(_EMULATOR_KEY, None)
+    if running is not None:
+        return running
     binary, reason = find_firestore_emulator()
     if binary is None:
         pytest.skip(f"Firestore emulator unavailable: {reason}")
@@ -82,7 +91,7 @@ def firestore_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fir
         log_dir=tmp_path_factory.mktemp("firestore-emulator"),
         timeout_s=120,
     )
-    try:
-        yield FirestoreEmulator(server, host, FIRESTORE_EMULATOR_PROJECT)
-    finally:
-        server.stop()
+    request.config.add_cleanup(server.stop)
+    running = FirestoreEmulator(server, host, FIRESTORE_EMULATOR_PROJECT)
+    request.config.stash[_EMULATOR_KEY] = running
+    return running

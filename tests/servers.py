@@ -26,7 +26,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.05, what: str = "") -> None:
+def wait_until(
+    predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.05, what: str = ""
+) -> None:
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout_s`` (never wait forever)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

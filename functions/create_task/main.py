@@ -9,7 +9,14 @@ from __future__ import annotations
 import flask
 import functions_framework
 
-from shared.http import RequestContext, Route, dispatch_request, health_response, json_response, status_response
+from shared.http import (
+    RequestContext,
+    Route,
+    dispatch_request,
+    health_response,
+    json_response,
+    status_response,
+)
 
 
 def _created(ctx: RequestContext, *, face_swap_shortcut: bool) -> flask.Response:
@@ -26,7 +33,9 @@ def _created(ctx: RequestContext, *, face_swap_shortcut: bool) -> flask.Response
         "task_id": task.taskId,
         "status": task.status.value,
         "task": ctx.service.task_view(task)["task"],
-        "message": "Task created successfully" if result.created else "Task already created with this Idempotency-Key",
+        "message": "Task created successfully"
+        if result.created
+        else "Task already created with this Idempotency-Key",
     }
     headers = {"Location": f"/api/tasks/{task.taskId}"}
     if not result.created:
@@ -44,7 +53,9 @@ def create_face_swap(ctx: RequestContext) -> flask.Response:
 
 def cancel(ctx: RequestContext) -> flask.Response:
     task = ctx.service.cancel_task(ctx.path_params["task_id"], principal=ctx.principal)
-    return json_response({"success": True, "status": task.status.value, "task": ctx.service.task_view(task)["task"]})
+    return json_response(
+        {"success": True, "status": task.status.value, "task": ctx.service.task_view(task)["task"]}
+    )
 
 
 ROUTES = [

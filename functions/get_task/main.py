@@ -9,6 +9,7 @@ from __future__ import annotations
 import flask
 import functions_framework
 
+from shared.dispatch import redispatch_stale_pending
 from shared.http import (
     RequestContext,
     Route,
@@ -18,6 +19,13 @@ from shared.http import (
     query_int,
     status_response,
 )
+from shared.logs import get_logger, log_event
+from shared.tasks import TaskStatus
+
+logger = get_logger(__name__)
+
+# PENDING this long with no runner claiming it: its push was lost, enqueue it again.
+STALE_PENDING_S = 300.0
 
 
 def one_task(ctx: RequestContext) -> flask.Response:
@@ -27,7 +35,9 @@ def one_task(ctx: RequestContext) -> flask.Response:
 
 def all_tasks(ctx: RequestContext) -> flask.Response:
     body = ctx.service.list_tasks(
-        principal=ctx.principal, status=ctx.request.args.get("status"), limit=query_int(ctx.request, "limit", 50)
+        principal=ctx.principal,
+        status=ctx.request.args.get("status"),
+        limit=query_int(ctx.request, "limit", 50),
     )
     return json_response(body)
 
@@ -43,15 +53,19 @@ def openapi(ctx: RequestContext) -> flask.Response:
 
 
 def reap(ctx: RequestContext) -> flask.Response:
-    """Called by Cloud Scheduler: re-queue tasks whose runner stopped renewing its lease."""
+    """Called every minute by Cloud Scheduler: re-queue tasks whose runner stopped renewing
+    its lease, enqueue again PENDING tasks whose delivery was lost, log queue numbers."""
     ctx.principal.require_admin()
     reaped = ctx.service.store.reap_expired_leases()
-    redispatched = 0
     for task in reaped:
-        if task.status.value == "PENDING":
-            ctx.service._dispatch(task)
-            redispatched += 1
-    return json_response({"reaped": len(reaped), "redispatched": redispatched})
+        if task.status == TaskStatus.PENDING:
+            ctx.service.dispatch_task(task)
+    sweep = redispatch_stale_pending(ctx.service.store, ctx.service.dispatcher, older_than_s=STALE_PENDING_S)
+    stats = ctx.service.store.queue_stats()
+    log_event(logger, "queue_stats", queue_length=stats.queue_length, **stats.model_dump())
+    return json_response(
+        {"reaped": len(reaped), "redispatch": sweep.as_dict(), "queue_length": stats.queue_length}
+    )
 
 
 ROUTES = [

@@ -47,7 +47,7 @@ locals {
     "r2-access-key"          = { env = "R2_ACCESS_KEY", functions = false, runner = true }
     "r2-secret-key"          = { env = "R2_SECRET_KEY", functions = false, runner = true }
     "runner-api-key"         = { env = "RUNNER_API_KEY", functions = false, runner = true }
-    "webhook-signing-secret" = { env = "WEBHOOK_SIGNING_SECRET", functions = true, runner = true }
+    "webhook-signing-secret" = { env = "WEBHOOK_SECRET", functions = true, runner = true }
   }
   # A secret is mounted only once it has a version, else the deploy fails on "latest".
   # Terraform writes runner-api-key itself in vm mode (the pulling runner's key).

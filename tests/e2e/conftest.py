@@ -51,13 +51,23 @@ def start_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
         **(extra_env or {}),
     }
     api = start_server(
-        "api", [sys.executable, "-m", "comfyswap.cli", "api"], url=f"http://127.0.0.1:{api_port}",
-        log_dir=tmp / "logs", env=env, health_path="/api/health", timeout_s=60,
+        "api",
+        [sys.executable, "-m", "comfyswap.cli", "api"],
+        url=f"http://127.0.0.1:{api_port}",
+        log_dir=tmp / "logs",
+        env=env,
+        health_path="/api/health",
+        timeout_s=60,
     )
     try:
         runner = start_server(
-            "runner", [sys.executable, "-m", "gpu_runner"], url=f"http://127.0.0.1:{runner_port}",
-            log_dir=tmp / "logs", env=env, health_path="/api/health", timeout_s=90,
+            "runner",
+            [sys.executable, "-m", "gpu_runner"],
+            url=f"http://127.0.0.1:{runner_port}",
+            log_dir=tmp / "logs",
+            env=env,
+            health_path="/api/health",
+            timeout_s=90,
         )
     except BaseException:
         api.stop()

@@ -22,7 +22,10 @@ def test_face_swap_completes_and_changes_only_the_face(stack, media_server, grac
     body = {
         "workflow": "face_swap",
         "environment": "face_swap",
-        "task_data": {"source_url": _data_url(grace_hopper_path, "image/jpeg"), "target_url": f"{base_url}/target.png"},
+        "task_data": {
+            "source_url": _data_url(grace_hopper_path, "image/jpeg"),
+            "target_url": f"{base_url}/target.png",
+        },
     }
 
     created = stack.create(body)
@@ -53,7 +56,9 @@ def test_face_swap_completes_and_changes_only_the_face(stack, media_server, grac
         ("no_face_in_source", "no_face_in_source"),
     ],
 )
-def test_inputs_that_fail_at_fetch_or_swap_end_failed_with_a_code(stack, media_server, astronaut_png, case, code):
+def test_inputs_that_fail_at_fetch_or_swap_end_failed_with_a_code(
+    stack, media_server, astronaut_png, case, code
+):
     base_url, files = media_server
     files["/astronaut.png"] = ("image/png", astronaut_png.read_bytes())
     files["/fake.jpg"] = ("image/jpeg", b"<html>this is not an image</html>" * 20)
@@ -69,7 +74,12 @@ def test_inputs_that_fail_at_fetch_or_swap_end_failed_with_a_code(stack, media_s
     }[case]
     before = stack.client.get("/api/tasks/").json()["stats"]
 
-    created = stack.create({"workflow": "face_swap", "task_data": {"source_url": source, "target_url": f"{base_url}/astronaut.png"}})
+    created = stack.create(
+        {
+            "workflow": "face_swap",
+            "task_data": {"source_url": source, "target_url": f"{base_url}/astronaut.png"},
+        }
+    )
     view = stack.wait(created.json()["taskId"], timeout_s=60)
 
     assert view["status"] == "FAILED"

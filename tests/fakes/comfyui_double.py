@@ -111,7 +111,7 @@ def _empty(status: int = 200) -> Response:
     return Response(b"", status_code=status)
 
 
-class ProcessingInterrupted(Exception):  # noqa: N818  # named after ComfyUI's own
+class ProcessingInterrupted(Exception):  # named after ComfyUI's own
     """ComfyUI's InterruptProcessingException: raised at a node boundary."""
 
 

@@ -18,7 +18,9 @@ class Api:
 
     def __init__(self) -> None:
         self.clients: dict[str, FlaskClient] = {
-            name: create_app(target=name, source=str(REPO_ROOT / "functions" / name / "main.py")).test_client()
+            name: create_app(
+                target=name, source=str(REPO_ROOT / "functions" / name / "main.py")
+            ).test_client()
             for name in ("create_task", "get_task", "fetch_task")
         }
 

@@ -25,7 +25,9 @@ print(json.dumps({"status": response.status_code, "body": response.get_json(), "
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_functions.py"), "--out", str(out)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bundle_functions.py"), "--out", str(out)], check=True
+    )
     return out
 
 
@@ -51,5 +53,11 @@ def test_bundle_imports_its_own_shared_copy_and_answers(bundles, name, tmp_path)
 
 def test_bundle_requirements_pin_what_the_shared_code_imports(bundles):
     requirements = (bundles / "create_task" / "requirements.txt").read_text()
-    for package in ("functions-framework", "google-cloud-firestore", "google-cloud-tasks", "pydantic-settings", "httpx"):
+    for package in (
+        "functions-framework",
+        "google-cloud-firestore",
+        "google-cloud-tasks",
+        "pydantic-settings",
+        "httpx",
+    ):
         assert package in requirements

@@ -9,7 +9,10 @@ import pytest
 GOOD_FACE_SWAP = {
     "workflow": "face_swap",
     "environment": "face_swap",
-    "task_data": {"source_url": "https://example.com/source.jpg", "target_url": "https://example.com/target.jpg"},
+    "task_data": {
+        "source_url": "https://example.com/source.jpg",
+        "target_url": "https://example.com/target.jpg",
+    },
 }
 
 
@@ -48,7 +51,8 @@ def test_get_task_answers_task_status_result(api):
 
 def test_face_swap_shortcut_route(api):
     response = api.clients["create_task"].post(
-        "/api/face-swap/create-task", json={"source_url": "https://a.example/s.jpg", "target_url": "https://a.example/t.jpg"}
+        "/api/face-swap/create-task",
+        json={"source_url": "https://a.example/s.jpg", "target_url": "https://a.example/t.jpg"},
     )
 
     assert response.status_code == 200
@@ -79,12 +83,18 @@ def test_template_task_holds_generated_workflow_with_random_seed(api):
         ({**GOOD_FACE_SWAP["task_data"], "source_url": "http://127.0.0.1/a.jpg"}, "task_data.source_url", ""),
         ({**GOOD_FACE_SWAP["task_data"], "target_url": "http://[::1]/a.jpg"}, "task_data.target_url", ""),
         ({**GOOD_FACE_SWAP["task_data"], "target_url": "http://10.1.2.3/a.jpg"}, "task_data.target_url", ""),
-        ({**GOOD_FACE_SWAP["task_data"], "target_url": "http://169.254.169.254/x"}, "task_data.target_url", ""),
+        (
+            {**GOOD_FACE_SWAP["task_data"], "target_url": "http://169.254.169.254/x"},
+            "task_data.target_url",
+            "",
+        ),
         ({**GOOD_FACE_SWAP["task_data"], "source_url": "http://u:p@e.com/a.jpg"}, "task_data.source_url", ""),
         ({**GOOD_FACE_SWAP["task_data"], "surprise": 1}, "task_data.surprise", "unknown field"),
     ],
 )
-def test_bad_face_swap_input_is_a_400_naming_the_field_and_changes_nothing(api, task_data, field, reason_part):
+def test_bad_face_swap_input_is_a_400_naming_the_field_and_changes_nothing(
+    api, task_data, field, reason_part
+):
     before = _task_count(api)
 
     response = api.create({"workflow": "face_swap", "task_data": task_data})
@@ -100,11 +110,17 @@ def test_bad_face_swap_input_is_a_400_naming_the_field_and_changes_nothing(api, 
     ("body", "field"),
     [
         ({"workflow": "no_such_flow"}, "workflow"),
-        ({"workflow": "face_swap", "environment": "comm", "task_data": GOOD_FACE_SWAP["task_data"]}, "environment"),
+        (
+            {"workflow": "face_swap", "environment": "comm", "task_data": GOOD_FACE_SWAP["task_data"]},
+            "environment",
+        ),
         ({"workflow": "basic_generation", "environment": "mars"}, "environment"),
         ({"workflow": "basic_generation", "task_data": {"steps": 0}}, "task_data.steps"),
         ({"workflow": "basic_generation", "priority": 11}, "priority"),
-        ({"workflow": "custom", "task_data": {"wf_json": {"1": {"inputs": {}}}}}, "task_data.wf_json.1.class_type"),
+        (
+            {"workflow": "custom", "task_data": {"wf_json": {"1": {"inputs": {}}}}},
+            "task_data.wf_json.1.class_type",
+        ),
         ([1, 2], "body"),
     ],
 )
@@ -152,7 +168,9 @@ def test_fetch_claims_oldest_highest_priority_in_seed_envelope(api):
     second = api.fetch(query_string={"worker_id": "w1", "environments": "face_swap"}).get_json()
     empty = api.fetch(query_string={"worker_id": "w1", "environments": "face_swap"}).get_json()
 
-    assert first["code"] == 200 and first["success"] is True and first["message"] == "Task fetched successfully"
+    assert (
+        first["code"] == 200 and first["success"] is True and first["message"] == "Task fetched successfully"
+    )
     assert [first["data"]["taskId"], second["data"]["taskId"]] == [high, low]
     assert first["data"]["status"] == "FETCHED" and first["data"]["lease"]["owner"] == "w1"
     assert empty["data"] is None

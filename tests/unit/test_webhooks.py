@@ -66,7 +66,11 @@ def _finished_task(store, url: str) -> Task:
 def _notifier(store, tmp_path, **overrides) -> WebhookNotifier:
     settings = Settings(data_dir=tmp_path, webhook_secret=SECRET, fetch_allow_loopback=True, **overrides)
     fetcher = SafeFetcher(
-        max_bytes=65536, timeout_s=5, max_image_pixels=10**6, allow_loopback=True, connection_guard=_loopback_only
+        max_bytes=65536,
+        timeout_s=5,
+        max_image_pixels=10**6,
+        allow_loopback=True,
+        connection_guard=_loopback_only,
     )
     return WebhookNotifier(settings, store, fetcher)
 
@@ -134,7 +138,9 @@ def test_gives_up_after_max_attempts(store, tmp_path):
         receiver.close()
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://[::ffff:10.0.0.1]/"])
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://[::ffff:10.0.0.1]/"]
+)
 def test_private_receivers_are_refused_without_connecting(store, tmp_path, url):
     task = _finished_task(store, url)
 
@@ -149,7 +155,9 @@ def test_private_webhook_url_is_a_400_at_create(tmp_path, monkeypatch):
     from shared.errors import ValidationFailed
     from shared.service import TaskService
 
-    service = TaskService(Settings(data_dir=tmp_path), SQLiteTaskStore(tmp_path / "s.sqlite3"), NoopDispatcher())
+    service = TaskService(
+        Settings(data_dir=tmp_path), SQLiteTaskStore(tmp_path / "s.sqlite3"), NoopDispatcher()
+    )
     body = {
         "workflow": "basic_generation",
         "webhook_url": "http://192.168.1.1/hook",

@@ -46,7 +46,7 @@ class UnreadableMedia(JobFailed):
     default_code = "unreadable_media"
 
 
-class SwapCancelled(ComfySwapError):  # noqa: N818  # named like the tree's other leaves (JobFailed)
+class SwapCancelled(ComfySwapError):  # named like the tree's other leaves (JobFailed)
     """The caller asked to stop between frames; the task is CANCELLED, not FAILED."""
 
     http_status = 409
@@ -56,7 +56,7 @@ class SwapCancelled(ComfySwapError):  # noqa: N818  # named like the tree's othe
         super().__init__(message, **kwargs)
 
 
-class ModelsMissing(ComfySwapError):  # noqa: N818  # named like the tree's other leaves (JobFailed)
+class ModelsMissing(ComfySwapError):  # named like the tree's other leaves (JobFailed)
     """A model file is absent: the install skipped ``python scripts/fetch_models.py``."""
 
     default_code = "models_missing"

@@ -1,0 +1,108 @@
+"""ComfyUI tasks end to end: dev server + runner subprocesses + the ComfyUI double as a
+real HTTP/websocket server; outputs are uploaded and listed with their nodes."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import start_stack
+from tests.servers import free_port, start_server
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def comfy_stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comfy")
+    port = free_port()
+    double = start_server(
+        "comfyui-double",
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.comfyui_double",
+            "--port",
+            str(port),
+            "--root",
+            str(tmp / "comfy"),
+        ],
+        url=f"http://127.0.0.1:{port}",
+        log_dir=tmp / "logs",
+        health_path="/system_stats",
+        timeout_s=60,
+    )
+    stack = start_stack(tmp, {"COMFYUI_URL": double.url})
+    yield stack, double
+    stack.client.close()
+    stack.runner.stop()
+    stack.api.stop()
+    double.stop()
+
+
+def test_text_to_image_template_completes_with_progress_and_outputs(comfy_stack):
+    stack, _ = comfy_stack
+    created = stack.create(
+        {"workflow": "basic_generation", "task_data": {"prompt": "a lighthouse", "steps": 4, "batch_size": 2}}
+    )
+    assert created.status_code == 200, created.text
+
+    view = stack.wait(created.json()["taskId"])
+
+    assert view["status"] == "COMPLETED", view["task"].get("error")
+    outputs = view["task"]["output_data"]["outputs"]
+    assert len(outputs) == 2
+    assert {output["node_id"] for output in outputs} == {"9"}
+    for output in outputs:
+        response = stack.client.get(output["url"])
+        assert response.status_code == 200
+        assert Image.open(io.BytesIO(response.content)).size == (512, 512)
+    assert view["task"]["progress"]["stage"] == "done"
+
+
+def test_image_to_image_with_url_input_inverts_the_input(comfy_stack, media_server, astronaut_png):
+    stack, _ = comfy_stack
+    base_url, files = media_server
+    files["/in.png"] = ("image/png", astronaut_png.read_bytes())
+
+    created = stack.create({"workflow": "invert_image", "task_data": {"image_url": f"{base_url}/in.png"}})
+    view = stack.wait(created.json()["taskId"])
+
+    assert view["status"] == "COMPLETED", view["task"].get("error")
+    output = view["task"]["output_data"]["outputs"][0]
+    assert output["node_id"] == "4" and output["content_type"] == "image/png"
+    result = np.asarray(
+        Image.open(io.BytesIO(stack.client.get(output["url"]).content)).convert("RGB")
+    ).astype(int)
+    source = np.asarray(Image.open(astronaut_png).convert("RGB")).astype(int)
+    assert np.abs(result - (255 - source)).max() <= 1
+
+
+def test_validation_error_from_comfyui_fails_with_node_level_message(comfy_stack):
+    stack, _ = comfy_stack
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "magic",
+                "width": 32,
+                "height": 32,
+                "crop": "disabled",
+            },
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    }
+
+    created = stack.create({"workflow": "custom", "task_data": {"wf_json": graph}})
+    view = stack.wait(created.json()["taskId"])
+
+    assert view["status"] == "FAILED"
+    error = view["task"]["error"]
+    assert error["code"] == "comfyui_validation_failed" and error["retryable"] is False
+    assert "upscale_method" in error["message"] and "2" in error["message"]
