@@ -23,7 +23,15 @@ from shared.safe_fetch import check_input_url
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus
-from shared.workflows import ENVIRONMENTS, RAW_WORKFLOW, TEMPLATES, build_input_data, resolve_environment
+from shared.workflows import (
+    ENVIRONMENTS,
+    RAW_WORKFLOW,
+    TEMPLATES,
+    FaceSwapInput,
+    build_input_data,
+    resolve_environment,
+    validate_for_engine,
+)
 
 __all__ = ["CreateTaskRequest", "TaskService"]
 
@@ -106,6 +114,9 @@ class TaskService:
                 raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
             environment = resolve_environment(workflow, request.environment)
         input_data = build_input_data(workflow, request.task_data, allow_raw=principal.may_send_raw_workflows)
+        if workflow == "face_swap":
+            # A model the deployment's engine cannot run is a 400 now, not a failed job later.
+            validate_for_engine(FaceSwapInput.model_validate(input_data), self.settings.face_swap_engine)
 
         def check(url: str, field: str) -> None:
             check_input_url(

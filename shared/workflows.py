@@ -13,15 +13,18 @@ import copy
 import dataclasses
 import re
 import secrets
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import ValidationFailed
 
 __all__ = [
+    "ENGINE_MODELS",
     "ENVIRONMENTS",
+    "FACEFUSION_PIXEL_BOOSTS",
     "FACE_SWAP_MODELS",
     "TEMPLATES",
     "EnvironmentConfig",
@@ -30,6 +33,8 @@ __all__ = [
     "build_input_data",
     "get_template",
     "resolve_environment",
+    "supported_models",
+    "validate_for_engine",
     "validate_wf_json",
 ]
 
@@ -51,6 +56,72 @@ FACE_SWAP_MODELS: tuple[str, ...] = (
     "blendswap_256",
     "uniface_256",
 )
+
+
+# FaceFusion 3.x ``face_swapper_set``: each swapper model and the pixel boosts it accepts
+# (``--face-swapper-pixel-boost`` choices). hyperswap_* need 3.3+; hififace_unofficial_256
+# (3.1+) is listed for completeness but is not in our API's whitelist (FACE_SWAP_MODELS).
+FACEFUSION_PIXEL_BOOSTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "blendswap_256": ("256x256", "384x384", "512x512", "768x768", "1024x1024"),
+        "ghost_1_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "ghost_2_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "ghost_3_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "hififace_unofficial_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "hyperswap_1a_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "hyperswap_1b_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "hyperswap_1c_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "inswapper_128": ("128x128", "256x256", "384x384", "512x512", "768x768", "1024x1024"),
+        "inswapper_128_fp16": ("128x128", "256x256", "384x384", "512x512", "768x768", "1024x1024"),
+        "simswap_256": ("256x256", "512x512", "768x768", "1024x1024"),
+        "simswap_unofficial_512": ("512x512", "768x768", "1024x1024"),
+        "uniface_256": ("256x256", "512x512", "768x768", "1024x1024"),
+    }
+)
+
+# The seed's whitelist: what its FaceFusion HTTP service was deployed to accept.
+_SEED_API_MODELS: Final = frozenset({"inswapper_128_fp16", "inswapper_128", "simswap_256", "simswap_512"})
+
+# Per FACE_SWAP_ENGINE, the models of our API whitelist it can run. ``cpu`` takes every
+# name: the embedded classical swap has no neural model and only records the name.
+ENGINE_MODELS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {
+        "cpu": frozenset(FACE_SWAP_MODELS),
+        "facefusion": frozenset(FACE_SWAP_MODELS) & frozenset(FACEFUSION_PIXEL_BOOSTS),
+        "facefusion_api": frozenset(FACE_SWAP_MODELS) & _SEED_API_MODELS,
+    }
+)
+
+
+def supported_models(engine_name: str) -> frozenset[str]:
+    """The API whitelist's models that ``engine_name`` (a FACE_SWAP_ENGINE value) can run."""
+    try:
+        return ENGINE_MODELS[engine_name]
+    except KeyError:
+        raise ValueError(
+            f"unknown face-swap engine {engine_name!r}; known: {', '.join(ENGINE_MODELS)}"
+        ) from None
+
+
+def validate_for_engine(request: FaceSwapInput, engine_name: str) -> None:
+    """Refuse at create time what the configured engine cannot do, so the client gets a
+    400 naming the field instead of a task that fails on the GPU minutes later: a model
+    it cannot load, or (seed HTTP API, whose request has no such field) a face selector
+    other than the default."""
+    allowed = supported_models(engine_name)
+    if request.model not in allowed:
+        raise ValidationFailed(
+            "task_data.model",
+            f"model {request.model!r} is not available on this deployment's face-swap engine "
+            f"({engine_name}); available: {', '.join(sorted(allowed))}",
+            code="model_not_supported",
+        )
+    if engine_name == "facefusion_api" and request.face_selector != "largest":
+        raise ValidationFailed(
+            "task_data.face_selector",
+            "this deployment's face-swap engine (facefusion_api) swaps the largest face only",
+            code="option_not_supported",
+        )
 
 
 class FaceSwapInput(BaseModel):

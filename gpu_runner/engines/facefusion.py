@@ -47,12 +47,18 @@ from typing import Any, Final
 
 from gpu_runner.engines.base import EngineOutput, EngineResult, PreparedJob, ProgressCallback
 from gpu_runner.engines.faceswap import FaceSwapEngineBase
-from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable, ValidationFailed
+from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
 from shared.safe_fetch import SafeFetcher
 from shared.settings import Settings
 from shared.tasks import Progress
-from shared.workflows import FACE_SWAP_MODELS, FaceSwapInput
+from shared.workflows import (
+    ENGINE_MODELS,
+    FACEFUSION_PIXEL_BOOSTS,
+    FaceSwapInput,
+    supported_models,
+)
+from shared.workflows import validate_for_engine as validate_request
 
 __all__ = [
     "ENGINE_MODELS",
@@ -69,40 +75,6 @@ __all__ = [
 ]
 
 _logger = get_logger(__name__)
-
-# FaceFusion 3.x ``face_swapper_set``: each swapper model and the pixel boosts it accepts
-# (``--face-swapper-pixel-boost`` choices). hyperswap_* need 3.3+; hififace_unofficial_256
-# (3.1+) is listed for completeness but is not in our API's whitelist (FACE_SWAP_MODELS).
-FACEFUSION_PIXEL_BOOSTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
-    {
-        "blendswap_256": ("256x256", "384x384", "512x512", "768x768", "1024x1024"),
-        "ghost_1_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "ghost_2_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "ghost_3_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "hififace_unofficial_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "hyperswap_1a_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "hyperswap_1b_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "hyperswap_1c_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "inswapper_128": ("128x128", "256x256", "384x384", "512x512", "768x768", "1024x1024"),
-        "inswapper_128_fp16": ("128x128", "256x256", "384x384", "512x512", "768x768", "1024x1024"),
-        "simswap_256": ("256x256", "512x512", "768x768", "1024x1024"),
-        "simswap_unofficial_512": ("512x512", "768x768", "1024x1024"),
-        "uniface_256": ("256x256", "512x512", "768x768", "1024x1024"),
-    }
-)
-
-# The seed's whitelist: what its FaceFusion HTTP service was deployed to accept.
-_SEED_API_MODELS: Final = frozenset({"inswapper_128_fp16", "inswapper_128", "simswap_256", "simswap_512"})
-
-# Per FACE_SWAP_ENGINE, the models of our API whitelist it can run. ``cpu`` takes every
-# name: the embedded classical swap has no neural model and only records the name.
-ENGINE_MODELS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
-    {
-        "cpu": frozenset(FACE_SWAP_MODELS),
-        "facefusion": frozenset(FACE_SWAP_MODELS) & frozenset(FACEFUSION_PIXEL_BOOSTS),
-        "facefusion_api": frozenset(FACE_SWAP_MODELS) & _SEED_API_MODELS,
-    }
-)
 
 # Frame stages FaceFusion draws a bar for (its English locale; downloads count bytes).
 _FRAME_STAGES: Final = frozenset({"analysing", "extracting", "processing", "merging"})
@@ -134,37 +106,6 @@ _OUTPUT_TAIL_LINES: Final = 20
 _READ_CHUNK_BYTES: Final = 4096
 # After the process exits, how long a grandchild still holding the pipe may delay EOF.
 _DRAIN_TIMEOUT_S: Final = 2.0
-
-
-def supported_models(engine_name: str) -> frozenset[str]:
-    """The API whitelist's models that ``engine_name`` (a FACE_SWAP_ENGINE value) can run."""
-    try:
-        return ENGINE_MODELS[engine_name]
-    except KeyError:
-        raise ValueError(
-            f"unknown face-swap engine {engine_name!r}; known: {', '.join(ENGINE_MODELS)}"
-        ) from None
-
-
-def validate_request(request: FaceSwapInput, engine_name: str) -> None:
-    """Refuse at create time what the configured engine cannot do, so the client gets a
-    400 naming the field instead of a task that fails on the GPU minutes later: a model
-    it cannot load, or (seed HTTP API, whose request has no such field) a face selector
-    other than the default."""
-    allowed = supported_models(engine_name)
-    if request.model not in allowed:
-        raise ValidationFailed(
-            "task_data.model",
-            f"model {request.model!r} is not available on this deployment's face-swap engine "
-            f"({engine_name}); available: {', '.join(sorted(allowed))}",
-            code="model_not_supported",
-        )
-    if engine_name == "facefusion_api" and request.face_selector != "largest":
-        raise ValidationFailed(
-            "task_data.face_selector",
-            "this deployment's face-swap engine (facefusion_api) swaps the largest face only",
-            code="option_not_supported",
-        )
 
 
 def pixel_boost_for(model: str, resolution: str) -> str:

@@ -221,3 +221,19 @@ def test_wrong_method_is_405(api):
     response = api.clients["get_task"].post("/api/tasks/task_x")
 
     assert response.status_code == 405
+
+
+def test_model_the_configured_engine_cannot_run_is_a_400(api, monkeypatch):
+    monkeypatch.setenv("FACE_SWAP_ENGINE", "facefusion_api")
+    from shared.http import service
+    from shared.settings import reset_settings_cache
+
+    reset_settings_cache()
+    service.cache_clear()
+    body = {**GOOD_FACE_SWAP, "task_data": {**GOOD_FACE_SWAP["task_data"], "model": "hyperswap_1a_256"}}
+
+    response = api.create(body)
+
+    assert response.status_code == 400
+    assert response.get_json()["error"]["details"]["field"] == "task_data.model"
+    assert response.get_json()["error"]["code"] == "model_not_supported"
