@@ -150,6 +150,11 @@ class Worker:
         self.in_flight: dict[str, _Held] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
+        # Set while the pull loop waits on fetch_task: a fetch in flight may still claim a
+        # task for this runner, so drain lets it return before releasing and closing.
+        self._fetching = False
+        self._pull_wait_s = 0.0
+        self._pull_stopped = asyncio.Event()
         self._on_finished = on_finished
         self.work_root = settings.data_dir / "work"
         self.completed = 0
@@ -176,6 +181,13 @@ class Worker:
     async def run_pull_loop(self, *, wait_s: float = 10.0) -> None:
         """Claim tasks while there is capacity; stops when ``draining`` is set."""
         assert self.source is not None, "pull mode needs a task source"
+        self._pull_wait_s = wait_s
+        try:
+            await self._pull_until_draining(self.source, wait_s)
+        finally:
+            self._pull_stopped.set()
+
+    async def _pull_until_draining(self, source: TaskSource, wait_s: float) -> None:
         environments = sorted(self.engines)
         failures = 0
         while not self.draining:
@@ -185,12 +197,12 @@ class Worker:
                 self._release_hold()
                 break
             try:
-                task = await self.source.next_task(
-                    worker_id=self.worker_id, environments=environments, wait_s=wait_s
-                )
+                task = await self._fetch(source, environments, wait_s)
                 failures = 0
             except ComfySwapError as exc:
                 self._release_hold()
+                if self.draining:
+                    break
                 failures += 1
                 delay = min(30.0, 0.5 * 2**failures)
                 log_event(
@@ -208,6 +220,13 @@ class Worker:
                 self._release_hold()
                 break
             self._spawn(self.process(task, hold_acquired=True))
+
+    async def _fetch(self, source: TaskSource, environments: list[str], wait_s: float) -> Task | None:
+        self._fetching = True
+        try:
+            return await source.next_task(worker_id=self.worker_id, environments=environments, wait_s=wait_s)
+        finally:
+            self._fetching = False
 
     def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coroutine)
@@ -482,6 +501,12 @@ class Worker:
                     self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"
                 )
                 log_event(logger, "task_released", task_id=task_id)
+        if self._fetching:
+            # The API claims for a fetch in flight whether or not we still listen (it may
+            # even re-claim a task released above): let the fetch return so the pull loop
+            # releases what it got, instead of leaving it leased to a runner that is gone.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pull_stopped.wait(), timeout=self._pull_wait_s + 20.0)
         if still_running:
             await asyncio.wait(still_running, timeout=10)
         for engine in self.engines.values():
