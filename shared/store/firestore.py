@@ -26,18 +26,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
-from shared.errors import Conflict, NotFound, TransientError
+from shared.errors import ComfySwapError, Conflict, NotFound, TransientError
 from shared.store.base import Mutation, TaskStore, leased_copy
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -110,6 +111,9 @@ _JSON_SUFFIX = "__json"
 # How many PENDING tasks a claim reads per page while skipping ones in retry backoff,
 # and the most it reads in one claim.
 _CLAIM_PAGE_SIZE = 10
+# A read inside a transaction that loses a lock is aborted before the commit, where the
+# client's own retry does not reach; retried this often, with jittered backoff.
+_ABORTED_READ_RETRIES = 5
 _CLAIM_SCAN_LIMIT = 100
 
 
@@ -204,21 +208,44 @@ class FirestoreTaskStore(TaskStore):
     def _run_transaction(self, body: Callable[[Any], _T]) -> _T:
         """Run ``body(transaction)`` in a retried read-write transaction.
 
-        Errors raised by ``body`` (a Conflict from a mutation) roll back and propagate;
-        running out of attempts under contention becomes a TransientError (retry later).
+        A ComfySwapError from ``body`` (a mutation refusing a transition, a missing task)
+        commits nothing and is raised after the transaction ends: committing an empty
+        transaction releases its locks, where a rollback after a lock timeout can fail
+        and hide the real error. The client retries an aborted commit itself; an aborted
+        read is retried here. Running out of attempts becomes a TransientError.
         """
-        transaction = self._client.transaction(max_attempts=self._transaction_attempts)
-        try:
-            result: _T = firestore.transactional(body)(transaction)
-        except ValueError as exc:
-            if isinstance(exc.__cause__, gexc.Aborted):
-                raise TransientError(
-                    "the task store is busy (too much contention); try again",
-                    code="store_contention",
-                    details={"attempts": self._transaction_attempts},
-                ) from exc
-            raise
-        return result
+        refused: list[ComfySwapError] = []
+
+        def guarded(transaction: Any) -> _T | None:
+            refused.clear()
+            try:
+                return body(transaction)
+            except ComfySwapError as exc:
+                refused.append(exc)
+                return None
+
+        last_error: Exception | None = None
+        for attempt in range(_ABORTED_READ_RETRIES):
+            transaction = self._client.transaction(max_attempts=self._transaction_attempts)
+            try:
+                result = firestore.transactional(guarded)(transaction)
+            except gexc.Aborted as exc:
+                last_error = exc
+                time.sleep(random.uniform(0, 0.05 * 2**attempt))  # noqa: S311  # jitter, not crypto
+                continue
+            except ValueError as exc:
+                if not isinstance(exc.__cause__, gexc.Aborted):
+                    raise
+                last_error = exc
+                break
+            if refused:
+                raise refused[0]
+            return cast(_T, result)
+        raise TransientError(
+            "the task store is busy (too much contention); try again",
+            code="store_contention",
+            details={"attempts": self._transaction_attempts},
+        ) from last_error
 
     def _notify(self) -> None:
         with self._work_available:
