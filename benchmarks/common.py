@@ -32,6 +32,7 @@ __all__ = [
     "BenchStack",
     "Row",
     "fmt_ms",
+    "median",
     "not_measured",
     "percentile",
     "png_of_size",
@@ -101,7 +102,8 @@ def run_json_subprocess(args: Sequence[str], *, timeout_s: float, env: dict[str,
         check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {completed.returncode}: {completed.stderr[-2000:]}")
+        last_line = (completed.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(args)} exited {completed.returncode}: {last_line}")
     lines = [line for line in completed.stdout.splitlines() if line.strip()]
     if not lines:
         raise RuntimeError(f"{' '.join(args)} printed nothing: {completed.stderr[-2000:]}")

@@ -365,7 +365,7 @@ def comfyui_overhead(workdir: Path, *, count: int = 30) -> list[Row]:
     return [
         Row(
             f"{figure}, median of {len(engine)}",
-            f"{fmt_ms(overhead)} per task (engine {fmt_ms(median(engine))})",
+            f"{overhead * 1000:+.1f} ms per task (engine {fmt_ms(median(engine))})",
             f"< {fmt_ms(COMFYUI_OVERHEAD_TARGET_S)} (as figure 2)",
             f"direct HTTP + websocket client: {fmt_ms(median(direct))}",
             verdict(overhead < COMFYUI_OVERHEAD_TARGET_S),

@@ -82,9 +82,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.raw:
         import httpx  # noqa: F401
     else:
-        import boto3  # noqa: F401
-        import google.cloud.storage  # noqa: F401
-
+        provider = os.environ.get("STORAGE_PROVIDER", "local")
+        if provider == "gcs":
+            import google.cloud.storage  # noqa: F401
+        elif provider == "r2":
+            import boto3  # noqa: F401
         from shared.storage import make_storage_chain  # noqa: F401
     rss_before = _peak_rss_mb()
     cpu_before = _cpu_seconds()
