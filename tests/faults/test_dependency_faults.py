@@ -1,0 +1,210 @@
+"""Dependency faults: the primary storage provider down, ComfyUI killed mid-run, and a
+client cancelling a task while the engine swaps a video."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.faults.stack import FaultStack, face_swap_body
+from tests.servers import ServerProcess, free_port, start_server, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_primary_storage_down_result_goes_to_fallback_and_the_failure_is_recorded(make_stack, media_server):
+    closed_port = free_port()  # nothing listens here: every R2 call is refused at once
+    stack = make_stack(
+        {
+            "STORAGE_PROVIDER": "r2",
+            "STORAGE_FALLBACK": "local",
+            "R2_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}",
+            "R2_BUCKET_NAME": "results",
+            "R2_ACCESS_KEY": "test-access",
+            "R2_SECRET_KEY": "test-secret",
+        }
+    )
+
+    task_id = stack.create(face_swap_body(media_server))
+    view = stack.wait_terminal(task_id, timeout_s=120)
+
+    assert view["status"] == "COMPLETED", view["task"]["error"]
+    output_data = view["task"]["output_data"]
+    assert output_data["provider"] == "local"
+    tried = output_data["outputs"][0]["storage"]["tried"]
+    assert [entry["provider"] for entry in tried] == ["r2"]
+    assert tried[0]["code"] and tried[0]["error"]
+    assert view["task"]["attempts"] == 1
+    assert len(stack.result_files(task_id)) == 1
+    assert stack.client.get(output_data["url"]).status_code == 200
+    assert stack.runner_events("storage_provider_failed")
+
+
+def test_cancel_during_video_swap_stops_between_frames_and_writes_nothing(make_stack, media_server):
+    stack = make_stack()
+    task_id = stack.create(face_swap_body(media_server, "/slow.mp4"))
+    stack.wait_frames(task_id, frames=3)
+
+    response = stack.client.post(f"/api/tasks/{task_id}/cancel")
+    cancelled_at = time.monotonic()
+
+    assert response.status_code == 200 and response.json()["status"] == "CANCELLED"
+    wait_until(
+        lambda: bool(stack.runner_events("task_stopped", task_id)),
+        timeout_s=10,
+        what="the runner to stop the engine",
+    )
+    # Stopped between frames, long before the 120-frame clip could have finished.
+    assert time.monotonic() - cancelled_at < 10
+    stopped = stack.runner_events("task_stopped", task_id)[0]
+    assert stopped["status"] == "CANCELLED"
+    view = stack.view(task_id)
+    assert view["status"] == "CANCELLED" and view["result"] is None
+    assert view["task"]["progress"]["value"] < 120
+    assert stack.result_files(task_id) == []
+    assert stack.runner_events("task_finished", task_id) == []
+    assert stack.client.post(f"/api/tasks/{task_id}/cancel").status_code == 409
+    # The runner is free again: the next task runs.
+    follow_up = stack.create(face_swap_body(media_server))
+    assert stack.wait_terminal(follow_up, timeout_s=60)["status"] == "COMPLETED"
+
+
+# --- ComfyUI ----------------------------------------------------------------------------
+
+SLOW_GRAPH: dict[str, Any] = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
+    "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3, "sigma": 1.0}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "fault"}},
+}
+
+
+def _start_double(tmp: Path, port: int, generation: int) -> ServerProcess:
+    return start_server(
+        f"comfyui-double-{generation}",
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.comfyui_double",
+            "--port",
+            str(port),
+            "--root",
+            str(tmp / "comfy"),
+        ],
+        url=f"http://127.0.0.1:{port}",
+        log_dir=tmp / "logs",
+        health_path="/system_stats",
+        timeout_s=60,
+    )
+
+
+def _slow_nodes(double: ServerProcess, seconds: float) -> None:
+    response = httpx.post(
+        double.url + "/__double__/node_delay", json={"class_type": "ImageBlur", "seconds": seconds}
+    )
+    assert response.status_code == 200
+
+
+def _kill_double_mid_prompt(stack: FaultStack, double: ServerProcess, task_id: str) -> None:
+    stack.wait_for(task_id, lambda view: view["status"] == "PROCESSING", timeout_s=60, what="processing")
+    wait_until(
+        lambda: httpx.get(double.url + "/__double__/state").json().get("running") is not None,
+        timeout_s=30,
+        what="ComfyUI to run the prompt",
+    )
+    double.kill()
+
+
+def _wait_for_comfyui_socket(stack: FaultStack) -> None:
+    """Until the runner's ComfyUI client has its websocket back (it reconnects by itself).
+
+    Waiting is a concession to a known engine bug (see the xfail test below): a task that
+    arrives before the reconnect fails on the stale connection error."""
+
+    def connected() -> bool:
+        engines = httpx.get(stack.runner.url + "/api/status", timeout=10).json()["engines"]
+        return bool(engines["comm"].get("websocket_connected"))
+
+    wait_until(connected, timeout_s=30, interval_s=0.2, what="the runner's ComfyUI websocket")
+
+
+@pytest.mark.parametrize(
+    ("max_attempts", "outcome"),
+    [("1", "FAILED"), ("5", "COMPLETED")],
+    ids=["no-retry-left-fails-with-reason", "retried-on-restarted-comfyui"],
+)
+def test_comfyui_killed_mid_run_is_retried_or_failed_and_the_runner_keeps_working(
+    make_stack, tmp_path, max_attempts, outcome
+):
+    port = free_port()
+    doubles = [_start_double(tmp_path, port, 1)]
+    try:
+        stack = make_stack(
+            {
+                "COMFYUI_URL": doubles[0].url,
+                "RUNNER_ENVIRONMENTS": "comm",
+                "MAX_ATTEMPTS": max_attempts,
+            }
+        )
+        _slow_nodes(doubles[0], 5.0)
+        task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+
+        _kill_double_mid_prompt(stack, doubles[0], task_id)
+        if outcome == "FAILED":
+            view = stack.wait_terminal(task_id, timeout_s=90)
+            doubles.append(_start_double(tmp_path, port, 2))
+        else:
+            doubles.append(_start_double(tmp_path, port, 2))
+            view = stack.wait_terminal(task_id, timeout_s=90)
+
+        task = view["task"]
+        assert view["status"] == outcome, task["error"]
+        assert task["attempt_history"][0]["code"] == "comfyui_unavailable"
+        assert task["attempt_history"][0]["retryable"] is True
+        if outcome == "FAILED":
+            assert task["error"]["code"] == "comfyui_unavailable" and task["error"]["message"]
+        else:
+            assert task["attempts"] >= 2
+            assert len(task["output_data"]["outputs"]) == 1
+        assert stack.runner.alive()
+        _wait_for_comfyui_socket(stack)
+        follow_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+        after = stack.wait_terminal(follow_up, timeout_s=90)
+        assert after["status"] == "COMPLETED", after["task"]["error"]
+    finally:
+        for double in doubles:
+            double.stop()
+
+
+@pytest.mark.xfail(
+    reason="product bug in gpu_runner/engines/comfyui.py: ComfyUIClient.ensure_socket raises the "
+    "socket loop's last ConnectionRefusedError while the loop is still backing off (up to 5 s), "
+    "so a task that arrives just after ComfyUI restarts fails comfyui_unavailable at once; "
+    "fix: clear _socket_error / wait for the next connect attempt instead of failing on a stale error",
+    strict=False,
+)
+def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, tmp_path):
+    port = free_port()
+    doubles = [_start_double(tmp_path, port, 1)]
+    try:
+        stack = make_stack(
+            {"COMFYUI_URL": doubles[0].url, "RUNNER_ENVIRONMENTS": "comm", "MAX_ATTEMPTS": "1"}
+        )
+        _slow_nodes(doubles[0], 0.0)
+        warm_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+        assert stack.wait_terminal(warm_up, timeout_s=60)["status"] == "COMPLETED"
+        doubles[0].kill()
+        time.sleep(8)  # the client's reconnect backoff reaches its 5 s ceiling
+        doubles.append(_start_double(tmp_path, port, 2))
+
+        task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+        view = stack.wait_terminal(task_id, timeout_s=60)
+
+        assert view["status"] == "COMPLETED", view["task"]["error"]
+    finally:
+        for double in doubles:
+            double.stop()
