@@ -121,6 +121,7 @@ def _settings(emulator_host: str, queue: str, runner_url: str, **overrides: Any)
     )
 
 
+@pytest.mark.emulator
 def test_dispatch_delivers_only_the_task_id_to_the_runner(cloud_tasks_emulator, runner_target) -> None:
     queue = f"runner-{uuid.uuid4().hex[:8]}"
     settings = _settings(cloud_tasks_emulator, queue, runner_target.url, cloud_tasks_invoker_email=INVOKER)
@@ -144,6 +145,7 @@ def test_dispatch_delivers_only_the_task_id_to_the_runner(cloud_tasks_emulator, 
     assert headers["x-cloudtasks-taskretrycount"] == "0"
 
 
+@pytest.mark.emulator
 def test_dispatch_to_a_missing_queue_fails_as_dispatch_failed(cloud_tasks_emulator, runner_target) -> None:
     dispatcher = make_dispatcher(_settings(cloud_tasks_emulator, "no-such-queue", runner_target.url))
 

@@ -34,6 +34,7 @@ def test_infra_index_file_matches_the_module() -> None:
     assert len(stored["indexes"]) == len(REQUIRED_INDEXES)
 
 
+@pytest.mark.emulator
 def test_the_store_is_built_from_settings(emulator: FirestoreEmulator) -> None:
     settings = Settings(
         task_store="firestore", google_cloud_project=emulator.project, firestore_collection="jobs"
@@ -50,6 +51,7 @@ def test_the_store_is_built_from_settings(emulator: FirestoreEmulator) -> None:
         store.close()
 
 
+@pytest.mark.emulator
 def test_query_fields_are_native_timestamps_and_nested_arrays_are_kept(emulator: FirestoreEmulator) -> None:
     """Firestore refuses an array inside an array (ComfyUI widgets can hold one)."""
     client = firestore.Client(project=emulator.project)
@@ -73,6 +75,7 @@ def test_query_fields_are_native_timestamps_and_nested_arrays_are_kept(emulator:
     store.close()
 
 
+@pytest.mark.emulator
 def test_wait_for_work_does_not_spin_on_unchanged_work(emulator: FirestoreEmulator) -> None:
     """A runner of another environment must not be woken again and again by a task it
     cannot claim: only a change in the queue wakes it."""

@@ -19,7 +19,7 @@ __all__ = ["firestore_emulator"]
 StoreFactory = Callable[[], TaskStore]
 
 
-@pytest.fixture(params=["sqlite", "firestore"])
+@pytest.fixture(params=["sqlite", pytest.param("firestore", marks=pytest.mark.emulator)])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
