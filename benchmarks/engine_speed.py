@@ -191,6 +191,7 @@ def cpu_swap_rows(workdir: Path, *, video_frames: tuple[int, int] = (25, 75)) ->
         FaceSwapper()
     except Exception as exc:
         return [Row("5. CPU face swap", f"not measured: {exc}", "", "", "not measured")]
+    workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         theirs = _cpu_swap_bench(video_frames[1])

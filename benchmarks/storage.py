@@ -1,6 +1,6 @@
 """Figure 6: upload throughput and peak memory of each storage provider, on its emulator.
 
-Each upload runs in a fresh process (``python -m benchmarks.storage upload ...``) that
+Each upload runs in a fresh, lean process (``python -m benchmarks.upload_probe``) that
 reports its time and ``ru_maxrss``, so the memory is the upload's own. A 200 MB and a
 20 MB file go through the provider as the runner calls it (``make_storage_chain``):
 memory that does not grow with the file shows the upload is streamed. The baseline is
@@ -11,14 +11,8 @@ streamed HTTP request (no SDK) to fake-gcs-server and moto for ``gcs`` and ``r2`
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import shutil
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,81 +28,6 @@ R2_ACCESS_KEY = "bench-access-key"
 R2_SECRET_KEY = "bench-secret-key"  # noqa: S105  # moto checks no signature; not a secret
 
 
-# --- in the measuring subprocess ---------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-    with path.open("rb") as file:
-        while chunk := file.read(chunk_bytes):
-            yield chunk
-
-
-def _upload_with_provider(path: Path, key: str) -> None:
-    from shared.settings import get_settings
-    from shared.storage import make_storage_chain
-
-    chain = make_storage_chain(get_settings())
-    chain.upload(path, key, "video/mp4")
-
-
-def _upload_raw(path: Path, key: str, target: str, url: str, bucket: str) -> None:
-    if target == "local":
-        destination = Path(url) / key
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, destination)
-        return
-    import httpx
-
-    size = str(path.stat().st_size)
-    headers = {"Content-Type": "video/mp4", "Content-Length": size}
-    with httpx.Client(timeout=300) as client:
-        if target == "gcs":
-            response = client.post(
-                f"{url}/upload/storage/v1/b/{bucket}/o",
-                params={"uploadType": "media", "name": key},
-                content=_file_chunks(path),
-                headers=headers,
-            )
-        else:
-            response = client.put(f"{url}/{bucket}/{key}", content=_file_chunks(path), headers=headers)
-        response.raise_for_status()
-
-
-def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    key = f"results/bench-{uuid.uuid4().hex}/000.mp4"
-    # The client libraries are imported before the RSS mark: the figure is the upload's memory.
-    if args.raw:
-        import httpx  # noqa: F401
-    else:
-        provider = os.environ.get("STORAGE_PROVIDER", "local")
-        if provider == "gcs":
-            import google.cloud.storage  # noqa: F401
-        elif provider == "r2":
-            import boto3  # noqa: F401
-        from shared.storage import make_storage_chain  # noqa: F401
-    rss_before = _peak_rss_mb()
-    cpu_before = _cpu_seconds()
-    started = time.perf_counter()
-    if args.raw:
-        _upload_raw(args.file, key, args.target, args.url, args.bucket)
-    else:
-        _upload_with_provider(args.file, key)
-    seconds = time.perf_counter() - started
-    return {
-        "seconds": seconds,
-        "cpu_s": _cpu_seconds() - cpu_before,
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": _peak_rss_mb(),
-    }
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # --- orchestration -------------------------------------------------------------------------------
 def _write_file(path: Path, megabytes: int) -> None:
     with path.open("wb") as file:
@@ -117,7 +36,7 @@ def _write_file(path: Path, megabytes: int) -> None:
 
 
 def _upload(path: Path, env: dict[str, str], *, raw: tuple[str, str, str] | None = None) -> dict[str, Any]:
-    args = ["-m", "benchmarks.storage", "upload", "--file", str(path)]
+    args = ["-m", "benchmarks.upload_probe", "--file", str(path)]
     if raw is not None:
         target, url, bucket = raw
         args += ["--raw", "--target", target, "--url", url, "--bucket", bucket]
@@ -247,18 +166,3 @@ def storage_rows(workdir: Path) -> list[Row]:
         )
     )
     return rows
-
-
-def _cli() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["upload"])
-    parser.add_argument("--file", type=Path, required=True)
-    parser.add_argument("--raw", action="store_true")
-    parser.add_argument("--target", default="")
-    parser.add_argument("--url", default="")
-    parser.add_argument("--bucket", default="")
-    print(json.dumps(_measure(parser.parse_args())))
-
-
-if __name__ == "__main__":
-    _cli()
