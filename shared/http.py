@@ -19,10 +19,11 @@ import flask
 from shared.auth import Principal, authenticate
 from shared.errors import BadRequest, ComfySwapError, NotFound, PayloadTooLarge, RateLimited, ValidationFailed
 from shared.logs import bind_task, bind_trace, configure_logging, get_logger, unbind_task, unbind_trace
+from shared.ratelimit import RateLimiter
 from shared.service import TaskService
 from shared.settings import Settings, get_settings
 
-__all__ = ["Route", "dispatch_request", "json_response", "service"]
+__all__ = ["Route", "dispatch_request", "json_response", "rate_limiter", "service"]
 
 logger = get_logger(__name__)
 
@@ -79,6 +80,12 @@ def service() -> TaskService:
     return TaskService.from_settings(settings)
 
 
+@functools.lru_cache(maxsize=1)
+def rate_limiter(svc: TaskService) -> RateLimiter:
+    """The buckets of this instance, one set per service (a new service starts afresh)."""
+    return RateLimiter.from_settings(svc.settings)
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
     response = flask.Response(json.dumps(body, default=str), status=status, mimetype="application/json")
     for key, value in (headers or {}).items():
@@ -115,6 +122,8 @@ def dispatch_request(request: flask.Request, routes: list[Route]) -> flask.Respo
             if route.method != request.method:
                 continue
             principal = ANONYMOUS if route.public else authenticate(request.headers, svc.settings)
+            if not route.public:
+                rate_limiter(svc).check(principal)
             params = match.groupdict()
             task_token = bind_task(params.get("task_id"))
             try:

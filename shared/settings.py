@@ -193,6 +193,15 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="API_KEYS_FILE: a file of API_KEYS entries, one a line."
     )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=1,
+        description="RATE_LIMIT_PER_MINUTE: requests a minute per API key owner, per API instance "
+        "(the gateway's key quota is the global limit); runner keys are not limited.",
+    )
+    rate_limit_burst: int = Field(
+        60, ge=1, description="RATE_LIMIT_BURST: requests an API key owner may make at once before the limit."
+    )
     webhook_secret: str = Field(
         "",
         repr=False,
