@@ -1,4 +1,4 @@
-"""The cloud task store: one Firestore document per task, every change in a transaction.
+"""The cloud task store: one Firestore document per task, every change a compare-and-set.
 
 Document id = ``taskId``; the document is ``Task.to_document()`` with the fields the
 queue queries (``created_at``, ``available_at``, ``updated_at``, ``started_at``,
@@ -6,11 +6,13 @@ queue queries (``created_at``, ``available_at``, ``updated_at``, ``started_at``,
 timestamps, so range filters and ordering compare instants, not strings. ``status``,
 ``environment``, ``priority``, ``owner`` and ``idempotency_key`` are top-level already.
 
-Why transactions everywhere: a Firestore transaction (server client libraries) locks
-what it reads and commits all or nothing; two transactions that touch the same document
-are serialised (one is aborted and retried by ``@firestore.transactional``). That is the
-compare-and-set the life cycle in :mod:`shared.store.base` relies on, and what makes two
-concurrent ``claim_next`` calls never lease the same task.
+Two kinds of compare-and-set. ``update()`` (every life-cycle step in
+:mod:`shared.store.base`) is a read-write transaction: it locks what it reads and
+commits all or nothing, and two transactions on one document are serialised (one is
+aborted and retried by ``@firestore.transactional``). ``claim_next()`` picks from a
+query and writes on the condition that the document's ``update_time`` is still the one
+it read (see its docstring for why not a transaction); either way two runners never
+lease the same task (tests/contract checks both under contention).
 
 Idempotency keys are unique per (owner, key) through a second collection,
 ``<collection>_idempotency_keys/{sha256(owner, key)}``, created in the same atomic
