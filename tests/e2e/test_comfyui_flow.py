@@ -106,3 +106,41 @@ def test_validation_error_from_comfyui_fails_with_node_level_message(comfy_stack
     error = view["task"]["error"]
     assert error["code"] == "comfyui_validation_failed" and error["retryable"] is False
     assert "upscale_method" in error["message"] and "2" in error["message"]
+
+
+def test_cli_submits_a_template_with_parameters_and_follows_it(comfy_stack, astronaut_png):
+    import subprocess
+
+    stack, _ = comfy_stack
+    command = [sys.executable, "-m", "comfyswap.cli", "--api-url", stack.api.url]
+    command += [
+        "submit",
+        "invert_image",
+        "--param",
+        f"image_url={astronaut_png}",
+        "--wait",
+        "--timeout",
+        "60",
+    ]
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert finished.returncode == 0, finished.stderr
+    assert "COMPLETED" in finished.stdout
+    assert "image/png: http" in finished.stdout
+
+
+def test_cli_submits_a_workflow_file_and_reports_failure_by_exit_code(comfy_stack, tmp_path):
+    import json
+    import subprocess
+
+    stack, _ = comfy_stack
+    workflow = tmp_path / "broken_api.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    command = [sys.executable, "-m", "comfyswap.cli", "--api-url", stack.api.url, "--quiet"]
+    command += ["submit", str(workflow), "--wait", "--timeout", "60"]
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert finished.returncode == 1
+    assert "FAILED" in finished.stdout and "comfyui_validation_failed" in finished.stdout
