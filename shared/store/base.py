@@ -87,6 +87,20 @@ class TaskStore(abc.ABC):
         The re-dispatch sweep's query: in push mode such a task's delivery failed or was
         lost, and oldest first means a backlog cannot starve the earliest tasks."""
 
+    def creation_conflict(self, task: Task) -> Conflict:
+        """The Conflict for a create that hit an existing row: the idempotency key's task
+        (the caller replays it or refuses a different body), or a task id collision."""
+        existing = (
+            self.find_by_idempotency_key(task.owner, task.idempotency_key) if task.idempotency_key else None
+        )
+        if existing is not None:
+            return Conflict(
+                "idempotency key already used",
+                code="idempotency_key_reused",
+                details={"task_id": existing.taskId},
+            )
+        return Conflict(f"task {task.taskId} already exists", code="task_exists")
+
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a task may have become claimable, or the timeout passes.
 

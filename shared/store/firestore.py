@@ -40,7 +40,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
-from shared.errors import ComfySwapError, Conflict, NotFound, TransientError
+from shared.errors import ComfySwapError, NotFound, TransientError
 from shared.store.base import Mutation, TaskStore, leased_copy
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -266,18 +266,7 @@ class FirestoreTaskStore(TaskStore):
         try:
             batch.commit()
         except gexc.AlreadyExists as exc:
-            existing = (
-                self.find_by_idempotency_key(task.owner, task.idempotency_key)
-                if task.idempotency_key
-                else None
-            )
-            if existing is not None:
-                raise Conflict(
-                    "idempotency key already used",
-                    code="idempotency_key_reused",
-                    details={"task_id": existing.taskId},
-                ) from exc
-            raise Conflict(f"task {task.taskId} already exists", code="task_exists") from exc
+            raise self.creation_conflict(task) from exc
         self._notify()
         return task
 

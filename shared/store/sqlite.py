@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from shared.errors import Conflict, NotFound
+from shared.errors import NotFound
 from shared.store.base import Mutation, TaskStore, leased_copy
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -137,18 +137,7 @@ class SQLiteTaskStore(TaskStore):
                     self._row_values(task),
                 )
         except sqlite3.IntegrityError as exc:
-            existing = (
-                self.find_by_idempotency_key(task.owner, task.idempotency_key)
-                if task.idempotency_key
-                else None
-            )
-            if existing is not None:
-                raise Conflict(
-                    "idempotency key already used",
-                    code="idempotency_key_reused",
-                    details={"task_id": existing.taskId},
-                ) from exc
-            raise Conflict(f"task {task.taskId} already exists", code="task_exists") from exc
+            raise self.creation_conflict(task) from exc
         self._notify()
         return task
 
