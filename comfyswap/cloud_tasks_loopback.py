@@ -1,9 +1,12 @@
 """Run gcloud-tasks-emulator bound to 127.0.0.1 (run with the emulator's own venv python).
 
 gcloud-tasks-emulator 0.6.2 always listens on ``[::]:PORT`` (every interface) and has no
-flag to change it; tests may only listen on loopback. This launcher narrows the gRPC
-server's listening address before handing over to the emulator's own command line, so
-every flag (``start -p PORT -r 3 ...``) works unchanged.
+flag to change it; ``make run-emulated`` and the tests listen on loopback only. This
+launcher narrows the gRPC server's listening address before handing over to the
+emulator's own command line, so every flag (``start -p PORT -r 3 ...``) works unchanged.
+
+comfyswap.emulators runs this file by its path with the emulator's interpreter, whose
+venv has no comfyswap: it must import nothing but grpc and the emulator.
 """
 
 from __future__ import annotations
