@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
+
 from benchmarks.common import PY, REPO, BenchStack, Row, median, verdict
 from benchmarks.loadgen import LoadResult, build_request, run_load
 from tests.servers import ServerProcess, free_port, start_server
@@ -35,6 +37,16 @@ def _serve(stack: BenchStack, name: str, target: str, source: Path) -> tuple[int
         cwd=REPO,
     )
     return port, server
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a server process and its children (gunicorn's worker)."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        times = member.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_s: float = 2.0) -> list[Row]:
@@ -69,6 +81,7 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
     }
     servers: dict[str, tuple[int, ServerProcess]] = {}
     results: dict[str, list[LoadResult]] = {name: [] for name in targets}
+    cpu_per_request: dict[str, list[float]] = {name: [] for name in targets}
     try:
         for name, (target, source, *_) in targets.items():
             servers[name] = _serve(stack, f"fn-{name}", target, source)
@@ -78,22 +91,23 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
                 request = build_request(
                     method, path, f"127.0.0.1:{port}", payload, "application/json" if payload else ""
                 )
-                results[name].append(
-                    run_load(
-                        port,
-                        lambda _, r=request: r,
-                        connections=connections,
-                        duration_s=round_s,
-                        warmup_s=0.5,
-                    )
+                cpu_before = _tree_cpu_s(servers[name][1].pid)
+                result = run_load(
+                    port, lambda _, r=request: r, connections=connections, duration_s=round_s, warmup_s=0.5
                 )
+                cpu_used = _tree_cpu_s(servers[name][1].pid) - cpu_before
+                results[name].append(result)
+                # Warm-up requests are served too: divide by every request of the round.
+                cpu_per_request[name].append(cpu_used / max(1, result.requests_including_warmup))
     finally:
         for _, server in servers.values():
             server.stop()
     bare_rate = median([result.rate for result in results["bare"]])
+    bare_cpu = median(cpu_per_request["bare"])
     rows = []
     for name in ("create_task", "get_task"):
         rate = median([result.rate for result in results[name]])
+        cpu = median(cpu_per_request[name])
         ratio = rate / bare_rate if bare_rate else 0.0
         statuses: dict[int, int] = {}
         errors = 0
@@ -111,6 +125,9 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
                 f">= {RATIO_TARGET}x bare",
                 f"bare function: {bare_rate:,.0f} req/s",
                 verdict(ratio >= RATIO_TARGET and not problems),
+                f"{name}: server CPU per request {cpu * 1e6:.0f} us against {bare_cpu * 1e6:.0f} us "
+                f"for the bare function (ratio {bare_cpu / cpu:.2f}; "
+                "CPU per request does not move with other load on the machine, requests per second do)",
             )
         )
     return rows

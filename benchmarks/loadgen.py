@@ -20,10 +20,11 @@ RequestFactory = Callable[[int], bytes]
 
 @dataclasses.dataclass
 class LoadResult:
-    requests: int
+    requests: int  # completed within the measured window
     errors: int
     seconds: float
     statuses: dict[int, int]
+    requests_including_warmup: int = 0
 
     @property
     def rate(self) -> float:
@@ -97,14 +98,14 @@ def run_load(
     """Hammer 127.0.0.1:``port`` from ``connections`` keep-alive connections for
     ``warmup_s + duration_s``; only requests completed in the last ``duration_s`` count."""
     lock = threading.Lock()
-    counted = [0, 0]
+    counted = [0, 0, 0]
     statuses: dict[int, int] = {}
     start_counting = time.perf_counter() + warmup_s
     stop_at = start_counting + duration_s
 
     def worker(index: int) -> None:
         connection = _Connection(port)
-        done = errors = 0
+        done = errors = everything = 0
         seen: dict[int, int] = {}
         sequence = index * 1_000_000
         try:
@@ -120,6 +121,7 @@ def run_load(
                     if time.perf_counter() >= start_counting:
                         errors += 1
                     continue
+                everything += 1
                 if time.perf_counter() >= start_counting:
                     done += 1
                     seen[status] = seen.get(status, 0) + 1
@@ -128,6 +130,7 @@ def run_load(
             with lock:
                 counted[0] += done
                 counted[1] += errors
+                counted[2] += everything
                 for status, count in seen.items():
                     statuses[status] = statuses.get(status, 0) + count
 
@@ -136,4 +139,10 @@ def run_load(
         thread.start()
     for thread in threads:
         thread.join(timeout=duration_s + warmup_s + 60)
-    return LoadResult(requests=counted[0], errors=counted[1], seconds=duration_s, statuses=statuses)
+    return LoadResult(
+        requests=counted[0],
+        errors=counted[1],
+        seconds=duration_s,
+        statuses=statuses,
+        requests_including_warmup=counted[2],
+    )
