@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
-
-from benchmarks.common import PY, REPO, BenchStack, Row, median, verdict
+from benchmarks.common import PY, REPO, BenchStack, Row, median, process_tree_cpu_s, verdict
 from benchmarks.loadgen import LoadResult, build_request, run_load
 from tests.servers import ServerProcess, free_port, start_server
 
@@ -37,16 +35,6 @@ def _serve(stack: BenchStack, name: str, target: str, source: Path) -> tuple[int
         cwd=REPO,
     )
     return port, server
-
-
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a server process and its children (gunicorn's worker)."""
-    process = psutil.Process(pid)
-    total = 0.0
-    for member in [process, *process.children(recursive=True)]:
-        times = member.cpu_times()
-        total += times.user + times.system
-    return total
 
 
 def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_s: float = 2.0) -> list[Row]:
@@ -91,11 +79,11 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
                 request = build_request(
                     method, path, f"127.0.0.1:{port}", payload, "application/json" if payload else ""
                 )
-                cpu_before = _tree_cpu_s(servers[name][1].pid)
+                cpu_before = process_tree_cpu_s(servers[name][1].pid)
                 result = run_load(
                     port, lambda _, r=request: r, connections=connections, duration_s=round_s, warmup_s=0.5
                 )
-                cpu_used = _tree_cpu_s(servers[name][1].pid) - cpu_before
+                cpu_used = process_tree_cpu_s(servers[name][1].pid) - cpu_before
                 results[name].append(result)
                 # Warm-up requests are served too: divide by every request of the round.
                 cpu_per_request[name].append(cpu_used / max(1, result.requests_including_warmup))

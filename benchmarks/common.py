@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 from tests.servers import ServerProcess, free_port, start_server
@@ -36,6 +37,7 @@ __all__ = [
     "not_measured",
     "percentile",
     "png_of_size",
+    "process_tree_cpu_s",
     "run_json_subprocess",
     "start_stack",
 ]
@@ -56,6 +58,16 @@ class Row:
     baseline: str
     verdict: str
     note: str = ""
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its children (e.g. gunicorn's worker)."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        times = member.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def not_measured(figure: str, reason: str) -> Row:
@@ -166,6 +178,10 @@ class BenchStack:
                 cwd=REPO,
             )
         )
+
+    @property
+    def api_pid(self) -> int:
+        return next(server.pid for server in self.servers if server.name == "api")
 
     def put_media(self, name: str, payload: bytes) -> str:
         (self.media_dir / name).write_bytes(payload)

@@ -18,7 +18,15 @@ from pathlib import Path
 import cv2
 
 from benchmarks.calibrated import CalibratedEngine
-from benchmarks.common import BenchStack, Row, fmt_ms, percentile, png_of_size, verdict
+from benchmarks.common import (
+    BenchStack,
+    Row,
+    fmt_ms,
+    percentile,
+    png_of_size,
+    process_tree_cpu_s,
+    verdict,
+)
 from gpu_runner.engines.base import Engine
 from shared.settings import Settings
 from shared.tasks import Task, TaskParams
@@ -187,13 +195,16 @@ def orchestration_overhead(stack: BenchStack, *, count: int, poll_interval_s: fl
         "data: URL inputs": (_data_url(small_source), _data_url(small_target)),
     }
     rows = []
-    with stack.runner(
-        "runner-zero-cost", ["--engine", "calibrated", "--cost-ms", "0", "--output-bytes", "4000"]
-    ):
+    zero_cost = ["--engine", "calibrated", "--cost-ms", "0", "--output-bytes", "4000"]
+    with stack.runner("runner-zero-cost", zero_cost) as (runner, _):
         for inputs_label, (source_url, target_url) in inputs.items():
+            runner_cpu, api_cpu = process_tree_cpu_s(runner.pid), process_tree_cpu_s(stack.api_pid)
             recorded, observed, engine_times = _sequential_tasks(
                 stack, source_url, target_url, count, poll_interval_s
             )
+            # Per task, warm-up tasks included (they ran inside the same window).
+            runner_cpu = (process_tree_cpu_s(runner.pid) - runner_cpu) / (count + 3)
+            api_cpu = (process_tree_cpu_s(stack.api_pid) - api_cpu) / (count + 3)
             for view, sample in (
                 ("task timestamps", recorded),
                 (f"client polling every {fmt_ms(poll_interval_s)}", observed),
@@ -206,6 +217,11 @@ def orchestration_overhead(stack: BenchStack, *, count: int, poll_interval_s: fl
                         f"< {fmt_ms(P50_TARGET_S)} / < {fmt_ms(P99_TARGET_S)}",
                         f"engine time subtracted: median {fmt_ms(percentile(engine_times, 50))}",
                         verdict(p50 < P50_TARGET_S and p99 < P99_TARGET_S),
+                        f"{inputs_label}: CPU per task (does not move with other load on the machine): "
+                        f"runner {fmt_ms(runner_cpu)}, dev server {fmt_ms(api_cpu)} (with the client's "
+                        f"polling GETs)"
+                        if view == "task timestamps"
+                        else "",
                     )
                 )
     return rows
