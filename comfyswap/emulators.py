@@ -40,6 +40,7 @@ __all__ = [
     "CLOUD_TASKS_EMULATOR_PYTHON",
     "DEFAULT_LOCATION",
     "DEFAULT_PROJECT",
+    "LOOPBACK",
     "CloudTasksEmulator",
     "EmulatorProcess",
     "EmulatorUnavailable",
@@ -431,18 +432,20 @@ def task_path_env(
     *,
     queue: str,
     location: str = DEFAULT_LOCATION,
+    project: str = "",
 ) -> dict[str, str]:
     """Settings of the API and the runner for the Firestore store and Cloud Tasks push.
 
-    The Cloud Tasks queue lives in the Firestore emulator's project (GOOGLE_CLOUD_PROJECT
-    names both). No CLOUD_TASKS_INVOKER_EMAIL: the emulator sends no OIDC token, so the
-    runner's push endpoint falls back to API keys with the runner role.
+    GOOGLE_CLOUD_PROJECT names both the Firestore project and the queue's project:
+    ``project``, else the Firestore emulator's. No CLOUD_TASKS_INVOKER_EMAIL: the emulator
+    sends no OIDC token, so the runner's push endpoint falls back to API keys with the
+    runner role.
     """
     return {
         "TASK_STORE": "firestore",
         "DISPATCH_MODE": "push",
         "FIRESTORE_EMULATOR_HOST": firestore.host,
-        "GOOGLE_CLOUD_PROJECT": firestore.project,
+        "GOOGLE_CLOUD_PROJECT": project or firestore.project,
         "CLOUD_TASKS_EMULATOR_HOST": cloud_tasks.host,
         "CLOUD_TASKS_LOCATION": location,
         "CLOUD_TASKS_QUEUE": queue,
