@@ -40,10 +40,14 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(make_
     task = view["task"]
     # Not picked up again before the dead runner's lease ran out.
     assert time.monotonic() - killed_at >= LEASE_SECONDS - 1
-    assert task["attempts"] == 2
     lost = task["attempt_history"]
-    assert len(lost) == 1 and lost[0]["code"] == "lease_expired" and lost[0]["attempt"] == 1
-    assert lost[0]["runner"].endswith(f"-{first_runner.pid}")
+    assert lost and lost[0]["attempt"] == 1
+    # Every lost attempt is recorded. Usually one; two when the dead runner's long-poll,
+    # still open at the API (which cannot see the client is gone), claimed the re-queued
+    # task before it ended: that claim is lost too, and reaped after another lease.
+    assert all(entry["code"] == "lease_expired" for entry in lost), lost
+    assert all(entry["runner"].endswith(f"-{first_runner.pid}") for entry in lost), lost
+    assert task["attempts"] == len(lost) + 1 <= 3
     assert len(stack.result_files(task_id)) == 1
     assert task["output_data"]["outputs"][0]["frames"] == 120
     assert stack.client.get(task["output_data"]["url"]).status_code == 200
