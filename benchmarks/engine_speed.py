@@ -39,6 +39,15 @@ RSS_GROWTH_TARGET = 1.2
 
 # --- measurements run in a subprocess ------------------------------------------------------
 def _peak_rss_mb() -> float:
+    """This process's own RSS high-water mark (VmHWM). ``ru_maxrss`` would do, but Linux
+    carries it over from the parent across fork+exec, so a child of a big process reports
+    the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -97,11 +106,14 @@ def _transcode(source: Path, destination: Path) -> int:
     """Decode every frame to BGR and encode it again: the swap's floor."""
     import av
 
+    from gpu_runner.engines.cpu_swap.video import _X264_OPTIONS
+
     frames = 0
     with av.open(str(source)) as input_container, av.open(str(destination), mode="w", format="mp4") as output:
         video = input_container.streams.video[0]
         video.thread_type = "AUTO"
-        stream = output.add_stream("libx264", rate=video.average_rate or 25)
+        # The swap's own encoder settings, so the floor is like for like.
+        stream = output.add_stream("libx264", rate=video.average_rate or 25, options=dict(_X264_OPTIONS))
         stream.width, stream.height = video.width, video.height
         stream.pix_fmt = "yuv420p"
         for frame in input_container.decode(video):

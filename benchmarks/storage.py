@@ -1,7 +1,7 @@
 """Figure 6: upload throughput and peak memory of each storage provider, on its emulator.
 
 Each upload runs in a fresh, lean process (``python -m benchmarks.upload_probe``) that
-reports its time and ``ru_maxrss``, so the memory is the upload's own. A 200 MB and a
+reports its time and its RSS high-water mark, so the memory is the upload's own. A 200 MB and a
 20 MB file go through the provider as the runner calls it (``make_storage_chain``):
 memory that does not grow with the file shows the upload is streamed. The baseline is
 the plainest transfer of the same file to the same place: a file copy for ``local``, one

@@ -1,7 +1,7 @@
 """``python -m benchmarks.upload_probe --file F [--raw ...]``: one upload, its time and memory.
 
 A lean process on purpose (stdlib only until the client library is chosen), so that
-``ru_maxrss`` after the upload is the upload's own high-water mark. Without ``--raw`` the
+the RSS high-water mark after the upload is the upload's own. Without ``--raw`` the
 file goes through ``make_storage_chain`` as the runner uploads (STORAGE_PROVIDER and the
 provider's settings from the environment); with ``--raw`` it is one plain transfer to the
 same place (a file copy, or one streamed HTTP request to the emulator). Prints one line
@@ -23,6 +23,15 @@ from typing import Any
 
 
 def _peak_rss_mb() -> float:
+    """This process's own RSS high-water mark (VmHWM). ``ru_maxrss`` would do, but Linux
+    carries it over from the parent across fork+exec, so a child of a big process reports
+    the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
