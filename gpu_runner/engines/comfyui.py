@@ -311,6 +311,10 @@ class ComfyUIClient:
         self._connected = asyncio.Event()
         self._socket_generation = 0
         self._socket_error: BaseException | None = None
+        # Which connect attempt the error came from, so a caller only trusts a fresh one.
+        self._connect_attempts = 0
+        self._socket_error_attempt = 0
+        self._reconnect_now = asyncio.Event()
         self._executing_prompt: str | None = None
         self._closing = False
 
@@ -335,15 +339,24 @@ class ComfyUIClient:
         return self._connected.is_set()
 
     async def ensure_socket(self) -> None:
-        """Connect the websocket (once; it then reconnects by itself) before any POST."""
+        """Connect the websocket (once; it then reconnects by itself) before any POST.
+
+        Only a refusal from a connect attempt made after this call counts: an error left
+        over from before (ComfyUI was restarting) must not fail a task that arrives once it
+        is back, so a waiting caller also cuts the reconnect backoff short."""
         if self._socket_task is None or self._socket_task.done():
             self._socket_error = None
             self._socket_task = asyncio.create_task(self._socket_loop(), name="comfyui-websocket")
+        first_fresh_attempt = self._connect_attempts + 1
+        self._reconnect_now.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout_s
         while not self._connected.is_set():
-            if isinstance(self._socket_error, ConnectionRefusedError | OSError) and not isinstance(
-                self._socket_error, TimeoutError
+            fresh = self._socket_error_attempt >= first_fresh_attempt
+            if (
+                fresh
+                and isinstance(self._socket_error, ConnectionRefusedError | OSError)
+                and not isinstance(self._socket_error, TimeoutError)
             ):
                 raise self._unavailable(f"cannot connect to the ComfyUI websocket: {self._socket_error}")
             if loop.time() > deadline:
@@ -354,6 +367,8 @@ class ComfyUIClient:
     async def _socket_loop(self) -> None:
         delay = self.reconnect_delay_s
         while not self._closing:
+            self._connect_attempts += 1
+            self._reconnect_now.clear()
             try:
                 async with websockets.connect(
                     self._ws_url, open_timeout=self.connect_timeout_s, max_size=None, ping_interval=20
@@ -374,13 +389,16 @@ class ComfyUIClient:
                 raise
             except Exception as exc:
                 self._socket_error = exc
+                self._socket_error_attempt = self._connect_attempts
             finally:
                 if self._connected.is_set() and not self._closing:
                     log_event(
                         logger, "comfyui_socket_dropped", level=logging.WARNING, client_id=self.client_id
                     )
                 self._connected.clear()
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                # Back off, unless a caller is waiting for the socket right now.
+                await asyncio.wait_for(self._reconnect_now.wait(), timeout=delay)
             delay = min(delay * 2, self.reconnect_delay_max_s)
 
     def _dispatch(self, message: str | bytes) -> None:

@@ -122,8 +122,8 @@ def _kill_double_mid_prompt(stack: FaultStack, double: ServerProcess, task_id: s
 def _wait_for_comfyui_socket(stack: FaultStack) -> None:
     """Until the runner's ComfyUI client has its websocket back (it reconnects by itself).
 
-    Waiting is a concession to a known engine bug (see the xfail test below): a task that
-    arrives before the reconnect fails on the stale connection error."""
+    The main test waits so that it measures the retry path alone; the test below checks
+    that a task arriving before the reconnect does not fail on a stale connection error."""
 
     def connected() -> bool:
         engines = httpx.get(stack.runner.url + "/api/status", timeout=10).json()["engines"]
@@ -180,13 +180,6 @@ def test_comfyui_killed_mid_run_is_retried_or_failed_and_the_runner_keeps_workin
             double.stop()
 
 
-@pytest.mark.xfail(
-    reason="product bug in gpu_runner/engines/comfyui.py: ComfyUIClient.ensure_socket raises the "
-    "socket loop's last ConnectionRefusedError while the loop is still backing off (up to 5 s), "
-    "so a task that arrives just after ComfyUI restarts fails comfyui_unavailable at once; "
-    "fix: clear _socket_error / wait for the next connect attempt instead of failing on a stale error",
-    strict=False,
-)
 def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, tmp_path):
     port = free_port()
     doubles = [_start_double(tmp_path, port, 1)]
