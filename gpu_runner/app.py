@@ -145,7 +145,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
     runner = state or RunnerState(settings)
 
     def require_client(request: Request) -> None:
-        authenticate(request.headers, settings)
+        authenticate(request.headers, settings).require_client()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "healthy", "timestamp": utcnow().isoformat()})
@@ -201,6 +201,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
     async def face_swap_process(request: Request) -> Response:
         """Swap now, without the queue; bounded by FACE_SWAP_TIMEOUT, same validation."""
         principal = authenticate(request.headers, settings)
+        principal.require_client()
         engine = runner.engines.get("face_swap")
         if engine is None:
             raise UpstreamUnavailable("this runner serves no face_swap environment", code="no_engine")

@@ -181,6 +181,9 @@ class Worker:
     async def run_pull_loop(self, *, wait_s: float = 10.0) -> None:
         """Claim tasks while there is capacity; stops when ``draining`` is set."""
         assert self.source is not None, "pull mode needs a task source"
+        # A fetch outliving this runner (killed -9) can still claim a task; keeping the wait
+        # under half a lease bounds what such an orphaned claim costs.
+        wait_s = min(wait_s, self.settings.lease_seconds / 2)
         self._pull_wait_s = wait_s
         try:
             await self._pull_until_draining(self.source, wait_s)
@@ -328,6 +331,18 @@ class Worker:
                 f"runner error: {type(exc).__name__}: {exc}", code="runner_internal_error"
             )
             final = await self._record_failure(task, wrapped, timings)
+        except asyncio.CancelledError:
+            # The server is stopping under us (a push request cancelled at shutdown): give
+            # the task back now rather than leave it leased until the lease runs out.
+            held.cancel.set()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    asyncio.to_thread(
+                        self.store.release, task.taskId, worker_id=self.worker_id, reason="shutdown"
+                    )
+                )
+                log_event(logger, "task_released", reason="cancelled at shutdown")
+            raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -45,6 +45,12 @@ class Principal:
     def can_see(self, owner: str) -> bool:
         return self.is_admin or owner == self.owner
 
+    def require_client(self) -> None:
+        """Client routes (create, read, cancel, direct swap) need a client or admin key; a
+        runner's credentials claim work, they do not submit it."""
+        if not self.roles & {"client", "admin"}:
+            raise Forbidden("this route needs a client API key", code="client_required")
+
     def require_admin(self) -> None:
         if not self.is_admin:
             raise Forbidden("this route needs an admin API key", code="admin_required")

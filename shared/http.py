@@ -37,8 +37,10 @@ class Route:
     pattern: str
     handler: Handler
     name: str
-    # Public routes (health, the OpenAPI document) answer without credentials.
+    # Public routes (health, the OpenAPI document) answer without credentials; the rest
+    # need a client key unless the handler asks for another role (runner, admin) itself.
     public: bool = False
+    client_route: bool = True
 
     @functools.cached_property
     def regex(self) -> re.Pattern[str]:
@@ -122,6 +124,8 @@ def dispatch_request(request: flask.Request, routes: list[Route]) -> flask.Respo
             if route.method != request.method:
                 continue
             principal = ANONYMOUS if route.public else authenticate(request.headers, svc.settings)
+            if not route.public and route.client_route:
+                principal.require_client()
             if not route.public:
                 rate_limiter(svc).check(principal)
             params = match.groupdict()

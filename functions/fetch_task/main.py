@@ -31,7 +31,7 @@ def fetch(ctx: RequestContext) -> flask.Response:
 
 
 ROUTES = [
-    Route("GET", "/api/comm/task/fetch", fetch, "fetch_task"),
+    Route("GET", "/api/comm/task/fetch", fetch, "fetch_task", client_route=False),
     Route("GET", "/api/health", health_response, "health", public=True),
 ]
 

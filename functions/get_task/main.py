@@ -74,7 +74,7 @@ ROUTES = [
     Route("GET", "/api/face-swap/queue-status", queue_status, "queue_status"),
     Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
-    Route("POST", "/internal/reap", reap, "reap"),
+    Route("POST", "/internal/reap", reap, "reap", client_route=False),
     Route("GET", "/api/openapi.json", openapi, "openapi", public=True),
 ]
 

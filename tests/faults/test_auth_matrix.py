@@ -183,3 +183,20 @@ def test_a_bearer_token_is_the_same_key(keyed_stack: FaultStack):
     )
 
     assert (as_bearer.status_code, as_bob.status_code) == (200, 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/tasks/create"),
+        ("GET", "/api/tasks/"),
+        ("POST", "/api/face-swap/process"),
+    ],
+)
+def test_runner_credentials_claim_work_but_cannot_submit_or_read_it(keyed_stack: FaultStack, method, path):
+    response = keyed_stack.client.request(
+        method, path, json={"workflow": "basic_generation"}, headers={"X-API-Key": KEYS["runner"]}
+    )
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "client_required"
