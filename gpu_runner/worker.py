@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import socket
@@ -296,14 +297,28 @@ class Worker:
             job = await self._cancellable(engine.prepare(task, workdir), held)
             timings["download_s"] = time.perf_counter() - phase
             async with self.slots[task.environment]:
-                await asyncio.to_thread(
-                    self.store.start_processing, task.taskId, worker_id=self.worker_id, timings=timings
+                # The PROCESSING write goes alongside the engine, not in front of it: a thread
+                # hop and a commit (1-30 ms on a busy host) would idle the slot between jobs.
+                marking = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        self.store.start_processing,
+                        task.taskId,
+                        worker_id=self.worker_id,
+                        timings=dict(timings),
+                    )
                 )
+                marking.add_done_callback(functools.partial(_cancel_if_refused, held.cancel))
                 held.in_engine = True
                 phase = time.perf_counter()
-                result = await self._run_engine(engine, job, held)
+                try:
+                    result = await self._run_engine(engine, job, held)
+                except BaseException:
+                    await asyncio.gather(marking, return_exceptions=True)  # the engine's error wins
+                    raise
+                finally:
+                    held.in_engine = False
                 timings["engine_s"] = time.perf_counter() - phase
-                held.in_engine = False
+                await marking  # Conflict when the task was cancelled or taken over meanwhile
             # The slot is free; let the next task be claimed while this one uploads.
             self._release_hold()
             hold_released = True
@@ -528,6 +543,12 @@ class Worker:
             await engine.close()
         if self.source is not None:
             await self.source.close()
+
+
+def _cancel_if_refused(cancel: asyncio.Event, marking: asyncio.Future[Any]) -> None:
+    """A refused PROCESSING write (cancelled, or taken over) stops the engine at once."""
+    if not marking.cancelled() and marking.exception() is not None:
+        cancel.set()
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
