@@ -11,6 +11,7 @@ stack's DATA_DIR).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import PY, REPO, BenchStack, Row, median, process_tree_cpu_s, verdict
@@ -35,6 +36,10 @@ def _serve(stack: BenchStack, name: str, target: str, source: Path) -> tuple[int
         cwd=REPO,
     )
     return port, server
+
+
+def _constant(request: bytes) -> Callable[[int], bytes]:
+    return lambda _: request
 
 
 def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_s: float = 2.0) -> list[Row]:
@@ -81,7 +86,7 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
                 )
                 cpu_before = process_tree_cpu_s(servers[name][1].pid)
                 result = run_load(
-                    port, lambda _, r=request: r, connections=connections, duration_s=round_s, warmup_s=0.5
+                    port, _constant(request), connections=connections, duration_s=round_s, warmup_s=0.5
                 )
                 cpu_used = process_tree_cpu_s(servers[name][1].pid) - cpu_before
                 results[name].append(result)

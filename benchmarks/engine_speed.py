@@ -22,7 +22,6 @@ import math
 import re
 import resource
 import subprocess
-import sys
 import time
 import uuid
 from fractions import Fraction
@@ -53,6 +52,7 @@ def _peak_rss_mb() -> float:
 
 def _measure_images(runs: int) -> dict[str, Any]:
     import cv2
+    import numpy as np
 
     from gpu_runner.engines.cpu_swap import FaceSwapper
     from tests.faceswap.media import astronaut_bgr, grace_hopper_bgr
@@ -61,7 +61,9 @@ def _measure_images(runs: int) -> dict[str, Any]:
     source = swapper.prepare_source(grace_hopper_bgr())
     result: dict[str, Any] = {}
     for size in (512, 1024):
-        target = cv2.resize(astronaut_bgr(), (size, size), interpolation=cv2.INTER_CUBIC)
+        target = np.asarray(
+            cv2.resize(astronaut_bgr(), (size, size), interpolation=cv2.INTER_CUBIC), np.uint8
+        )
         swapper.swap_image(source, target)  # warm-up
         swap_times, detect_times = [], []
         for _ in range(runs):
@@ -94,7 +96,9 @@ def _write_720p_clip(path: Path, frames: int, fps: int = 25) -> None:
             transform = np.array(
                 [[scale, 0, 640 - centre_x * scale], [0, scale, 360 - centre_y * scale]], dtype=np.float64
             )
-            image = cv2.warpAffine(photo, transform, (1280, 720), borderMode=cv2.BORDER_REFLECT)
+            image = np.asarray(
+                cv2.warpAffine(photo, transform, (1280, 720), borderMode=cv2.BORDER_REFLECT), np.uint8
+            )
             frame = av.VideoFrame.from_ndarray(image, format="bgr24")
             frame.pts = index
             frame.time_base = Fraction(1, fps)
@@ -322,7 +326,7 @@ async def _engine_prompts(base_url: str, first: int, count: int, workdir: Path) 
     from shared.settings import Settings
     from shared.tasks import Task, TaskParams
 
-    settings = Settings(comfyui_url=base_url, data_dir=workdir)  # type: ignore[call-arg]  # kwargs by name
+    settings = Settings(comfyui_url=base_url, data_dir=workdir)
     engine = ComfyUIEngine(settings, None)
     durations = []
     try:
@@ -387,4 +391,4 @@ def comfyui_overhead(workdir: Path, *, count: int = 30) -> list[Row]:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    _cli()

@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 
@@ -199,7 +200,7 @@ def orchestration_overhead(stack: BenchStack, *, count: int, poll_interval_s: fl
     with stack.runner("runner-zero-cost", zero_cost) as (runner, _):
         for inputs_label, (source_url, target_url) in inputs.items():
             runner_cpu, api_cpu = process_tree_cpu_s(runner.pid), process_tree_cpu_s(stack.api_pid)
-            recorded, observed, engine_times = _sequential_tasks(
+            recorded, observed, engine_times, slowest = _sequential_tasks(
                 stack, source_url, target_url, count, poll_interval_s
             )
             # Per task, warm-up tasks included (they ran inside the same window).
@@ -219,7 +220,7 @@ def orchestration_overhead(stack: BenchStack, *, count: int, poll_interval_s: fl
                         verdict(p50 < P50_TARGET_S and p99 < P99_TARGET_S),
                         f"{inputs_label}: CPU per task (does not move with other load on the machine): "
                         f"runner {fmt_ms(runner_cpu)}, dev server {fmt_ms(api_cpu)} (with the client's "
-                        f"polling GETs)"
+                        f"polling GETs); {slowest}"
                         if view == "task timestamps"
                         else "",
                     )
@@ -229,10 +230,13 @@ def orchestration_overhead(stack: BenchStack, *, count: int, poll_interval_s: fl
 
 def _sequential_tasks(
     stack: BenchStack, source_url: str, target_url: str, count: int, poll_interval_s: float
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], str]:
+    """Returns the recorded and observed overheads, the engine times, and where the slowest
+    task spent its time."""
     recorded: list[float] = []
     observed: list[float] = []
     engine_times: list[float] = []
+    slowest: dict[str, Any] = {}
     for _ in range(3):  # warm-up: connections, lazy imports
         stack.wait_terminal(stack.create_face_swap(source_url, target_url), timeout_s=60)
     for _ in range(count):
@@ -247,4 +251,19 @@ def _sequential_tasks(
         engine_times.append(engine_s)
         recorded.append(_timestamp(task["finished_at"]) - _timestamp(task["created_at"]) - engine_s)
         observed.append(seen - sent - engine_s)
-    return recorded, observed, engine_times
+        if recorded[-1] == max(recorded):
+            slowest = task
+    return recorded, observed, engine_times, _where(slowest)
+
+
+def _where(task: dict[str, Any]) -> str:
+    """The slowest task's timeline: created -> PROCESSING -> COMPLETED, and the runner's timings."""
+    created = _timestamp(task["created_at"])
+    timings = ", ".join(
+        f"{name.removesuffix('_s')} {value * 1000:.1f}" for name, value in task["timings"].items()
+    )
+    return (
+        f"slowest task: PROCESSING at +{(_timestamp(task['started_at']) - created) * 1000:.1f} ms, "
+        f"COMPLETED at +{(_timestamp(task['finished_at']) - created) * 1000:.1f} ms; "
+        f"runner timings (ms): {timings}"
+    )

@@ -7,7 +7,7 @@ overhead (2), the runner's efficiency (1) and the API cost (3, last: it leaves t
 of PENDING tasks behind). A part that fails or lacks a dependency prints ``not measured:
 <reason>`` and the run goes on. The table goes to stdout and build/bench/latest.md.
 
-    python -m benchmarks.run                 # everything (about 5 minutes on 2 cores)
+    python -m benchmarks.run                 # everything (3 to 4 minutes on 2 cores)
     python -m benchmarks.run --only 1,2      # some figures
 """
 
@@ -67,7 +67,7 @@ def _stack_parts(figures: set[str]) -> Part:
             if "2" in figures:
                 rows += _guarded("2. orchestration overhead", lambda: orchestration_overhead(stack, count=50))
             if "1" in figures:
-                settings = Settings(data_dir=workdir / "baseline-data", fetch_allow_loopback=True)  # type: ignore[call-arg]
+                settings = Settings(data_dir=workdir / "baseline-data", fetch_allow_loopback=True)
                 rows += _guarded(
                     "1. runner efficiency", lambda: efficiency_rows(stack, settings, count=20, cost_ms=300)
                 )

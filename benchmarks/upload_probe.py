@@ -80,7 +80,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         provider = os.environ.get("STORAGE_PROVIDER", "local")
         if provider == "gcs":
-            import google.cloud.storage  # noqa: F401
+            import google.cloud.storage  # type: ignore[import-untyped]  # noqa: F401  # no py.typed
         elif provider == "r2":
             import boto3  # noqa: F401
         from shared.storage import make_storage_chain  # noqa: F401
