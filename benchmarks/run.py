@@ -112,11 +112,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[Row], *, started: str, machine_before: str, machine_after: str, seconds: float) -> str:
+def render(
+    rows: list[Row],
+    *,
+    started: str,
+    machine_before: str,
+    machine_after: str,
+    seconds: float,
+    busy: bool = False,
+) -> str:
     lines = [
         f"Benchmarks: `make bench` (`python -m benchmarks.run`), {started}, {seconds:.0f} s.",
         f"Machine at start: {machine_before}.",
         f"Machine at end: {machine_after}.",
+    ]
+    if busy:
+        lines.append(
+            "The machine was busy with other work (load average above its core count): latencies and "
+            "rates are pessimistic; the CPU-per-task and CPU-per-request notes are not."
+        )
+    lines += [
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join("---" for _ in HEADERS) + "|",
@@ -149,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.monotonic()
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine_before = _machine()
+    busy_before = os.getloadavg()[0] > (os.cpu_count() or 1)
     parts: list[tuple[str, str, Part]] = [
         ("4", "4. cold start", _cold_start),
         ("5", "5. engines", _engines),
@@ -178,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             stack_dir.mkdir()
             rows += _guarded("1-3. embedded stack", lambda: _stack_parts(stack_figures)(stack_dir))
     rows.sort(key=lambda row: row.figure.split(".")[0])
+    busy = busy_before or os.getloadavg()[0] > (os.cpu_count() or 1)
     table = render(
         rows,
         started=started,
         machine_before=machine_before,
         machine_after=_machine(),
         seconds=time.monotonic() - started_at,
+        busy=busy,
     )
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(table)
