@@ -72,6 +72,12 @@ class RunnerState:
             settings, self.store, self.engines, self.upload, source=source, on_finished=self.webhooks.notify
         )
         self.started_at = time.time()
+        # One certificate cache per process (push mode): Google's keys are fetched once per max-age.
+        self.google_certs: Any = None
+        if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
+            from shared.oidc import GoogleCertsCache
+
+            self.google_certs = GoogleCertsCache(settings.google_oidc_certs_url)
         self._pull_task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
 
@@ -180,6 +186,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
                 request.headers.get("Authorization"),
                 audience=settings.runner_oidc_audience or settings.effective_runner_url,
                 service_account_email=settings.cloud_tasks_invoker_email,
+                certs=runner.google_certs,
             )
         elif settings.dispatch_mode == "push":
             authenticate(request.headers, settings).require_runner()

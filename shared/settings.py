@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     runner_oidc_audience: str = Field(
         "", description="RUNNER_OIDC_AUDIENCE: expected audience of push tokens; empty = RUNNER_URL."
     )
+    google_oidc_certs_url: str = Field(
+        "https://www.googleapis.com/oauth2/v1/certs",
+        description="GOOGLE_OIDC_CERTS_URL: where the runner gets Google's token certificates.",
+    )
     runner_id: str = Field("", description="RUNNER_ID: this runner's lease owner name; empty = host-pid.")
     runner_environments: str = Field(
         "face_swap,comm", description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves."
