@@ -36,8 +36,9 @@ class LocalStorage(StorageProvider):
         # Copy then rename: a reader never sees half a file, a retry simply replaces it.
         fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=".upload-")
         try:
-            with os.fdopen(fd, "wb") as tmp, local_path.open("rb") as source:
-                shutil.copyfileobj(source, tmp, length=1024 * 1024)
+            os.close(fd)
+            # copyfile uses the kernel's copy (sendfile / copy_file_range) where it can.
+            shutil.copyfile(local_path, tmp_name)
             os.replace(tmp_name, destination)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
