@@ -144,3 +144,22 @@ def test_cli_submits_a_workflow_file_and_reports_failure_by_exit_code(comfy_stac
 
     assert finished.returncode == 1
     assert "FAILED" in finished.stdout and "comfyui_validation_failed" in finished.stdout
+
+
+def test_image_to_image_template_with_url_input_completes(comfy_stack, media_server, astronaut_png):
+    stack, _ = comfy_stack
+    base_url, files = media_server
+    files["/photo.png"] = ("image/png", astronaut_png.read_bytes())
+
+    created = stack.create(
+        {
+            "workflow": "image_to_image",
+            "task_data": {"image_url": f"{base_url}/photo.png", "prompt": "oil painting", "steps": 3},
+        }
+    )
+    view = stack.wait(created.json()["taskId"])
+
+    assert view["status"] == "COMPLETED", view["task"].get("error")
+    outputs = view["task"]["output_data"]["outputs"]
+    assert [output["node_id"] for output in outputs] == ["9"]
+    assert stack.client.get(outputs[0]["url"]).status_code == 200
