@@ -19,10 +19,10 @@ from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
 from shared.errors import ComfySwapError, Conflict, NotFound, ValidationFailed
 from shared.logs import get_logger, log_event
-from shared.safe_fetch import check_input_url
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus
+from shared.url_safety import check_input_url
 from shared.workflows import (
     ENVIRONMENTS,
     RAW_WORKFLOW,

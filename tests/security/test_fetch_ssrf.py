@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import safe_fetch
+from shared import safe_fetch, url_safety
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
 from shared.safe_fetch import SafeFetcher, resolve_host
 from tests.security.support import (
@@ -161,6 +161,8 @@ def test_the_connection_guard_catches_a_bypassed_check(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """If the address check were broken, the dial hook is still reached and fails the test."""
+    # One implementation, two users: url_safety (literal hosts) and the resolver check here.
+    monkeypatch.setattr(url_safety, "_address_refusal", lambda *_args, **_kwargs: None)
     monkeypatch.setattr(safe_fetch, "_address_refusal", lambda *_args, **_kwargs: None)
     resolver.add("rebind.example.test", ["10.0.0.1"])
     fetcher = make_fetcher()
