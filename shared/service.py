@@ -44,7 +44,7 @@ MAX_FETCH_WAIT_S = 25.0
 class CreateTaskRequest(BaseModel):
     """Body of POST /api/tasks/create (the seed's shape, plus optional additions)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
     workflow: str | None = Field(None, min_length=1, max_length=128)
     workflow_name: str | None = Field(None, min_length=1, max_length=128)

@@ -127,7 +127,7 @@ def validate_for_engine(request: FaceSwapInput, engine_name: str) -> None:
 class FaceSwapInput(BaseModel):
     """``task_data`` of a face swap (seed: source_url and target_url required)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     source_url: str = Field(..., min_length=1, description="Face to use: http(s) URL or data: URL.")
     target_url: str = Field(..., min_length=1, description="Image or video to put it in.")
@@ -171,7 +171,7 @@ class FaceSwapInput(BaseModel):
 class GenerationParams(BaseModel):
     """Text-to-image with a Stable Diffusion checkpoint (seed: ``default``/``basic_generation``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     prompt: str = Field("a beautiful landscape, highly detailed", max_length=4000)
     negative_prompt: str = Field("blurry, low quality", max_length=4000)
@@ -190,7 +190,7 @@ class GenerationParams(BaseModel):
 class ImageInputParams(BaseModel):
     """Model-free image workflows: one input image by URL (fetched safely by the runner)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     image_url: str = Field(..., min_length=1, description="http(s) or data: URL of the input image.")
     width: int | None = Field(None, ge=1, le=8192, description="Rescale to this width (with height).")
