@@ -59,6 +59,10 @@ class SQLiteTaskStore(TaskStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
+        # This process's writers queue on a lock: SQLite's busy handler would make them
+        # retry BEGIN IMMEDIATE with sleeps between, which costs CPU and latency under
+        # concurrent requests. Other processes still serialise on the busy timeout.
+        self._write_lock = threading.RLock()
         self._work_available = threading.Condition()
         self._generation = 0
         with self._connection() as conn:
@@ -80,13 +84,14 @@ class SQLiteTaskStore(TaskStore):
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -128,13 +133,16 @@ class SQLiteTaskStore(TaskStore):
 
     # --- primitives -------------------------------------------------------------------
     def create(self, task: Task) -> Task:
+        values = self._row_values(task)
+        conn = self._connection()
         try:
-            with self._write() as conn:
+            # One statement is its own transaction (autocommit): no BEGIN/COMMIT round trips.
+            with self._write_lock:
                 conn.execute(
                     "INSERT INTO tasks (status, environment, priority, available_at, created_at, "
                     "lease_expires_at, owner, idempotency_key, document, task_id) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    self._row_values(task),
+                    values,
                 )
         except sqlite3.IntegrityError as exc:
             raise self.creation_conflict(task) from exc
