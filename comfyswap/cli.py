@@ -83,6 +83,9 @@ def as_input_url(value: str) -> str:
     return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
+_WAIT_CHUNK_S = 5.0  # per GET /api/tasks/{id}?wait=; the API takes at most 25
+
+
 def _wait(client: httpx.Client, task_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -96,8 +99,11 @@ def _wait(client: httpx.Client, task_id: str, timeout_s: float, quiet: bool) -> 
         transient=True,
     ) as bar:
         handle = bar.add_task(task_id, total=1.0, stage="PENDING")
+        wait_s = 0.0  # the first answer at once (the bar shows the status), then long polls
         while True:
-            view = _call(client, "GET", f"/api/tasks/{task_id}")
+            # The API holds the request until the task ends or `wait` passes (at most 25 s);
+            # 5 s chunks keep the progress bar moving.
+            view = _call(client, "GET", f"/api/tasks/{task_id}", params={"wait": f"{wait_s:g}"})
             task = view["task"]
             progress = task.get("progress") or {}
             fraction = (progress.get("value", 0) / progress.get("max", 1)) if progress.get("max") else 0
@@ -106,9 +112,10 @@ def _wait(client: httpx.Client, task_id: str, timeout_s: float, quiet: bool) -> 
             )
             if view["status"] in TERMINAL:
                 return view
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise CliError(f"task {task_id} still {view['status']} after {timeout_s:g}s", EXIT_TIMEOUT)
-            time.sleep(0.2)
+            wait_s = round(min(remaining, _WAIT_CHUNK_S), 3)
 
 
 def _report(view: dict[str, Any], as_json: bool) -> int:

@@ -39,6 +39,8 @@ logger = get_logger(__name__)
 
 # Longest a runner's fetch may hold the request open waiting for work.
 MAX_FETCH_WAIT_S = 25.0
+# Longest GET /api/tasks/{task_id}?wait= may hold the request waiting for the task to end.
+MAX_TASK_WAIT_S = 25.0
 
 
 class CreateTaskRequest(BaseModel):
@@ -206,7 +208,23 @@ class TaskService:
             )
 
     # --- read -------------------------------------------------------------------------
-    def get_task(self, task_id: str, *, principal: Principal) -> Task:
+    def get_task(self, task_id: str, *, principal: Principal, wait_s: float = 0.0) -> Task:
+        """The task; with ``wait_s`` (at most MAX_TASK_WAIT_S), held until it is terminal or
+        the wait ends (a long poll: the client learns of the end without a polling loop)."""
+        if not 0 <= wait_s <= MAX_TASK_WAIT_S:  # also refuses NaN
+            raise ValidationFailed("wait", f"must be between 0 and {MAX_TASK_WAIT_S:g} seconds")
+        task = self._visible_task(task_id, principal)
+        if task.is_terminal or wait_s <= 0:
+            return task
+        deadline = time.monotonic() + wait_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(remaining, self.store.status_poll_interval_s))
+            task = self._visible_task(task_id, principal)
+            if task.is_terminal:
+                break
+        return task
+
+    def _visible_task(self, task_id: str, principal: Principal) -> Task:
         task = self.store.get(task_id)
         # Another tenant's task is "not found", not "forbidden": ids leak nothing.
         if task is None or not principal.can_see(task.owner):

@@ -1,6 +1,7 @@
 """get_task: one task, the task list with queue statistics, and health.
 
-Routes: GET /api/tasks/{task_id}, GET /api/tasks/ (admin sees all; a client its own),
+Routes: GET /api/tasks/{task_id} (``?wait=N``: hold up to N s, at most 25, until the task
+ends), GET /api/tasks/ (admin sees all; a client its own),
 GET /api/face-swap/queue-status, GET /api/health, GET /api/status, POST /internal/reap.
 """
 
@@ -16,6 +17,7 @@ from shared.http import (
     dispatch_request,
     health_response,
     json_response,
+    query_float,
     query_int,
     status_response,
 )
@@ -29,7 +31,9 @@ STALE_PENDING_S = 300.0
 
 
 def one_task(ctx: RequestContext) -> flask.Response:
-    task = ctx.service.get_task(ctx.path_params["task_id"], principal=ctx.principal)
+    task = ctx.service.get_task(
+        ctx.path_params["task_id"], principal=ctx.principal, wait_s=query_float(ctx.request, "wait", 0.0)
+    )
     return json_response(ctx.service.task_view(task))
 
 

@@ -101,6 +101,11 @@ class TaskStore(abc.ABC):
             )
         return Conflict(f"task {task.taskId} already exists", code="task_exists")
 
+    # How often a client's long poll (GET /api/tasks/{id}?wait=) reads the task again:
+    # a read costs a request to a remote store, so the default is modest; the embedded
+    # SQLite store reads locally and looks every 15 ms.
+    status_poll_interval_s: float = 0.25
+
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a task may have become claimable, or the timeout passes.
 

@@ -237,3 +237,40 @@ def test_model_the_configured_engine_cannot_run_is_a_400(api, monkeypatch):
     assert response.status_code == 400
     assert response.get_json()["error"]["details"]["field"] == "task_data.model"
     assert response.get_json()["error"]["code"] == "model_not_supported"
+
+
+def test_get_task_wait_holds_until_the_task_ends(api):
+    import threading
+    import time
+
+    from shared.http import service
+    from shared.tasks import TaskStatus, apply_transition
+
+    task_id = api.create(GOOD_FACE_SWAP).get_json()["taskId"]
+    client = api.clients["get_task"]
+
+    started = time.monotonic()
+    still_pending = client.get(f"/api/tasks/{task_id}?wait=0.2").get_json()
+    assert still_pending["status"] == "PENDING"
+    assert time.monotonic() - started >= 0.2  # held for the whole wait
+
+    def cancel_soon() -> None:
+        time.sleep(0.3)
+        service().store.update(task_id, lambda task: apply_transition(task, TaskStatus.CANCELLED))
+
+    canceller = threading.Thread(target=cancel_soon)
+    started = time.monotonic()
+    canceller.start()
+    ended = client.get(f"/api/tasks/{task_id}?wait=10").get_json()
+    canceller.join()
+    assert ended["status"] == "CANCELLED"
+    assert 0.25 <= time.monotonic() - started < 5  # answered when the task ended, not after 10 s
+
+    started = time.monotonic()
+    assert client.get(f"/api/tasks/{task_id}?wait=10").get_json()["status"] == "CANCELLED"
+    assert time.monotonic() - started < 1  # already terminal: no wait
+
+    assert client.get(f"/api/tasks/{task_id}?wait=26").status_code == 400
+    assert client.get(f"/api/tasks/{task_id}?wait=-1").status_code == 400
+    assert client.get(f"/api/tasks/{task_id}?wait=soon").status_code == 400
+    assert client.get("/api/tasks/task_unknown?wait=1").status_code == 404
