@@ -24,11 +24,13 @@ passes a connection guard first; tests inject one that fails on any non-loopback
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import logging
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -76,6 +78,14 @@ _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # 408/425/429 say "not now", so they are retried like a 5xx.
 _TRANSIENT_CLIENT_STATUSES: Final = frozenset({408, 425, 429})
 _CHUNK_BYTES: Final = 64 * 1024
+# Keep-alive pools kept between downloads, each for one origin AND one set of checked
+# addresses (see SafeFetcher._pool): a few, and dropped after a while without use.
+_POOL_CACHE_SIZE: Final = 8
+_POOL_IDLE_S: Final = 30.0
+# Idle keep-alive connections close sooner than most servers drop them (a reused
+# connection the server has just closed would fail the download).
+_KEEPALIVE_S: Final = 5.0
+_PoolKey = tuple[str, str, int, tuple[str, ...]]
 
 
 # --------------------------------------------------------------------------------------
@@ -158,7 +168,11 @@ class FetchedInput:
 class SafeFetcher:
     """Downloads task inputs with the SSRF, size, time and content checks of DESIGN.md §8.
 
-    One instance per process is enough; it holds no connections between fetches.
+    One instance per process is enough. It keeps a few keep-alive connection pools
+    between downloads, each bound to one origin and the exact addresses that origin's
+    name resolved to and passed the checks for this download: a pool only ever dials
+    those addresses (through the guard), and a download whose name now resolves to any
+    other set gets another pool. The names are still resolved and checked every time.
     """
 
     def __init__(
@@ -184,6 +198,11 @@ class SafeFetcher:
         self._resolver = resolver or resolve_host
         self._guard = connection_guard or _public_only_guard(allow_loopback=allow_loopback)
         self._ssl_context = ssl_context
+        # Connections belong to the event loop that opened them: the pools are per loop.
+        self._pools: collections.OrderedDict[_PoolKey, tuple[httpcore.AsyncConnectionPool, float]] = (
+            collections.OrderedDict()
+        )
+        self._pools_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SafeFetcher:
@@ -364,14 +383,9 @@ class SafeFetcher:
             port=target.port,
             target=target.target.encode("ascii"),
         )
-        backend = _PinnedBackend(addresses, self._guard)
+        pool = self._pool(target, addresses)
         try:
-            async with (
-                httpcore.AsyncConnectionPool(
-                    ssl_context=self._ssl_context, max_connections=1, retries=0, network_backend=backend
-                ) as pool,
-                pool.stream(b"GET", url, headers=headers, extensions={"timeout": timeout}) as response,
-            ):
+            async with pool.stream(b"GET", url, headers=headers, extensions={"timeout": timeout}) as response:
                 location = self._check_status(response, target, field)
                 if location is not None:
                     return location
@@ -389,6 +403,52 @@ class SafeFetcher:
                     details={"field": field, "host": target.host},
                 ) from None
             raise _unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
+
+    def _pool(self, target: _HttpTarget, addresses: list[str]) -> httpcore.AsyncConnectionPool:
+        """The keep-alive pool for this origin and these checked addresses (LRU, idle timeout).
+
+        A response that is not read to its end (a redirect, a refusal, an error) closes its
+        connection rather than returning it to the pool."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._pools_loop:
+            self._pools.clear()  # the old loop's connections cannot be used (or closed) here
+            self._pools_loop = loop
+        now = time.monotonic()
+        for key in [key for key, (_, used) in self._pools.items() if now - used > _POOL_IDLE_S]:
+            self._retire(self._pools.pop(key)[0])
+        key = (target.scheme, target.host, target.port, tuple(addresses))
+        cached = self._pools.pop(key, None)
+        if cached is None:
+            pool = httpcore.AsyncConnectionPool(
+                ssl_context=self._ssl_context,
+                max_connections=4,
+                max_keepalive_connections=2,
+                keepalive_expiry=_KEEPALIVE_S,
+                retries=0,
+                network_backend=_PinnedBackend(addresses, self._guard),
+            )
+        else:
+            pool = cached[0]
+        self._pools[key] = (pool, now)  # most recently used last
+        while len(self._pools) > _POOL_CACHE_SIZE:
+            self._retire(self._pools.popitem(last=False)[1][0])
+        return pool
+
+    @staticmethod
+    def _retire(pool: httpcore.AsyncConnectionPool) -> None:
+        """Close a pool leaving the cache, unless a download is still streaming on it
+        (that download's connection closes or idles out when it ends)."""
+        if all(connection.is_idle() for connection in pool.connections):
+            task = asyncio.get_running_loop().create_task(pool.aclose())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+    async def aclose(self) -> None:
+        """Close the kept connections (at shutdown; the fetcher stays usable)."""
+        pools = [pool for pool, _ in self._pools.values()]
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()
 
     def _check_status(self, response: httpcore.Response, target: _HttpTarget, field: str) -> str | None:
         status = response.status
@@ -468,6 +528,9 @@ class SafeFetcher:
             final_url=final_url,
         )
 
+
+# Pools being closed after leaving a fetcher's cache (a reference keeps each task alive).
+_closing: set[asyncio.Task[None]] = set()
 
 # --------------------------------------------------------------------------------------
 # Error helpers
