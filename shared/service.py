@@ -22,16 +22,6 @@ from shared.logs import get_logger, log_event
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus
-from shared.url_safety import check_input_url
-from shared.workflows import (
-    ENVIRONMENTS,
-    RAW_WORKFLOW,
-    TEMPLATES,
-    FaceSwapInput,
-    build_input_data,
-    resolve_environment,
-    validate_for_engine,
-)
 
 __all__ = ["CreateTaskRequest", "TaskService"]
 
@@ -107,6 +97,17 @@ class TaskService:
             raise _pydantic_to_validation_failed(exc) from None
 
     def build_task(self, request: CreateTaskRequest, principal: Principal) -> Task:
+        # Imported here: get_task and fetch_task never build a task (a shorter cold start).
+        from shared.url_safety import check_input_url
+        from shared.workflows import (
+            RAW_WORKFLOW,
+            TEMPLATES,
+            FaceSwapInput,
+            build_input_data,
+            resolve_environment,
+            validate_for_engine,
+        )
+
         workflow = request.workflow_id
         if workflow == RAW_WORKFLOW or "wf_json" in request.task_data:
             environment = resolve_environment(RAW_WORKFLOW, request.environment)
@@ -273,6 +274,8 @@ class TaskService:
     def fetch_for_runner(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
         """Claim the next task, holding the request up to ``wait_s`` for one to arrive
         (a long poll: a pulling runner learns of new work at once, without a sleep loop)."""
+        from shared.workflows import ENVIRONMENTS
+
         unknown = [name for name in environments if name not in ENVIRONMENTS]
         if unknown:
             raise ValidationFailed("environments", f"unknown environment(s) {unknown}")
