@@ -134,6 +134,7 @@ def start_process(
     ready: Callable[[], bool] | None = None,
     health_path: str = "/",
     timeout_s: float = 60.0,
+    cwd: Path | None = None,
 ) -> EmulatorProcess:
     """Start ``command`` in its own process group, output to ``log_dir/name.log``, and wait
     (at most ``timeout_s``) until ``ready()`` is true or ``url + health_path`` answers."""
@@ -146,6 +147,7 @@ def start_process(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             start_new_session=True,
         )
     server = EmulatorProcess(name, process, log_path, url)
