@@ -8,13 +8,15 @@ pipe: the Firestore emulator stalls once a pipe fills) and is stopped by its own
 from __future__ import annotations
 
 import contextlib
+import http.server
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from comfyswap.emulators import EmulatorProcess, free_port, start_process
 
-__all__ = ["ServerProcess", "free_port", "running", "start_server", "wait_until"]
+__all__ = ["MediaServer", "ServerProcess", "free_port", "running", "start_server", "wait_until"]
 
 ServerProcess = EmulatorProcess
 start_server = start_process
@@ -40,3 +42,51 @@ def running(*args: Any, **kwargs: Any) -> Iterator[EmulatorProcess]:
         yield server
     finally:
         server.stop()
+
+
+class _MediaHandler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, tuple[str, bytes]] = {}
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        entry = self.files.get(self.path)
+        if entry is None:
+            self.send_error(404)
+            return
+        content_type, body = entry
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class MediaServer:
+    """A real HTTP server on 127.0.0.1 serving the bytes a test puts in ``files``."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[str, bytes]] = {}
+        handler = type("Handler", (_MediaHandler,), {"files": self.files})
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def add(self, path: str, content_type: str, body: bytes) -> str:
+        self.files[path] = (content_type, body)
+        return self.url + path
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[MediaServer]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._server.shutdown()
+            self._server.server_close()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import ServerProcess, free_port, start_server
+from tests.servers import MediaServer, ServerProcess, free_port, start_server
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
@@ -84,33 +82,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.api.stop()
 
 
-class _MediaHandler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, tuple[str, bytes]] = {}
-
-    def do_GET(self) -> None:
-        entry = self.files.get(self.path)
-        if entry is None:
-            self.send_error(404)
-            return
-        content_type, body = entry
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
 @pytest.fixture(scope="module")
 def media_server() -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
     """A real HTTP server on 127.0.0.1 serving whatever the test puts in its dict."""
-    files: dict[str, tuple[str, bytes]] = {}
-    handler = type("Handler", (_MediaHandler,), {"files": files})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", files
-    server.shutdown()
-    server.server_close()
+    with MediaServer().running() as server:
+        yield server.url, server.files

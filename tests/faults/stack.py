@@ -8,20 +8,18 @@ it), with its own DATA_DIR, so one test's crash never leaks into another.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.servers import ServerProcess, free_port, start_server
+from tests.servers import MediaServer, ServerProcess, free_port, start_server
 
 __all__ = ["TERMINAL", "FaultStack", "MediaServer", "face_swap_body", "log_events"]
 
@@ -173,54 +171,6 @@ class FaultStack:
         """Every object the `local` storage provider holds for the task."""
         folder = self.data_dir / "results" / task_id
         return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
-
-
-class _MediaHandler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, tuple[str, bytes]] = {}
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        entry = self.files.get(self.path)
-        if entry is None:
-            self.send_error(404)
-            return
-        content_type, body = entry
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-class MediaServer:
-    """A real HTTP server on 127.0.0.1 serving the bytes a test puts in ``files``."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[str, bytes]] = {}
-        handler = type("Handler", (_MediaHandler,), {"files": self.files})
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def add(self, path: str, content_type: str, body: bytes) -> str:
-        self.files[path] = (content_type, body)
-        return self.url + path
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[MediaServer]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 def face_swap_body(media_server: MediaServer, target: str = "/target.png") -> dict[str, Any]:
