@@ -1,15 +1,18 @@
 """The local API: the three functions on one port, as the cloud gateway serves them.
 
 Each function is loaded by functions-framework from its own folder (exactly as Cloud
-Functions loads it), and requests are routed by path the way the API Gateway config in
-infra/terraform routes them. Runner routes (``/api/face-swap/process``, ComfyUI queue,
+Functions loads it), and requests are routed by the function's own route table (its
+``ROUTES``); runner routes (``gpu_runner.app.ROUTES``: the direct swap, ComfyUI queue,
 results under ``/results/``) are forwarded to the runner, so a client needs one host.
+There is no route list here: a route added to a function or to the runner is served.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,49 +22,59 @@ from functions_framework import create_app
 
 from shared.settings import Settings
 
-__all__ = ["FUNCTION_ROUTES", "RUNNER_PREFIXES", "build_app", "serve"]
+__all__ = ["FUNCTION_NAMES", "RouteTable", "build_app", "route_table", "serve"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_DIR = ROOT / "functions"
-
-# (method, path regex) -> function; the gateway (infra/terraform) routes the same way.
-FUNCTION_ROUTES: list[tuple[str, str, str]] = [
-    ("POST", r"/api/tasks/create/?", "create_task"),
-    ("POST", r"/api/face-swap/create-task/?", "create_task"),
-    ("POST", r"/api/tasks/[^/]+/cancel/?", "create_task"),
-    ("GET", r"/api/tasks/?", "get_task"),
-    ("GET", r"/api/tasks/[^/]+/?", "get_task"),
-    ("GET", r"/api/face-swap/queue-status/?", "get_task"),
-    ("GET", r"/api/health/?", "get_task"),
-    ("GET", r"/api/status/?", "get_task"),
-    ("POST", r"/internal/reap/?", "get_task"),
-    ("GET", r"/api/openapi\.json", "get_task"),
-    ("GET", r"/api/comm/task/fetch/?", "fetch_task"),
-]
-
-RUNNER_PREFIXES: tuple[str, ...] = (
-    "/api/face-swap/process",
-    "/api/face-swap/health",
-    "/api/face-swap/workflows",
-    "/api/comfyui-queue-status",
-    "/api/comfyui-system-stats",
-    "/api/comfyui-interrupt",
-    "/api/runner/",
-    "/results/",
-)
+# In the order a path served by several functions is looked up (health, status: get_task).
+FUNCTION_NAMES = ("get_task", "create_task", "fetch_task")
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 
 
-def _load_function(name: str) -> flask.Flask:
+@dataclasses.dataclass(frozen=True)
+class RouteTable:
+    """Who serves a request: ``(method, path regex, function name)`` from each function's
+    ROUTES, and the runner's routes as ``(methods, path regex)``."""
+
+    functions: Sequence[tuple[str, re.Pattern[str], str]]
+    runner: Sequence[tuple[frozenset[str], re.Pattern[str]]]
+
+    def owner(self, method: str, path: str) -> str | None:
+        """A function name, ``"runner"`` or None. The functions come first (the runner's own
+        /api/health and /api/status are not the public ones); a path a function knows under
+        another method goes to that function, which answers 405."""
+        for route_method, regex, name in self.functions:
+            if route_method == method and regex.match(path):
+                return name
+        if any(regex.match(path) for _, regex in self.runner):
+            return "runner"
+        return next((name for _, regex, name in self.functions if regex.match(path)), None)
+
+
+def _load_function(name: str) -> tuple[flask.Flask, list[Any]]:
+    """The function's app, loaded as Cloud Functions loads it, and its route table."""
     app: flask.Flask = create_app(target=name, source=str(FUNCTIONS_DIR / name / "main.py"))  # type: ignore[no-untyped-call]  # functions-framework is untyped
-    return app
+    # functions-framework registers the source as sys.modules["main"] while it loads it.
+    routes: list[Any] = sys.modules["main"].ROUTES
+    return app, routes
+
+
+def route_table(function_routes: dict[str, list[Any]]) -> RouteTable:
+    from gpu_runner.app import ROUTES as RUNNER_ROUTES
+
+    functions = [
+        (route.method, route.regex, name) for name, routes in function_routes.items() for route in routes
+    ]
+    runner = [(frozenset(route.methods or ()), route.path_regex) for route in RUNNER_ROUTES]
+    return RouteTable(functions=functions, runner=runner)
 
 
 def build_app(settings: Settings) -> flask.Flask:
     """A Flask app that sends each request to the function (or runner) that owns it."""
-    functions = {name: _load_function(name) for name in ("create_task", "get_task", "fetch_task")}
-    compiled = [(method, re.compile(f"^{pattern}$"), name) for method, pattern, name in FUNCTION_ROUTES]
+    loaded = {name: _load_function(name) for name in FUNCTION_NAMES}
+    functions = {name: app for name, (app, _) in loaded.items()}
+    table = route_table({name: routes for name, (_, routes) in loaded.items()})
     runner = httpx.Client(base_url=settings.effective_runner_url, timeout=httpx.Timeout(30.0, read=None))
     app = flask.Flask("comfyswap-devserver")
 
@@ -114,12 +127,9 @@ def build_app(settings: Settings) -> flask.Flask:
     forwarder = app.wsgi_app
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        method = environ.get("REQUEST_METHOD", "GET")
-        if path.startswith(RUNNER_PREFIXES):
+        owner = table.owner(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+        if owner == "runner":
             return forwarder(environ, start_response)
-        owner = next((name for m, regex, name in compiled if regex.match(path) and m == method), None)
-        owner = owner or next((name for _, regex, name in compiled if regex.match(path)), None)
         target = functions[owner].wsgi_app if owner else fallback.wsgi_app
         return target(environ, start_response)
 

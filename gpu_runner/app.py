@@ -1,6 +1,6 @@
 """The runner's HTTP server: the Cloud Tasks push endpoint, ops routes, local results.
 
-Routes:
+Routes (``ROUTES``, the one table the dev server forwards by):
   POST /internal/tasks/run          Cloud Tasks push (OIDC-verified in push mode)
   GET  /api/health, /api/status     liveness and component health
   GET  /api/runner/status           worker state (slots, in-flight tasks)
@@ -8,6 +8,9 @@ Routes:
   GET  /api/face-swap/health, /api/face-swap/workflows
   GET  /api/comfyui-queue-status, /api/comfyui-system-stats; POST /api/comfyui-interrupt
   GET  /results/{key}               results of the `local` storage provider
+
+Endpoints are module-level functions that find the runner's state on ``request.app``;
+errors become responses in one place, Starlette's exception handlers (``EXCEPTION_HANDLERS``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from starlette.routing import Route
 
 from gpu_runner.engines.base import Engine
 from gpu_runner.worker import HttpTaskSource, Worker
-from shared.auth import authenticate
+from shared.auth import Principal, authenticate
 from shared.dispatch.base import NoopDispatcher
 from shared.errors import ComfySwapError, NotFound, RateLimited, UpstreamUnavailable, ValidationFailed
 from shared.logs import configure_logging, get_logger, log_event
@@ -38,7 +41,7 @@ from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, utcnow
 from shared.workflows import TEMPLATES, FaceSwapInput
 
-__all__ = ["RunnerState", "create_app"]
+__all__ = ["EXCEPTION_HANDLERS", "ROUTES", "RunnerState", "create_app"]
 
 logger = get_logger(__name__)
 
@@ -135,7 +138,174 @@ def build_engines(settings: Settings) -> dict[str, Engine]:
     return engines
 
 
-def _error(exc: ComfySwapError) -> JSONResponse:
+# --- request helpers -------------------------------------------------------------------
+def runner_of(request: Request) -> RunnerState:
+    state: RunnerState = request.app.state.runner
+    return state
+
+
+def client_principal(request: Request) -> Principal:
+    """The caller of a client route: a client or admin key."""
+    principal = authenticate(request.headers, runner_of(request).settings)
+    principal.require_client()
+    return principal
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise ValidationFailed("body", "not valid JSON") from None
+
+
+def comfyui_engine(request: Request) -> Any:
+    engine = runner_of(request).engines.get("comm")
+    if engine is None:
+        raise UpstreamUnavailable("this runner serves no ComfyUI environment", code="no_engine")
+    return engine
+
+
+# --- endpoints -------------------------------------------------------------------------
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "healthy", "timestamp": utcnow().isoformat()})
+
+
+async def status(request: Request) -> Response:
+    client_principal(request)
+    runner = runner_of(request)
+    engines = {}
+    for name, engine in runner.engines.items():
+        try:
+            engines[name] = await asyncio.wait_for(engine.health(), timeout=5)
+        except Exception as exc:
+            engines[name] = {"status": "error", "error": str(exc)}
+    return JSONResponse(
+        {
+            "runner": "healthy",
+            "engines": engines,
+            "storage": runner.storage.health(),
+            "worker": runner.worker.snapshot(),
+            "uptime_s": round(time.time() - runner.started_at, 1),
+        }
+    )
+
+
+async def runner_status(request: Request) -> Response:
+    client_principal(request)
+    return JSONResponse(runner_of(request).worker.snapshot())
+
+
+async def push(request: Request) -> Response:
+    """One Cloud Tasks delivery: claim the task and run it; 429/503 make Cloud Tasks retry."""
+    runner = runner_of(request)
+    settings = runner.settings
+    if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
+        from shared.oidc import verify_cloud_tasks_token
+
+        verify_cloud_tasks_token(
+            request.headers.get("Authorization"),
+            audience=settings.runner_oidc_audience or settings.effective_runner_url,
+            service_account_email=settings.cloud_tasks_invoker_email,
+            certs=runner.google_certs,
+        )
+    elif settings.dispatch_mode == "push":
+        authenticate(request.headers, settings).require_runner()
+    try:
+        body = json.loads(await request.body())
+        task_id = str(body["task_id"])
+    except (ValueError, KeyError, TypeError):
+        raise ValidationFailed("task_id", 'body must be {"task_id": ...}') from None
+    code, payload = await runner.worker.run_pushed(task_id)
+    headers = {"Retry-After": str(payload["retry_after_s"])} if "retry_after_s" in payload else {}
+    return JSONResponse(payload, status_code=code, headers=headers)
+
+
+async def results(request: Request) -> Response:
+    path = runner_of(request).local_results.path_for("results/" + request.path_params["key"])
+    if not path.is_file():
+        raise NotFound("no such result", code="result_not_found")
+    return FileResponse(path)
+
+
+async def face_swap_process(request: Request) -> Response:
+    """Swap now, without the queue; bounded by FACE_SWAP_TIMEOUT, same validation."""
+    principal = client_principal(request)
+    runner = runner_of(request)
+    engine = runner.engines.get("face_swap")
+    if engine is None:
+        raise UpstreamUnavailable("this runner serves no face_swap environment", code="no_engine")
+    body = await json_body(request)
+    from shared.service import TaskService
+
+    service = TaskService(runner.settings, runner.store, NoopDispatcher())
+    create_request = service.parse_create(body, face_swap_shortcut=True)
+    task = service.build_task(create_request, principal)
+    if runner.worker.busy:
+        raise RateLimited("all engine slots are busy", retry_after_s=5, code="runner_busy")
+    started = time.perf_counter()
+    result = await asyncio.wait_for(
+        _run_direct(runner, engine, task), timeout=runner.settings.face_swap_timeout
+    )
+    return JSONResponse(
+        {
+            "status": "success",
+            "result": {"output_url": result["url"], **result},
+            "processing_time": round(time.perf_counter() - started, 3),
+            "job_id": task.taskId,
+        }
+    )
+
+
+async def face_swap_health(request: Request) -> Response:
+    engine = runner_of(request).engines.get("face_swap")
+    if engine is None:
+        return JSONResponse({"status": "unavailable", "reason": "no face_swap engine"}, status_code=503)
+    health_body = await engine.health()
+    return JSONResponse(health_body, status_code=200 if health_body.get("status") == "available" else 503)
+
+
+async def face_swap_workflows(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "workflows": {name: template.describe() for name, template in TEMPLATES.items()},
+            "face_swap": FaceSwapInput.model_json_schema(),
+        }
+    )
+
+
+async def comfyui_queue_status(request: Request) -> Response:
+    client_principal(request)
+    return JSONResponse(await comfyui_engine(request).queue_status())
+
+
+async def comfyui_system_stats(request: Request) -> Response:
+    client_principal(request)
+    return JSONResponse(await comfyui_engine(request).system_stats())
+
+
+async def comfyui_interrupt(request: Request) -> Response:
+    client_principal(request)
+    prompt_id = request.query_params.get("prompt_id")
+    return JSONResponse(await comfyui_engine(request).interrupt(prompt_id))
+
+
+ROUTES = [
+    Route("/api/health", health),
+    Route("/api/status", status),
+    Route("/api/runner/status", runner_status),
+    Route("/internal/tasks/run", push, methods=["POST"]),
+    Route("/results/{key:path}", results),
+    Route("/api/face-swap/process", face_swap_process, methods=["POST"]),
+    Route("/api/face-swap/health", face_swap_health),
+    Route("/api/face-swap/workflows", face_swap_workflows),
+    Route("/api/comfyui-queue-status", comfyui_queue_status),
+    Route("/api/comfyui-system-stats", comfyui_system_stats),
+    Route("/api/comfyui-interrupt", comfyui_interrupt, methods=["POST"]),
+]
+
+
+# --- errors to responses -----------------------------------------------------------------
+def error_response(exc: ComfySwapError) -> JSONResponse:
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(exc.retry_after_s)
@@ -146,134 +316,22 @@ def _error(exc: ComfySwapError) -> JSONResponse:
     )
 
 
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ComfySwapError)
+    return error_response(exc)
+
+
+async def _timed_out(request: Request, exc: Exception) -> Response:
+    # Only the direct swap waits with a deadline of its own (FACE_SWAP_TIMEOUT).
+    return error_response(UpstreamUnavailable("the swap took longer than FACE_SWAP_TIMEOUT", code="timeout"))
+
+
+EXCEPTION_HANDLERS = {ComfySwapError: _service_error, TimeoutError: _timed_out}
+
+
 def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starlette:
     configure_logging(settings.log_level)
     runner = state or RunnerState(settings)
-
-    def require_client(request: Request) -> None:
-        authenticate(request.headers, settings).require_client()
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "healthy", "timestamp": utcnow().isoformat()})
-
-    async def status(request: Request) -> Response:
-        require_client(request)
-        engines = {}
-        for name, engine in runner.engines.items():
-            try:
-                engines[name] = await asyncio.wait_for(engine.health(), timeout=5)
-            except Exception as exc:
-                engines[name] = {"status": "error", "error": str(exc)}
-        return JSONResponse(
-            {
-                "runner": "healthy",
-                "engines": engines,
-                "storage": runner.storage.health(),
-                "worker": runner.worker.snapshot(),
-                "uptime_s": round(time.time() - runner.started_at, 1),
-            }
-        )
-
-    async def runner_status(request: Request) -> Response:
-        require_client(request)
-        return JSONResponse(runner.worker.snapshot())
-
-    async def push(request: Request) -> Response:
-        if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
-            from shared.oidc import verify_cloud_tasks_token
-
-            verify_cloud_tasks_token(
-                request.headers.get("Authorization"),
-                audience=settings.runner_oidc_audience or settings.effective_runner_url,
-                service_account_email=settings.cloud_tasks_invoker_email,
-                certs=runner.google_certs,
-            )
-        elif settings.dispatch_mode == "push":
-            authenticate(request.headers, settings).require_runner()
-        try:
-            body = json.loads(await request.body())
-            task_id = str(body["task_id"])
-        except (ValueError, KeyError, TypeError):
-            raise ValidationFailed("task_id", 'body must be {"task_id": ...}') from None
-        code, payload = await runner.worker.run_pushed(task_id)
-        headers = {"Retry-After": str(payload["retry_after_s"])} if "retry_after_s" in payload else {}
-        return JSONResponse(payload, status_code=code, headers=headers)
-
-    async def results(request: Request) -> Response:
-        path = runner.local_results.path_for("results/" + request.path_params["key"])
-        if not path.is_file():
-            raise NotFound("no such result", code="result_not_found")
-        return FileResponse(path)
-
-    async def face_swap_process(request: Request) -> Response:
-        """Swap now, without the queue; bounded by FACE_SWAP_TIMEOUT, same validation."""
-        principal = authenticate(request.headers, settings)
-        principal.require_client()
-        engine = runner.engines.get("face_swap")
-        if engine is None:
-            raise UpstreamUnavailable("this runner serves no face_swap environment", code="no_engine")
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise ValidationFailed("body", "not valid JSON") from None
-        from shared.service import TaskService
-
-        service = TaskService(settings, runner.store, NoopDispatcher())
-        create_request = service.parse_create(body, face_swap_shortcut=True)
-        task = service.build_task(create_request, principal)
-        if runner.worker.busy:
-            raise RateLimited("all engine slots are busy", retry_after_s=5, code="runner_busy")
-        started = time.perf_counter()
-        result = await asyncio.wait_for(_run_direct(runner, engine, task), timeout=settings.face_swap_timeout)
-        return JSONResponse(
-            {
-                "status": "success",
-                "result": {"output_url": result["url"], **result},
-                "processing_time": round(time.perf_counter() - started, 3),
-                "job_id": task.taskId,
-            }
-        )
-
-    async def face_swap_health(request: Request) -> Response:
-        engine = runner.engines.get("face_swap")
-        if engine is None:
-            return JSONResponse({"status": "unavailable", "reason": "no face_swap engine"}, status_code=503)
-        health_body = await engine.health()
-        return JSONResponse(health_body, status_code=200 if health_body.get("status") == "available" else 503)
-
-    async def face_swap_workflows(request: Request) -> Response:
-        return JSONResponse(
-            {
-                "workflows": {name: template.describe() for name, template in TEMPLATES.items()},
-                "face_swap": FaceSwapInput.model_json_schema(),
-            }
-        )
-
-    async def comfyui_call(request: Request) -> Response:
-        require_client(request)
-        engine = runner.engines.get("comm")
-        if engine is None:
-            raise UpstreamUnavailable("this runner serves no ComfyUI environment", code="no_engine")
-        action = request.url.path.rsplit("/", 1)[-1]
-        if action == "comfyui-queue-status":
-            return JSONResponse(await engine.queue_status())  # type: ignore[attr-defined]
-        if action == "comfyui-system-stats":
-            return JSONResponse(await engine.system_stats())  # type: ignore[attr-defined]
-        prompt_id = request.query_params.get("prompt_id")
-        return JSONResponse(await engine.interrupt(prompt_id))  # type: ignore[attr-defined]
-
-    def wrap(handler: Any) -> Any:
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)  # type: ignore[no-any-return]
-            except ComfySwapError as exc:
-                return _error(exc)
-            except TimeoutError:
-                return _error(
-                    UpstreamUnavailable("the swap took longer than FACE_SWAP_TIMEOUT", code="timeout")
-                )
-
-        return guarded
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -283,20 +341,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
         finally:
             await runner.stop()
 
-    routes = [
-        Route("/api/health", wrap(health)),
-        Route("/api/status", wrap(status)),
-        Route("/api/runner/status", wrap(runner_status)),
-        Route("/internal/tasks/run", wrap(push), methods=["POST"]),
-        Route("/results/{key:path}", wrap(results)),
-        Route("/api/face-swap/process", wrap(face_swap_process), methods=["POST"]),
-        Route("/api/face-swap/health", wrap(face_swap_health)),
-        Route("/api/face-swap/workflows", wrap(face_swap_workflows)),
-        Route("/api/comfyui-queue-status", wrap(comfyui_call)),
-        Route("/api/comfyui-system-stats", wrap(comfyui_call)),
-        Route("/api/comfyui-interrupt", wrap(comfyui_call), methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.runner = runner
     return app
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "csk_schemathesis_test_key"
 
 
-def _function_routes() -> set[tuple[str, str]]:
+def _function_module(name: str):
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"fn_{name}", ROOT / "functions" / name / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _function_routes() -> set[tuple[str, str]]:
     routes = set()
     for name in ("create_task", "get_task", "fetch_task"):
-        spec = importlib.util.spec_from_file_location(f"fn_{name}", ROOT / "functions" / name / "main.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _function_module(name)
         for route in module.ROUTES:
             if not route.pattern.startswith("/internal/"):
                 routes.add((route.method, route.pattern.rstrip("/")))
@@ -45,18 +49,37 @@ def test_every_function_route_is_documented_and_nothing_more():
 
 
 def test_every_runner_route_is_documented():
-    from comfyswap.devserver import RUNNER_PREFIXES
+    from gpu_runner.app import ROUTES
 
-    runner_paths = {path for _, path in _document_routes("runner")}
-    for path in runner_paths:
-        assert path.startswith(RUNNER_PREFIXES), path
-    source = (ROOT / "gpu_runner" / "app.py").read_text()
-    served = set(re.findall(r'Route\("(/api/[^"]+)"', source)) - {
-        "/api/health",
-        "/api/status",
-        "/api/runner/status",
-    }
-    assert served == runner_paths
+    served = {
+        (method, route.path)
+        for route in ROUTES
+        for method in route.methods or ()
+        if method != "HEAD" and route.path.startswith("/api/")
+    } - {("GET", "/api/health"), ("GET", "/api/status"), ("GET", "/api/runner/status")}
+    assert served == _document_routes("runner")
+
+
+def test_the_dev_server_routes_by_the_functions_and_runner_tables():
+    from comfyswap.devserver import FUNCTION_NAMES, route_table
+
+    routes = {}
+    for name in FUNCTION_NAMES:
+        module = _function_module(name)
+        routes[name] = module.ROUTES
+    table = route_table(routes)
+    for name, function_routes in routes.items():
+        for route in function_routes:
+            path = route.pattern.replace("{task_id}", "task_x")
+            owner = table.owner(route.method, path)
+            assert owner == name or (owner in routes and path in {"/api/health", "/api/status"}), (
+                route,
+                owner,
+            )
+    for method, path in _document_routes("runner"):
+        assert table.owner(method, path) == "runner", path
+    assert table.owner("GET", "/results/task_x/000.png") == "runner"
+    assert table.owner("GET", "/nowhere") is None
 
 
 @pytest.fixture(scope="module")
