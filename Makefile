@@ -16,18 +16,27 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) ## Install the project, dev tools, face models and emulator tools
+# The install runs again only when one of its inputs changed (the stamp is older), so a
+# second `make run` or `make test` starts at once and prints no install output.
+STAMP := $(VENV)/.installed
+INSTALL_INPUTS := pyproject.toml $(wildcard requirements/*.txt) scripts/fetch_models.py \
+	scripts/install_tools.sh $(wildcard scripts/install_*.sh)
+
+$(STAMP): $(INSTALL_INPUTS) | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) scripts/fetch_models.py
 	bash scripts/install_tools.sh
+	touch $@
 
-run: install ## Run the API (three functions) and the runner on embedded defaults
+install: $(STAMP) ## Install the project, dev tools, face models and emulator tools (again only when their inputs change)
+
+run: $(STAMP) ## Run the API (three functions) and the runner on embedded defaults
 	$(BIN)/comfyswap run
 
 demo: ## Swap the sample faces against the running service (after `make run`)
 	$(BIN)/comfyswap demo
 
-test: install ## Run the whole test suite (starts the emulators it needs)
+test: $(STAMP) ## Run the whole test suite (starts the emulators it needs)
 	$(BIN)/pytest -q
 
 test-fast: ## Unit tests only, no install step
@@ -47,13 +56,13 @@ mypy: ## Type-check
 	$(BIN)/mypy shared gpu_runner comfyswap
 	for main in functions/*/main.py; do $(BIN)/mypy $$main || exit 1; done
 
-bench: install ## Print the performance figures (docs: README, Performance)
+bench: $(STAMP) ## Print the performance figures (docs: README, Performance)
 	$(PY) -m benchmarks.run
 
 bundle: ## Build each function's deployable folder under build/functions/
 	$(PY) scripts/bundle_functions.py
 
-run-emulated: install ## The cloud code path on one machine: Firestore/Cloud Tasks emulators, fake GCS
+run-emulated: $(STAMP) ## The cloud code path on one machine: Firestore/Cloud Tasks emulators, fake GCS
 	$(PY) scripts/run_emulated.py
 
 smoke: ## System test against a deployed API: make smoke BASE_URL=https://...
