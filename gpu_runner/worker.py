@@ -263,6 +263,10 @@ class Worker:
             return 200, {"status": "unknown_task"}
         except Conflict as exc:
             self._release_hold()
+            if exc.code == "not_available_yet":
+                # In retry backoff: Cloud Tasks delivers again after Retry-After.
+                retry_after_s = int(exc.details.get("retry_after_s", 1))
+                return 503, {"status": "not_available_yet", "retry_after_s": retry_after_s}
             # A duplicate delivery (another delivery holds it) or an already finished task.
             log_event(logger, "push_duplicate", task_id=task_id, code=exc.code)
             return 200, {"status": "not_claimable", "detail": exc.message}

@@ -115,6 +115,10 @@ class Task(BaseModel):
     priority: int = Field(5, ge=0, le=10)
     attempts: int = 0
     max_attempts: int = 3
+    # Bumped every time the task goes back to PENDING (released, reaped, retried) or is
+    # dispatched again by the sweep: each delivery gets its own Cloud Tasks name, which
+    # `attempts` cannot give (a release decrements it, so names would repeat).
+    dispatch_generation: int = 0
     lease: Lease | None = None
     progress: Progress | None = None
     output_data: dict[str, Any] | None = None
@@ -194,13 +198,16 @@ def apply_transition(
             code="invalid_transition",
             details={"task_id": task.taskId, "status": task.status.value, "requested": to.value},
         )
-    if worker_id is not None and task.status in LEASED_STATUSES:
-        holder = task.lease.owner if task.lease else None
+    if worker_id is not None:
+        # Whatever the state: a runner writes only while it holds the lease. A task that
+        # was reaped (PENDING) or finished has no holder, so an old holder is refused too.
+        holder = task.lease.owner if task.lease and task.status in LEASED_STATUSES else None
         if holder != worker_id:
             raise Conflict(
-                f"task {task.taskId} is leased to {holder!r}, not {worker_id!r}",
+                f"task {task.taskId} is not leased to {worker_id!r} "
+                f"(status {task.status}, holder {holder!r})",
                 code="lease_lost",
-                details={"task_id": task.taskId, "lease_owner": holder},
+                details={"task_id": task.taskId, "lease_owner": holder, "status": task.status.value},
             )
     updated = task.model_copy(deep=True, update=dict(changes or {}))
     updated.status = to
@@ -209,6 +216,8 @@ def apply_transition(
         updated.started_at = now
     if to in TERMINAL_STATUSES or to == TaskStatus.PENDING:
         updated.lease = None
+    if to == TaskStatus.PENDING:
+        updated.dispatch_generation = task.dispatch_generation + 1
     if to in TERMINAL_STATUSES:
         updated.finished_at = now
     return updated

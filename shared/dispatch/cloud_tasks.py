@@ -2,11 +2,12 @@
 
 The Cloud Task carries only the id (Cloud Tasks caps a task at 100 KB; the data lives
 in the task store) and, when an invoker service account is configured, an OIDC token the
-runner verifies (shared.oidc). Its name is derived from the task id and the attempt
-number, so a repeated dispatch of the same delivery is de-duplicated by Cloud Tasks
-(ALREADY_EXISTS, which counts as success here), while a task re-queued by the reaper or
-a retry gets a fresh name: Cloud Tasks refuses a name for about an hour after its task
-ran, which would otherwise swallow the re-delivery.
+runner verifies (shared.oidc). Its name is derived from the task id and the task's
+``dispatch_generation``, so a repeated dispatch of the same delivery is de-duplicated by
+Cloud Tasks (ALREADY_EXISTS, which counts as success here), while a task released,
+reaped, retried or swept gets a fresh name: Cloud Tasks refuses a name for about an hour
+after its task ran, which would otherwise swallow the re-delivery. (Not ``attempts``: a
+release gives the attempt back, so attempt numbers repeat.)
 
 Transient gRPC failures are retried a few times with backoff; a final failure raises
 UpstreamUnavailable (``dispatch_failed``). The caller keeps the task PENDING, and
@@ -57,10 +58,10 @@ def cloud_task_id(task: Task) -> str:
     """The Cloud Task's id for this delivery of ``task``.
 
     A short hash comes first because Cloud Tasks spreads load by name prefix and every
-    task id starts with ``task_``; the attempt count makes each delivery a new name.
+    task id starts with ``task_``; the dispatch generation makes each delivery a new name.
     """
     spread = hashlib.sha256(task.taskId.encode()).hexdigest()[:8]
-    return f"{spread}-{task.taskId}-{task.attempts}"
+    return f"{spread}-{task.taskId}-{task.dispatch_generation}"
 
 
 def make_cloud_tasks_client(settings: Settings) -> tasks_v2.CloudTasksClient:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -137,6 +138,15 @@ class TaskStore(abc.ABC):
                     code="not_claimable",
                     details={"task_id": task_id, "status": task.status.value},
                 )
+            if task.available_at > now:
+                # In retry backoff: a push (a Cloud Tasks retry, a duplicate) must wait
+                # for it exactly as a pulling runner's claim_next does.
+                wait_s = (task.available_at - now).total_seconds()
+                raise Conflict(
+                    f"task {task_id} is in retry backoff for another {wait_s:.1f}s",
+                    code="not_available_yet",
+                    details={"task_id": task_id, "retry_after_s": max(1, math.ceil(wait_s))},
+                )
             return _leased(task, worker_id, lease_seconds, now)
 
         return self.update(task_id, mutate)
@@ -253,7 +263,12 @@ class TaskStore(abc.ABC):
                 *task.attempt_history,
                 {"attempt": task.attempts, "released": reason, "at": now.isoformat()},
             ]
-            changes = {"attempts": max(0, task.attempts - 1), "attempt_history": history, "available_at": now}
+            changes = {
+                "attempts": max(0, task.attempts - 1),
+                "attempt_history": history,
+                "available_at": now,
+                "progress": None,  # the next runner starts from the beginning
+            }
             return apply_transition(task, TaskStatus.PENDING, worker_id=worker_id, now=now, changes=changes)
 
         return self.update(task_id, mutate)

@@ -197,9 +197,11 @@ def test_without_an_invoker_email_no_oidc_token_is_requested() -> None:
 def test_each_delivery_of_a_task_gets_its_own_name() -> None:
     """Cloud Tasks keeps a used name for about an hour; a re-queued task needs a new one."""
     task = make_task()
-    retried = task.model_copy(update={"attempts": 1})
+    retried = task.model_copy(update={"attempts": 1, "dispatch_generation": 1})
+    # Released after that attempt: the attempt is given back, the generation is not.
+    released = task.model_copy(update={"attempts": 0, "dispatch_generation": 2})
 
-    assert cloud_task_id(task) != cloud_task_id(retried)
+    assert len({cloud_task_id(task), cloud_task_id(retried), cloud_task_id(released)}) == 3
     assert cloud_task_id(task) == cloud_task_id(task.model_copy())
     assert task.taskId in cloud_task_id(task)
 
