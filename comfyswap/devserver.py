@@ -10,9 +10,12 @@ There is no route list here: a route added to a function or to the runner is ser
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,11 @@ import flask
 import httpx
 from functions_framework import create_app
 
+from shared.errors import ComfySwapError, ValidationFailed
+from shared.request_guard import body_too_large, normalise_path
 from shared.settings import Settings
 
-__all__ = ["FUNCTION_NAMES", "RouteTable", "build_app", "route_table", "serve"]
+__all__ = ["FUNCTION_NAMES", "RouteTable", "build_app", "guard_requests", "route_table", "serve"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_DIR = ROOT / "functions"
@@ -66,7 +71,12 @@ def route_table(function_routes: dict[str, list[Any]]) -> RouteTable:
     functions = [
         (route.method, route.regex, name) for name, routes in function_routes.items() for route in routes
     ]
-    runner = [(frozenset(route.methods or ()), route.path_regex) for route in RUNNER_ROUTES]
+    # /internal/ routes (the push endpoint) are for Cloud Tasks, never on the public host.
+    runner = [
+        (frozenset(route.methods or ()), route.path_regex)
+        for route in RUNNER_ROUTES
+        if not route.path.startswith("/internal/")
+    ]
     return RouteTable(functions=functions, runner=runner)
 
 
@@ -133,8 +143,54 @@ def build_app(settings: Settings) -> flask.Flask:
         target = functions[owner].wsgi_app if owner else fallback.wsgi_app
         return target(environ, start_response)
 
-    app.wsgi_app = wsgi  # type: ignore[method-assign]
+    app.wsgi_app = guard_requests(wsgi, max_body_bytes=settings.max_request_bytes)  # type: ignore[method-assign]
     return app
+
+
+def guard_requests(wsgi_app: Any, *, max_body_bytes: int) -> Any:
+    """Before routing and authentication: route on the normalised path
+    (``shared.request_guard``), and cap the body at MAX_REQUEST_BYTES before it is read
+    (a declared length at once; a chunked body is read up to the cap, never further)."""
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        try:
+            environ["PATH_INFO"] = normalise_path(environ.get("PATH_INFO", ""))
+            _cap_body(environ, max_body_bytes)
+        except ComfySwapError as exc:
+            body = json.dumps({"success": False, "error": exc.to_dict(), "detail": exc.message}).encode()
+            status = f"{exc.http_status} {HTTPStatus(exc.http_status).phrase}"
+            # The rest of an over-long body is never read: the connection cannot be reused.
+            start_response(
+                status,
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Connection", "close"),
+                ],
+            )
+            return [body]
+        return wsgi_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return guarded
+
+
+def _cap_body(environ: dict[str, Any], limit: int) -> None:
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared:
+        if not declared.isdigit():
+            raise ValidationFailed("Content-Length", "must be a whole number of bytes")
+        if int(declared) > limit:
+            raise body_too_large(limit, int(declared))
+        return
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return
+    # Chunked: read at most one byte past the cap, then hand the function a sized body.
+    stream = environ["wsgi.input"]
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise body_too_large(limit)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
 
 
 def serve(settings: Settings, *, threads: int = 64) -> None:

@@ -22,18 +22,31 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpu_runner.engines.base import Engine
 from gpu_runner.worker import HttpTaskSource, Worker
 from shared.auth import Principal, authenticate
 from shared.dispatch.base import NoopDispatcher
-from shared.errors import ComfySwapError, NotFound, RateLimited, UpstreamUnavailable, ValidationFailed
+from shared.errors import (
+    ComfySwapError,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    UpstreamUnavailable,
+    ValidationFailed,
+)
 from shared.logs import configure_logging, get_logger, log_event
+from shared.request_guard import body_too_large, normalise_path
 from shared.settings import Settings
 from shared.storage.base import StoredObject
 from shared.storage.local import LocalStorage
@@ -199,6 +212,11 @@ async def push(request: Request) -> Response:
     """One Cloud Tasks delivery: claim the task and run it; 429/503 make Cloud Tasks retry."""
     runner = runner_of(request)
     settings = runner.settings
+    if runner.pull:
+        # A pulling runner claims its own work; a push here could only run a task out of turn.
+        raise Forbidden(
+            "this runner pulls its work (DISPATCH_MODE=pull); it takes no pushes", code="push_disabled"
+        )
     if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
         from shared.oidc import verify_cloud_tasks_token
 
@@ -208,7 +226,7 @@ async def push(request: Request) -> Response:
             service_account_email=settings.cloud_tasks_invoker_email,
             certs=runner.google_certs,
         )
-    elif settings.dispatch_mode == "push":
+    else:
         authenticate(request.headers, settings).require_runner()
     try:
         body = json.loads(await request.body())
@@ -326,7 +344,91 @@ async def _timed_out(request: Request, exc: Exception) -> Response:
     return error_response(UpstreamUnavailable("the swap took longer than FACE_SWAP_TIMEOUT", code="timeout"))
 
 
-EXCEPTION_HANDLERS = {ComfySwapError: _service_error, TimeoutError: _timed_out}
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "route_not_found", 405: "method_not_allowed"}
+    error = ComfySwapError(
+        f"{exc.detail}: {request.method} {request.url.path}", code=codes.get(exc.status_code, "http_error")
+    )
+    return JSONResponse(
+        {"success": False, "error": error.to_dict(), "detail": error.message},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+EXCEPTION_HANDLERS = {ComfySwapError: _service_error, TimeoutError: _timed_out, HTTPException: _http_error}
+
+
+class RequestGuard:
+    """Before routing and authentication: the path normalised (``shared.request_guard``),
+    the body capped at MAX_REQUEST_BYTES (a declared length at once, a chunked body while it
+    is read, never more than the cap in memory); and any crash one JSON log line and a 500
+    body, instead of Starlette's multi-line traceback on stderr."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            path = normalise_path(scope["path"])
+            body = await self._read_body(scope, receive)
+        except ComfySwapError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        scope = {**scope, "path": path, "raw_path": quote(path).encode()}
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        response_started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, send_tracked)
+        except Exception:
+            logger.exception("unhandled error", extra={"event": "request_crashed", "path": path})
+            if not response_started:
+                crash = ComfySwapError("internal error; the request changed nothing it did not report")
+                await error_response(crash)(scope, replay, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        limit = self.max_body_bytes
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ValidationFailed("Content-Length", "must be a whole number of bytes")
+            if int(declared) > limit:
+                raise body_too_large(limit, int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starlette:
@@ -341,7 +443,12 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
         finally:
             await runner.stop()
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(RequestGuard, max_body_bytes=settings.max_request_bytes)],
+        lifespan=lifespan,
+    )
     app.state.runner = runner
     return app
 

@@ -17,9 +17,10 @@ from typing import Any
 import flask
 
 from shared.auth import Principal, authenticate
-from shared.errors import BadRequest, ComfySwapError, NotFound, PayloadTooLarge, RateLimited, ValidationFailed
+from shared.errors import BadRequest, ComfySwapError, NotFound, RateLimited, ValidationFailed
 from shared.logs import bind_task, bind_trace, configure_logging, get_logger, unbind_task, unbind_trace
 from shared.ratelimit import RateLimiter
+from shared.request_guard import body_too_large, parse_json
 from shared.service import TaskService
 from shared.settings import Settings, get_settings
 
@@ -56,22 +57,21 @@ class RequestContext:
     settings: Settings
 
     def json_body(self) -> Any:
-        """The parsed JSON body, within MAX_REQUEST_BYTES; 4xx for anything else."""
-        length = self.request.content_length
+        """The parsed JSON body, within MAX_REQUEST_BYTES and MAX_JSON_DEPTH; 4xx for anything else."""
         limit = self.settings.max_request_bytes
-        if length is not None and length > limit:
-            raise PayloadTooLarge(
-                f"body of {length} bytes is over the {limit}-byte limit", code="body_too_large"
-            )
-        raw = self.request.get_data(cache=True)
+        check_declared_length(self.request, limit)
+        # Never more than one byte past the cap in memory, whatever the body's framing.
+        raw = self.request.stream.read(limit + 1)
         if len(raw) > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit", code="body_too_large")
-        if not raw:
-            raise ValidationFailed("body", "a JSON object is required")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValidationFailed("body", f"not valid JSON: {exc}") from None
+            raise body_too_large(limit)
+        return parse_json(raw)
+
+
+def check_declared_length(request: flask.Request, limit: int) -> None:
+    """A declared body over the cap is refused before anything else looks at the request."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise body_too_large(limit, length)
 
 
 @functools.cache
@@ -114,6 +114,7 @@ def dispatch_request(request: flask.Request, routes: list[Route]) -> flask.Respo
         else None
     )
     try:
+        check_declared_length(request, svc.settings.max_request_bytes)
         path = request.path
         allowed_methods = []
         for route in routes:
