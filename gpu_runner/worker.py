@@ -192,7 +192,6 @@ class Worker:
             self._pull_stopped.set()
 
     async def _pull_until_draining(self, source: TaskSource, wait_s: float) -> None:
-        environments = sorted(self.engines)
         failures = 0
         while not self.draining:
             await self._held.acquire()
@@ -200,6 +199,14 @@ class Worker:
             if self.draining:
                 self._release_hold()
                 break
+            # An engine that cannot work (its models are missing) claims nothing meanwhile.
+            environments = [name for name in sorted(self.engines) if self.engines[name].accepting_work]
+            if not environments:
+                self._release_hold()
+                await asyncio.sleep(min(wait_s, 5.0))
+                # health() re-checks (FaceFusion's model files, say) so work resumes once fixed.
+                await asyncio.gather(*(engine.health() for engine in self.engines.values()))
+                continue
             try:
                 task = await self._fetch(source, environments, wait_s)
                 failures = 0

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="FACEFUSION_EXECUTION_PROVIDERS: ONNX Runtime providers FaceFusion runs on, space- or "
         "comma-separated (cuda, tensorrt, cpu).",
     )
+    facefusion_models_dir: str = Field(
+        "",
+        description="FACEFUSION_MODELS_DIR: FaceFusion's model files (checked against their .hash files "
+        "at start and before each job); empty = .assets/models beside FACEFUSION_COMMAND's .py script.",
+    )
     face_swap_shared_dir: str = Field(
         "",
         description="FACE_SWAP_SHARED_DIR: folder the FaceFusion HTTP API writes results into, shared with "

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 RESOLUTION_PATTERN = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+PIXEL_BOOST_PATTERN = re.compile(r"^(\d{3,4})x\1$")
 
 # The seed's whitelist, plus FaceFusion 3.x swapper models the GPU runner can load.
 FACE_SWAP_MODELS: tuple[str, ...] = (
@@ -116,6 +117,20 @@ def validate_for_engine(request: FaceSwapInput, engine_name: str) -> None:
             f"({engine_name}); available: {', '.join(sorted(allowed))}",
             code="model_not_supported",
         )
+    if request.pixel_boost is not None and engine_name == "facefusion":
+        choices = FACEFUSION_PIXEL_BOOSTS[request.model]
+        if request.pixel_boost not in choices:
+            raise ValidationFailed(
+                "task_data.pixel_boost",
+                f"{request.model} takes a pixel boost of {', '.join(choices)}, not {request.pixel_boost}",
+                code="option_not_supported",
+            )
+    if request.pixel_boost is not None and engine_name == "facefusion_api":
+        raise ValidationFailed(
+            "task_data.pixel_boost",
+            "this deployment's face-swap engine (facefusion_api) has no pixel boost option",
+            code="option_not_supported",
+        )
     if engine_name == "facefusion_api" and request.face_selector != "largest":
         raise ValidationFailed(
             "task_data.face_selector",
@@ -136,6 +151,11 @@ class FaceSwapInput(BaseModel):
     face_selector: Literal["largest", "all"] | int = Field(
         "largest", description="Which target faces to swap: largest, all, or an index (0 = largest)."
     )
+    pixel_boost: str | None = Field(
+        None,
+        description="FaceFusion only: the face crop size the swapper works at (WxH, one of the model's "
+        "choices); larger is sharper and slower. Default: the model's own size, as FaceFusion.",
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -146,6 +166,13 @@ class FaceSwapInput(BaseModel):
         width, height = int(match.group(1)), int(match.group(2))
         if not (100 <= width <= 4096 and 100 <= height <= 4096):
             raise ValueError("each side must be between 100 and 4096 px")
+        return value
+
+    @field_validator("pixel_boost")
+    @classmethod
+    def _pixel_boost(cls, value: str | None) -> str | None:
+        if value is not None and not PIXEL_BOOST_PATTERN.match(value):
+            raise ValueError("must look like 256x256 (WxH)")
         return value
 
     @field_validator("model")
@@ -404,7 +431,8 @@ def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: boo
     except ValidationError as exc:
         raise _first_error(exc, "task_data") from None
     if template.build is None:
-        return params.model_dump()
+        # Optional options left unset (pixel_boost) stay out: the engine applies its default.
+        return params.model_dump(exclude_none=True)
     input_data: dict[str, Any] = {"wf_json": template.build(params), "template_params": params.model_dump()}
     if template.image_inputs:
         input_data["image_inputs"] = [

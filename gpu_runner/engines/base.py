@@ -67,6 +67,12 @@ class Engine(abc.ABC):
     async def health(self) -> dict[str, Any]:
         return {"status": "available"}
 
+    @property
+    def accepting_work(self) -> bool:
+        """False while every job would fail for a deployment fault (its model files are
+        missing, say): the worker claims none of this engine's work until it is True."""
+        return True
+
     async def start(self) -> None:  # noqa: B027  # optional hook
         """Load models, connect: called once when the runner starts."""
 

@@ -1,27 +1,40 @@
-"""FaceFusion 3.x as a runner engine: one ``headless-run`` subprocess per job.
+"""FaceFusion 3.8.1 as a runner engine: one ``headless-run`` subprocess per job.
 
 FaceFusion lives in the GPU container (``FACEFUSION_COMMAND``); the runner talks to it
-only through its documented command line, so any 3.x release can be dropped in. What
-the engine relies on, read from FaceFusion 3.0-3.8:
+only through its command line. What the engine relies on, read from FaceFusion 3.8.1's
+source (``facefusion/program.py``, ``core.py``, ``ffmpeg.py``, ``download.py``) and checked
+against the real program in the real-peer tier (tests/peers):
 
-* Arguments: ``headless-run -s SOURCE -t TARGET -o OUTPUT --processors face_swapper
-  --face-swapper-model M --face-swapper-pixel-boost WxH --face-selector-mode ...``.
-  Anything FaceFusion does not know is an argparse error (exit 2), so only arguments
-  every 3.x release accepts are passed. FaceFusion decides image or video by the file
-  extension and refuses an output whose extension differs from the target's, so the
-  output is named ``result`` + the target's extension.
-* It finds its processors relative to the working directory, so it runs from the
-  folder of the ``.py`` script named in ``FACEFUSION_COMMAND``. Its job files go under
-  ``--jobs-path`` and its temporary frames under ``TMPDIR``, both in the task's work
-  folder, so concurrent jobs never share state and the worker's clean-up removes them.
-* Progress: tqdm bars on stderr (``processing:  40%|====      | 4/10 [...]``), redrawn
-  with carriage returns, for the stages analysing, extracting, processing and merging
-  (``--log-level info``; at warn or error FaceFusion turns the bars off).
+* Arguments: ``headless-run --source-paths S --target-path T --output-path O --processors
+  face_swapper --face-swapper-model M --face-swapper-pixel-boost WxH --face-selector-mode ...``.
+  Anything FaceFusion does not know is an argparse error (exit 2). FaceFusion decides image
+  or video by the file extension and refuses an output whose extension differs from the
+  target's, so the output is named ``result`` + the target's extension.
+* It finds its processors and its models (``.assets/models``) relative to its own folder,
+  so it runs from the folder of the ``.py`` script named in ``FACEFUSION_COMMAND``. Its job
+  files go under ``--jobs-path`` and its temporary files under ``TMPDIR``, both in the
+  task's work folder, so concurrent jobs never share state and the worker's clean-up
+  removes them.
+* Output size: FaceFusion keeps the target's size (``--output-*-scale`` only multiplies by
+  0.25 steps). ``resolution`` is the output size as in the seed, a bounding box that never
+  upscales (as the CPU engine reads it): an image target is resized before FaceFusion sees
+  it; a video gets the largest ``--output-video-scale`` that fits. The pixel boost (the face
+  crop the swapper works at; 1024 on a 128 model is 64 model passes per face) is its own
+  parameter, ``pixel_boost``, defaulting to FaceFusion's default, the model's own size.
+* Audio: FaceFusion's default encoder is the first ffmpeg offers, ``flac``, which an MP4
+  cannot hold: the audio is then dropped with "restoring audio skipped" and exit 0. So the
+  encoder is always given, per container (``AUDIO_ENCODERS``).
+* Progress: tqdm bars on stderr (``processing:  40%|====      | 4/10 [...]``), redrawn with
+  carriage returns; 3.8.1 draws ``analysing`` (content analyser) and ``processing`` for a
+  video, none for an image (``--log-level info``; at warn or error the bars are off).
+* Models: before each job FaceFusion checks every model it may use against a ``.hash`` file
+  and downloads what is missing or does not match; with a read-only models folder and
+  internet that never ends. The engine checks the files itself (facefusion_models.py):
+  at start, in ``health``, and before each job; and it runs FaceFusion with its proxy set to
+  a closed loopback port, so a download fails at once instead of looping.
 * Exit codes: 0 success; 2 a failed pre-check (invalid arguments such as an unknown
   model or processor, ffmpeg or curl missing); 1 anything else, including a processor's
-  pre-process step (no source face, a model that cannot be downloaded), which
-  ``headless-run`` reports as a failed job. Codes 3 and 4 exist inside FaceFusion but
-  ``headless-run`` folds them into 1.
+  pre-process step (no source face) and a model that fails its hash check.
 
 Which swapper models each face-swap engine can run is in ``ENGINE_MODELS``;
 ``validate_request`` checks a request against it (create-time validation calls it).
@@ -31,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import collections
 import contextlib
 import dataclasses
 import os
@@ -39,13 +51,34 @@ import re
 import shlex
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final
 
-from gpu_runner.engines.base import EngineOutput, EngineResult, PreparedJob, ProgressCallback
+from gpu_runner.engines.base import EngineResult, PreparedJob, ProgressCallback
+from gpu_runner.engines.cpu_swap.resolution import parse_resolution
+from gpu_runner.engines.facefusion_cli import (
+    AUDIO_ENCODERS,
+    CONTENT_TYPES,
+    IMAGE_SUFFIXES,
+    FaceFusionProgressParser,
+    build_headless_arguments,
+    describe_output,
+    face_selector_arguments,
+    facefusion_environment,
+    facefusion_readable_source,
+    fit_image,
+    output_video_scale,
+    parse_progress_line,
+    pixel_boost_for,
+    video_fps_and_size,
+)
+from gpu_runner.engines.facefusion_models import (
+    COMMON_MODEL_FILES,
+    SWAPPER_MODEL_FILES,
+    ModelCheck,
+    ModelChecker,
+    files_for,
+)
 from gpu_runner.engines.faceswap import FaceSwapEngineBase
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
@@ -61,6 +94,7 @@ from shared.workflows import (
 from shared.workflows import validate_for_engine as validate_request
 
 __all__ = [
+    "AUDIO_ENCODERS",
     "ENGINE_MODELS",
     "FACEFUSION_PIXEL_BOOSTS",
     "FaceFusionEngine",
@@ -68,6 +102,7 @@ __all__ = [
     "build_headless_arguments",
     "describe_output",
     "face_selector_arguments",
+    "output_video_scale",
     "parse_progress_line",
     "pixel_boost_for",
     "supported_models",
@@ -76,162 +111,9 @@ __all__ = [
 
 _logger = get_logger(__name__)
 
-# Frame stages FaceFusion draws a bar for (its English locale; downloads count bytes).
-_FRAME_STAGES: Final = frozenset({"analysing", "extracting", "processing", "merging"})
-# tqdm's default bar: "{desc}: {percent:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]".
-_PROGRESS_LINE: Final = re.compile(
-    r"^\s*(?P<stage>[a-z][a-z ]*?):\s*(?P<percent>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)\b"
-)
-# FaceFusion reads images by these extensions only (GIF is not one of them).
-_IMAGE_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-_CONTENT_TYPES: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        ".jpg": "image/jpeg",
-        ".jpeg": "image/jpeg",
-        ".png": "image/png",
-        ".webp": "image/webp",
-        ".bmp": "image/bmp",
-        ".mp4": "video/mp4",
-        ".mov": "video/quicktime",
-        ".webm": "video/webm",
-        ".mkv": "video/x-matroska",
-    }
-)
-# FaceFusion's default video quality (0-100, mapped to the encoder's CRF), stated
-# explicitly so a facefusion.ini in the container cannot change our output.
-VIDEO_QUALITY: Final = 80
-# The CPU engine writes JPEGs at 95; FaceFusion's own default (80) is visibly softer.
-IMAGE_QUALITY: Final = 95
-_OUTPUT_TAIL_LINES: Final = 20
 _READ_CHUNK_BYTES: Final = 4096
 # After the process exits, how long a grandchild still holding the pipe may delay EOF.
 _DRAIN_TIMEOUT_S: Final = 2.0
-
-
-def pixel_boost_for(model: str, resolution: str) -> str:
-    """The ``--face-swapper-pixel-boost`` for a request's ``resolution``.
-
-    FaceFusion has no output-size option: the output keeps the target's size. What it
-    can scale is the face crop the swapper works at (the pixel boost; larger is sharper
-    and slower, 1024 on a 128 model is 64 passes per face). The seed passed
-    ``resolution`` to its FaceFusion service for this, so the shorter side of
-    ``resolution`` picks the nearest boost the model accepts; a tie picks the smaller,
-    cheaper one.
-    """
-    width, _, height = resolution.partition("x")
-    side = min(int(width), int(height))
-    choices = FACEFUSION_PIXEL_BOOSTS[model]
-
-    def distance(choice: str) -> tuple[int, int]:
-        boost = int(choice.partition("x")[0])
-        return abs(boost - side), boost
-
-    return min(choices, key=distance)
-
-
-def face_selector_arguments(face_selector: str | int) -> list[str]:
-    """Our ``face_selector`` in FaceFusion's terms. ``largest``: mode ``one`` over faces
-    ordered large to small; ``all``: mode ``many``; an index: mode ``reference`` with the
-    face at that position (same order, 0 = largest) as the reference, which in a video
-    follows that person from frame to frame."""
-    if face_selector == "all":
-        return ["--face-selector-mode", "many"]
-    if face_selector == "largest":
-        return ["--face-selector-mode", "one", "--face-selector-order", "large-small"]
-    return [
-        "--face-selector-mode",
-        "reference",
-        "--face-selector-order",
-        "large-small",
-        "--reference-face-position",
-        str(int(face_selector)),
-    ]
-
-
-def build_headless_arguments(
-    *,
-    source: Path,
-    target: Path,
-    output: Path,
-    jobs_path: Path,
-    request: FaceSwapInput,
-    execution_providers: Sequence[str],
-    video_fps: float | None,
-) -> list[str]:
-    """Everything after the command: ``headless-run`` and its options (no trim: whole target)."""
-    arguments = [
-        "headless-run",
-        "--source-paths",
-        str(source),
-        "--target-path",
-        str(target),
-        "--output-path",
-        str(output),
-        "--jobs-path",
-        str(jobs_path),
-        "--processors",
-        "face_swapper",
-        "--face-swapper-model",
-        request.model,
-        "--face-swapper-pixel-boost",
-        pixel_boost_for(request.model, request.resolution),
-        *face_selector_arguments(request.face_selector),
-        "--execution-providers",
-        *execution_providers,
-        "--log-level",
-        "info",
-    ]
-    if output.suffix in _IMAGE_SUFFIXES:
-        arguments += ["--output-image-quality", str(IMAGE_QUALITY)]
-    else:
-        # libx264 cannot go into WebM; VP9 is the encoder FaceFusion offers for it.
-        encoder = "libvpx-vp9" if output.suffix == ".webm" else "libx264"
-        arguments += ["--output-video-encoder", encoder, "--output-video-quality", str(VIDEO_QUALITY)]
-        if video_fps:
-            arguments += ["--output-video-fps", f"{video_fps:g}"]
-    return arguments
-
-
-def parse_progress_line(line: str) -> Progress | None:
-    """A FaceFusion frame progress bar as Progress(frames done, frames total, stage)."""
-    match = _PROGRESS_LINE.match(line)
-    if match is None or match.group("stage") not in _FRAME_STAGES:
-        return None
-    total = int(match.group("total"))
-    return Progress(value=int(match.group("done")), max=max(total, 1), stage=match.group("stage"))
-
-
-class FaceFusionProgressParser:
-    """Splits FaceFusion's merged output into lines (tqdm redraws with ``\\r``, logs end
-    with ``\\n``), reports progress bars and keeps the last log lines for error messages."""
-
-    def __init__(self, progress: ProgressCallback) -> None:
-        self._progress = progress
-        self._pending = ""
-        self.tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
-        self.last_progress: Progress | None = None
-
-    def feed(self, text: str) -> None:
-        segments = re.split(r"[\r\n]", self._pending + text)
-        self._pending = segments.pop()
-        for segment in segments:
-            self._line(segment)
-
-    def close(self) -> None:
-        if self._pending:
-            self._line(self._pending)
-            self._pending = ""
-
-    def _line(self, line: str) -> None:
-        line = line.strip()
-        if not line:
-            return
-        parsed = parse_progress_line(line)
-        if parsed is None:
-            self.tail.append(line[:500])
-        elif parsed != self.last_progress:
-            self.last_progress = parsed
-            self._progress(parsed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +135,8 @@ class FaceFusionEngine(FaceSwapEngineBase):
         self.execution_providers = [
             provider for provider in re.split(r"[\s,]+", settings.facefusion_execution_providers) if provider
         ]
+        self.models = ModelChecker(self._models_dir())
+        self._model_check: dict[str, ModelCheck] = {}
 
     @classmethod
     def validate_request(cls, request: FaceSwapInput) -> None:
@@ -265,19 +149,80 @@ class FaceFusionEngine(FaceSwapEngineBase):
         script = next((Path(part) for part in argv if part.endswith(".py")), None)
         return _Command(argv, script.parent if script else None, script)
 
+    def _models_dir(self) -> Path:
+        if self.settings.facefusion_models_dir:
+            return Path(self.settings.facefusion_models_dir)
+        script = next(
+            (Path(part) for part in shlex.split(self.settings.facefusion_command) if part.endswith(".py")),
+            None,
+        )
+        return (script.parent if script else Path.cwd()) / ".assets" / "models"
+
+    # --- models ---------------------------------------------------------------------------
+    def check_models(self) -> dict[str, ModelCheck]:
+        """Check every model file (blocking: hashes the files whose size or mtime changed)."""
+        common = self.models.check(COMMON_MODEL_FILES)
+        checks = {"common": common}
+        for model in sorted(self.supported_models):
+            checks[model] = self.models.check(SWAPPER_MODEL_FILES[model])
+        self._model_check = checks
+        return checks
+
+    @property
+    def accepting_work(self) -> bool:
+        """False while the models every job needs are missing: the worker claims no face
+        swap until they are back (health says which)."""
+        checks = self._model_check
+        if not checks:
+            return True
+        swappers_ok = any(check.ok for name, check in checks.items() if name != "common")
+        return checks["common"].ok and swappers_ok
+
+    def _raise_if_models_bad(self, swapper_model: str) -> None:
+        check = self.models.check(files_for(swapper_model))
+        if check.ok:
+            return
+        raise UpstreamUnavailable(
+            f"FaceFusion's model files are not in place on this runner ({check.describe()}) in "
+            f"{self.models.models_dir}: a deployment fault (see docs/deploy.md, FaceFusion models); "
+            "the task is retried",
+            code="models_missing",
+            details={"models": list(check.bad), "models_dir": str(self.models.models_dir)},
+        )
+
+    async def start(self) -> None:
+        checks = await asyncio.to_thread(self.check_models)
+        bad = sorted({name for check in checks.values() for name in check.bad})
+        if bad:
+            log_event(
+                _logger,
+                "facefusion_models_missing",
+                models=bad,
+                models_dir=str(self.models.models_dir),
+                level=40,
+            )
+
     async def health(self) -> dict[str, Any]:
-        """Checks that FaceFusion can be started (no run: loading it takes seconds and a GPU)."""
+        """Checks that FaceFusion can be started and its models are in place (no run:
+        loading it takes seconds and a GPU)."""
         try:
             command = self._command()
             self._check_installed(command)
         except UpstreamUnavailable as exc:
             return {"status": "unavailable", "engine": self.name, "error": exc.message}
-        return {
-            "status": "available",
+        checks = await asyncio.to_thread(self.check_models)
+        missing = sorted({name for check in checks.values() for name in check.bad})
+        ready = sorted(name for name, check in checks.items() if name != "common" and check.ok)
+        body: dict[str, Any] = {
+            "status": "available" if self.accepting_work else "unavailable",
             "engine": self.name,
             "execution_providers": self.execution_providers,
-            "models": sorted(self.supported_models),
+            "models": ready,
+            "models_missing": missing,
         }
+        if not self.accepting_work:
+            body["error"] = f"FaceFusion model files missing or corrupt: {', '.join(missing)}"
+        return body
 
     @staticmethod
     def _check_installed(command: _Command) -> None:
@@ -292,6 +237,7 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 code="facefusion_unavailable",
             )
 
+    # --- a job ------------------------------------------------------------------------------
     async def run(self, job: PreparedJob, progress: ProgressCallback, cancel: asyncio.Event) -> EngineResult:
         request: FaceSwapInput = job.metadata["request"]
         if request.model not in self.supported_models:
@@ -302,21 +248,28 @@ class FaceFusionEngine(FaceSwapEngineBase):
             )
         command = self._command()
         self._check_installed(command)
-        source = await asyncio.to_thread(_facefusion_readable_source, job.inputs["source"], job.workdir)
-        target = job.inputs["target"]
+        await asyncio.to_thread(self._raise_if_models_bad, request.model)
         is_video = job.metadata["target_kind"] == "video"
-        if not is_video and target.suffix not in _IMAGE_SUFFIXES:
+        target = job.inputs["target"]
+        if not is_video and target.suffix not in IMAGE_SUFFIXES:
             raise JobFailed(
                 f"target_url: FaceFusion cannot read {target.suffix.lstrip('.').upper()} images; "
                 "send JPEG, PNG, WebP or BMP",
                 code="unsupported_media",
             )
+        box = parse_resolution(request.resolution)
+        source = await asyncio.to_thread(facefusion_readable_source, job.inputs["source"], job.workdir)
+        video_fps, video_scale = None, 1.0
+        if is_video:
+            video_fps, size = await asyncio.to_thread(video_fps_and_size, target)
+            video_scale = output_video_scale(*size, box) if size else 1.0
+        else:
+            target = await asyncio.to_thread(fit_image, target, job.workdir, box)
         output = job.workdir / f"result{target.suffix}"
         jobs_path = job.workdir / "facefusion-jobs"
         temp_path = job.workdir / "facefusion-temp"
         jobs_path.mkdir(exist_ok=True)
         temp_path.mkdir(exist_ok=True)
-        video_fps = await asyncio.to_thread(_video_fps, target) if is_video else None
         argv = [
             *command.argv,
             *build_headless_arguments(
@@ -327,12 +280,13 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 request=request,
                 execution_providers=self.execution_providers,
                 video_fps=video_fps,
+                video_scale=video_scale,
             ),
         ]
-        environment = {**os.environ, "TMPDIR": str(temp_path), "PYTHONUNBUFFERED": "1"}
         if cancel.is_set():
             raise JobCancelled("task cancelled before FaceFusion started")
         progress(Progress(value=0, max=1, stage="starting"))
+        environment = facefusion_environment(temp_path)
         exit_code, parser = await self._run_process(argv, command.cwd, environment, progress, cancel)
         self._raise_for_exit(exit_code, parser)
         if not output.is_file() or output.stat().st_size == 0:
@@ -341,7 +295,7 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 code="facefusion_no_output",
                 details={"output_tail": list(parser.tail)},
             )
-        content_type = _CONTENT_TYPES.get(output.suffix, "application/octet-stream")
+        content_type = CONTENT_TYPES.get(output.suffix, "application/octet-stream")
         result_output = await asyncio.to_thread(describe_output, output, content_type, is_video=is_video)
         progress(Progress(value=1, max=1, stage="finished"))
         return EngineResult(
@@ -349,7 +303,7 @@ class FaceFusionEngine(FaceSwapEngineBase):
             metadata={
                 "engine": self.name,
                 "model": request.model,
-                "pixel_boost": pixel_boost_for(request.model, request.resolution),
+                "pixel_boost": pixel_boost_for(request.model, request.pixel_boost),
             },
         )
 
@@ -414,6 +368,14 @@ class FaceFusionEngine(FaceSwapEngineBase):
         details: dict[str, Any] = {"exit_code": exit_code, "output_tail": tail}
         if parser.last_progress is not None:
             details["last_progress"] = parser.last_progress.model_dump()
+        if parser.failed_hashes:
+            # Changed under us since the engine's own check (or a file FaceFusion checks
+            # that our table lacks): a deployment fault, retried, never the user's.
+            raise UpstreamUnavailable(
+                f"FaceFusion found model files missing or corrupt: {', '.join(parser.failed_hashes)}",
+                code="models_missing",
+                details={**details, "models": list(parser.failed_hashes)},
+            )
         if exit_code == 2:
             raise JobFailed(
                 f"FaceFusion refused the job at its pre-check (exit 2):\n{last_lines}",
@@ -444,67 +406,3 @@ def _kill_process_group(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     log_event(_logger, "facefusion_killed", pid=process.pid)
-
-
-def _facefusion_readable_source(source: Path, workdir: Path) -> Path:
-    """FaceFusion reads source images by extension and not GIF: use the first frame as PNG."""
-    if source.suffix in _IMAGE_SUFFIXES:
-        return source
-    from PIL import Image
-
-    converted = workdir / "source-converted.png"
-    with Image.open(source) as image:
-        image.convert("RGB").save(converted)
-    return converted
-
-
-def _video_fps(path: Path) -> float | None:
-    """The target's frame rate, passed on so the output keeps it whatever facefusion.ini says."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            return round(float(Fraction(rate)), 3) if rate else None
-    except (av.FFmpegError, IndexError):
-        return None
-
-
-def describe_output(path: Path, content_type: str, *, is_video: bool) -> EngineOutput:
-    """An EngineOutput with the size (and for videos duration, frames, fps, audio) read
-    from the file FaceFusion wrote; an unreadable video is a failed job, not an upload."""
-    if not is_video:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, UnidentifiedImageError) as exc:
-            raise JobFailed(
-                f"FaceFusion wrote an image that cannot be read: {exc}", code="facefusion_no_output"
-            ) from exc
-        return EngineOutput(path=path, content_type=content_type, kind="image", width=width, height=height)
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            video = container.streams.video[0]
-            duration = float(container.duration) / 1_000_000 if container.duration else None
-            return EngineOutput(
-                path=path,
-                content_type=content_type,
-                kind="video",
-                width=video.codec_context.width,
-                height=video.codec_context.height,
-                duration=duration,
-                extra={
-                    "frames": video.frames,
-                    "fps": round(float(video.average_rate), 3) if video.average_rate else None,
-                    "has_audio": bool(container.streams.audio),
-                },
-            )
-    except (av.FFmpegError, IndexError) as exc:
-        raise JobFailed(
-            f"FaceFusion wrote a video that cannot be read: {exc}", code="facefusion_no_output"
-        ) from exc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from gpu_runner.engines.base import EngineResult, PreparedJob
+from gpu_runner.engines.facefusion_models import COMMON_MODEL_FILES, SWAPPER_MODEL_FILES, crc32_hex
 from gpu_runner.engines.faceswap import FaceSwapEngineBase
 from shared.safe_fetch import SafeFetcher
 from shared.tasks import Progress, Task, TaskParams
@@ -65,6 +66,19 @@ def target_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def target_video_url(target_clip: Path) -> str:
     return data_url(target_clip, "video/mp4")
+
+
+def write_model_files(models_dir: Path, names: Iterable[str] | None = None) -> Path:
+    """Model files as FaceFusion checks them: ``NAME.onnx`` and ``NAME.hash`` holding its
+    CRC32 (the engine checks only that; the real-peer tier writes real stand-in ONNX)."""
+    if names is None:
+        names = {*COMMON_MODEL_FILES, *(name for files in SWAPPER_MODEL_FILES.values() for name in files)}
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        model_path = models_dir / f"{name}.onnx"
+        model_path.write_bytes(f"stand-in weights of {name}".encode())
+        (models_dir / f"{name}.hash").write_text(crc32_hex(model_path))
+    return models_dir
 
 
 class Run:

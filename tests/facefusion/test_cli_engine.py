@@ -30,7 +30,7 @@ from shared.settings import Settings
 from shared.tasks import Progress
 from tests.servers import wait_until
 
-from .conftest import CLIP_FPS, CLIP_FRAMES, FAKE_CLI, FAKES, Run, face_swap_task
+from .conftest import CLIP_FPS, CLIP_FRAMES, FAKE_CLI, FAKES, Run, face_swap_task, write_model_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,6 +39,7 @@ def make_engine(tmp_path: Path, fetcher: SafeFetcher, command: str, **overrides:
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",
         "facefusion_command": command,
+        "facefusion_models_dir": str(write_model_files(tmp_path / "models")),
         "facefusion_execution_providers": "cuda",
         "task_timeout_s": 30.0,
         **overrides,
@@ -99,7 +100,8 @@ def test_image_swap_maps_the_request_to_headless_run_arguments(
     assert given["--output-path"] == [str(tmp_path / "work" / "result.png")]
     assert given["--processors"] == ["face_swapper"]
     assert given["--face-swapper-model"] == ["inswapper_128_fp16"]
-    assert given["--face-swapper-pixel-boost"] == ["1024x1024"]
+    # FaceFusion's own default (the model's size), not the output resolution 1024x1024.
+    assert given["--face-swapper-pixel-boost"] == ["128x128"]
     assert given["--face-selector-mode"] == ["one"]
     assert given["--face-selector-order"] == ["large-small"]
     assert given["--execution-providers"] == ["cuda"]
@@ -119,7 +121,7 @@ def test_image_swap_maps_the_request_to_headless_run_arguments(
     original = np.asarray(Image.open(astronaut_png).convert("RGB"), dtype=np.int16)
     centre = np.s_[200:312, 200:312]
     assert np.abs(swapped[centre] - original[centre]).mean() > 20, "the centre should have changed"
-    assert result.metadata["pixel_boost"] == "1024x1024"
+    assert result.metadata["pixel_boost"] == "128x128"
     assert run.progress[0].stage == "starting"
     assert run.progress[-1] == Progress(value=1, max=1, stage="finished")
 
@@ -147,10 +149,12 @@ def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
     given = options(json.loads(record_path.read_text())["argv"])
     assert given["--output-path"] == [str(tmp_path / "work" / "result.mp4")]
     assert given["--face-swapper-model"] == ["simswap_256"]
-    assert given["--face-swapper-pixel-boost"] == ["512x512"]  # nearest to the shorter side, 480
+    assert given["--face-swapper-pixel-boost"] == ["256x256"]
     assert given["--face-selector-mode"] == ["many"]
     assert given["--execution-providers"] == ["tensorrt", "cuda"]
     assert given["--output-video-encoder"] == ["libx264"]
+    assert given["--output-audio-encoder"] == ["aac"]  # FaceFusion's default, flac, drops it in MP4
+    assert "--output-video-scale" not in given  # the 160 px clip fits 640x480: never upscaled
     assert given["--output-video-quality"] == ["80"]
     assert given["--output-video-fps"] == [str(CLIP_FPS)]
     assert "--output-image-quality" not in given
@@ -159,6 +163,7 @@ def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
     assert output.content_type == "video/mp4"
     assert output.kind == "video"
     assert output.extra["has_audio"] is True
+    assert output.extra["audio_duration"] == pytest.approx(CLIP_FRAMES / CLIP_FPS, abs=0.05)
     assert output.extra["fps"] == CLIP_FPS
     with av.open(str(output.path)) as container:
         assert sum(1 for _ in container.decode(video=0)) == CLIP_FRAMES
@@ -166,6 +171,38 @@ def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
     assert processing[-1] == Progress(value=CLIP_FRAMES, max=CLIP_FRAMES, stage="processing")
     assert [item.value for item in processing] == sorted(item.value for item in processing)
     assert any(item.stage == "analysing" for item in run.progress)
+
+
+def test_resolution_is_the_output_size_and_pixel_boost_its_own_parameter(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_image_url: str,
+    target_video_url: str,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    image_task = face_swap_task(
+        source_url=source_url, target_url=target_image_url, resolution="256x200", pixel_boost="512x512"
+    )
+
+    image_result = Run(engine, image_task, tmp_path / "image")()
+
+    given = options(json.loads(record_path.read_text())["argv"])
+    assert given["--face-swapper-pixel-boost"] == ["512x512"]
+    [image] = image_result.outputs
+    assert (image.width, image.height) == (200, 200)  # the 512 px square fitted in 256x200
+    assert image_result.metadata["pixel_boost"] == "512x512"
+
+    record_path.unlink()
+    video_task = face_swap_task(source_url=source_url, target_url=target_video_url, resolution="100x120")
+    video_result = Run(engine, video_task, tmp_path / "video")()
+
+    given = options(json.loads(record_path.read_text())["argv"])
+    assert given["--output-video-scale"] == ["0.5"]  # 100/160 floored to FaceFusion's 0.25 steps
+    [video] = video_result.outputs
+    assert (video.width, video.height) == (80, 80)
 
 
 def test_a_reference_index_selects_that_face_as_reference(
@@ -187,7 +224,7 @@ def test_a_reference_index_selects_that_face_as_reference(
     assert given["--face-selector-mode"] == ["reference"]
     assert given["--face-selector-order"] == ["large-small"]
     assert given["--reference-face-position"] == ["2"]
-    assert given["--face-swapper-pixel-boost"] == ["256x256"]
+    assert given["--face-swapper-pixel-boost"] == ["128x128"]
 
 
 @pytest.mark.parametrize(
@@ -293,6 +330,93 @@ def test_a_model_facefusion_does_not_have_fails_before_starting_it(
 
     assert failure.value.code == "model_not_supported"
     assert not record_path.exists()
+
+
+@pytest.mark.parametrize("fault", ["missing", "corrupt"])
+def test_missing_or_corrupt_models_are_a_deployment_fault_before_facefusion_starts(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    record_path: Path,
+    source_url: str,
+    target_image_url: str,
+    fault: str,
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    models = tmp_path / "models"
+    if fault == "missing":
+        (models / "yoloface_8n.onnx").unlink()
+        (models / "inswapper_128_fp16.hash").unlink()
+    else:
+        with (models / "yoloface_8n.onnx").open("ab") as model:
+            model.write(b"truncated download")
+        (models / "inswapper_128_fp16.hash").write_text("00000000")
+    asyncio.run(engine.start())
+    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+
+    with pytest.raises(UpstreamUnavailable) as failure:
+        run()
+
+    assert failure.value.code == "models_missing"
+    assert failure.value.retryable is True
+    assert failure.value.details["models"] == ["inswapper_128_fp16", "yoloface_8n"]
+    assert "yoloface_8n" in failure.value.message and "deployment" in failure.value.message
+    assert not record_path.exists(), "FaceFusion must not start (it would try to download)"
+    health = asyncio.run(engine.health())
+    assert health["status"] == "unavailable"
+    assert health["models_missing"] == ["inswapper_128_fp16", "yoloface_8n"]
+    assert engine.accepting_work is False
+
+    write_model_files(models, ["yoloface_8n", "inswapper_128_fp16"])
+    assert asyncio.run(engine.health())["status"] == "available"
+    assert engine.accepting_work is True
+
+
+def test_a_missing_swapper_alone_fails_only_its_tasks(
+    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str, source_url: str, target_image_url: str
+) -> None:
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    (tmp_path / "models" / "crossface_simswap.onnx").unlink()
+
+    health = asyncio.run(engine.health())
+
+    assert health["status"] == "available"
+    assert health["models_missing"] == ["crossface_simswap"]
+    assert "simswap_256" not in health["models"] and "inswapper_128_fp16" in health["models"]
+    assert engine.accepting_work is True
+    task = face_swap_task(source_url=source_url, target_url=target_image_url, model="simswap_256")
+    with pytest.raises(UpstreamUnavailable) as failure:
+        Run(engine, task, tmp_path / "work")()
+    assert failure.value.details["models"] == ["crossface_simswap"]
+
+
+def test_a_hash_failure_facefusion_reports_is_models_missing_not_the_users_fault(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "hash")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+
+    with pytest.raises(UpstreamUnavailable) as failure:
+        Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")()
+
+    assert failure.value.code == "models_missing"
+    assert failure.value.details["models"] == ["nsfw_1"]
+
+
+def test_facefusion_cannot_download_models(tmp_path: Path) -> None:
+    from gpu_runner.engines.facefusion_cli import facefusion_environment
+
+    environment = facefusion_environment(tmp_path)
+
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "ALL_PROXY"):
+        assert environment[variable] == "http://127.0.0.1:9"
+    assert "NO_PROXY" not in environment and "no_proxy" not in environment
+    assert environment["TMPDIR"] == str(tmp_path)
 
 
 def test_timeout_kills_facefusion_and_its_children(
@@ -424,6 +548,24 @@ def test_the_progress_parser_reads_real_tqdm_output() -> None:
     assert seen[-1] == Progress(value=7, max=7, stage="processing")
     assert [item.value for item in seen] == sorted(item.value for item in seen)
     assert list(parser.tail) == ["[FACEFUSION.CORE] processing step 1 of 1"]
+
+
+def test_bars_never_fill_the_error_tail_and_3_3s_capitals_are_read() -> None:
+    seen: list[Progress] = []
+    parser = FaceFusionProgressParser(seen.append)
+
+    parser.feed("Processing:  50%|=====     | 5/10 [00:01<00:01,  4.1frame/s]\r")
+    parser.feed("downloading:  12%|=         | 1.50M/12.3M [00:01<00:09, 1.2MB/s]\r" * 40)
+    parser.feed("streaming: 3frame [00:01, 2.9frame/s]\n")
+    parser.feed("[FACEFUSION.DOWNLOAD] validating hash for yoloface_8n failed\n")
+    parser.close()
+
+    assert seen == [Progress(value=5, max=10, stage="processing")]
+    assert list(parser.tail) == [
+        "streaming: 3frame [00:01, 2.9frame/s]",
+        "[FACEFUSION.DOWNLOAD] validating hash for yoloface_8n failed",
+    ]
+    assert parser.failed_hashes == ["yoloface_8n"]
 
 
 def test_the_stand_in_refuses_unknown_processors_and_models_as_facefusion_does(tmp_path: Path) -> None:

@@ -87,20 +87,28 @@ def test_an_unknown_engine_is_a_programming_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "resolution", "boost"),
+    ("model", "boost"),
     [
-        ("inswapper_128_fp16", "1024x1024", "1024x1024"),
-        ("inswapper_128_fp16", "300x300", "256x256"),
-        ("inswapper_128_fp16", "192x192", "128x128"),  # a tie goes to the cheaper boost
-        ("inswapper_128_fp16", "1920x1080", "1024x1024"),
-        ("inswapper_128", "640x480", "512x512"),  # the shorter side decides
-        ("simswap_unofficial_512", "128x128", "512x512"),  # nothing smaller exists
-        ("blendswap_256", "400x400", "384x384"),
+        ("inswapper_128_fp16", "128x128"),
+        ("hyperswap_1a_256", "256x256"),
+        ("simswap_unofficial_512", "512x512"),
     ],
 )
-def test_pixel_boost_is_the_nearest_the_model_accepts(model: str, resolution: str, boost: str) -> None:
-    assert pixel_boost_for(model, resolution) == boost
-    assert boost in FACEFUSION_PIXEL_BOOSTS[model]
+def test_the_default_pixel_boost_is_facefusions_the_models_own_size(model: str, boost: str) -> None:
+    """Not the output resolution: 1024 on a 128 model was 64 model passes per face."""
+    assert pixel_boost_for(model, None) == boost
+    assert pixel_boost_for(model, "1024x1024") == "1024x1024"
+
+
+def test_a_pixel_boost_the_model_does_not_take_is_refused_at_create_time() -> None:
+    validate_request(swap_input(pixel_boost="512x512"), "facefusion")
+    with pytest.raises(ValidationFailed) as refused:
+        validate_request(swap_input(model="simswap_unofficial_512", pixel_boost="256x256"), "facefusion")
+    assert refused.value.details["field"] == "task_data.pixel_boost"
+    with pytest.raises(ValidationFailed):
+        validate_request(swap_input(pixel_boost="256x256"), "facefusion_api")
+    with pytest.raises(ValueError, match="pixel_boost"):
+        swap_input(pixel_boost="256x128")
 
 
 def test_face_selector_mapping() -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""A stand-in for FaceFusion 3.x's command line (``facefusion.py headless-run``), for tests.
+"""A stand-in for FaceFusion 3.8.1's command line (``facefusion.py headless-run``), for tests.
 
-Neither FaceFusion nor its models can be fetched on these machines, so this script
-behaves as FaceFusion's documented CLI does, as read from its 3.0-3.8 sources:
+The fast unit tier runs against this script; the real-peer tier (tests/peers) runs the
+real FaceFusion 3.8.1 with stand-in weights. This script behaves as 3.8.1's CLI does, as
+read from its source (program.py, choices.py, ffmpeg.py, download.py):
 
 * the same ``headless-run`` options with the same choices, parsed by argparse, so an
   unknown processor, model, pixel boost (per model), encoder or option is a usage error
@@ -11,7 +12,10 @@ behaves as FaceFusion's documented CLI does, as read from its 3.0-3.8 sources:
   extension, an output with the target's extension) fail the job with exit code 1, as
   ``headless-run`` reports a failed job;
 * log lines ``[FACEFUSION.MODULE] message`` and tqdm bars (``processing:  40%|====  |
-  4/10 [...]``, redrawn with carriage returns) on stderr;
+  4/10 [...]``, redrawn with carriage returns) on stderr; 3.8.1 draws ``analysing`` and
+  ``processing`` for a video, no bar for an image;
+* its audio defaults: the encoder is the first ffmpeg offers (``flac``), which MP4 and
+  MOV cannot hold, so the audio is then dropped ("restoring audio skipped", exit 0);
 * an output file: for an image, the target with the source pasted over its centre (a
   visible change, made with PIL); for a video, every frame so changed, re-encoded with
   PyAV at the requested fps and quality, with the target's audio copied.
@@ -21,7 +25,8 @@ Knobs (environment variables, inherited through the engine):
 * ``FAKE_FACEFUSION_RECORD``: write ``{"argv", "cwd", "pid", "tmpdir", "child_pid"}`` as
   JSON there (tests assert the argument mapping and look for leftover processes);
 * ``FAKE_FACEFUSION_FAIL``: ``precheck`` (exit 2: ffmpeg missing), ``midway`` (exit 1
-  after half the frames), ``no_source_face`` (exit 1), ``no_output`` (exit 0, no file);
+  after half the frames), ``no_source_face`` (exit 1), ``no_output`` (exit 0, no file),
+  ``hash`` (exit 1 after "validating hash for nsfw_1 failed", as with a missing model);
 * ``FAKE_FACEFUSION_SLEEP_S``: once processing starts, start a child process (as
   FaceFusion starts ffmpeg), record its PID, and sleep this long (timeouts, cancel);
 * ``FAKE_FACEFUSION_FRAME_DELAY_S``: seconds per frame.
@@ -68,10 +73,29 @@ PIXEL_BOOSTS = {
     "simswap_unofficial_512": ("512x512", "768x768", "1024x1024"),
     "uniface_256": ("256x256", "512x512", "768x768", "1024x1024"),
 }
-EXECUTION_PROVIDERS = ("cuda", "tensorrt", "directml", "rocm", "openvino", "coreml", "cpu")
-VIDEO_ENCODERS = ("libx264", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc", "h264_amf", "hevc_amf")
+# 3.8.1 offers only the providers onnxruntime has; the GPU image has these.
+EXECUTION_PROVIDERS = ("cuda", "tensorrt", "cpu")
+VIDEO_ENCODERS = (
+    "libx264",
+    "libx264rgb",
+    "libx265",
+    "libvpx-vp9",
+    "h264_nvenc",
+    "hevc_nvenc",
+    "h264_amf",
+    "hevc_amf",
+    "h264_qsv",
+    "hevc_qsv",
+    "h264_videotoolbox",
+    "hevc_videotoolbox",
+    "rawvideo",
+)
+AUDIO_ENCODERS = ("flac", "aac", "libmp3lame", "libopus", "libvorbis", "pcm_s16le", "pcm_s32le")
+# Containers that cannot hold FLAC: ffmpeg refuses, FaceFusion skips the audio.
+NO_FLAC = {".mp4", ".m4v", ".mov"}
+SCALES = tuple(step / 4 for step in range(1, 33))
 IMAGE_FORMATS = {".bmp", ".jpeg", ".jpg", ".png", ".tiff", ".tif", ".webp"}
-VIDEO_FORMATS = {".avi", ".m4v", ".mkv", ".mp4", ".mpeg", ".mpg", ".mov", ".mxf", ".webm", ".wmv"}
+VIDEO_FORMATS = {".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mxf", ".webm", ".wmv"}
 QUALITY_RANGE = range(0, 101)
 
 
@@ -143,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--processors", nargs="+", choices=PROCESSORS, default=["face_swapper"], metavar="PROCESSORS"
     )
-    run.add_argument("--face-swapper-model", choices=tuple(PIXEL_BOOSTS), default="inswapper_128_fp16")
+    run.add_argument("--face-swapper-model", choices=tuple(PIXEL_BOOSTS), default="hyperswap_1a_256")
     run.add_argument("--face-swapper-pixel-boost")
     run.add_argument("--face-selector-mode", choices=("many", "one", "reference"), default="reference")
     run.add_argument(
@@ -168,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output-image-quality", type=int, choices=QUALITY_RANGE, default=80, metavar="[0..100]"
     )
+    run.add_argument("--output-image-scale", type=float, choices=SCALES, default=1.0)
+    run.add_argument("--output-audio-encoder", choices=AUDIO_ENCODERS, default="flac")
     run.add_argument("--output-video-encoder", choices=VIDEO_ENCODERS, default="libx264")
+    run.add_argument("--output-video-scale", type=float, choices=SCALES, default=1.0)
     run.add_argument(
         "--output-video-quality", type=int, choices=QUALITY_RANGE, default=80, metavar="[0..100]"
     )
@@ -305,10 +332,15 @@ def swap_video(arguments: argparse.Namespace) -> int:
     ):
         in_video = container.streams.video[0]
         in_audio = container.streams.audio[0] if container.streams.audio else None
-        width, height = in_video.codec_context.width // 2 * 2, in_video.codec_context.height // 2 * 2
+        scale = arguments.output_video_scale
+        width = int(in_video.codec_context.width * scale) // 2 * 2
+        height = int(in_video.codec_context.height * scale) // 2 * 2
         out_video = output.add_stream(arguments.output_video_encoder, rate=fps, options={"crf": str(crf)})
         out_video.width, out_video.height, out_video.pix_fmt = width, height, "yuv420p"
-        out_audio = output.add_stream_from_template(in_audio) if in_audio is not None else None
+        keep_audio = not (
+            arguments.output_audio_encoder == "flac" and Path(arguments.output_path).suffix in NO_FLAC
+        )
+        out_audio = output.add_stream_from_template(in_audio) if in_audio is not None and keep_audio else None
         streams = [in_video] + ([in_audio] if in_audio is not None else [])
         index = 0
         for packet in container.demux(*streams):
@@ -324,7 +356,7 @@ def swap_video(arguments: argparse.Namespace) -> int:
                     return 1
                 if index == 0:
                     sleep_in_processing(arguments)
-                image = paste_source(frame.to_image().crop((0, 0, width, height)), source, ImageDraw)
+                image = paste_source(frame.to_image().resize((width, height)), source, ImageDraw)
                 new_frame = av.VideoFrame.from_image(image)
                 new_frame.pts = index
                 new_frame.time_base = 1 / Fraction(fps)
@@ -335,6 +367,8 @@ def swap_video(arguments: argparse.Namespace) -> int:
                     time.sleep(frame_delay_s)
         output.mux(out_video.encode(None))
     processing.close()
+    if in_audio is not None and out_audio is None:
+        log("to_video", "restoring audio skipped")
     if os.environ.get("FAKE_FACEFUSION_FAIL") == "no_output":
         Path(arguments.output_path).unlink()
     log("to_video", "processing to video succeeded in 0.50 seconds")
@@ -355,6 +389,9 @@ def main(argv: list[str]) -> int:
         log("core", "ffmpeg is not installed")
         return 2
     log("core", "processing step 1 of 1")
+    if os.environ.get("FAKE_FACEFUSION_FAIL") == "hash":
+        log("download", "validating hash for nsfw_1 failed")
+        return 1
     if not pre_process(arguments):
         return 1
     if Path(arguments.target_path).suffix.lower() in VIDEO_FORMATS:
