@@ -39,6 +39,7 @@ from shared.errors import (
     TransientError,
     UpstreamUnavailable,
 )
+from shared.inputs import InputStore, drop_task_inputs, input_refs, make_input_store
 from shared.logs import bind_task, get_logger, log_event, unbind_task
 from shared.settings import Settings
 from shared.storage.base import StoredObject, result_key
@@ -378,10 +379,17 @@ class Worker:
                 self._release_hold()
             shutil.rmtree(workdir, ignore_errors=True)
             unbind_task(token)
+        if final.is_terminal and input_refs(task.params.input_data):
+            # The task is over: its stored data: inputs (face images) go now.
+            self._spawn(asyncio.to_thread(drop_task_inputs, self.input_store, task))
         if self._on_finished is not None and final.is_terminal:
             # Webhooks go out in the background: a slow receiver never holds a slot or a request.
             self._spawn(self._on_finished(final))
         return final
+
+    @functools.cached_property
+    def input_store(self) -> InputStore:
+        return make_input_store(self.settings)
 
     async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
         try:

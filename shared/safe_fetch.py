@@ -40,6 +40,7 @@ from urllib.parse import urljoin
 import httpcore
 
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
+from shared.inputs import InputRef, InputStore, is_input_ref, make_input_store
 from shared.logs import get_logger, log_event
 from shared.media import MEDIA_EXTENSIONS, check_image, sniff_kind
 from shared.settings import Settings
@@ -186,6 +187,7 @@ class SafeFetcher:
         resolver: Resolver | None = None,
         connection_guard: ConnectionGuard | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        input_store: Callable[[], InputStore] | None = None,
     ) -> None:
         """``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
         outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
@@ -198,6 +200,10 @@ class SafeFetcher:
         self._resolver = resolver or resolve_host
         self._guard = connection_guard or _public_only_guard(allow_loopback=allow_loopback)
         self._ssl_context = ssl_context
+        # Where ``input:`` references (data: inputs kept out of the task) are read; built
+        # on first use, so a fetcher that never meets one never opens a storage client.
+        self._input_store_factory = input_store
+        self._input_store: InputStore | None = None
         # Connections belong to the event loop that opened them: the pools are per loop.
         self._pools: collections.OrderedDict[_PoolKey, tuple[httpcore.AsyncConnectionPool, float]] = (
             collections.OrderedDict()
@@ -211,6 +217,7 @@ class SafeFetcher:
             timeout_s=settings.fetch_timeout_s,
             max_image_pixels=settings.max_image_pixels,
             allow_loopback=settings.fetch_allow_loopback,
+            input_store=lambda: make_input_store(settings),
         )
 
     async def fetch_to_file(
@@ -236,6 +243,9 @@ class SafeFetcher:
             if _is_data_url(url):
                 source_url = final_url = url[: url.find(",") + 1] + "..."
                 size = self._write_data_url(url, part_path, field)
+            elif is_input_ref(url):
+                source_url = final_url = url
+                size = await self._write_stored_input(url, part_path, field)
             else:
                 source_url = url
                 final_url, size = await self._download_within_deadline(url, part_path, field)
@@ -302,6 +312,24 @@ class SafeFetcher:
             raise _unsafe(field, refusal) from None
         with part_path.open("xb") as file:
             file.write(payload)
+        return len(payload)
+
+    async def _write_stored_input(self, url: str, part_path: Path, field: str) -> int:
+        """A ``data:`` input the API kept in the input store, checked against its digest."""
+        try:
+            ref = InputRef.parse(url)
+            if ref.size > self.max_bytes:
+                raise UnsafeInput(f"input is larger than {self.max_bytes} bytes", code="input_too_large")
+            if self._input_store is None:
+                if self._input_store_factory is None:
+                    raise UnsafeInput("this fetcher reads no stored inputs", code="unsafe_url")
+                self._input_store = self._input_store_factory()
+            payload = await asyncio.to_thread(self._input_store.read, ref)
+        except UnsafeInput as exc:
+            raise UnsafeInput(
+                f"{field}: {exc.message}", code=exc.code, details={**exc.details, "field": field}
+            ) from None
+        await asyncio.to_thread(part_path.write_bytes, payload)
         return len(payload)
 
     async def _download_within_deadline(self, url: str, part_path: Path, field: str) -> tuple[str, int]:

@@ -8,20 +8,24 @@ every line below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
-from shared.errors import ComfySwapError, Conflict, NotFound, ValidationFailed
+from shared.errors import ComfySwapError, Conflict, NotFound, PayloadTooLarge, ValidationFailed
 from shared.logs import get_logger, log_event
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus
+
+if TYPE_CHECKING:
+    from shared.inputs import InputStore
 
 __all__ = ["CreateTaskRequest", "TaskService"]
 
@@ -31,6 +35,9 @@ logger = get_logger(__name__)
 MAX_FETCH_WAIT_S = 25.0
 # Longest GET /api/tasks/{task_id}?wait= may hold the request waiting for the task to end.
 MAX_TASK_WAIT_S = 25.0
+# Largest task document (its JSON), inputs excluded: under Firestore's 1 MiB per document
+# with room for its field-name and index overhead.
+MAX_TASK_DOCUMENT_BYTES = 900_000
 
 
 class CreateTaskRequest(BaseModel):
@@ -122,12 +129,22 @@ class TaskService:
             validate_for_engine(FaceSwapInput.model_validate(input_data), self.settings.face_swap_engine)
 
         def check(url: str, field: str) -> None:
-            check_input_url(
-                url,
-                field=field,
-                allow_loopback=self.settings.fetch_allow_loopback,
-                max_bytes=self.settings.fetch_max_bytes,
-            )
+            try:
+                check_input_url(
+                    url,
+                    field=field,
+                    allow_loopback=self.settings.fetch_allow_loopback,
+                    max_bytes=self.settings.fetch_max_bytes,
+                )
+            except ValidationFailed as exc:
+                if exc.code != "input_too_large":
+                    raise
+                # Too big is a 413 on every path (SQLite and Firestore alike), naming the field.
+                raise PayloadTooLarge(
+                    f"{field}: {exc.reason}",
+                    code="input_too_large",
+                    details={"field": field, "limit_bytes": self.settings.fetch_max_bytes},
+                ) from None
 
         for field in ("source_url", "target_url"):
             if field in input_data:
@@ -169,15 +186,21 @@ class TaskService:
             existing = self.store.find_by_idempotency_key(principal.owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, task)
+        stored_inputs = self._store_data_inputs(task)
         try:
+            self._check_document_size(task)
             self.store.create(task)
         except Conflict as exc:
+            self._drop_inputs(task, stored_inputs)
             if exc.code != "idempotency_key_reused":
                 raise
             existing = self.store.get(exc.details["task_id"])
             if existing is None:
                 raise
             return self._replay(existing, task)
+        except BaseException:
+            self._drop_inputs(task, stored_inputs)
+            raise
         log_event(
             logger,
             "task_created",
@@ -188,6 +211,60 @@ class TaskService:
         )
         self.dispatch_task(task)
         return CreateResult(task, created=True)
+
+    @functools.cached_property
+    def input_store(self) -> InputStore:
+        from shared.inputs import make_input_store
+
+        return make_input_store(self.settings)
+
+    def _store_data_inputs(self, task: Task) -> bool:
+        """Move every ``data:`` input of ``task`` to the input store (shared.inputs) and put
+        its reference, with digest and size, everywhere the task held the payload."""
+        from shared.inputs import replace_strings
+        from shared.url_safety import data_url_payload, is_data_url
+
+        input_data = task.params.input_data
+        fields = [(field, input_data.get(field)) for field in ("source_url", "target_url")]
+        fields += [(item["param"], item["url"]) for item in input_data.get("image_inputs", [])]
+        mapping: dict[str, str] = {}
+        for field, value in fields:
+            if not isinstance(value, str) or not is_data_url(value) or value in mapping:
+                continue
+            media_type, payload = data_url_payload(
+                value, field=f"task_data.{field}", max_bytes=self.settings.fetch_max_bytes
+            )
+            mapping[value] = self.input_store.put(task.taskId, field, payload, media_type).url
+        if mapping:
+            task.params.input_data = replace_strings(input_data, mapping)
+            log_event(logger, "inputs_stored", task_id=task.taskId, count=len(mapping))
+        return bool(mapping)
+
+    def drop_inputs_of_finished(self, task: Task) -> None:
+        """A task that ended keeps no input (the reaper's FAILED, a cancel)."""
+        from shared.inputs import drop_task_inputs, input_refs
+
+        if task.is_terminal and input_refs(task.params.input_data):
+            drop_task_inputs(self.input_store, task)
+
+    def _drop_inputs(self, task: Task, stored: bool) -> None:
+        if stored:
+            from shared.inputs import drop_task_inputs
+
+            drop_task_inputs(self.input_store, task)
+
+    @staticmethod
+    def _check_document_size(task: Task) -> None:
+        """The same ceiling on every backend: Firestore refuses a document over 1 MiB, so
+        SQLite refuses it too, and both answer 413 rather than 500."""
+        size = len(json.dumps(task.to_document(), separators=(",", ":")).encode())
+        if size > MAX_TASK_DOCUMENT_BYTES:
+            raise PayloadTooLarge(
+                f"the task would be {size} bytes, over the {MAX_TASK_DOCUMENT_BYTES}-byte limit of a "
+                "task document (send inputs as data: URLs or links, not inside a workflow)",
+                code="task_too_large",
+                details={"field": "task_data", "size_bytes": size, "limit_bytes": MAX_TASK_DOCUMENT_BYTES},
+            )
 
     def _replay(self, existing: Task, attempted: Task) -> CreateResult:
         if existing.request_fingerprint != attempted.request_fingerprint:
@@ -207,6 +284,19 @@ class TaskService:
             log_event(
                 logger, "dispatch_failed", task_id=task.taskId, code=exc.code, error=exc.message, level=40
             )
+
+    def reap_expired_leases(self) -> list[Task]:
+        """Tasks whose runner stopped renewing its lease go back to PENDING and are
+        dispatched again at once (a new Cloud Tasks name: a new dispatch generation), or end
+        FAILED after their last attempt, and then keep no input."""
+        reaped = self.store.reap_expired_leases()
+        for task in reaped:
+            log_event(logger, "lease_reaped", task_id=task.taskId, status=task.status.value)
+            if task.status == TaskStatus.PENDING:
+                self.dispatch_task(task)
+            else:
+                self.drop_inputs_of_finished(task)
+        return reaped
 
     # --- read -------------------------------------------------------------------------
     def get_task(self, task_id: str, *, principal: Principal, wait_s: float = 0.0) -> Task:
@@ -309,6 +399,7 @@ class TaskService:
         self.get_task(task_id, principal=principal)
         task = self.store.cancel(task_id)
         log_event(logger, "task_finished", task_id=task_id, outcome="CANCELLED", code="cancelled")
+        self.drop_inputs_of_finished(task)
         if task.webhook_url:
             import asyncio
 

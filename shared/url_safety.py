@@ -26,6 +26,8 @@ __all__ = [
     "DEFAULT_MAX_INPUT_BYTES",
     "MAX_URL_LENGTH",
     "check_input_url",
+    "data_url_payload",
+    "is_data_url",
 ]
 
 MAX_URL_LENGTH: Final = 8192
@@ -298,6 +300,17 @@ def _decode_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
 
 def _is_data_url(url: str) -> bool:
     return url[:5].lower() == "data:"
+
+
+is_data_url = _is_data_url
+
+
+def data_url_payload(value: str, *, field: str, max_bytes: int) -> tuple[str, bytes]:
+    """``(media_type, payload)`` of a ``data:`` input already passed by check_input_url."""
+    try:
+        return _decode_data_url(value, max_bytes=max_bytes)
+    except _RefusalError as refusal:
+        raise ValidationFailed(field, refusal.reason, code=refusal.code) from None
 
 
 def check_input_url(

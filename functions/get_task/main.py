@@ -22,7 +22,6 @@ from shared.http import (
     status_response,
 )
 from shared.logs import get_logger, log_event
-from shared.tasks import TaskStatus
 
 logger = get_logger(__name__)
 
@@ -60,10 +59,7 @@ def reap(ctx: RequestContext) -> flask.Response:
     """Called every minute by Cloud Scheduler: re-queue tasks whose runner stopped renewing
     its lease, enqueue again PENDING tasks whose delivery was lost, log queue numbers."""
     ctx.principal.require_admin()
-    reaped = ctx.service.store.reap_expired_leases()
-    for task in reaped:
-        if task.status == TaskStatus.PENDING:
-            ctx.service.dispatch_task(task)
+    reaped = ctx.service.reap_expired_leases()
     sweep = redispatch_stale_pending(ctx.service.store, ctx.service.dispatcher, older_than_s=STALE_PENDING_S)
     stats = ctx.service.store.queue_stats()
     log_event(logger, "queue_stats", queue_length=stats.queue_length, **stats.model_dump())

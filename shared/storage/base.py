@@ -7,10 +7,15 @@ upload overwrites the same object instead of leaving a duplicate behind.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import datetime as dt
 import mimetypes
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from shared.errors import ComfySwapError, NotFound
 
 __all__ = ["StorageProvider", "StoredObject", "result_key"]
 
@@ -49,3 +54,39 @@ class StorageProvider(abc.ABC):
     @abc.abstractmethod
     def health(self) -> dict[str, Any]:
         """``{"status": "configured"|"error", ...}`` without uploading anything."""
+
+    def _wrap(self, exc: Exception, key: str | None) -> ComfySwapError:
+        """The service's error for a client library's exception (providers map their own)."""
+        return ComfySwapError(f"{self.name}: {type(exc).__name__}: {exc}", code="storage_upload_failed")
+
+    @contextlib.contextmanager
+    def _service_errors(self, key: str | None) -> Iterator[None]:
+        """Library exceptions leave as the service's errors, with the upstream detail."""
+        try:
+            yield
+        except ComfySwapError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    @staticmethod
+    def _no_object(key: str) -> NotFound:
+        return NotFound(f"no object {key}", code="object_not_found", details={"key": key})
+
+    # --- object operations: inputs kept for a task's life, orphaned results removed ------
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` at ``key`` (overwriting). Providers that cannot hold inputs refuse."""
+        raise NotImplementedError(f"{self.name} does not keep task inputs")
+
+    def read_bytes(self, key: str) -> bytes:
+        """The object at ``key``; shared.errors.NotFound when there is none."""
+        raise NotImplementedError(f"{self.name} does not keep task inputs")
+
+    def delete(self, key: str) -> bool:
+        """Remove the object at ``key``; False when there was none (not an error)."""
+        raise NotImplementedError(f"{self.name} cannot delete objects")
+
+    def list_keys(self, prefix: str) -> list[tuple[str, dt.datetime]]:
+        """``(key, last modified)`` of every object under ``prefix`` (the orphan sweep's view).
+        Providers that cannot list (Cloudflare Images by key) answer an empty list."""
+        return []

@@ -98,6 +98,7 @@ class CloudflareImagesStorage(StorageProvider):
             settings.cf_images_api_token,
             api_base=settings.cf_images_api_base,
             delivery_domain=settings.cf_images_delivery_domain,
+            timeout_s=settings.storage_retry_deadline_s,
         )
 
     def _missing_settings(self) -> list[str]:
@@ -185,6 +186,13 @@ class CloudflareImagesStorage(StorageProvider):
         except httpx.HTTPError as exc:
             return {"status": "error", "error": {"code": "storage_upload_failed", "message": str(exc)}}
         return {"status": "configured", "count": result.get("count", {})}
+
+    def delete(self, key: str) -> bool:
+        response = self.client.delete(f"/{quote(image_id_for_key(key), safe='')}")
+        if response.status_code == httpx.codes.NOT_FOUND:
+            return False
+        self._result(response, key)
+        return True
 
     # --- API calls --------------------------------------------------------------------
     def _post_image(self, local_path: Path, image_id: str, content_type: str) -> httpx.Response:

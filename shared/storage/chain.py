@@ -82,6 +82,27 @@ class StorageChain(StorageProvider):
         """The provider interface, so a chain can stand wherever one provider can."""
         return self.upload(local_path, key, content_type)
 
+    def delete(self, key: str) -> bool:
+        """Remove ``key`` from every provider that holds it (a result has one home; a
+        fallback race or a cancelled upload may have left a copy elsewhere). Best effort:
+        a provider that fails is logged, and the orphan sweep tries again later."""
+        removed = False
+        for provider in self.providers:
+            try:
+                removed = provider.delete(key) or removed
+            except NotImplementedError:
+                continue
+            except Exception as exc:
+                log_event(
+                    logger,
+                    "storage_delete_failed",
+                    level=logging.WARNING,
+                    provider=provider.name,
+                    key=key,
+                    error=repr(exc),
+                )
+        return removed
+
     def health(self) -> dict[str, Any]:
         reports = [{"provider": provider.name, **provider.health()} for provider in self.providers]
         healthy = any(report.get("status") == "configured" for report in reports)

@@ -49,7 +49,7 @@ class GCSStorage(StorageProvider):
         signed_urls: bool = False,
         signed_url_ttl_s: int = 3600,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        timeout_s: float = 120.0,
+        timeout_s: float | None = None,
         retry_deadline_s: float = 30.0,
     ) -> None:
         if chunk_size % (256 * 1024):
@@ -61,8 +61,10 @@ class GCSStorage(StorageProvider):
         self.signed_urls = signed_urls
         self.signed_url_ttl_s = signed_url_ttl_s
         self.chunk_size = chunk_size
-        self.timeout_s = timeout_s
+        # One deadline per operation (STORAGE_RETRY_DEADLINE_S): each request's timeout is
+        # capped by it too, so a hung request cannot outlast it (the library's default is 120 s).
         self.retry_deadline_s = retry_deadline_s
+        self.timeout_s = min(timeout_s or retry_deadline_s, retry_deadline_s)
         self._client: Client | None = None
         self._signing_credentials: Credentials | None = None
         self._client_lock = threading.Lock()
@@ -130,18 +132,11 @@ class GCSStorage(StorageProvider):
     def upload_file(self, local_path: Path, key: str, content_type: str) -> StoredObject:
         size = local_path.stat().st_size
         try:
-            from google.cloud.storage.retry import DEFAULT_RETRY
-
             blob = self._bucket().blob(key, chunk_size=self.chunk_size)
             # Retrying an unconditional upload is safe here because a key always holds the
             # same task output: a repeat only overwrites. The deadline is ours (not the
             # library's 120 s) so a dead primary hands over to the fallback quickly.
-            blob.upload_from_filename(
-                str(local_path),
-                content_type=content_type,
-                timeout=self.timeout_s,
-                retry=DEFAULT_RETRY.with_timeout(self.retry_deadline_s),
-            )
+            blob.upload_from_filename(str(local_path), content_type=content_type, **self._within_deadline())
             url = self._url_for(blob)
         except ComfySwapError:
             raise
@@ -155,6 +150,43 @@ class GCSStorage(StorageProvider):
             size=size,
             extra={"bucket": self.bucket_name, "generation": blob.generation, "signed": self.signed_urls},
         )
+
+    def _within_deadline(self) -> dict[str, Any]:
+        """Per-request timeout and retry budget of one operation, both within its deadline."""
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return {"timeout": self.timeout_s, "retry": DEFAULT_RETRY.with_timeout(self.retry_deadline_s)}
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        with self._service_errors(key):
+            self._bucket().blob(key, chunk_size=self.chunk_size).upload_from_string(
+                data, content_type=content_type, **self._within_deadline()
+            )
+
+    def read_bytes(self, key: str) -> bytes:
+        from google.api_core import exceptions as api_exceptions
+
+        with self._service_errors(key):
+            try:
+                data: bytes = self._bucket().blob(key).download_as_bytes(**self._within_deadline())
+            except api_exceptions.NotFound:
+                raise self._no_object(key) from None
+        return data
+
+    def delete(self, key: str) -> bool:
+        from google.api_core import exceptions as api_exceptions
+
+        with self._service_errors(key):
+            try:
+                self._bucket().blob(key).delete(**self._within_deadline())
+            except api_exceptions.NotFound:
+                return False
+        return True
+
+    def list_keys(self, prefix: str) -> list[tuple[str, dt.datetime]]:
+        with self._service_errors(prefix):
+            blobs = self.client.list_blobs(self.bucket_name, prefix=prefix, **self._within_deadline())
+            return [(blob.name, blob.updated or blob.time_created) for blob in blobs]
 
     def health(self) -> dict[str, Any]:
         """Configured and the bucket readable: one metadata GET, never an upload."""

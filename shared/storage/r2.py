@@ -10,6 +10,7 @@ multipart upload read piece by piece from disk, so memory stays near
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,8 @@ class R2Storage(StorageProvider):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_attempts: int = 3,  # botocore's count, first try included; bounds the wait before a fallback
-        timeout_s: float = 60.0,
+        timeout_s: float | None = None,
+        retry_deadline_s: float = 30.0,
     ) -> None:
         self.bucket_name = bucket_name
         self.account_id = account_id
@@ -56,7 +58,10 @@ class R2Storage(StorageProvider):
         self.chunk_size = chunk_size
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
-        self.timeout_s = timeout_s
+        # One deadline per operation (STORAGE_RETRY_DEADLINE_S): botocore retries each
+        # request up to max_attempts times, so each try gets an equal share of it.
+        self.retry_deadline_s = retry_deadline_s
+        self.timeout_s = min(timeout_s or retry_deadline_s, retry_deadline_s / max(1, max_attempts))
         self._access_key = access_key
         self._secret_key = secret_key
         self._client: Any = None
@@ -73,6 +78,7 @@ class R2Storage(StorageProvider):
             public_domain=settings.r2_public_domain,
             signed_urls=settings.signed_urls,
             signed_url_ttl_s=settings.signed_url_ttl_s,
+            retry_deadline_s=settings.storage_retry_deadline_s,
         )
 
     @staticmethod
@@ -119,7 +125,7 @@ class R2Storage(StorageProvider):
             # with an IP-address endpoint (tests) where bucket subdomains cannot resolve.
             s3={"addressing_style": "path"},
             retries={"max_attempts": self.max_attempts, "mode": "standard"},
-            connect_timeout=10,
+            connect_timeout=min(10.0, self.timeout_s),
             read_timeout=self.timeout_s,
             # Newer botocore adds CRC checksums to every request by default; only send
             # them where the S3 API requires them, which every S3-compatible store accepts.
@@ -166,6 +172,51 @@ class R2Storage(StorageProvider):
             size=size,
             extra={"bucket": self.bucket_name, "signed": url != self.public_url(key)},
         )
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        with self._service_errors(key):
+            self.client.put_object(Bucket=self.bucket_name, Key=key, Body=data, ContentType=content_type)
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._service_errors(key):
+            try:
+                self.client.head_object(Bucket=self.bucket_name, Key=key)
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return False
+                raise
+        return True
+
+    def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        with self._service_errors(key):
+            try:
+                response = self.client.get_object(Bucket=self.bucket_name, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise self._no_object(key) from None
+                raise
+            data: bytes = response["Body"].read()
+        return data
+
+    def delete(self, key: str) -> bool:
+        # S3 answers 204 whether or not the key existed; ask first so the caller knows.
+        if not self._exists(key):
+            return False
+        with self._service_errors(key):
+            self.client.delete_object(Bucket=self.bucket_name, Key=key)
+        return True
+
+    def list_keys(self, prefix: str) -> list[tuple[str, dt.datetime]]:
+        keys: list[tuple[str, dt.datetime]] = []
+        with self._service_errors(prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket_name, Prefix=prefix):
+                keys.extend((item["Key"], item["LastModified"]) for item in page.get("Contents", []))
+        return keys
 
     def health(self) -> dict[str, Any]:
         """Configured and the bucket reachable with these keys (HEAD bucket, no upload)."""

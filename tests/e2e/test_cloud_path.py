@@ -286,3 +286,64 @@ def test_with_storage_down_the_push_is_retried_and_completes_once_storage_is_bac
         stop_stack(stack)
         if late_gcs is not None:
             late_gcs.stop()
+
+
+# --- inputs of any size (issue 19 #1) -----------------------------------------------------
+def gcs_keys(emulators: CloudEmulators, bucket: str, prefix: str) -> list[str]:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.storage import Client as StorageClient
+
+    client = StorageClient(
+        project=PROJECT,
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # untyped in google-auth
+        client_options={"api_endpoint": emulators.fake_gcs.url},
+    )
+    try:
+        return [blob.name for blob in client.list_blobs(bucket, prefix=prefix)]
+    finally:
+        client.close()
+
+
+def test_a_5_mb_photo_as_a_data_input_completes_on_firestore_and_leaves_no_copy(
+    emulators: CloudEmulators, tmp_path: Path, astronaut_png: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finding: over ~786 KB raw, a data: input answered 500 (Firestore's 1 MiB
+    document limit). Now the photo waits in the bucket under inputs/<task_id>/ and the
+    document holds its reference (digest and size) only, until the task ends."""
+    from tests.large_photo import data_url as large_data_url
+    from tests.large_photo import five_mb_photo_jpeg
+
+    photo = five_mb_photo_jpeg()
+    storage_env, _ = storage_settings(emulators, "gcs")
+    bucket = storage_env["GCS_BUCKET_NAME"]
+    stack = start_cloud_stack(tmp_path, emulators, storage_env)
+    try:
+        created = stack.create(
+            {
+                "workflow": "face_swap",
+                "environment": "face_swap",
+                "task_data": {
+                    "source_url": large_data_url(photo, "image/jpeg"),
+                    "target_url": data_url(astronaut_png.read_bytes(), "image/png"),
+                },
+            }
+        )
+        assert created.status_code == 200, created.text
+        task_id = created.json()["taskId"]
+        view = stack.wait(task_id, timeout_s=180)
+
+        assert view["status"] == "COMPLETED", view
+        document = stored_document(emulators, task_id, monkeypatch)
+        source = document["params"]["input_data"]["source_url"]
+        assert source.startswith(f"input:{task_id}/source_url;sha256=") and source.endswith(
+            f";size={len(photo)}"
+        )
+        assert "base64" not in str(document)
+        assert len(stack.client.get(f"/api/tasks/{task_id}").content) < 100_000
+        deadline = time.monotonic() + 30
+        while gcs_keys(emulators, bucket, f"inputs/{task_id}/") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gcs_keys(emulators, bucket, f"inputs/{task_id}/") == []
+        assert gcs_keys(emulators, bucket, f"results/{task_id}/") != []
+    finally:
+        stop_stack(stack)
