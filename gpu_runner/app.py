@@ -4,6 +4,7 @@ Routes (``ROUTES``, the one table the dev server forwards by):
   POST /internal/tasks/run          Cloud Tasks push (OIDC-verified in push mode)
   GET  /api/health, /api/status     liveness and component health
   GET  /api/runner/status           worker state (slots, in-flight tasks)
+  GET  /api/runner/health           engines, storage and worker (the console's admin view)
   POST /api/face-swap/process       synchronous swap, bypassing the queue
   GET  /api/face-swap/health, /api/face-swap/workflows
   GET  /api/comfyui-queue-status, /api/comfyui-system-stats; POST /api/comfyui-interrupt
@@ -311,6 +312,8 @@ ROUTES = [
     Route("/api/health", health),
     Route("/api/status", status),
     Route("/api/runner/status", runner_status),
+    # /api/status of the API host is get_task's; through the one host the runner's is here.
+    Route("/api/runner/health", status),
     Route("/internal/tasks/run", push, methods=["POST"]),
     Route("/results/{key:path}", results),
     Route("/api/face-swap/process", face_swap_process, methods=["POST"]),

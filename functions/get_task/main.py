@@ -2,7 +2,8 @@
 
 Routes: GET /api/tasks/{task_id} (``?wait=N``: hold up to N s, at most 25, until the task
 ends), GET /api/tasks/ (admin sees all; a client its own),
-GET /api/face-swap/queue-status, GET /api/health, GET /api/status, POST /internal/reap.
+GET /api/face-swap/queue-status, GET /api/health, GET /api/status, POST /internal/reap,
+GET /api/admin/stats (admin: the fleet's numbers), GET /console (the web console's files).
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def openapi(ctx: RequestContext) -> flask.Response:
     return json_response(openapi_document())
 
 
+def admin_stats(ctx: RequestContext) -> flask.Response:
+    from shared.fleet import fleet_stats
+
+    ctx.principal.require_admin()
+    return json_response(fleet_stats(ctx.service.store))
+
+
+def console_file(ctx: RequestContext) -> flask.Response:
+    """The console's static files: public (they hold no secret); the API calls they make
+    carry the person's API key."""
+    from shared.console import ASSETS, CONTENT_SECURITY_POLICY, read_asset
+    from shared.errors import NotFound
+
+    name = ctx.path_params.get("asset", "index.html")
+    if name not in ASSETS:
+        raise NotFound(f"no console file {name}", code="route_not_found")
+    response = flask.Response(read_asset(name), status=200, content_type=ASSETS[name])
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
 def reap(ctx: RequestContext) -> flask.Response:
     """Called every minute by Cloud Scheduler: re-queue tasks whose runner stopped renewing
     its lease, enqueue again PENDING tasks whose delivery was lost, log queue numbers."""
@@ -76,6 +101,9 @@ ROUTES = [
     Route("GET", "/api/status", status_response, "status"),
     Route("POST", "/internal/reap", reap, "reap", client_route=False),
     Route("GET", "/api/openapi.json", openapi, "openapi", public=True),
+    Route("GET", "/api/admin/stats", admin_stats, "admin_stats"),
+    Route("GET", "/console", console_file, "console", public=True),
+    Route("GET", "/console/{asset}", console_file, "console_asset", public=True),
 ]
 
 

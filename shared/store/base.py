@@ -23,6 +23,7 @@ from typing import Any
 from shared.errors import ComfySwapError, Conflict, NotFound
 from shared.tasks import (
     LEASED_STATUSES,
+    TERMINAL_STATUSES,
     Lease,
     Progress,
     QueueStats,
@@ -101,6 +102,16 @@ class TaskStore(abc.ABC):
                 details={"task_id": existing.taskId},
             )
         return Conflict(f"task {task.taskId} already exists", code="task_exists")
+
+    def finished_since(self, cutoff: dt.datetime, *, limit: int = 2000) -> list[Task]:
+        """Tasks that ended (COMPLETED, FAILED, CANCELLED) at or after ``cutoff``, at most
+        ``limit`` of them: the admin console's last hour (shared.fleet).
+
+        This default reads the newest ``limit`` finished tasks by creation and keeps those
+        that ended in the window; a backend with an index on ``finished_at`` overrides it
+        to read only the window."""
+        finished = self.list_tasks(statuses=sorted(TERMINAL_STATUSES), limit=limit)
+        return [task for task in finished if task.finished_at is not None and task.finished_at >= cutoff]
 
     # How often a client's long poll (GET /api/tasks/{id}?wait=) reads the task again:
     # a read costs a request to a remote store, so the default is modest; the embedded

@@ -396,6 +396,16 @@ class FirestoreTaskStore(TaskStore):
             oldest_pending_age_s = (utcnow() - _plain_utc(created_at)).total_seconds()
         return QueueStats(**counts, oldest_pending_age_s=oldest_pending_age_s)
 
+    def finished_since(self, cutoff: dt.datetime, *, limit: int = 2000) -> list[Task]:
+        # finished_at is a native timestamp set only when a task ends, so a range on it
+        # reads exactly the window (a single-field index; no composite index needed).
+        query: Any = (
+            self._tasks.where(filter=FieldFilter("finished_at", ">=", cutoff))
+            .order_by("finished_at", direction=firestore.Query.DESCENDING)
+            .limit(limit)
+        )
+        return [decode_task(snapshot.to_dict()) for snapshot in query.stream()]
+
     def find_by_idempotency_key(self, owner: str, key: str) -> Task | None:
         snapshot = self._idempotency_keys.document(idempotency_document_id(owner, key)).get()
         if not snapshot.exists:

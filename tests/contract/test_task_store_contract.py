@@ -627,3 +627,29 @@ def test_duplicate_push_deliveries_claim_a_task_once(store_factory: StoreFactory
 
     assert sorted(outcomes) == ["claimed"] + ["not_claimable"] * 3
     assert store_factory().get_or_raise(task.taskId).attempts == 1
+
+
+def test_finished_since_lists_only_tasks_that_ended_in_the_window(store: TaskStore) -> None:
+    before = utcnow() - dt.timedelta(seconds=1)
+    done = store.create(make_task())
+    failed = store.create(make_task())
+    cancelled = store.create(make_task())
+    running = store.create(make_task())
+    still_pending = store.create(make_task())
+    for _ in range(4):  # oldest first: every task but the last is leased
+        claimed(store)
+    store.complete(done.taskId, worker_id="runner-1", output_data={"url": "https://x/y.png"})
+    store.fail_or_retry(failed.taskId, worker_id="runner-1", error=JobFailed("no face", code="no_face"))
+    store.cancel(cancelled.taskId)
+
+    window = store.finished_since(before)
+    later = store.finished_since(utcnow() + dt.timedelta(seconds=5))
+
+    assert {task.taskId: task.status for task in window} == {
+        done.taskId: TaskStatus.COMPLETED,
+        failed.taskId: TaskStatus.FAILED,
+        cancelled.taskId: TaskStatus.CANCELLED,
+    }
+    assert still_pending.taskId not in {task.taskId for task in window}
+    assert running.taskId not in {task.taskId for task in window}
+    assert later == []

@@ -61,3 +61,30 @@ def test_bundle_requirements_pin_what_the_shared_code_imports(bundles):
         "httpx",
     ):
         assert package in requirements
+
+
+CONSOLE_PROBE = """
+import json, sys
+from functions_framework import create_app
+client = create_app(target="get_task", source="main.py").test_client()
+answers = {path: client.get(path) for path in ("/console", "/console/console.js", "/console/console.css")}
+print(json.dumps({path: [r.status_code, len(r.data), r.content_type] for path, r in answers.items()}))
+"""
+
+
+def test_get_task_bundle_ships_and_serves_the_console(bundles, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", CONSOLE_PROBE],
+        cwd=bundles / "get_task",
+        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+
+    for path, (status, size, _) in answers.items():
+        assert status == 200 and size > 500, (path, status, size)
+    assert answers["/console"][2].startswith("text/html")
+    assert (bundles / "get_task" / "shared" / "console" / "console.js").is_file()

@@ -1,0 +1,114 @@
+"""The console's browser tests: a real headless Chromium (Debian's package) driven by
+Selenium, against the embedded stack (dev server + runner as subprocesses) with API keys.
+
+Chromium and chromedriver come from Debian (scripts/install_browser.sh, run by
+`make install`); Selenium never downloads a browser or driver here (SE_OFFLINE).
+Screenshots of each step go to build/console/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+
+from shared.auth import hash_api_key
+from tests.e2e.conftest import Stack, start_stack
+from tests.faceswap.media import astronaut_bgr, grace_hopper_bgr, write_clip
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "build" / "console"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# No GPU, no sandbox (root in a container), and nothing that phones home.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+
+KEYS = {
+    "client": "csk_console_test_client_key",
+    "admin": "csk_console_test_admin_key",
+    "runner": "csk_console_test_runner_key",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return
+    skip = pytest.mark.skip(
+        reason="Debian's chromium and chromium-driver are not installed (bash scripts/install_browser.sh)"
+    )
+    for item in items:
+        if "tests/console/" in str(item.fspath):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    entries = ",".join(
+        [
+            f"{hash_api_key(KEYS['client'])}:alice:client",
+            f"{hash_api_key(KEYS['admin'])}:operator:admin",
+            f"{hash_api_key(KEYS['runner'])}:runner-fleet:runner",
+        ]
+    )
+    running = start_stack(
+        tmp_path_factory.mktemp("console-stack"),
+        {"API_KEYS": entries, "RUNNER_API_KEY": KEYS["runner"], "RATE_LIMIT_BURST": "100000"},
+    )
+    yield running
+    running.client.close()
+    running.runner.stop()
+    running.api.stop()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo's faces as files on disk (what a person drops on the page), and a clip
+    long enough to cancel mid-swap."""
+    folder = tmp_path_factory.mktemp("console-photos")
+    source, target, clip = folder / "grace_hopper.jpg", folder / "astronaut.png", folder / "astronaut.mp4"
+    assert cv2.imwrite(str(source), grace_hopper_bgr())
+    assert cv2.imwrite(str(target), astronaut_bgr())
+    write_clip(clip, frame_count=200, size=256, audio_codec=None)
+    return {"source": source, "target": target, "clip": clip}
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser online
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1100,1000"):
+        options.add_argument(flag)
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(profile.parent / "chromedriver.log"))
+    browser = webdriver.Chrome(service=service, options=options)
+    browser.set_page_load_timeout(60)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
