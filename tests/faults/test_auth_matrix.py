@@ -59,8 +59,12 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("GET", "/api/tasks/", None, (401, 401, 200, 200, 200)),
     ("GET", "/api/face-swap/queue-status", None, (401, 401, 200, 200, 200)),
     ("POST", "/internal/reap", None, (401, 401, 403, 403, 200)),
+    ("GET", "/api/admin/stats", None, (401, 401, 403, 403, 200)),
+    # The console's static page is public; the calls it makes carry the key.
+    ("GET", "/console", None, (200, 200, 200, 200, 200)),
     # Runner routes, forwarded by the one host.
     ("GET", "/api/runner/status", None, (401, 401, 200, 200, 200)),
+    ("GET", "/api/runner/health", None, (401, 401, 200, 200, 200)),
     ("GET", "/api/face-swap/health", None, (200, 200, 200, 200, 200)),
     ("GET", "/api/face-swap/workflows", None, (200, 200, 200, 200, 200)),
     # Authenticated first; this runner serves no ComfyUI, hence 503 for known keys.
