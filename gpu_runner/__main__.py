@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import uvicorn
-
 from gpu_runner.app import create_app
+from gpu_runner.serving import serve
 from shared.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
     app = create_app(settings)
-    uvicorn.run(
+    serve(
         app,
         host=settings.runner_host,
         port=settings.runner_port,
-        log_level="warning",
-        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
 

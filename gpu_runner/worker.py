@@ -44,7 +44,8 @@ from shared.logs import bind_task, get_logger, log_event, unbind_task
 from shared.settings import Settings
 from shared.storage.base import StoredObject, result_key
 from shared.store.base import TaskStore
-from shared.tasks import Progress, Task, TaskStatus
+from shared.store.notify import TaskChange
+from shared.tasks import LEASED_STATUSES, Progress, Task, TaskStatus, utcnow
 
 __all__ = ["HttpTaskSource", "StoreTaskSource", "TaskSource", "Uploader", "Worker"]
 
@@ -91,18 +92,35 @@ class StoreTaskSource:
         self._lease_seconds = lease_seconds
 
     async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        loop = asyncio.get_running_loop()
+        published = asyncio.Event()
+
+        def on_work(change: TaskChange) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a late change
+                loop.call_soon_threadsafe(published.set)
+
         deadline = time.monotonic() + wait_s
-        while True:
-            task = await asyncio.to_thread(
-                self._store.claim_next,
-                worker_id=worker_id,
-                environments=environments,
-                lease_seconds=self._lease_seconds,
-            )
-            remaining = deadline - time.monotonic()
-            if task is not None or remaining <= 0:
-                return task
-            await asyncio.to_thread(self._store.wait_for_work, min(remaining, 1.0))
+        unsubscribe = await asyncio.to_thread(self._store.subscribe_work, environments, on_work)
+        try:
+            while True:
+                published.clear()
+                task = await asyncio.to_thread(
+                    self._store.claim_next,
+                    worker_id=worker_id,
+                    environments=environments,
+                    lease_seconds=self._lease_seconds,
+                )
+                remaining = deadline - time.monotonic()
+                if task is not None or remaining <= 0:
+                    return task
+                now = utcnow()
+                wake_at = await asyncio.to_thread(self._store.next_wake_at, environments, now)
+                if wake_at is not None:
+                    remaining = min(remaining, max(0.0, (wake_at - now).total_seconds()) + 0.001)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(published.wait(), timeout=remaining)
+        finally:
+            unsubscribe()
 
     async def close(self) -> None:
         return None
@@ -116,10 +134,21 @@ class _Held:
     progress: Progress | None = None
     progress_written: Progress | None = None
     in_engine: bool = False
+    # Wakes the lease keeper: a change published by someone else, or progress it waits for.
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    taken: bool = False  # a published change says the task left this runner
+    wants_progress: bool = False
+    finishing: bool = False  # our own final write is under way: its change is not a loss
 
 
 def default_worker_id(settings: Settings) -> str:
     return settings.runner_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+# Progress reaches the task at most this often (and not before this long after the claim):
+# a short image task writes none, a long one a few per minute; each write also renews
+# the lease, so progress and heartbeat never cost two writes.
+PROGRESS_WRITE_INTERVAL_S = 2.0
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -338,6 +367,7 @@ class Worker:
             output_data = await self._upload_outputs(task, result, held)
             timings["upload_s"] = time.perf_counter() - phase
             timings["runner_total_s"] = time.perf_counter() - started
+            held.finishing = True
             final = await asyncio.to_thread(
                 self.store.complete,
                 task.taskId,
@@ -362,6 +392,7 @@ class Worker:
             # The server is stopping under us (a push request cancelled at shutdown): give
             # the task back now rather than leave it leased until the lease runs out.
             held.cancel.set()
+            held.finishing = True
             with contextlib.suppress(Exception):
                 await asyncio.shield(
                     asyncio.to_thread(
@@ -392,6 +423,9 @@ class Worker:
         return make_input_store(self.settings)
 
     async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
+        held = self.in_flight.get(task.taskId)
+        if held is not None:
+            held.finishing = True
         try:
             final = await asyncio.to_thread(
                 self.store.fail_or_retry,
@@ -437,8 +471,14 @@ class Worker:
         raise JobCancelled("task cancelled while its inputs downloaded")
 
     async def _run_engine(self, engine: Engine, job: PreparedJob, held: _Held) -> EngineResult:
-        def on_progress(progress: Progress) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_progress(progress: Progress) -> None:  # engines call it from their own threads too
             held.progress = progress
+            if held.wants_progress:
+                held.wants_progress = False
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(held.wake.set)
 
         try:
             result = await asyncio.wait_for(
@@ -493,34 +533,59 @@ class Worker:
         }
 
     async def _keep_lease(self, held: _Held) -> None:
-        """Heartbeat, write progress, and notice cancellation (a lost lease) within ~0.5 s."""
+        """Renew the lease, write progress (throttled), and stop the engine the moment the
+        store publishes a change that took the task away (a cancel, the reaper): the
+        keeper sleeps until such a change, new progress, or the next renewal is due."""
+        loop = asyncio.get_running_loop()
         lease = self.settings.lease_seconds
         heartbeat_every = max(1.0, lease / 3)
-        last_heartbeat = time.monotonic()
-        last_check = last_heartbeat
+
+        def on_change(change: TaskChange) -> None:
+            if change.status in {s.value for s in LEASED_STATUSES} and change.lease_owner == self.worker_id:
+                return  # our own FETCHED -> PROCESSING, progress or renewal
+            held.taken = True
+            with contextlib.suppress(RuntimeError):  # the loop closed under a late change
+                loop.call_soon_threadsafe(held.wake.set)
+
+        unsubscribe = await asyncio.to_thread(self.store.subscribe_task, held.task_id, on_change)
+        next_heartbeat = loop.time() + heartbeat_every
+        next_progress = loop.time() + PROGRESS_WRITE_INTERVAL_S
         try:
             while True:
-                await asyncio.sleep(0.25)
-                now = time.monotonic()
+                progress_due = held.progress is not None and held.progress != held.progress_written
+                due = min(next_heartbeat, next_progress) if progress_due else next_heartbeat
+                held.wants_progress = not progress_due
+                held.wake.clear()
+                if not held.taken:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(held.wake.wait(), timeout=max(0.0, due - loop.time()))
+                now = loop.time()
+                if held.finishing:
+                    return  # the final write is under way; it needs no renewal
                 try:
-                    if held.progress is not None and held.progress != held.progress_written:
-                        progress = held.progress
+                    if held.taken:
+                        current = await asyncio.to_thread(self.store.get_or_raise, held.task_id)
+                        holder = current.lease.owner if current.lease else None
+                        if current.status not in LEASED_STATUSES or holder != self.worker_id:
+                            raise Conflict("lease lost", code="lease_lost")
+                        held.taken = False  # an older change, delivered late
+                    progress = held.progress
+                    if progress is not None and progress != held.progress_written and now >= next_progress:
                         await asyncio.to_thread(
-                            self.store.set_progress, held.task_id, worker_id=self.worker_id, progress=progress
+                            self.store.set_progress,
+                            held.task_id,
+                            worker_id=self.worker_id,
+                            progress=progress,
+                            lease_seconds=lease,
                         )
                         held.progress_written = progress
-                        last_check = now
-                    if now - last_heartbeat >= heartbeat_every:
+                        next_progress = now + PROGRESS_WRITE_INTERVAL_S
+                        next_heartbeat = now + heartbeat_every
+                    elif now >= next_heartbeat:
                         await asyncio.to_thread(
                             self.store.heartbeat, held.task_id, worker_id=self.worker_id, lease_seconds=lease
                         )
-                        last_heartbeat = last_check = now
-                    elif now - last_check >= 0.5:
-                        current = await asyncio.to_thread(self.store.get_or_raise, held.task_id)
-                        holder = current.lease.owner if current.lease else None
-                        if current.is_terminal or holder != self.worker_id:
-                            raise Conflict("lease lost", code="lease_lost")
-                        last_check = now
+                        next_heartbeat = now + heartbeat_every
                 except (Conflict, NotFound):
                     held.lease_lost = True
                     held.cancel.set()
@@ -528,10 +593,14 @@ class Worker:
                     return
                 except ComfySwapError as exc:
                     log_event(logger, "heartbeat_failed", task_id=held.task_id, error=exc.message, level=30)
+                    next_heartbeat = now + min(5.0, heartbeat_every)
                 except Exception as exc:  # the store hiccuped; the next beat retries before the lease ends
                     log_event(logger, "heartbeat_failed", task_id=held.task_id, error=repr(exc), level=30)
+                    next_heartbeat = now + min(5.0, heartbeat_every)
         except asyncio.CancelledError:
             return
+        finally:
+            unsubscribe()
 
     # --- shutdown ---------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:
@@ -545,6 +614,7 @@ class Worker:
             still_running = set()
         for task_id, held in list(self.in_flight.items()):
             held.cancel.set()
+            held.finishing = True
             with contextlib.suppress(ComfySwapError):
                 await asyncio.to_thread(
                     self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"

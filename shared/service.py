@@ -22,7 +22,7 @@ from shared.errors import ComfySwapError, Conflict, NotFound, PayloadTooLarge, V
 from shared.logs import get_logger, log_event
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
-from shared.tasks import Task, TaskStatus
+from shared.tasks import Task, TaskStatus, utcnow
 
 if TYPE_CHECKING:
     from shared.inputs import InputStore
@@ -304,15 +304,16 @@ class TaskService:
         the wait ends (a long poll: the client learns of the end without a polling loop)."""
         if not 0 <= wait_s <= MAX_TASK_WAIT_S:  # also refuses NaN
             raise ValidationFailed("wait", f"must be between 0 and {MAX_TASK_WAIT_S:g} seconds")
-        task = self._visible_task(task_id, principal)
-        if task.is_terminal or wait_s <= 0:
-            return task
+        if wait_s <= 0:
+            return self._visible_task(task_id, principal)
         deadline = time.monotonic() + wait_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            time.sleep(min(remaining, self.store.status_poll_interval_s))
+        # Subscribed before the first read: a change landing between the read and the wait
+        # still wakes the wait. Each wake-up is a change of this task, never a timer.
+        with self.store.watch_task(task_id) as watch:
             task = self._visible_task(task_id, principal)
-            if task.is_terminal:
-                break
+            while not task.is_terminal and (remaining := deadline - time.monotonic()) > 0:
+                if watch.wait(remaining):
+                    task = self._visible_task(task_id, principal)
         return task
 
     def _visible_task(self, task_id: str, principal: Principal) -> Task:
@@ -372,25 +373,33 @@ class TaskService:
         if not worker_id or len(worker_id) > 128:
             raise ValidationFailed("worker_id", "required, at most 128 characters")
         deadline = time.monotonic() + max(0.0, min(wait_s, MAX_FETCH_WAIT_S))
-        while True:
-            self.store.reap_expired_leases()
-            task = self.store.claim_next(
-                worker_id=worker_id, environments=environments, lease_seconds=self.settings.lease_seconds
-            )
-            if task is not None:
-                log_event(
-                    logger,
-                    "task_claimed",
-                    task_id=task.taskId,
-                    worker_id=worker_id,
-                    attempt=task.attempts,
-                    queue_wait_s=task.timings.get("queue_wait_s"),
+        # Subscribed before the first claim, so work published in between is not missed;
+        # the wait ends on a new claimable task, at the end of a retry backoff or a lease
+        # (the only changes nobody publishes), or at the deadline.
+        with self.store.watch_work(environments) as watch:
+            while True:
+                self.store.reap_expired_leases()
+                task = self.store.claim_next(
+                    worker_id=worker_id, environments=environments, lease_seconds=self.settings.lease_seconds
                 )
-                return task
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.store.wait_for_work(min(remaining, 1.0))
+                if task is not None:
+                    log_event(
+                        logger,
+                        "task_claimed",
+                        task_id=task.taskId,
+                        worker_id=worker_id,
+                        attempt=task.attempts,
+                        queue_wait_s=task.timings.get("queue_wait_s"),
+                    )
+                    return task
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                now = utcnow()
+                wake_at = self.store.next_wake_at(environments, now)
+                if wake_at is not None:
+                    remaining = min(remaining, max(0.0, (wake_at - now).total_seconds()) + 0.001)
+                watch.wait(remaining)
 
     # --- cancel -----------------------------------------------------------------------
     def cancel_task(self, task_id: str, *, principal: Principal) -> Task:

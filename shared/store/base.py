@@ -15,12 +15,14 @@ backends follow the same rules (shared.tasks.apply_transition).
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as dt
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shared.errors import ComfySwapError, Conflict, NotFound
+from shared.store.notify import ChangeWatch, Listener
 from shared.tasks import (
     LEASED_STATUSES,
     TERMINAL_STATUSES,
@@ -113,20 +115,50 @@ class TaskStore(abc.ABC):
         finished = self.list_tasks(statuses=sorted(TERMINAL_STATUSES), limit=limit)
         return [task for task in finished if task.finished_at is not None and task.finished_at >= cutoff]
 
-    # How often a client's long poll (GET /api/tasks/{id}?wait=) reads the task again:
-    # a read costs a request to a remote store, so the default is modest; the embedded
-    # SQLite store reads locally and looks every 15 ms.
-    status_poll_interval_s: float = 0.25
+    # --- change notifications -----------------------------------------------------------
+    # Waiters subscribe before they read, then block until a change or their deadline:
+    # no loop re-reads the store to find out whether something happened. A backend
+    # without notifications keeps these defaults and its waiters simply time out.
+    def subscribe_task(self, task_id: str, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` after every committed change of ``task_id``; returns the
+        unsubscribe function."""
+        return _nothing_to_unsubscribe
 
-    def wait_for_work(self, timeout_s: float) -> bool:
-        """Block until a task may have become claimable, or the timeout passes.
+    def subscribe_work(self, environments: Iterable[str], listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` when a task of ``environments`` may have become claimable."""
+        return _nothing_to_unsubscribe
 
-        The default sleeps; backends override it with a notification so a pulling
-        runner learns of new work in milliseconds, not a polling interval."""
-        import time
+    def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
+        """When a claimer waiting for work must look again although nobody wrote: the end
+        of the earliest retry backoff (of ``environments``) or the earliest lease to expire
+        (the reaper re-queues its task then). None: only a write can bring work."""
+        return None
 
-        time.sleep(timeout_s)
-        return False
+    @contextlib.contextmanager
+    def watch_task(self, task_id: str) -> Iterator[ChangeWatch]:
+        watch = ChangeWatch()
+        unsubscribe = self.subscribe_task(task_id, watch.notify)
+        try:
+            yield watch
+        finally:
+            unsubscribe()
+
+    @contextlib.contextmanager
+    def watch_work(self, environments: Iterable[str]) -> Iterator[ChangeWatch]:
+        watch = ChangeWatch()
+        unsubscribe = self.subscribe_work(list(environments), watch.notify)
+        try:
+            yield watch
+        finally:
+            unsubscribe()
+
+    def wait_for_work(self, timeout_s: float, environments: Iterable[str] | None = None) -> bool:
+        """Block until a task of ``environments`` (default: any) may have become claimable,
+        or the timeout passes; True when woken by a change."""
+        from shared.workflows import ENVIRONMENTS
+
+        with self.watch_work(environments if environments is not None else ENVIRONMENTS) as watch:
+            return watch.wait(timeout_s)
 
     def close(self) -> None:  # noqa: B027  # optional hook, most backends hold nothing to close
         """Release connections."""
@@ -175,12 +207,19 @@ class TaskStore(abc.ABC):
 
         return self.update(task_id, mutate)
 
-    def set_progress(self, task_id: str, *, worker_id: str, progress: Progress) -> Task:
+    def set_progress(
+        self, task_id: str, *, worker_id: str, progress: Progress, lease_seconds: float | None = None
+    ) -> Task:
+        """Record progress; with ``lease_seconds`` the same write renews the lease."""
+        now = utcnow()
+
         def mutate(task: Task) -> Task:
             _check_holder(task, worker_id)
             updated = task.model_copy(deep=True)
             updated.progress = progress
-            updated.updated_at = utcnow()
+            updated.updated_at = now
+            if lease_seconds is not None:
+                updated.lease = Lease(owner=worker_id, expires_at=now + dt.timedelta(seconds=lease_seconds))
             return updated
 
         return self.update(task_id, mutate)
@@ -330,6 +369,10 @@ class TaskStore(abc.ABC):
             except (Conflict, NotFound):
                 continue
         return reaped
+
+
+def _nothing_to_unsubscribe() -> None:
+    return None
 
 
 def _leased(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:

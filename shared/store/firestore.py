@@ -42,6 +42,7 @@ from google.cloud.firestore_v1.field_path import FieldPath
 
 from shared.errors import ComfySwapError, NotFound, TransientError
 from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.store.notify import Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ REQUIRED_INDEXES: tuple[IndexSpec, ...] = (
             ("available_at", "ASCENDING"),
         ),
     ),
-    # wait_for_work, pending_ids_available_before: status == PENDING by available_at.
+    # pending_ids_available_before: status == PENDING by available_at.
     IndexSpec("tasks", (("status", "ASCENDING"), ("available_at", "ASCENDING"))),
     # expired_lease_ids: status in [FETCHED, PROCESSING], lease_expires_at < now.
     IndexSpec("tasks", (("status", "ASCENDING"), ("lease_expires_at", "ASCENDING"))),
@@ -184,7 +185,6 @@ class FirestoreTaskStore(TaskStore):
         *,
         collection: str = "tasks",
         transaction_attempts: int = 30,
-        poll_interval_s: float = 1.0,
     ) -> None:
         self._client = client
         self._tasks = client.collection(collection)
@@ -193,9 +193,8 @@ class FirestoreTaskStore(TaskStore):
         # aborted transaction is retried keeping its place in line, so a generous cap
         # only matters under pathological contention.
         self._transaction_attempts = transaction_attempts
-        self._poll_interval_s = poll_interval_s
-        self._work_available = threading.Condition()
-        self._generation = 0
+        self._work_lock = threading.Lock()
+        self._work_feeds: dict[frozenset[str], _WorkFeed] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FirestoreTaskStore:
@@ -204,6 +203,10 @@ class FirestoreTaskStore(TaskStore):
         return cls(client, collection=settings.firestore_collection)
 
     def close(self) -> None:
+        with self._work_lock:
+            feeds, self._work_feeds = list(self._work_feeds.values()), {}
+        for feed in feeds:
+            feed.close()
         self._client.close()  # type: ignore[no-untyped-call]  # the client's close() lacks annotations
 
     # --- helpers ----------------------------------------------------------------------
@@ -249,11 +252,6 @@ class FirestoreTaskStore(TaskStore):
             details={"attempts": self._transaction_attempts},
         ) from last_error
 
-    def _notify(self) -> None:
-        with self._work_available:
-            self._generation += 1
-            self._work_available.notify_all()
-
     # --- primitives -------------------------------------------------------------------
     def create(self, task: Task) -> Task:
         batch = self._client.batch()
@@ -267,7 +265,6 @@ class FirestoreTaskStore(TaskStore):
             batch.commit()
         except gexc.AlreadyExists as exc:
             raise self.creation_conflict(task) from exc
-        self._notify()
         return task
 
     def get(self, task_id: str) -> Task | None:
@@ -287,10 +284,7 @@ class FirestoreTaskStore(TaskStore):
             transaction.set(reference, encode_task(updated))
             return updated
 
-        updated = self._run_transaction(body)
-        if updated.status == TaskStatus.PENDING:
-            self._notify()
-        return updated
+        return self._run_transaction(body)
 
     def claim_next(
         self,
@@ -431,38 +425,93 @@ class FirestoreTaskStore(TaskStore):
         )
         return [snapshot.id for snapshot in query.stream()]
 
-    def wait_for_work(self, timeout_s: float) -> bool:
-        """Wake at once on a commit by this process, else poll for a change in the queue.
+    # --- change notifications: Firestore real-time listeners ---------------------------
+    def subscribe_task(self, task_id: str, listener: Listener) -> Callable[[], None]:
+        """A document listener: Firestore pushes every committed change of the task (the
+        first delivery is the state when listening began, so nothing between the caller's
+        read and this subscription is missed). Costs one read per delivered change."""
 
-        Push mode never calls this (Cloud Tasks delivers each task). A pulling runner on
-        Firestore learns of another process's task within ``poll_interval_s``: it wakes
-        when the PENDING count or the head of the queue changes, or the head's backoff
-        ends. Comparing with the state at the start (not "is anything PENDING") keeps a
-        runner from spinning on tasks of environments it does not serve. A snapshot
-        listener would be faster but holds a stream per runner that must be re-opened
-        after every network hiccup; two small indexed reads per second are simpler.
-        """
-        deadline = time.monotonic() + timeout_s
-        with self._work_available:
-            generation = self._generation
-        initial = self._queue_fingerprint()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with self._work_available:
-                self._work_available.wait(min(remaining, self._poll_interval_s))
-                if self._generation != generation:
-                    return True
-            if self._queue_fingerprint() != initial:
-                return True
+        def on_snapshot(snapshots: list[Any], changes: Any, read_time: Any) -> None:
+            for snapshot in snapshots:
+                if snapshot.exists:
+                    listener(_change_of(decode_task(snapshot.to_dict() or {})))
 
-    def _queue_fingerprint(self) -> tuple[int, str | None, bool]:
-        """(PENDING count, id of the earliest-available PENDING task, is it available now)."""
-        pending: Any = self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
-        results = pending.count(alias="n").get()
-        count = int(results[0][0].value) if results else 0
-        head = list(pending.order_by("available_at", direction=firestore.Query.ASCENDING).limit(1).stream())
-        if not head:
-            return count, None, False
-        return count, head[0].id, _plain_utc(head[0].get("available_at")) <= utcnow()
+        watch = self._tasks.document(task_id).on_snapshot(on_snapshot)
+        return watch.unsubscribe
+
+    def subscribe_work(self, environments: Iterable[str], listener: Listener) -> Callable[[], None]:
+        """Wake on a change at the head of the claim queue of ``environments``: one shared
+        query listener per environment set and process (opened by the first waiter, kept)."""
+        key = frozenset(environments)
+        with self._work_lock:
+            feed = self._work_feeds.get(key)
+            if feed is None:
+                feed = self._work_feeds[key] = _WorkFeed(self._claim_head_query(sorted(key)))
+        return feed.subscribe(listener)
+
+    def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
+        """The end of the head task's retry backoff, from the listener's copy (no read).
+        Expired leases are the scheduled reaper's (POST /internal/reap, every minute)."""
+        with self._work_lock:
+            feed = self._work_feeds.get(frozenset(environments))
+        head_available_at = feed.head_available_at if feed is not None else None
+        return head_available_at if head_available_at is not None and head_available_at > now else None
+
+    def _claim_head_query(self, envs: list[str]) -> Any:
+        # The claim query's own order and index (REQUIRED_INDEXES[0]), limited to its head:
+        # a new task wakes waiters when it becomes the head (a waiting claimer has found
+        # nothing claimable, so anything claimable that arrives sorts first), and each
+        # change costs one read per listener, not one per queued task.
+        return (
+            self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+            .where(filter=FieldFilter("environment", "in", envs))
+            .order_by("priority", direction=firestore.Query.DESCENDING)
+            .order_by("available_at", direction=firestore.Query.ASCENDING)
+            .limit(1)
+        )
+
+
+def _change_of(task: Task) -> TaskChange:
+    return TaskChange(
+        task.taskId,
+        task.status.value,
+        task.environment,
+        task.available_at.timestamp(),
+        task.lease.owner if task.lease else "",
+    )
+
+
+class _WorkFeed:
+    """One query listener on the head of a claim queue, fanned out to local waiters."""
+
+    def __init__(self, query: Any) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[int, Listener] = {}
+        self._next_id = 0
+        self.head_available_at: dt.datetime | None = None
+        self._watch = query.on_snapshot(self._on_snapshot)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        with self._lock:
+            self._next_id += 1
+            listener_id = self._next_id
+            self._listeners[listener_id] = listener
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._listeners.pop(listener_id, None)
+
+        return unsubscribe
+
+    def _on_snapshot(self, snapshots: list[Any], changes: Any, read_time: Any) -> None:
+        head = decode_task(snapshots[0].to_dict() or {}) if snapshots else None
+        self.head_available_at = head.available_at if head is not None else None
+        if head is None:
+            return  # the queue emptied: nothing to claim
+        with self._lock:
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener(_change_of(head))
+
+    def close(self) -> None:
+        self._watch.unsubscribe()

@@ -13,11 +13,12 @@ import datetime as dt
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shared.errors import NotFound
 from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.store.notify import ChangeBus, Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
 __all__ = ["SQLiteTaskStore"]
@@ -44,18 +45,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency
     WHERE idempotency_key IS NOT NULL;
 """
 
-# How often a waiting fetch looks for commits made by other processes (in-process
-# commits wake it at once through the condition variable).
-_CROSS_PROCESS_POLL_S = 0.01
-
 
 def _ts(value: dt.datetime) -> float:
     return value.timestamp()
 
 
 class SQLiteTaskStore(TaskStore):
-    status_poll_interval_s = 0.015  # a local read: a waiting GET notices the end within ~15 ms
-
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +60,9 @@ class SQLiteTaskStore(TaskStore):
         # retry BEGIN IMMEDIATE with sleeps between, which costs CPU and latency under
         # concurrent requests. Other processes still serialise on the busy timeout.
         self._write_lock = threading.RLock()
-        self._work_available = threading.Condition()
-        self._generation = 0
+        # Every commit is published to the waiters of this file in every process
+        # (shared.store.notify explains the mechanism).
+        self._changes = ChangeBus(str(self.path.resolve()))
         with self._connection() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
@@ -100,6 +96,7 @@ class SQLiteTaskStore(TaskStore):
         if conn is not None:
             conn.close()
             self._local.conn = None
+        self._changes.close()
 
     # --- rows -------------------------------------------------------------------------
     @staticmethod
@@ -128,10 +125,16 @@ class SQLiteTaskStore(TaskStore):
     def _load(document: str) -> Task:
         return Task.from_document(json.loads(document))
 
-    def _notify(self) -> None:
-        with self._work_available:
-            self._generation += 1
-            self._work_available.notify_all()
+    def _publish(self, task: Task) -> None:
+        self._changes.publish(
+            TaskChange(
+                task.taskId,
+                task.status.value,
+                task.environment,
+                _ts(task.available_at),
+                task.lease.owner if task.lease else "",
+            )
+        )
 
     # --- primitives -------------------------------------------------------------------
     def create(self, task: Task) -> Task:
@@ -148,7 +151,7 @@ class SQLiteTaskStore(TaskStore):
                 )
         except sqlite3.IntegrityError as exc:
             raise self.creation_conflict(task) from exc
-        self._notify()
+        self._publish(task)
         return task
 
     def get(self, task_id: str) -> Task | None:
@@ -164,8 +167,7 @@ class SQLiteTaskStore(TaskStore):
                 )
             updated = mutate(self._load(row[0]))
             self._write_row(conn, updated)
-        if updated.status == TaskStatus.PENDING:
-            self._notify()
+        self._publish(updated)
         return updated
 
     def claim_next(
@@ -191,6 +193,7 @@ class SQLiteTaskStore(TaskStore):
                 return None
             claimed = leased_copy(self._load(row[0]), worker_id, lease_seconds, now)
             self._write_row(conn, claimed)
+        self._publish(claimed)
         return claimed
 
     def list_tasks(
@@ -249,22 +252,32 @@ class SQLiteTaskStore(TaskStore):
         )
         return [row[0] for row in rows]
 
-    def wait_for_work(self, timeout_s: float) -> bool:
-        """Wake on a commit by this process at once, or by another process within ~10 ms
-        (``PRAGMA data_version`` changes when another connection commits)."""
-        import time
+    # --- change notifications -----------------------------------------------------------
+    def subscribe_task(self, task_id: str, listener: Listener) -> Callable[[], None]:
+        def matching(change: TaskChange) -> None:
+            if change.task_id == task_id:
+                listener(change)
 
-        deadline = time.monotonic() + timeout_s
-        conn = self._connection()
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        with self._work_available:
-            generation = self._generation
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._work_available.wait(min(remaining, _CROSS_PROCESS_POLL_S))
-                if self._generation != generation:
-                    return True
-                if conn.execute("PRAGMA data_version").fetchone()[0] != version:
-                    return True
+        return self._changes.subscribe(matching)
+
+    def subscribe_work(self, environments: Iterable[str], listener: Listener) -> Callable[[], None]:
+        wanted = frozenset(environments)
+
+        def matching(change: TaskChange) -> None:
+            if change.status == TaskStatus.PENDING.value and change.environment in wanted:
+                listener(change)
+
+        return self._changes.subscribe(matching)
+
+    def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
+        envs = list(environments)
+        marks = ",".join("?" * len(envs)) or "NULL"
+        leased = tuple(status.value for status in LEASED_STATUSES)
+        pending = f"status='PENDING' AND environment IN ({marks}) AND available_at > ?"
+        query = (
+            f"SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM tasks WHERE {pending} "  # noqa: S608  # only '?' marks are interpolated
+            "UNION ALL SELECT MIN(lease_expires_at) FROM tasks "
+            "WHERE status IN (?, ?) AND lease_expires_at > ?)"
+        )
+        row = self._connection().execute(query, (*envs, _ts(now), *leased, _ts(now))).fetchone()
+        return dt.datetime.fromtimestamp(row[0], dt.UTC) if row and row[0] is not None else None

@@ -79,8 +79,8 @@ def test_query_fields_are_native_timestamps_and_nested_arrays_are_kept(emulator:
 def test_wait_for_work_does_not_spin_on_unchanged_work(emulator: FirestoreEmulator) -> None:
     """A runner of another environment must not be woken again and again by a task it
     cannot claim: only a change in the queue wakes it."""
-    store = FirestoreTaskStore(firestore.Client(project=emulator.project), poll_interval_s=0.05)
+    store = FirestoreTaskStore(firestore.Client(project=emulator.project))
     store.create(Task(workflow="txt2img", environment="comm"))
 
-    assert store.wait_for_work(0.4) is False
+    assert store.wait_for_work(0.4, ["face_swap"]) is False
     store.close()

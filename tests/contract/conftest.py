@@ -49,7 +49,7 @@ def store_factory(
 
         def make() -> TaskStore:
             client = firestore.Client(project=emulator.project)
-            stores.append(FirestoreTaskStore(client, poll_interval_s=0.05))
+            stores.append(FirestoreTaskStore(client))
             return stores[-1]
 
     yield make

@@ -503,6 +503,36 @@ def test_wait_for_work_wakes_on_a_task_created_by_another_instance(store_factory
     assert woke is True
 
 
+def test_a_task_watch_wakes_on_a_change_by_another_instance(store_factory: StoreFactory) -> None:
+    watcher = store_factory()
+    writer = store_factory()
+    task = writer.create(make_task())
+
+    with watcher.watch_task(task.taskId) as watch:
+        watch.wait(0.0)  # a backend may first deliver the state as it was when watching began
+        writer.cancel(task.taskId)
+        deadline = time.monotonic() + 30.0
+        while (watch.last is None or watch.last.status != "CANCELLED") and time.monotonic() < deadline:
+            watch.wait(deadline - time.monotonic())
+
+    assert watch.last is not None
+    assert (watch.last.task_id, watch.last.status) == (task.taskId, "CANCELLED")
+
+
+def test_progress_with_a_lease_renews_the_lease_in_the_same_write(store: TaskStore) -> None:
+    task = store.create(make_task())
+    leased = claimed(store)
+    assert leased.lease is not None
+
+    progress = Progress(value=1, max=4, stage="frames")
+
+    updated = store.set_progress(task.taskId, worker_id="runner-1", progress=progress, lease_seconds=600)
+
+    assert updated.progress == progress
+    assert updated.lease is not None and updated.lease.expires_at > leased.lease.expires_at
+    assert store.get_or_raise(task.taskId).lease == updated.lease
+
+
 def test_errors_keep_their_details_in_the_task(store: TaskStore) -> None:
     task = store.create(make_task())
     claimed(store)

@@ -1,0 +1,222 @@
+"""Task-change notifications: who waits on a task (or on new work) wakes when it changes.
+
+A store publishes a :class:`TaskChange` after every committed write; waiters subscribe
+with a filter and block on a :class:`ChangeWatch` (threads) or get a callback (the
+runner's event loop). Nothing polls: a waiter with nothing to wait for sleeps in the
+kernel until a change or its own deadline.
+
+Across processes (the embedded store: the API and the runner are two processes on one
+SQLite file) changes travel as Unix datagrams. Each process that waits binds one
+datagram socket in a private folder per store file; a writer sends one small datagram
+(task id, status, environment, when it is claimable, lease holder) to every socket in
+that folder after its commit. Why datagram sockets: a send is one syscall that never
+blocks on a slow reader, a dead process's socket refuses at once (the sender unlinks
+it), a receiver thread blocked in ``recv`` costs no CPU at all, and it is plain POSIX
+(inotify would tie us to Linux; a FIFO per waiter needs an open/close dance per change
+and cannot tell a dead reader from a slow one). A datagram is a hint, not the data:
+receivers re-read the store, so a datagram lost to a full buffer costs latency (the
+waiter's own deadline), never correctness.
+
+The folder lives under the temp dir, named by a digest of the store's path: socket paths
+are limited to ~100 bytes, and DATA_DIR may be deep. It is created 0700 and must belong
+to this user, so no other local user can send us changes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
+import secrets
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["ChangeBus", "ChangeWatch", "Listener", "TaskChange"]
+
+_MAX_DATAGRAM = 1024
+# A receiver drains its socket at once; a send that would wait longer than this means the
+# receiver is wedged, and a lost hint only costs that waiter its own deadline.
+_SEND_TIMEOUT_S = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskChange:
+    """What changed: enough for a waiter to decide without reading the store."""
+
+    task_id: str
+    status: str
+    environment: str
+    available_at: float  # epoch seconds when a PENDING task becomes claimable
+    lease_owner: str = ""
+
+    def encode(self) -> bytes:
+        fields = (self.task_id, self.status, self.environment, repr(self.available_at), self.lease_owner)
+        return "\t".join(fields).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> TaskChange | None:
+        try:
+            task_id, status, environment, available_at, lease_owner = payload.decode().split("\t")
+            return cls(task_id, status, environment, float(available_at), lease_owner)
+        except ValueError:
+            return None  # not ours (or the wake-up datagram close() sends itself)
+
+
+Listener = Callable[[TaskChange], None]
+
+
+class ChangeWatch:
+    """A subscription a thread blocks on. ``wait`` returns True when something matching
+    changed since the previous ``wait`` (or since the watch began), so a change that lands
+    between a read and the next wait is never missed."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._changes = 0
+        self._seen = 0
+        self.last: TaskChange | None = None
+
+    def notify(self, change: TaskChange | None = None) -> None:
+        with self._condition:
+            self._changes += 1
+            self.last = change
+            self._condition.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        with self._condition:
+            if self._changes == self._seen and timeout_s > 0:
+                self._condition.wait_for(lambda: self._changes != self._seen, timeout_s)
+            fired = self._changes != self._seen
+            self._seen = self._changes
+            return fired
+
+
+class ChangeBus:
+    """Fan-out of task changes within this process and to the other processes of one store."""
+
+    def __init__(self, store_key: str) -> None:
+        digest = hashlib.sha256(store_key.encode()).hexdigest()[:16]
+        self.directory = Path(tempfile.gettempdir()) / f"comfyswap-changes-{digest}"
+        self._lock = threading.Lock()
+        self._listeners: dict[int, Listener] = {}
+        self._next_id = 0
+        self._pid = os.getpid()
+        self._receiver: socket.socket | None = None
+        self._receiver_path: Path | None = None
+        self._sender: socket.socket | None = None
+        # Datagrams taken off this process's socket: a test reads it to prove that a waiter
+        # at idle is not woken by anything.
+        self.received = 0
+
+    # --- subscribing -------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` (from a bus thread or the writer's thread) on every change;
+        returns the unsubscribe function. The first subscriber binds this process's socket."""
+        with self._lock:
+            self._reset_after_fork()
+            self._next_id += 1
+            listener_id = self._next_id
+            self._listeners[listener_id] = listener
+            if self._receiver is None:
+                self._start_receiver()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._listeners.pop(listener_id, None)
+
+        return unsubscribe
+
+    def _reset_after_fork(self) -> None:
+        # gunicorn forks its worker after the app (and the store) exist: the child has
+        # neither the receiver thread nor a right to the parent's socket file.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._receiver = self._sender = None
+            self._receiver_path = None
+            self._listeners.clear()
+
+    def _ensure_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        info = self.directory.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{self.directory} must be a 0700 folder of this user")
+
+    def _start_receiver(self) -> None:
+        self._ensure_directory()
+        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(path))
+        self._receiver, self._receiver_path = receiver, path
+        atexit.register(self._unlink, path)
+        thread = threading.Thread(
+            target=self._receive_forever, args=(receiver,), name="task-change-receiver", daemon=True
+        )
+        thread.start()
+
+    def _receive_forever(self, receiver: socket.socket) -> None:
+        while True:
+            try:
+                payload = receiver.recv(_MAX_DATAGRAM)  # blocks in the kernel: no CPU at idle
+            except OSError:
+                return  # closed
+            if receiver.fileno() < 0 or self._receiver is not receiver:
+                return
+            self.received += 1
+            change = TaskChange.decode(payload)
+            if change is not None:
+                self._deliver(change)
+
+    def _deliver(self, change: TaskChange) -> None:
+        with self._lock:
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener(change)
+
+    # --- publishing --------------------------------------------------------------------
+    def publish(self, change: TaskChange) -> None:
+        """Tell this process's subscribers and every other process's socket."""
+        self._deliver(change)
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return  # nobody anywhere has ever waited on this store
+        own = str(self._receiver_path) if self._receiver_path and self._pid == os.getpid() else None
+        payload = change.encode()
+        for entry in entries:
+            if not entry.name.endswith(".sock") or entry.path == own:
+                continue
+            self._send(entry.path, payload)
+
+    def _send(self, path: str, payload: bytes) -> None:
+        with self._lock:
+            if self._sender is None or self._pid != os.getpid():
+                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sender.settimeout(_SEND_TIMEOUT_S)
+            sender = self._sender
+        try:
+            sender.sendto(payload, path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            self._unlink(Path(path))  # its process is gone (killed without cleaning up)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS) and not isinstance(exc, TimeoutError):
+                raise
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            receiver, path = self._receiver, self._receiver_path
+            self._receiver = self._receiver_path = None
+            self._listeners.clear()
+        if receiver is not None and path is not None:
+            self._unlink(path)
+            receiver.close()

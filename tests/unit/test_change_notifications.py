@@ -1,0 +1,179 @@
+"""Hand-offs by notification on the embedded store: waiters wake on changes made by
+another process, and a waiter with nothing to wait for does no work while it waits.
+
+The other process is a real ``python`` subprocess on the same SQLite file, as the API and
+the runner are under `make run`. "No work while waiting" is shown by counting the SQL
+statements the waiting connection runs and the datagrams this process receives, not by
+timing anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.auth import Principal
+from shared.dispatch.base import NoopDispatcher
+from shared.service import TaskService
+from shared.settings import Settings
+from shared.store.sqlite import SQLiteTaskStore
+from shared.tasks import Task, TaskStatus, utcnow
+
+REPO = Path(__file__).resolve().parents[2]
+OWNER = Principal(owner="key-a", roles=frozenset({"client"}))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "tasks.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteTaskStore]:
+    store = SQLiteTaskStore(db_path)
+    yield store
+    store.close()
+
+
+def _service(store: SQLiteTaskStore, tmp_path: Path) -> TaskService:
+    return TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
+
+
+def _in_other_process(db_path: Path, body: str) -> subprocess.Popen[str]:
+    """Run ``body`` (with ``store`` open on ``db_path``) in a fresh Python process."""
+    code = "from shared.store.sqlite import SQLiteTaskStore\nfrom shared.tasks import Task\n"
+    code += f"store = SQLiteTaskStore({str(db_path)!r})\n" + textwrap.dedent(body)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        text=True,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _finished(process: subprocess.Popen[str]) -> None:
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+
+
+def _count_statements(store: SQLiteTaskStore) -> list[str]:
+    """Every SQL statement this thread's connection runs from now on."""
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    return statements
+
+
+def test_a_task_watch_wakes_on_a_change_committed_by_another_process(store, db_path):
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+
+    with store.watch_task(task.taskId) as watch:
+        other = _in_other_process(db_path, f"store.cancel({task.taskId!r})")
+        woke = watch.wait(60.0)
+        _finished(other)
+
+    assert woke is True
+    assert watch.last is not None and watch.last.status == "CANCELLED"
+
+
+def test_a_runner_waiting_for_work_wakes_on_a_task_created_by_another_process(store, db_path):
+    with store.watch_work(["face_swap"]) as watch:
+        other = _in_other_process(
+            db_path, "store.create(Task(workflow='face_swap', environment='face_swap', owner='key-a'))"
+        )
+        woke = watch.wait(60.0)
+        _finished(other)
+
+    assert woke is True
+    assert store.claim_next(worker_id="runner-1", environments=["face_swap"], lease_seconds=60) is not None
+
+
+def test_work_of_another_environment_does_not_wake_a_runner(store, db_path):
+    with store.watch_work(["comm"]) as watch:
+        _finished(
+            _in_other_process(
+                db_path, "store.create(Task(workflow='face_swap', environment='face_swap', owner='key-a'))"
+            )
+        )
+
+        assert watch.wait(0.0) is False
+
+
+def test_long_poll_returns_when_another_process_finishes_the_task(store, db_path, tmp_path):
+    service = _service(store, tmp_path)
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+    other = _in_other_process(
+        db_path,
+        f"""
+        import time
+        time.sleep(0.5)  # let the caller's long poll begin; the result is the same either way
+        store.cancel({task.taskId!r})
+        """,
+    )
+
+    ended = service.get_task(task.taskId, principal=OWNER, wait_s=25.0)
+    _finished(other)
+
+    assert ended.status == TaskStatus.CANCELLED
+
+
+def test_a_long_poll_at_idle_reads_the_task_once_and_receives_nothing(store, tmp_path):
+    """The old loop re-read the task every 15 ms: about 60 reads in this wait."""
+    service = _service(store, tmp_path)
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+    statements = _count_statements(store)
+
+    still = service.get_task(task.taskId, principal=OWNER, wait_s=1.0)
+
+    assert still.status == TaskStatus.PENDING
+    assert len([sql for sql in statements if sql.startswith("SELECT")]) == 1
+    assert store._changes.received == 0
+
+
+def test_a_runner_fetch_at_idle_does_a_fixed_amount_of_work_however_long_it_waits(store, tmp_path):
+    """The old loop asked SQLite for other processes' commits every 10 ms (~100 statements
+    in this wait); now the wait costs the same few statements whatever its length."""
+    service = _service(store, tmp_path)
+    statements = _count_statements(store)
+
+    fetched = service.fetch_for_runner(worker_id="runner-1", environments=["face_swap"], wait_s=1.0)
+
+    assert fetched is None
+    assert len(statements) <= 12, statements
+    assert store._changes.received == 0
+
+
+def test_a_runner_fetch_wakes_when_a_retry_backoff_ends(store, tmp_path):
+    """Nobody publishes the end of a backoff: the wait is bounded by it instead."""
+    service = _service(store, tmp_path)
+    soon = utcnow() + dt.timedelta(seconds=0.3)
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a", available_at=soon))
+
+    fetched = service.fetch_for_runner(worker_id="runner-1", environments=["face_swap"], wait_s=25.0)
+
+    assert fetched is not None and fetched.taskId == task.taskId
+
+
+def test_a_dead_waiters_socket_is_removed_by_the_next_writer(store, db_path):
+    killed = _in_other_process(
+        db_path,
+        """
+        import os, signal
+        unsubscribe = store.subscribe_work(["face_swap"], lambda change: None)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+    )
+    killed.communicate(timeout=60)
+    sockets_before = list(store._changes.directory.glob("*.sock"))
+
+    store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+
+    assert sockets_before
+    assert list(store._changes.directory.glob("*.sock")) == []
