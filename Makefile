@@ -7,7 +7,7 @@ PY := $(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test test-fast lint fmt mypy bench bundle run-emulated smoke deploy clean
+.PHONY: help install lock run demo test test-fast lint fmt mypy bench bundle run-emulated smoke deploy clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -23,12 +23,16 @@ INSTALL_INPUTS := pyproject.toml $(wildcard requirements/*.txt) scripts/fetch_mo
 	scripts/install_tools.sh $(wildcard scripts/install_*.sh)
 
 $(STAMP): $(INSTALL_INPUTS) | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) scripts/fetch_models.py
 	bash scripts/install_tools.sh
 	touch $@
 
-install: $(STAMP) ## Install the project, dev tools, face models and emulator tools (again only when their inputs change)
+install: $(STAMP) ## Install the project from the hashed lock, face models and emulator tools (when inputs change)
+
+lock: ## Regenerate the hashed locks (requirements/*.txt, functions/*/requirements.txt) from pyproject.toml
+	$(PY) scripts/lock.py
 
 run: $(STAMP) ## Run the API (three functions) and the runner on embedded defaults
 	$(BIN)/comfyswap run

@@ -297,16 +297,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Swap Grace Hopper's face (matplotlib's sample) onto the astronaut (scikit-image's)."""
-    import tempfile
+    """Swap Grace Hopper's face onto the astronaut (the photos shipped in comfyswap/samples)."""
+    from comfyswap.samples import ASTRONAUT_PNG, GRACE_HOPPER_JPG
 
-    import matplotlib.cbook
-    from PIL import Image
-    from skimage import data
-
-    source = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    target = Path(tempfile.gettempdir()) / "comfyswap-demo-astronaut.png"
-    Image.fromarray(data.astronaut()).save(target)  # type: ignore[no-untyped-call]  # scikit-image is untyped
+    source, target = GRACE_HOPPER_JPG, ASTRONAUT_PNG
     print(f"source: {source}\ntarget: {target}")
     args.source, args.target = str(source), str(target)
     args.resolution, args.model, args.face_selector, args.wait = None, None, None, True

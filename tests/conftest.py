@@ -32,16 +32,13 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def grace_hopper_path() -> Path:
-    import matplotlib.cbook
+    from comfyswap.samples import GRACE_HOPPER_JPG
 
-    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return GRACE_HOPPER_JPG
 
 
 @pytest.fixture(scope="session")
-def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from PIL import Image
-    from skimage import data
+def astronaut_png() -> Path:
+    from comfyswap.samples import ASTRONAUT_PNG
 
-    path = tmp_path_factory.mktemp("media") / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(path)
-    return path
+    return ASTRONAUT_PNG

@@ -50,7 +50,7 @@ def swapper(models_dir: Path) -> FaceSwapper:
 
 @pytest.fixture(scope="session")
 def source_image() -> npt.NDArray[np.uint8]:
-    """Grace Hopper (matplotlib sample data): the identity to paste."""
+    """Grace Hopper (comfyswap/samples): the identity to paste."""
     return grace_hopper_bgr()
 
 

@@ -1,7 +1,7 @@
 """Real test media built from photos that ship in packages (never downloaded).
 
-Source face: matplotlib's grace_hopper.jpg. Target face: scikit-image's astronaut
-(public domain). Clips are made from the astronaut photo with a slow zoom and pan, so
+Source face: grace_hopper.jpg. Target face: astronaut.png (both public domain, shipped
+in comfyswap/samples). Clips are made from the astronaut photo with a slow zoom and pan, so
 every frame is a real photo of a real face, with a sine tone as an AAC audio track.
 """
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import av
 import cv2
-import matplotlib
 import numpy as np
 import numpy.typing as npt
 from av.audio.stream import AudioStream
-from skimage import data as skimage_data
+
+from comfyswap.samples import ASTRONAUT_PNG, GRACE_HOPPER_JPG
 
 ByteImage = npt.NDArray[np.uint8]
 
-GRACE_HOPPER_PATH = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+GRACE_HOPPER_PATH = GRACE_HOPPER_JPG
 
 
 def grace_hopper_bgr() -> ByteImage:
@@ -31,7 +31,9 @@ def grace_hopper_bgr() -> ByteImage:
 
 
 def astronaut_bgr() -> ByteImage:
-    return np.ascontiguousarray(cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR))
+    image = cv2.imread(str(ASTRONAUT_PNG), cv2.IMREAD_COLOR)
+    assert image is not None, f"cannot read {ASTRONAUT_PNG}"
+    return np.ascontiguousarray(image, dtype=np.uint8)
 
 
 def astronaut_frame(index: int, size: int) -> ByteImage:

@@ -12,17 +12,14 @@ loopback only"), so a broken check fails a test instead of sending traffic out:
 
 from __future__ import annotations
 
-import io
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import matplotlib.cbook
 import pytest
-import skimage.data
-from PIL import Image
 
+from comfyswap.samples import ASTRONAUT_PNG, GRACE_HOPPER_JPG
 from shared.safe_fetch import SafeFetcher
 from tests.security.support import (
     DialGuard,
@@ -104,16 +101,14 @@ def dest_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def jpeg_bytes() -> bytes:
-    """Grace Hopper, 512x600, from matplotlib's sample data."""
-    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes()
+    """Grace Hopper, 512x600 (comfyswap/samples)."""
+    return GRACE_HOPPER_JPG.read_bytes()
 
 
 @pytest.fixture(scope="session")
 def png_bytes() -> bytes:
-    """scikit-image's astronaut (512x512) encoded as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buffer, "PNG")
-    return buffer.getvalue()
+    """The astronaut, 512x512 PNG (comfyswap/samples)."""
+    return ASTRONAUT_PNG.read_bytes()
 
 
 @pytest.fixture(scope="session")

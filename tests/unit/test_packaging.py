@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +86,174 @@ def test_license_metadata_is_an_spdx_expression_with_its_file():
 
     assert project["license"] == "Apache-2.0"
     assert all((ROOT / name).is_file() for name in project["license-files"])
+
+
+# --- components, locks and what each deployable imports ---------------------------------------
+
+LOCK_COMPONENTS = {
+    "functions": ("functions",),
+    "runner": ("runner", "cpu"),
+    "dev": ("dev",),
+}
+# Declared although no module of ours imports them, each for a reason.
+DECLARED_NOT_IMPORTED = {
+    "sniffio": "httpcore imports it; declared so it is always there (see pyproject.toml)",
+    "google-auth": "the Google clients' credentials; declared for its minimum version",
+}
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _component_requirements(extras: tuple[str, ...]) -> list[Requirement]:
+    """The base dependencies plus the extras, following self-references (comfyswap[...])."""
+    project = _project()
+    requirements = [Requirement(line) for line in project["dependencies"]]
+    pending, seen = list(extras), set()
+    while pending:
+        extra = pending.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for line in project["optional-dependencies"][extra]:
+            requirement = Requirement(line)
+            if canonicalize_name(requirement.name) == "comfyswap":
+                pending.extend(requirement.extras)
+            else:
+                requirements.append(requirement)
+    return requirements
+
+
+def _lock_pins(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (version, number of hashes) for each pin of a uv/pip-tools lock."""
+    pins: dict[str, tuple[str, int]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        pin = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if pin:
+            current = canonicalize_name(pin.group(1))
+            pins[current] = (pin.group(2), 0)
+        elif current and line.strip().startswith("--hash=sha256:"):
+            version, hashes = pins[current]
+            pins[current] = (version, hashes + 1)
+    return pins
+
+
+@pytest.mark.parametrize("lock", sorted(LOCK_COMPONENTS))
+def test_lock_pins_every_declared_requirement_with_hashes(lock):
+    """A dependency added to pyproject.toml without `make lock` fails here, naming it."""
+    pins = _lock_pins(ROOT / "requirements" / f"{lock}.txt")
+
+    assert pins, "empty lock"
+    assert all(hashes > 0 for _, hashes in pins.values()), "a pin without --hash"
+    for requirement in _component_requirements(LOCK_COMPONENTS[lock]):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in requirements/{lock}.txt: run `make lock`"
+        version = pins[name][0]
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"requirements/{lock}.txt pins {name}=={version}, pyproject asks {requirement}: run `make lock`"
+        )
+
+
+@pytest.mark.parametrize("function", ["create_task", "get_task", "fetch_task"])
+def test_each_function_deploys_the_functions_lock(function):
+    lock = (ROOT / "requirements" / "functions.txt").read_text()
+
+    deployed = (ROOT / "functions" / function / "requirements.txt").read_text()
+
+    assert deployed.endswith(lock), f"functions/{function}/requirements.txt is stale: run `make lock`"
+
+
+def _imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    for candidate in (ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _third_party_imports(entry_points: list[Path]) -> set[str]:
+    """Top-level third-party modules imported (at any depth, lazily or not) from the entry points."""
+    seen: set[Path] = set()
+    third_party: set[str] = set()
+    pending = list(entry_points)
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports_of(path):
+            top = name.split(".")[0]
+            if top in {"shared", "gpu_runner", "comfyswap"}:
+                parts = name.split(".")
+                pending.extend(
+                    found for i in range(1, len(parts) + 1) if (found := _module_file(".".join(parts[:i])))
+                )
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                third_party.add(name)
+    return third_party
+
+
+@functools.cache
+def _module_owners() -> dict[str, frozenset[str]]:
+    """Dotted module prefix (up to three levels) -> the installed distributions with files there."""
+    owners: dict[str, set[str]] = {}
+    for distribution in importlib.metadata.distributions():
+        name = canonicalize_name(distribution.metadata["Name"])
+        for file in distribution.files or []:
+            if file.suffix not in {".py", ".so", ".pyi"} or ".." in file.parts or ".dist-info" in str(file):
+                continue
+            parts = [*file.parts[:-1], file.name.split(".")[0]]
+            if parts[-1] == "__init__":
+                parts.pop()
+            for depth in range(1, min(3, len(parts)) + 1):
+                owners.setdefault(".".join(parts[:depth]), set()).add(name)
+    return {module: frozenset(names) for module, names in owners.items()}
+
+
+def _distributions(imports: set[str]) -> set[str]:
+    """The distributions providing these modules; a namespace (google, google.cloud) names none."""
+    owners = _module_owners()
+    found = set()
+    for name in imports:
+        parts = name.split(".")
+        candidates = [owners.get(".".join(parts[:depth])) for depth in range(min(3, len(parts)), 0, -1)]
+        known = [names for names in candidates if names]
+        assert known, f"no installed distribution provides {name}"
+        if len(known[0]) == 1:
+            found.update(known[0])
+    return found
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [path for folder in folders for path in (ROOT / folder).rglob("*.py")]
+
+
+COMPONENT_ENTRY_POINTS = {
+    # Each function's main.py (shared/ follows from its imports), and the storage providers
+    # the input store (shared/inputs.py) imports by name through the registry.
+    "functions": lambda: [*sorted((ROOT / "functions").glob("*/main.py")), *_python_files("shared/storage")],
+    # The whole runner package, and the storage providers its registry imports by name.
+    "runner": lambda: _python_files("gpu_runner", "shared/storage"),
+}
+
+
+@pytest.mark.parametrize("lock", sorted(COMPONENT_ENTRY_POINTS))
+def test_each_deployable_declares_what_it_imports_and_no_more(lock):
+    imported = _distributions(_third_party_imports(COMPONENT_ENTRY_POINTS[lock]()))
+    declared = {canonicalize_name(r.name) for r in _component_requirements(LOCK_COMPONENTS[lock])}
+    pins = _lock_pins(ROOT / "requirements" / f"{lock}.txt")
+
+    assert imported - set(pins) == set(), f"imported but not in requirements/{lock}.txt"
+    assert declared - imported - set(DECLARED_NOT_IMPORTED) == set(), f"declared for {lock}, never imported"

@@ -1,7 +1,7 @@
 """Benchmark of the CPU face swap on real photos: ms per image, video fps, peak memory.
 
-Run ``python -m gpu_runner.engines.cpu_swap.bench`` (needs the dev extras: the photos
-come from matplotlib's and scikit-image's sample data). Images: Grace Hopper's face
+Run ``python -m gpu_runner.engines.cpu_swap.bench`` (the photos are the ones shipped
+in comfyswap/samples). Images: Grace Hopper's face
 into the astronaut photo at 512 and 1024 px (median of 5 after one warm-up, model
 inference included). Video: a 720p H.264 clip of 60 frames at 25 fps, built from the
 astronaut photo with a zoom and pan, with an AAC tone; fps is frames over wall time of
@@ -33,15 +33,11 @@ ByteImage = npt.NDArray[np.uint8]
 
 
 def _sample_photos() -> tuple[ByteImage, ByteImage]:
-    """(source, target): Grace Hopper and the astronaut, from the dev extras' sample data."""
-    try:
-        import matplotlib  # dev-only dependency, needed only here
-        from skimage import data as skimage_data  # dev-only dependency
-    except ImportError as exc:
-        raise SystemExit(f"the benchmark needs the dev extras (pip install -e '.[dev]'): {exc}") from exc
-    source = cv2.imread(str(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
-    astronaut = skimage_data.astronaut()  # type: ignore[no-untyped-call]  # scikit-image has no hints here
-    target = cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR)
+    """(source, target): Grace Hopper and the astronaut, the photos shipped in comfyswap/samples."""
+    from comfyswap.samples import ASTRONAUT_PNG, GRACE_HOPPER_JPG
+
+    source = cv2.imread(str(GRACE_HOPPER_JPG))
+    target = cv2.imread(str(ASTRONAUT_PNG))
     return np.asarray(source, dtype=np.uint8), np.ascontiguousarray(target, dtype=np.uint8)
 
 
