@@ -38,7 +38,7 @@ print(json.dumps({
 }))
 """
 # Packages of other components: a function bundle that could import one carries too much.
-NOT_IN_A_FUNCTION = ["psutil", "rich", "boto3", "numpy", "cv2", "av", "websockets"]
+NOT_IN_A_FUNCTION = ["psutil", "rich", "numpy", "cv2", "av", "websockets", "httpx"]
 
 
 @pytest.fixture(scope="module")

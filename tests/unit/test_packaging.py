@@ -241,9 +241,13 @@ def _python_files(*folders: str) -> list[Path]:
 
 
 COMPONENT_ENTRY_POINTS = {
-    # Each function's main.py (shared/ follows from its imports), and the storage providers
+    # Each function's main.py (shared/ follows from its imports), and the bucket providers
     # the input store (shared/inputs.py) imports by name through the registry.
-    "functions": lambda: [*sorted((ROOT / "functions").glob("*/main.py")), *_python_files("shared/storage")],
+    "functions": lambda: [
+        *sorted((ROOT / "functions").glob("*/main.py")),
+        ROOT / "shared" / "storage" / "gcs.py",
+        ROOT / "shared" / "storage" / "r2.py",
+    ],
     # The whole runner package, and the storage providers its registry imports by name.
     "runner": lambda: _python_files("gpu_runner", "shared/storage"),
 }
