@@ -63,7 +63,7 @@ mypy: ## Type-check
 bench: $(STAMP) ## Print the performance figures (docs: README, Performance)
 	$(PY) -m benchmarks.run
 
-bundle: ## Build each function's deployable folder under build/functions/
+bundle: $(PY) ## Build each function's deployable folder under build/functions/
 	$(PY) scripts/bundle_functions.py
 
 run-emulated: $(STAMP) ## The cloud code path on one machine: Firestore/Cloud Tasks emulators, fake GCS

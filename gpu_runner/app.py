@@ -219,13 +219,14 @@ async def push(request: Request) -> Response:
             "this runner pulls its work (DISPATCH_MODE=pull); it takes no pushes", code="push_disabled"
         )
     if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
-        from shared.oidc import verify_cloud_tasks_token
+        from shared.oidc import identity_header, platform_verifies_tokens, verify_cloud_tasks_token
 
         verify_cloud_tasks_token(
-            request.headers.get("Authorization"),
+            identity_header(request.headers),
             audience=settings.runner_oidc_audience or settings.effective_runner_url,
             service_account_email=settings.cloud_tasks_invoker_email,
             certs=runner.google_certs,
+            platform_verified=platform_verifies_tokens(settings),
         )
     else:
         authenticate(request.headers, settings).require_runner()

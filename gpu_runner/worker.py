@@ -40,7 +40,7 @@ from shared.errors import (
     UpstreamUnavailable,
 )
 from shared.inputs import InputStore, drop_task_inputs, input_refs, make_input_store
-from shared.logs import bind_task, get_logger, log_event, unbind_task
+from shared.logs import bind_task, get_logger, log_event, log_task_claimed, unbind_task
 from shared.settings import Settings
 from shared.storage.base import StoredObject, result_key
 from shared.store.base import TaskStore
@@ -307,6 +307,7 @@ class Worker:
             # A duplicate delivery (another delivery holds it) or an already finished task.
             log_event(logger, "push_duplicate", task_id=task_id, code=exc.code)
             return 200, {"status": "not_claimable", "detail": exc.message}
+        log_task_claimed(logger, task, worker_id=self.worker_id)
         final = await self.process(task, hold_acquired=True)
         if final.status == TaskStatus.PENDING:
             # Retryable failure: let Cloud Tasks deliver it again after its backoff.

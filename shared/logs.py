@@ -13,7 +13,10 @@ import datetime as dt
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.tasks import Task
 
 __all__ = [
     "bind_task",
@@ -21,6 +24,7 @@ __all__ = [
     "configure_logging",
     "get_logger",
     "log_event",
+    "log_task_claimed",
     "unbind_task",
     "unbind_trace",
 ]
@@ -96,3 +100,16 @@ def unbind_trace(token: contextvars.Token[str | None]) -> None:
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """One structured event (``event`` is what log-based metrics filter on)."""
     logger.log(level, event, extra={"event": event, **fields})
+
+
+def log_task_claimed(logger: logging.Logger, task: Task, *, worker_id: str) -> None:
+    """``task_claimed``, the queue-wait metric's event: logged by whoever claims a task,
+    fetch_task in pull mode and the runner's push endpoint in push mode."""
+    log_event(
+        logger,
+        "task_claimed",
+        task_id=task.taskId,
+        worker_id=worker_id,
+        attempt=task.attempts,
+        queue_wait_s=task.timings.get("queue_wait_s"),
+    )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
 from shared.errors import ComfySwapError, Conflict, NotFound, PayloadTooLarge, ValidationFailed
-from shared.logs import get_logger, log_event
+from shared.logs import get_logger, log_event, log_task_claimed
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus, utcnow
@@ -383,14 +383,7 @@ class TaskService:
                     worker_id=worker_id, environments=environments, lease_seconds=self.settings.lease_seconds
                 )
                 if task is not None:
-                    log_event(
-                        logger,
-                        "task_claimed",
-                        task_id=task.taskId,
-                        worker_id=worker_id,
-                        attempt=task.attempts,
-                        queue_wait_s=task.timings.get("queue_wait_s"),
-                    )
+                    log_task_claimed(logger, task, worker_id=worker_id)
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

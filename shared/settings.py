@@ -153,6 +153,22 @@ class Settings(BaseSettings):
         "https://www.googleapis.com/oauth2/v1/certs",
         description="GOOGLE_OIDC_CERTS_URL: where the runner gets Google's token certificates.",
     )
+    cloud_run_invoker_iam: bool = Field(
+        False,
+        description="CLOUD_RUN_INVOKER_IAM: this service runs on Cloud Run with invoker IAM on (Terraform "
+        "sets it), so Cloud Run verified a caller's ID token before forwarding it with its signature "
+        "replaced by SIGNATURE_REMOVED_BY_GOOGLE; such tokens are then accepted (audience, issuer, "
+        "expiry and email still checked). Only honoured where Cloud Run's K_SERVICE is set; refused "
+        "everywhere else.",
+    )
+    k_service: str = Field(
+        "", description="K_SERVICE: the service name, set by Cloud Run and Cloud Functions."
+    )
+    # POST /internal/reap: Cloud Scheduler's OIDC token when set, else an admin API key.
+    reaper_invoker_email: str = Field(
+        "", description="REAPER_INVOKER_EMAIL: account that may reap by OIDC token."
+    )
+    reaper_oidc_audience: str = Field("", description="REAPER_OIDC_AUDIENCE: audience of the reaper's token.")
     runner_id: str = Field("", description="RUNNER_ID: this runner's lease owner name; empty = host-pid.")
     runner_environments: str = Field(
         "face_swap,comm", description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves."

@@ -82,8 +82,13 @@ def console_file(ctx: RequestContext) -> flask.Response:
 
 def reap(ctx: RequestContext) -> flask.Response:
     """Called every minute by Cloud Scheduler: re-queue tasks whose runner stopped renewing
-    its lease, enqueue again PENDING tasks whose delivery was lost, log queue numbers."""
-    ctx.principal.require_admin()
+    its lease, enqueue again PENDING tasks whose delivery was lost, log queue numbers.
+
+    Deployed, the caller is Cloud Scheduler's OIDC token, checked by authorize_reaper
+    (REAPER_INVOKER_EMAIL); locally, an admin API key."""
+    from shared.oidc import authorize_reaper
+
+    authorize_reaper(ctx.request.headers, ctx.settings)
     reaped = ctx.service.reap_expired_leases()
     sweep = redispatch_stale_pending(ctx.service.store, ctx.service.dispatcher, older_than_s=STALE_PENDING_S)
     stats = ctx.service.store.queue_stats()
@@ -99,7 +104,8 @@ ROUTES = [
     Route("GET", "/api/face-swap/queue-status", queue_status, "queue_status"),
     Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
-    Route("POST", "/internal/reap", reap, "reap", client_route=False),
+    # No API key check before the handler: the schedule sends an OIDC token, not a key.
+    Route("POST", "/internal/reap", reap, "reap", public=True),
     Route("GET", "/api/openapi.json", openapi, "openapi", public=True),
     Route("GET", "/api/admin/stats", admin_stats, "admin_stats"),
     Route("GET", "/console", console_file, "console", public=True),

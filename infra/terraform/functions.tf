@@ -30,6 +30,9 @@ resource "google_cloudfunctions2_function" "api" {
     runtime         = "python311"
     entry_point     = each.key
     service_account = google_service_account.build.id
+    # Built images go to this deployment's own repository, the only one the build
+    # account may write (not gcf-artifacts project-wide, not the runner images).
+    docker_repository = google_artifact_registry_repository.functions.id
     source {
       storage_source {
         bucket = google_storage_bucket.sources.name
@@ -39,11 +42,14 @@ resource "google_cloudfunctions2_function" "api" {
   }
 
   service_config {
-    available_memory                 = var.functions.memory
-    timeout_seconds                  = var.functions.timeout_s
-    min_instance_count               = var.functions.min_instances
-    max_instance_count               = var.functions.max_instances
-    max_instance_request_concurrency = 1
+    available_memory   = var.functions.memory
+    available_cpu      = var.functions.cpu
+    timeout_seconds    = var.functions.timeout_s
+    min_instance_count = var.functions.min_instances
+    max_instance_count = var.functions.max_instances
+    # `?wait=` and the runner's fetch hold a request up to 25 s doing nothing but wait:
+    # with concurrency 1 each waiting client would pin (and bill) an instance.
+    max_instance_request_concurrency = var.functions.concurrency
     # Reached through the gateway (and by Cloud Scheduler); IAM still requires an
     # authenticated caller with run.invoker (iam.tf).
     ingress_settings               = "ALLOW_ALL"
@@ -65,6 +71,7 @@ resource "google_cloudfunctions2_function" "api" {
   depends_on = [
     google_project_service.apis,
     google_project_iam_member.build,
+    google_artifact_registry_repository_iam_member.build_functions,
     google_storage_bucket_iam_member.build_sources,
     google_secret_manager_secret_iam_member.function,
     google_secret_manager_secret_version.secret,

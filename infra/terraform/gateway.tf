@@ -25,12 +25,13 @@ resource "google_api_gateway_api_config" "api" {
       path = "openapi2.yaml"
       contents = base64encode(templatefile("${path.module}/templates/openapi2.yaml.tftpl", {
         api_key_required   = var.gateway.api_key_required
-        create_task_url    = local.gateway_backends["create_task"]
+        create_task_url    = local.function_backends["create_task"]
         deadline_s         = format("%.1f", var.gateway.deadline_s)
-        fetch_task_url     = local.gateway_backends["fetch_task"]
-        get_task_url       = local.gateway_backends["get_task"]
+        fetch_task_url     = local.function_backends["fetch_task"]
+        get_task_url       = local.function_backends["get_task"]
         process_deadline_s = format("%.1f", var.gateway.process_deadline_s)
-        runner_url         = local.gateway_backends["runner"]
+        runner_ops_url     = local.runner_ops_backend
+        runner_url         = local.runner_backend
         title              = "${var.prefix}-api"
       }))
     }
@@ -66,22 +67,15 @@ resource "google_project_service" "gateway" {
   depends_on         = [google_api_gateway_gateway.api]
 }
 
-# Keys Terraform itself hands out: the lease reaper's (admin, sent by Cloud Scheduler
-# straight to its function) and, in vm mode, the pulling runner's (role runner).
-resource "google_apikeys_key" "reaper" {
-  project      = var.project_id
-  name         = "${var.prefix}-reaper"
-  display_name = "ComfySwap lease reaper"
-
-  restrictions {
-    api_targets {
-      service = google_api_gateway_api.api.managed_service
-    }
-  }
-
-  depends_on = [google_project_service.gateway]
-}
-
+# Keys Terraform itself hands out: in vm mode, the pulling runner's (role runner). The
+# lease reaper needs none: Cloud Scheduler calls its function with an OIDC token.
+#
+# The keys depend on the API (its managed service name), not on the gateway or on
+# enabling the managed service: the backends' API_KEYS env holds the keys' digests and
+# the gateway's config holds the backends' URLs, so a key that waited for the gateway
+# would close a cycle (key -> gateway -> config -> function -> API_KEYS -> key) that
+# `terraform validate` refuses. A key only has to be usable once the gateway serves,
+# and google_project_service.gateway is enabled in the same apply.
 resource "google_apikeys_key" "runner" {
   for_each     = var.runner_mode == "vm" ? toset(["runner"]) : toset([])
   project      = var.project_id
@@ -94,7 +88,7 @@ resource "google_apikeys_key" "runner" {
     }
   }
 
-  depends_on = [google_project_service.gateway]
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_apikeys_key" "client" {
@@ -109,5 +103,5 @@ resource "google_apikeys_key" "client" {
     }
   }
 
-  depends_on = [google_project_service.gateway]
+  depends_on = [google_project_service.apis]
 }

@@ -45,10 +45,14 @@ resource "google_service_account" "tasks_invoker" {
 # --- builds ----------------------------------------------------------------------------
 
 # The minimal set for a custom function build account (instead of the broader
-# roles/cloudbuild.builds.builder): write build logs, push the built image to the
-# gcf-artifacts repository (created by Cloud Functions, hence project level), read the zip.
+# roles/cloudbuild.builds.builder), per Cloud Functions' build service account page:
+# write build logs (project level: logs have no narrower resource), retrieve the
+# sources (storage.objectAdmin, on the sources bucket only), and push the built image
+# (artifactregistry.writer on the functions' own repository only: functions.tf sets
+# docker_repository, so the account can neither write gcf-artifacts nor overwrite a
+# runner image).
 resource "google_project_iam_member" "build" {
-  for_each = toset(["roles/artifactregistry.writer", "roles/logging.logWriter"])
+  for_each = toset(["roles/logging.logWriter"])
   project  = var.project_id
   role     = each.key
   member   = google_service_account.build.member
@@ -56,8 +60,16 @@ resource "google_project_iam_member" "build" {
 
 resource "google_storage_bucket_iam_member" "build_sources" {
   bucket = google_storage_bucket.sources.name
-  role   = "roles/storage.objectViewer"
+  role   = "roles/storage.objectAdmin"
   member = google_service_account.build.member
+}
+
+resource "google_artifact_registry_repository_iam_member" "build_functions" {
+  project    = var.project_id
+  location   = google_artifact_registry_repository.functions.location
+  repository = google_artifact_registry_repository.functions.name
+  role       = "roles/artifactregistry.writer"
+  member     = google_service_account.build.member
 }
 
 # --- functions -------------------------------------------------------------------------
@@ -162,17 +174,13 @@ resource "google_cloud_run_v2_service_iam_member" "runner_invokers" {
 
 # --- lease reaper schedule -------------------------------------------------------------
 
+# The scheduler's OIDC token passes Cloud Run's IAM check; the function then checks the
+# token's email is this account's (REAPER_INVOKER_EMAIL), so no other invoker (the
+# gateway's account) can reap.
 resource "google_cloud_run_v2_service_iam_member" "scheduler_reaper" {
   project  = var.project_id
   location = var.region
-  name     = local.reaper_service_name
+  name     = google_cloudfunctions2_function.api[var.reaper.target].name
   role     = "roles/run.invoker"
   member   = google_service_account.scheduler.member
-
-  lifecycle {
-    precondition {
-      condition     = local.reaper_service_name != ""
-      error_message = "reaper.target = \"runner\" needs runner_mode = \"cloud_run\"; in vm mode point it at a function."
-    }
-  }
 }

@@ -10,10 +10,7 @@ locals {
   }
 
   # Functions that enqueue Cloud Tasks (dispatch, and re-dispatch by the reaper).
-  dispatching_functions = toset(compact([
-    "create_task",
-    contains(keys(local.functions), var.reaper.target) ? var.reaper.target : "",
-  ]))
+  dispatching_functions = toset(["create_task", var.reaper.target])
 
   push_mode       = var.runner_mode == "cloud_run"
   runner_capacity = var.engine_slots * var.runner_max_instances
@@ -22,6 +19,10 @@ locals {
   # Cloud Run's deterministic URL (https://SERVICE-PROJECT_NUMBER.REGION.run.app): known
   # before the service exists, so the runner can be told its own OIDC audience.
   runner_url = local.push_mode ? "https://${local.runner_name}-${data.google_project.project.number}.${var.region}.run.app" : ""
+  # The same for the function the reaper schedule calls: the audience of its OIDC token,
+  # which the function checks (REAPER_OIDC_AUDIENCE) without referring to itself.
+  reaper_audience = "https://${var.prefix}-${replace(var.reaper.target, "_", "-")}-${data.google_project.project.number}.${var.region}.run.app"
+  queue_name      = "${var.prefix}-runner"
 
   gateway_region = coalesce(var.gateway.region, var.region)
   gateway_url    = "https://${google_api_gateway_gateway.api.default_hostname}"
@@ -32,12 +33,13 @@ locals {
   # sensitive map cannot drive the runner's dynamic env blocks).
   api_key_entries = concat(
     [for name, key in google_apikeys_key.client : "${sha256(key.key_string)}:${coalesce(var.api_keys[name].owner, name)}:${join("+", var.api_keys[name].roles)}"],
-    ["${sha256(google_apikeys_key.reaper.key_string)}:reaper:admin"],
     [for key in google_apikeys_key.runner : "${sha256(key.key_string)}:runner:runner"],
     var.api_key_digests,
   )
 
-  models_bucket = coalesce(var.models_bucket, google_storage_bucket.models[0].name)
+  # A conditional, not coalesce(): coalesce evaluates every argument, and models[0] does
+  # not exist when models_bucket is set ("Invalid index").
+  models_bucket = var.models_bucket != null ? var.models_bucket : one(google_storage_bucket.models[*].name)
 
   storage_providers = distinct(concat([var.storage_provider], var.storage_fallback))
 
@@ -89,12 +91,22 @@ locals {
   }
 
   function_env = merge(local.common_env, {
-    CLOUD_TASKS_DISPATCH_DEADLINE_S = "1800"
+    CLOUD_RUN_INVOKER_IAM           = "true"
+    CLOUD_TASKS_DISPATCH_DEADLINE_S = tostring(var.queue.dispatch_deadline_s)
+    REAPER_INVOKER_EMAIL            = google_service_account.scheduler.email
+    REAPER_OIDC_AUDIENCE            = local.reaper_audience
+    # functions-framework serves with gunicorn threads (default 4 per CPU): one per
+    # request the instance accepts, or long polls queue behind each other.
+    THREADS = tostring(var.functions.concurrency)
   })
 
   # The image starts ComfyUI by default (COMFYUI_COMMAND, gpu_runner/Dockerfile); an
   # empty command turns it off.
+  # CLOUD_RUN_INVOKER_IAM: the Cloud Run service keeps invoker IAM on (iam.tf grants
+  # run.invoker to the gateway and the Cloud Tasks identity only), so Cloud Run has
+  # verified a push's ID token before the runner sees it (docs/deploy.md, "Push tokens").
   runner_env = merge(local.common_env, var.comfyui.enabled ? {} : { COMFYUI_COMMAND = "" }, {
+    CLOUD_RUN_INVOKER_IAM = local.push_mode ? "true" : "false"
     COMFYUI_CLIENT_ID     = var.comfyui.client_id
     COMFYUI_URL           = var.comfyui.enabled ? var.comfyui.url : ""
     DATA_DIR              = "/tmp/comfyswap"
@@ -142,14 +154,17 @@ locals {
     "${index.collection}:${join(",", [for field in index.fields : "${field[0]}-${lower(field[1])}"])}" => index
   }
 
-  # Public routes and their backend (functions by name, or the runner); the OpenAPI
-  # template is rendered from this map, and tests/infra checks the two agree.
-  # In vm mode no runner is reachable from the gateway: the runner's routes then go to
-  # get_task, which answers those it knows (queue status) and 404s the rest.
-  gateway_backends = merge(
-    { for name, function in google_cloudfunctions2_function.api : name => function.service_config[0].uri },
-    { runner = local.push_mode ? google_cloud_run_v2_service.runner[0].uri : google_cloudfunctions2_function.api["get_task"].service_config[0].uri },
-  )
+  # Backends of the public routes (templates/openapi2.yaml.tftpl). Only the runner's
+  # routes can wake a GPU instance, so they are kept apart: tests/infra checks that every
+  # route whose backend may be the runner needs an API key at the gateway.
+  # runner_backend: POST /api/face-swap/process, the synchronous swap (a GPU by design).
+  # runner_ops_backend: the runner's read-only and ComfyUI routes; they reach the runner
+  # only with gateway.runner_ops = true, else get_task answers those it knows and 404s
+  # the rest, so no client key wakes (and bills) a GPU for a status call.
+  # In vm mode no runner is reachable from the gateway: both go to get_task.
+  function_backends  = { for name, function in google_cloudfunctions2_function.api : name => function.service_config[0].uri }
+  runner_backend     = local.push_mode ? google_cloud_run_v2_service.runner[0].uri : local.function_backends["get_task"]
+  runner_ops_backend = local.push_mode && var.gateway.runner_ops ? google_cloud_run_v2_service.runner[0].uri : local.function_backends["get_task"]
 
   labels = merge(var.labels, { app = "comfyswap", prefix = var.prefix })
 }

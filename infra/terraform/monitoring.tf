@@ -7,6 +7,12 @@ locals {
   log_scope     = "(resource.type=\"cloud_run_revision\" AND resource.labels.service_name=~\"^${var.prefix}-\") OR (resource.type=\"gce_instance\" AND labels.\"compute.googleapis.com/resource_name\"=~\"^${local.runner_name}-\")"
   metric_prefix = "logging.googleapis.com/user/${var.prefix}"
   runner_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.runner_name}\""
+  # A log-based metric's series carry the monitored resource of the entries it counts,
+  # and the Monitoring API refuses an alert filter without resource.type. The runner
+  # logs as a Cloud Run revision or as a VM; the functions (the reaper included) always
+  # as Cloud Run revisions. tests/infra checks each alert against who logs its event.
+  runner_resource_type   = local.push_mode ? "cloud_run_revision" : "gce_instance"
+  function_resource_type = "cloud_run_revision"
 }
 
 resource "google_logging_metric" "task_finished" {
@@ -135,9 +141,31 @@ resource "google_logging_metric" "runner_heartbeat" {
   }
 }
 
+# The Monitoring API knows a new log-based metric only after a while: an alert policy
+# created right after it fails with "Cannot find metric(s) ... it could take up to 10
+# minutes to become available" (hashicorp/terraform-provider-google#11102). The alerts
+# wait here; the wait runs again only when a metric is re-created.
+resource "time_sleep" "log_metrics" {
+  create_duration = "10m"
+  triggers = {
+    engine_time        = google_logging_metric.engine_time.id
+    oldest_pending_age = google_logging_metric.oldest_pending_age.id
+    queue_wait         = google_logging_metric.queue_wait.id
+    runner_heartbeat   = google_logging_metric.runner_heartbeat.id
+    task_finished      = google_logging_metric.task_finished.id
+  }
+}
+
 resource "google_monitoring_dashboard" "comfyswap" {
-  project = var.project_id
-  dashboard_json = jsonencode({
+  project        = var.project_id
+  dashboard_json = jsonencode(local.dashboard)
+}
+
+locals {
+  # Built from variables only (tests/infra evaluates it). Fields equal to their default
+  # (empty groupByFields, xPos/yPos 0) are left out: the API drops them and every plan
+  # would show a diff.
+  dashboard = {
     displayName = "ComfySwap (${var.prefix})"
     mosaicLayout = {
       columns = 12
@@ -145,7 +173,7 @@ resource "google_monitoring_dashboard" "comfyswap" {
         for index, tile in [
           {
             title  = "Cloud Tasks queue depth"
-            filter = "metric.type=\"cloudtasks.googleapis.com/queue/depth\" AND resource.type=\"cloud_tasks_queue\" AND resource.labels.queue_id=\"${google_cloud_tasks_queue.runner.name}\""
+            filter = "metric.type=\"cloudtasks.googleapis.com/queue/depth\" AND resource.type=\"cloud_tasks_queue\" AND resource.labels.queue_id=\"${local.queue_name}\""
             align  = "ALIGN_MEAN"
             reduce = "REDUCE_SUM"
           },
@@ -195,34 +223,37 @@ resource "google_monitoring_dashboard" "comfyswap" {
             align  = "ALIGN_PERCENTILE_95"
             reduce = "REDUCE_MAX"
           },
-          ] : {
-          xPos   = (index % 2) * 6
-          yPos   = floor(index / 2) * 4
-          width  = 6
-          height = 4
-          widget = {
-            title = tile.title
-            xyChart = {
-              dataSets = [{
-                plotType = "LINE"
-                timeSeriesQuery = {
-                  timeSeriesFilter = {
-                    filter = tile.filter
-                    aggregation = {
-                      alignmentPeriod    = "60s"
-                      perSeriesAligner   = tile.align
-                      crossSeriesReducer = tile.reduce
-                      groupByFields      = lookup(tile, "group", [])
+          ] : merge(
+          { for axis, position in { xPos = (index % 2) * 6, yPos = floor(index / 2) * 4 } : axis => position if position != 0 },
+          {
+            width  = 6
+            height = 4
+            widget = {
+              title = tile.title
+              xyChart = {
+                dataSets = [{
+                  plotType = "LINE"
+                  timeSeriesQuery = {
+                    timeSeriesFilter = {
+                      filter = tile.filter
+                      aggregation = merge(
+                        {
+                          alignmentPeriod    = "60s"
+                          perSeriesAligner   = tile.align
+                          crossSeriesReducer = tile.reduce
+                        },
+                        { for field, group in { groupByFields = lookup(tile, "group", []) } : field => group if length(group) > 0 },
+                      )
                     }
                   }
-                }
-              }]
+                }]
+              }
             }
-          }
-        }
+          },
+        )
       ]
     }
-  })
+  }
 }
 
 resource "google_monitoring_alert_policy" "failure_rate" {
@@ -238,7 +269,7 @@ resource "google_monitoring_alert_policy" "failure_rate" {
   conditions {
     display_name = "Failed tasks over 10 minutes"
     condition_threshold {
-      filter          = "metric.type=\"${local.metric_prefix}/task_finished\" AND metric.label.outcome=\"FAILED\""
+      filter          = "metric.type=\"${local.metric_prefix}/task_finished\" AND resource.type=\"${local.runner_resource_type}\" AND metric.label.outcome=\"FAILED\""
       comparison      = "COMPARISON_GT"
       threshold_value = 5
       duration        = "0s"
@@ -253,7 +284,7 @@ resource "google_monitoring_alert_policy" "failure_rate" {
     }
   }
 
-  depends_on = [google_logging_metric.task_finished]
+  depends_on = [time_sleep.log_metrics]
 }
 
 resource "google_monitoring_alert_policy" "backlog_age" {
@@ -269,7 +300,7 @@ resource "google_monitoring_alert_policy" "backlog_age" {
   conditions {
     display_name = "Oldest PENDING task older than 15 minutes"
     condition_threshold {
-      filter          = "metric.type=\"${local.metric_prefix}/oldest_pending_age_s\" AND resource.type=\"cloud_run_revision\""
+      filter          = "metric.type=\"${local.metric_prefix}/oldest_pending_age_s\" AND resource.type=\"${local.function_resource_type}\""
       comparison      = "COMPARISON_GT"
       threshold_value = 900
       duration        = "600s"
@@ -284,7 +315,7 @@ resource "google_monitoring_alert_policy" "backlog_age" {
     }
   }
 
-  depends_on = [google_logging_metric.oldest_pending_age]
+  depends_on = [time_sleep.log_metrics]
 }
 
 # A runner is expected while tasks wait: no heartbeat for 10 minutes while the backlog
@@ -302,7 +333,7 @@ resource "google_monitoring_alert_policy" "runner_down" {
   conditions {
     display_name = "No runner heartbeat"
     condition_absent {
-      filter   = "metric.type=\"${local.metric_prefix}/runner_heartbeat\" AND resource.type=\"${local.push_mode ? "cloud_run_revision" : "gce_instance"}\""
+      filter   = "metric.type=\"${local.metric_prefix}/runner_heartbeat\" AND resource.type=\"${local.runner_resource_type}\""
       duration = "600s"
       aggregations {
         alignment_period     = "300s"
@@ -318,7 +349,7 @@ resource "google_monitoring_alert_policy" "runner_down" {
   conditions {
     display_name = "Tasks are pending"
     condition_threshold {
-      filter          = "metric.type=\"${local.metric_prefix}/oldest_pending_age_s\" AND resource.type=\"cloud_run_revision\""
+      filter          = "metric.type=\"${local.metric_prefix}/oldest_pending_age_s\" AND resource.type=\"${local.function_resource_type}\""
       comparison      = "COMPARISON_GT"
       threshold_value = 0
       duration        = "600s"
@@ -333,5 +364,5 @@ resource "google_monitoring_alert_policy" "runner_down" {
     }
   }
 
-  depends_on = [google_logging_metric.runner_heartbeat, google_logging_metric.oldest_pending_age]
+  depends_on = [time_sleep.log_metrics]
 }

@@ -121,7 +121,33 @@ resource "google_cloud_run_v2_service" "runner" {
 # --- vm mode -------------------------------------------------------------------------
 
 locals {
-  runner_vm_zone = coalesce(var.runner_vm.zone, "${var.region}-a")
+  # A zone of the region that offers the GPU (Compute Engine "GPU regions and zones",
+  # https://cloud.google.com/compute/docs/gpus/gpu-regions-zones). Not REGION-a: that
+  # zone does not exist in every region (europe-west1 has b, c and d) and not every zone
+  # has every GPU. Regions missing here need runner_vm.zone.
+  runner_vm_default_zones = {
+    "nvidia-l4" = {
+      "asia-south1"     = "asia-south1-a"
+      "asia-southeast1" = "asia-southeast1-b"
+      "europe-west1"    = "europe-west1-b"
+      "europe-west4"    = "europe-west4-a"
+      "us-central1"     = "us-central1-a"
+      "us-east1"        = "us-east1-c"
+      "us-east4"        = "us-east4-a"
+      "us-west1"        = "us-west1-a"
+    }
+    "nvidia-tesla-t4" = {
+      "asia-south1"     = "asia-south1-a"
+      "asia-southeast1" = "asia-southeast1-b"
+      "europe-west1"    = "europe-west1-b"
+      "europe-west4"    = "europe-west4-b"
+      "us-central1"     = "us-central1-a"
+      "us-east1"        = "us-east1-c"
+      "us-east4"        = "us-east4-a"
+      "us-west1"        = "us-west1-a"
+    }
+  }
+  runner_vm_zone = var.runner_vm.zone != null ? var.runner_vm.zone : try(local.runner_vm_default_zones[var.gpu_type][var.region], null)
   runner_vms     = var.runner_mode == "vm" ? { for index in range(var.runner_max_instances) : "${local.runner_name}-${index}" => index } : {}
 }
 
@@ -196,6 +222,10 @@ resource "google_compute_instance" "runner" {
     precondition {
       condition     = var.gpu_type != "nvidia-rtx-pro-6000"
       error_message = "runner_mode = \"vm\" supports gpu_type nvidia-l4 (g2 machine types) or nvidia-tesla-t4 (n1)."
+    }
+    precondition {
+      condition     = local.runner_vm_zone != null
+      error_message = "No default zone with this GPU is known for the region: set runner_vm.zone (see https://cloud.google.com/compute/docs/gpus/gpu-regions-zones)."
     }
   }
 

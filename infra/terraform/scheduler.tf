@@ -1,14 +1,10 @@
 # Cloud Scheduler job for the lease reaper: tasks whose runner stopped renewing its lease
 # go back to PENDING (and are re-dispatched) until max attempts, then FAILED.
-
-locals {
-  reaper_url = var.reaper.target == "runner" ? local.runner_url : google_cloudfunctions2_function.api[var.reaper.target].service_config[0].uri
-  reaper_service_name = (
-    var.reaper.target == "runner"
-    ? (local.push_mode ? google_cloud_run_v2_service.runner[0].name : "")
-    : google_cloudfunctions2_function.api[var.reaper.target].name
-  )
-}
+#
+# The job carries no API key: it sends an OIDC token of the scheduler's service account,
+# Cloud Run checks it (run.invoker, iam.tf) and the function accepts it only for that
+# account and audience (REAPER_INVOKER_EMAIL, REAPER_OIDC_AUDIENCE in main.tf). Nothing
+# usable on the public gateway is stored in the job.
 
 resource "google_cloud_scheduler_job" "reaper" {
   project          = var.project_id
@@ -25,17 +21,14 @@ resource "google_cloud_scheduler_job" "reaper" {
 
   http_target {
     http_method = "POST"
-    uri         = "${local.reaper_url}${var.reaper.path}"
-    # The reap route needs an admin key (shared/auth.py); the OIDC token gets the call
-    # past Cloud Run's IAM check.
+    uri         = "${google_cloudfunctions2_function.api[var.reaper.target].service_config[0].uri}${var.reaper.path}"
     headers = {
       "Content-Type" = "application/json"
-      "X-API-Key"    = google_apikeys_key.reaper.key_string
     }
     body = base64encode("{}")
     oidc_token {
       service_account_email = google_service_account.scheduler.email
-      audience              = local.reaper_url
+      audience              = local.reaper_audience
     }
   }
 

@@ -3,14 +3,16 @@
 
 resource "google_cloud_tasks_queue" "runner" {
   project  = var.project_id
-  name     = "${var.prefix}-runner"
+  name     = local.queue_name
   location = var.region
 
   # At most one delivery per free engine slot; a busy runner answers 429/503 and the
-  # retry policy below backs off.
+  # retry policy below backs off. Cloud Tasks caps max_dispatches_per_second at 500 and
+  # max_concurrent_dispatches at 5000 (RateLimits, Cloud Tasks API reference); 16 slots
+  # x 100 instances would ask for 1600.
   rate_limits {
-    max_concurrent_dispatches = local.runner_capacity
-    max_dispatches_per_second = local.runner_capacity
+    max_concurrent_dispatches = min(local.runner_capacity, 5000)
+    max_dispatches_per_second = min(local.runner_capacity, 500)
   }
 
   retry_config {

@@ -139,8 +139,10 @@ variable "firestore" {
 }
 
 variable "functions" {
-  description = "Sizing shared by the three HTTPS functions (create_task, get_task, fetch_task)."
+  description = "Sizing shared by the three HTTPS functions (create_task, get_task, fetch_task): concurrency = requests one instance serves at once (each `?wait=` or runner fetch long poll holds one for up to 25 s; Cloud Functions needs cpu >= 1 for concurrency > 1), cpu, memory, instance counts and timeout."
   type = object({
+    concurrency   = optional(number, 80)
+    cpu           = optional(string, "1")
     max_instances = optional(number, 20)
     memory        = optional(string, "512Mi")
     min_instances = optional(number, 0)
@@ -156,15 +158,21 @@ variable "functions" {
     condition     = var.functions.timeout_s >= 1 && var.functions.timeout_s <= 3600
     error_message = "functions.timeout_s must be between 1 and 3600 seconds."
   }
+  validation {
+    # https://cloud.google.com/functions/docs/configuring/concurrency
+    condition     = var.functions.concurrency >= 1 && var.functions.concurrency <= 1000 && (var.functions.concurrency == 1 || tonumber(var.functions.cpu) >= 1)
+    error_message = "functions.concurrency must be 1-1000, and above 1 only with functions.cpu at least 1 (a Cloud Functions requirement)."
+  }
 }
 
 variable "gateway" {
-  description = "API Gateway in front of the functions and the runner: api_key_required (x-api-key checked by the gateway on client routes), region (null = region; API Gateway exists in fewer regions than Cloud Run), deadline_s per backend call and process_deadline_s for the synchronous POST /api/face-swap/process."
+  description = "API Gateway in front of the functions and the runner: api_key_required (x-api-key checked by the gateway on client routes; routes that may reach the GPU runner always need one), runner_ops (route the runner's status and ComfyUI routes to the runner: any client key then wakes a GPU instance; false = get_task answers them), region (null = region; API Gateway exists in fewer regions than Cloud Run), deadline_s per backend call and process_deadline_s for the synchronous POST /api/face-swap/process."
   type = object({
     api_key_required   = optional(bool, true)
     deadline_s         = optional(number, 60)
     process_deadline_s = optional(number, 600)
     region             = optional(string)
+    runner_ops         = optional(bool, false)
   })
   default  = {}
   nullable = false
@@ -237,8 +245,9 @@ variable "public_results" {
 }
 
 variable "queue" {
-  description = "Cloud Tasks retry policy for push dispatch. Busy runners answer 429/503 and Cloud Tasks backs off, so attempts here count deliveries, not engine runs (those are bounded by task_limits.max_attempts)."
+  description = "Cloud Tasks push dispatch: dispatch_deadline_s (how long Cloud Tasks waits for the runner's answer: 15-1800 s, and it must outlast task_limits.timeout_s plus transfers) and the retry policy. Busy runners answer 429/503 and Cloud Tasks backs off, so attempts here count deliveries, not engine runs (those are bounded by task_limits.max_attempts)."
   type = object({
+    dispatch_deadline_s  = optional(number, 1800)
     max_attempts         = optional(number, 100)
     max_backoff_s        = optional(number, 300)
     max_doublings        = optional(number, 5)
@@ -250,6 +259,12 @@ variable "queue" {
   validation {
     condition     = var.queue.max_attempts >= 1 && var.queue.min_backoff_s >= 0.1 && var.queue.max_backoff_s >= var.queue.min_backoff_s
     error_message = "queue.max_attempts must be at least 1, queue.min_backoff_s at least 0.1 and queue.max_backoff_s at least queue.min_backoff_s."
+  }
+  validation {
+    # Task.dispatch_deadline of HTTP targets: 15 s to 30 min.
+    # https://cloud.google.com/tasks/docs/reference/rest/v2/projects.locations.queues.tasks#Task
+    condition     = var.queue.dispatch_deadline_s >= 15 && var.queue.dispatch_deadline_s <= 1800
+    error_message = "queue.dispatch_deadline_s must be between 15 and 1800 seconds (Cloud Tasks' limits for HTTP targets)."
   }
 }
 
@@ -265,7 +280,7 @@ variable "r2" {
 }
 
 variable "reaper" {
-  description = "Cloud Scheduler job that re-dispatches tasks whose lease expired: cron schedule, target (a function or the runner) and path (POST with an OIDC token)."
+  description = "Cloud Scheduler job that re-dispatches tasks whose lease expired: cron schedule, target (the function serving POST /internal/reap) and path. The job authenticates with an OIDC token of its own service account, which the function checks (REAPER_INVOKER_EMAIL); no API key is involved."
   type = object({
     path      = optional(string, "/internal/reap")
     schedule  = optional(string, "*/2 * * * *")
@@ -275,8 +290,10 @@ variable "reaper" {
   default  = {}
   nullable = false
   validation {
-    condition     = contains(["create_task", "fetch_task", "get_task", "runner"], var.reaper.target)
-    error_message = "reaper.target must be create_task, fetch_task, get_task or runner."
+    # Only get_task routes POST /internal/reap (functions/get_task/main.py); any other
+    # target would 404 on every run, silently.
+    condition     = contains(["get_task"], var.reaper.target)
+    error_message = "reaper.target must be get_task, the only function that serves POST /internal/reap."
   }
   validation {
     condition     = startswith(var.reaper.path, "/")
@@ -321,7 +338,7 @@ variable "results_bucket" {
 }
 
 variable "runner" {
-  description = "Cloud Run runner service: cpu and memory limits (an L4 needs at least 4 CPU and 16Gi), ingress (all = reachable by the gateway, still IAM-authenticated; internal = Cloud Tasks and Scheduler only, the gateway's runner routes then fail), gpu_zonal_redundancy (false = cheaper, best-effort failover), timeout_s per request."
+  description = "Cloud Run runner service: cpu and memory limits (Cloud Run's GPU minimums: an L4 needs at least 4 CPU and 16Gi, an RTX PRO 6000 20 CPU and 80Gi), ingress (all = reachable by the gateway, still IAM-authenticated; internal = Cloud Tasks and Scheduler only, the gateway's runner routes then fail), gpu_zonal_redundancy (false = cheaper, best-effort failover), timeout_s per request."
   type = object({
     cpu                  = optional(string, "8")
     gpu_zonal_redundancy = optional(bool, false)
@@ -338,6 +355,24 @@ variable "runner" {
   validation {
     condition     = var.runner.timeout_s >= 1 && var.runner.timeout_s <= 3600
     error_message = "runner.timeout_s must be between 1 and 3600 seconds (Cloud Run's limit)."
+  }
+  validation {
+    condition     = can(regex("^[0-9]+$", var.runner.cpu)) && can(regex("^[0-9]+Gi$", var.runner.memory))
+    error_message = "runner.cpu must be a whole number of CPUs (e.g. \"8\") and runner.memory a number of GiB (e.g. \"32Gi\")."
+  }
+  validation {
+    # Cloud Run GPU minimums: L4 4 CPU / 16 GiB, RTX PRO 6000 20 CPU / 80 GiB.
+    # https://cloud.google.com/run/docs/configuring/services/gpu
+    condition = var.runner_mode != "cloud_run" || !can(regex("^[0-9]+Gi$", var.runner.memory)) || (
+      tonumber(var.runner.cpu) >= lookup({ "nvidia-l4" = 4, "nvidia-rtx-pro-6000" = 20 }, var.gpu_type, 0) &&
+      tonumber(trimsuffix(var.runner.memory, "Gi")) >= lookup({ "nvidia-l4" = 16, "nvidia-rtx-pro-6000" = 80 }, var.gpu_type, 0)
+    )
+    error_message = "runner.cpu and runner.memory are below Cloud Run's minimum for gpu_type: nvidia-l4 needs 4 CPU and 16Gi, nvidia-rtx-pro-6000 20 CPU and 80Gi."
+  }
+  validation {
+    # A push delivery is one request: Cloud Run must not cut it before Cloud Tasks' deadline.
+    condition     = var.runner_mode != "cloud_run" || var.runner.timeout_s >= var.queue.dispatch_deadline_s
+    error_message = "runner.timeout_s must be at least queue.dispatch_deadline_s: Cloud Run would end a push request Cloud Tasks still waits for."
   }
 }
 
@@ -385,7 +420,7 @@ variable "runner_mode" {
 }
 
 variable "runner_vm" {
-  description = "GPU VM settings (runner_mode = vm): zone (null = REGION-a), machine type matching gpu_type, boot disk size, network, subnetwork, and whether it gets an external IP (it only needs egress; without one, give the subnet Cloud NAT)."
+  description = "GPU VM settings (runner_mode = vm): zone (null = a zone of the region that offers gpu_type, from the table in runner.tf; set it for regions not in the table), machine type matching gpu_type, boot disk size, network, subnetwork, and whether it gets an external IP (it only needs egress; without one, give the subnet Cloud NAT)."
   type = object({
     boot_disk_size_gb = optional(number, 200)
     external_ip       = optional(bool, true)
@@ -448,11 +483,11 @@ variable "storage_provider" {
 }
 
 variable "task_limits" {
-  description = "Task limits read by functions and runner: lease_seconds (LEASE_SECONDS, renewed by heartbeat), max_attempts (MAX_ATTEMPTS: engine runs before FAILED) and timeout_s (TASK_TIMEOUT_S per task)."
+  description = "Task limits read by functions and runner: lease_seconds (LEASE_SECONDS, renewed by heartbeat), max_attempts (MAX_ATTEMPTS: engine runs before FAILED) and timeout_s (TASK_TIMEOUT_S: engine time per task; in cloud_run mode at most queue.dispatch_deadline_s - 300, the delivery also covers downloads and the upload)."
   type = object({
     lease_seconds = optional(number, 60)
     max_attempts  = optional(number, 3)
-    timeout_s     = optional(number, 1800)
+    timeout_s     = optional(number, 1500)
   })
   default  = {}
   nullable = false
@@ -463,5 +498,12 @@ variable "task_limits" {
   validation {
     condition     = var.task_limits.max_attempts >= 1 && var.task_limits.max_attempts <= 20 && var.task_limits.timeout_s > 0
     error_message = "task_limits.max_attempts must be 1-20 and task_limits.timeout_s greater than 0."
+  }
+  validation {
+    # The push handler runs the task inside the Cloud Tasks delivery: if the delivery's
+    # deadline passes first, Cloud Tasks redelivers a task that is still running.
+    # 300 s covers the input downloads (FETCH_TIMEOUT_S each) and the result upload.
+    condition     = var.runner_mode != "cloud_run" || var.task_limits.timeout_s + 300 <= var.queue.dispatch_deadline_s
+    error_message = "task_limits.timeout_s + 300 s of transfers must fit in queue.dispatch_deadline_s (at most 1800) in cloud_run mode; longer tasks need runner_mode = \"vm\" (pull mode has no delivery deadline)."
   }
 }

@@ -6,8 +6,10 @@ The key pair stands in for Google's: its certificate is served through the injec
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -193,21 +195,20 @@ def test_empty_expectations_are_refused_rather_than_accepting_anything(google_ke
         )
 
 
-def test_google_certs_are_fetched_once_per_cache_lifetime(certs: dict[str, str]) -> None:
-    """The default source fetches the certificate mapping over HTTP and honours
-    Cache-Control max-age (here a real server on 127.0.0.1 stands in for Google)."""
+@contextlib.contextmanager
+def serving_certs(certs: dict[str, str], hits: list[str] | None = None) -> Iterator[str]:
+    """Google's certificate endpoint stood in for by a real server on 127.0.0.1: yields its
+    URL; ``hits`` collects the paths requested."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from shared.oidc import GoogleCertsCache
-
-    hits: list[str] = []
+    body = json.dumps(certs).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            hits.append(self.path)
-            body = json.dumps(certs).encode()
+            if hits is not None:
+                hits.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Cache-Control", "public, max-age=3600, must-revalidate")
@@ -222,13 +223,23 @@ def test_google_certs_are_fetched_once_per_cache_lifetime(certs: dict[str, str])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        cache = GoogleCertsCache(f"http://127.0.0.1:{server.server_address[1]}/oauth2/v1/certs")
-        first = cache()
-        second = cache()
+        yield f"http://127.0.0.1:{server.server_address[1]}/oauth2/v1/certs"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_google_certs_are_fetched_once_per_cache_lifetime(certs: dict[str, str]) -> None:
+    """The default source fetches the certificate mapping over HTTP and honours
+    Cache-Control max-age (here a real server on 127.0.0.1 stands in for Google)."""
+    from shared.oidc import GoogleCertsCache
+
+    hits: list[str] = []
+    with serving_certs(certs, hits) as url:
+        cache = GoogleCertsCache(url)
+        first = cache()
+        second = cache()
 
     assert first == certs
     assert second == certs

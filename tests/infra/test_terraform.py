@@ -17,9 +17,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import pytest
 import yaml
+
+from tests.infra.tfconfig import parse_dir, parse_file, unquote, walk_strings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO_ROOT / "infra" / "terraform"
@@ -47,43 +48,29 @@ PUBLIC_ROUTES = {
     ("GET", "/console"),
     ("GET", "/console/{asset}"),
     ("GET", "/api/runner/health"),
+    ("GET", "/api/openapi.json"),
 }
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
 PUBLIC_MEMBERS = ("allUsers", "allAuthenticatedUsers")
-# Built-in names before the first dot of a reference that are not resources.
-_METADATA_KEYS = {"__comments__", "__is_block__", "__inline_comments__"}
 
 
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _unquote(value: str) -> str:
-    """python-hcl2 8 keeps the quotes of labels and string literals."""
-    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+_unquote = unquote
+_walk_strings = walk_strings
 
 
 def _tf_files() -> list[Path]:
     return sorted(TERRAFORM_DIR.glob("*.tf"))
 
 
-def _without_metadata(node: Any) -> Any:
-    """Drop python-hcl2's ``__comments__`` / ``__is_block__`` entries (comments are not code)."""
-    if isinstance(node, dict):
-        return {key: _without_metadata(value) for key, value in node.items() if key not in _METADATA_KEYS}
-    if isinstance(node, list):
-        return [_without_metadata(item) for item in node]
-    return node
-
-
-def _parse(path: Path) -> dict[str, Any]:
-    with path.open() as handle:
-        parsed: dict[str, Any] = _without_metadata(hcl2.load(handle))
-    return parsed
+_parse = parse_file
 
 
 @pytest.fixture(scope="module")
 def parsed() -> dict[str, dict[str, Any]]:
-    return {path.name: _parse(path) for path in _tf_files()}
+    return parse_dir(TERRAFORM_DIR)
 
 
 def _blocks(parsed: dict[str, dict[str, Any]], kind: str) -> list[tuple[str, dict[str, Any]]]:
@@ -109,17 +96,6 @@ def _resources(
             for name_label, body in named.items():
                 found[(_unquote(type_label), _unquote(name_label))] = body
     return found
-
-
-def _walk_strings(node: Any) -> list[str]:
-    """Every string (expressions included) inside a parsed tree, keys and values."""
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [text for key, value in node.items() for text in (*_walk_strings(key), *_walk_strings(value))]
-    if isinstance(node, list):
-        return [text for item in node for text in _walk_strings(item)]
-    return []
 
 
 def _all_expressions(parsed: dict[str, dict[str, Any]]) -> str:
@@ -172,7 +148,7 @@ def test_main_tf_holds_only_locals(parsed: dict[str, dict[str, Any]]) -> None:
 
 def test_versions_pin_terraform_and_provider_ranges(parsed: dict[str, dict[str, Any]]) -> None:
     terraform_block = parsed["versions.tf"]["terraform"][0]
-    assert ">= 1.5" in terraform_block["required_version"]
+    assert ">= 1.9" in terraform_block["required_version"]  # cross-variable validations
     providers = terraform_block["required_providers"][0]
     for provider in ("google", "google-beta"):
         version = providers[provider]["version"]
@@ -364,7 +340,8 @@ def test_env_names_are_settings_names(parsed: dict[str, dict[str, Any]]) -> None
     """Every env var Terraform sets is one shared/settings.py reads (or a planned one)."""
     settings_source = (REPO_ROOT / "shared" / "settings.py").read_text()
     known = {name.upper() for name in re.findall(r"^    ([a-z0-9_]+): ", settings_source, flags=re.MULTILINE)}
-    known |= {"GOOGLE_CLOUD_PROJECT"}
+    # THREADS: functions-framework's gunicorn threads (functions_framework/_http/gunicorn.py).
+    known |= {"GOOGLE_CLOUD_PROJECT", "THREADS"}
     planned: set[str] = set()
     locals_blocks = [block for _, block in _blocks(parsed, "locals")]
     env_maps = [
@@ -415,7 +392,7 @@ def test_vm_runner_has_a_gpu_and_terminates_on_maintenance(parsed: dict[str, dic
 
 def test_queue_concurrency_follows_engine_slots(parsed: dict[str, dict[str, Any]]) -> None:
     queue = _resources(parsed)[("google_cloud_tasks_queue", "runner")]
-    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${local.runner_capacity}"
+    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${min(local.runner_capacity, 5000)}"
     retry = queue["retry_config"][0]
     assert {"max_attempts", "min_backoff", "max_backoff", "max_doublings"} <= set(retry)
     capacity = next(block for _, block in _blocks(parsed, "locals") if "runner_capacity" in block)
@@ -502,7 +479,7 @@ def test_openapi_operations_reach_a_backend_with_its_own_token() -> None:
             assert backend["path_translation"] == "APPEND_PATH_TO_ADDRESS", f"{method} {path}"
             operation_ids.add(operation["operationId"])
             # Open: liveness, and the console's static files (its API calls carry the key).
-            if path not in {"/api/health", "/api/face-swap/health", "/console", "/console/{asset}"}:
+            if path not in {"/api/health", "/api/openapi.json", "/console", "/console/{asset}"}:
                 assert "security" not in operation or operation["security"], f"{method} {path} is open"
     assert len(operation_ids) == len(PUBLIC_ROUTES), "operationIds must be unique"
 
