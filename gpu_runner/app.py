@@ -53,7 +53,7 @@ from shared.storage.base import StoredObject
 from shared.storage.local import LocalStorage
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, utcnow
-from shared.workflows import TEMPLATES, FaceSwapInput
+from shared.workflows import FACE_SWAP_MODELS, TEMPLATES, FaceSwapInput, supported_models
 
 __all__ = ["EXCEPTION_HANDLERS", "ROUTES", "RunnerState", "create_app"]
 
@@ -285,10 +285,14 @@ async def face_swap_health(request: Request) -> Response:
 
 
 async def face_swap_workflows(request: Request) -> Response:
+    runnable = supported_models(runner_of(request).settings.face_swap_engine)
     return JSONResponse(
         {
             "workflows": {name: template.describe() for name, template in TEMPLATES.items()},
             "face_swap": FaceSwapInput.model_json_schema(),
+            # The whitelist's models this runner's engine can run, default first (the
+            # console's model choices).
+            "face_swap_models": [model for model in FACE_SWAP_MODELS if model in runnable],
         }
     )
 

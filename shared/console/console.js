@@ -297,7 +297,8 @@ function renderTask(task) {
   parts.push(el("dl", {}, el("dt", { text: "created" }), el("dd", { text: new Date(task.created_at).toLocaleString() }),
     timing.map(([name, value]) => [el("dt", { text: name }), el("dd", { text: seconds(value) })])));
   if (task.error && task.status !== "COMPLETED") {
-    parts.push(el("div", { class: "failure", role: task.status === "FAILED" ? "alert" : null },
+    parts.push(el("div", { class: task.status === "CANCELLED" ? "failure cancelled" : "failure",
+      role: task.status === "FAILED" ? "alert" : null },
       el("p", { class: "plain", text: plainError(task.error) }),
       el("p", { class: "help" }, el("span", { text: task.error.message }), " ",
         el("code", { class: "code", text: task.error.code }),
@@ -481,7 +482,7 @@ async function loadWorkflows() {
     return;
   }
   state.workflows = result.body;
-  const models = modelChoices(result.body.face_swap);
+  const models = result.body.face_swap_models || modelChoices(result.body.face_swap);
   if (models.length) {
     const select = $("#swap-model");
     const current = select.value;

@@ -74,6 +74,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.api.stop()
 
 
+@pytest.fixture(scope="module")
+def open_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`make run` as it comes: no API_KEYS, the API open to whoever reaches 127.0.0.1."""
+    running = start_stack(tmp_path_factory.mktemp("console-open-stack"))
+    yield running
+    running.client.close()
+    running.runner.stop()
+    running.api.stop()
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo's faces as files on disk (what a person drops on the page), and a clip

@@ -28,13 +28,14 @@ class ConsolePage:
         self.stack = stack
         self.screenshots = screenshots
 
-    def open(self) -> None:
+    def open(self, *, signed_out: bool = True) -> None:
         # Forget the tab's key on another page of the same origin: the console itself would
         # sign in with it while it loads (and write it back).
         self.driver.get(f"{self.stack.api.url}/api/health")
         self.driver.execute_script("sessionStorage.clear()")
         self.driver.get(f"{self.stack.api.url}/console")
-        self.wait(lambda: self.find("#signin-form").is_displayed(), "the sign-in form")
+        if signed_out:
+            self.wait(lambda: self.find("#signin-form").is_displayed(), "the sign-in form")
 
     def find(self, selector: str) -> Any:
         from selenium.webdriver.common.by import By
@@ -64,6 +65,11 @@ class ConsolePage:
                 f"timed out after {timeout_s}s waiting for {what}; page says: "
                 f"{self.find('main').text[:2000]}\nrunner log: {self.stack.runner.log()[-2000:]}"
             ) from None
+
+    def image_loaded(self, image: Any) -> bool:
+        return bool(
+            self.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image)
+        )
 
     def shot(self, name: str) -> Path:
         path = self.screenshots / f"{name}.png"
@@ -143,6 +149,8 @@ def test_swap_from_two_files_shows_the_result_image(page: ConsolePage, photos: d
         "the face photo's preview",
     )
     page.shot("03-swap-form-with-two-files")
+    models = [option.get_attribute("value") for option in page.find_all("#swap-model option")]
+    assert models[0] == "inswapper_128_fp16" and len(models) > 1, models  # the engine's, from the runner
     task_id = page.submit_swap(photos["source"], photos["target"])
 
     page.wait(lambda: page.badge(task_id) == "COMPLETED", "the swap to complete", SWAP_TIMEOUT_S)
@@ -255,3 +263,71 @@ def test_the_console_fits_a_phone_screen(page: ConsolePage) -> None:
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
     )
     assert overflow <= 0, f"the page scrolls sideways by {overflow}px on a phone"
+
+
+def test_a_template_runs_from_its_schema_form_and_its_failure_reads_in_plain_words(
+    page: ConsolePage, photos: dict[str, Path]
+) -> None:
+    page.sign_in(KEYS["client"])
+    page.wait(page.signed_in, "the signed-in task list")
+    page.go("template")
+    page.wait(lambda: page.find_all("#template-name option"), "the templates")
+    before = {card.get_attribute("id") for card in page.find_all("#task-list > li")}
+
+    from selenium.webdriver.support.ui import Select
+
+    Select(page.find("#template-name")).select_by_value("invert_image")
+    page.wait(lambda: page.find("#tpl-width").get_attribute("type") == "number", "the form from the schema")
+    assert page.find("#tpl-width").get_attribute("max"), "bounds come from the JSON Schema"
+    page.find("#tpl-image_url-file").send_keys(str(photos["target"]))
+    page.find("#tpl-width").clear()
+    page.find("#tpl-width").send_keys("256")
+    page.shot("09-template-form")
+    page.find("#template-form button[type=submit]").click()
+
+    card = page.wait(
+        lambda: next(
+            (c for c in page.find_all("#task-list > li") if c.get_attribute("id") not in before), None
+        ),
+        "the template task's card",
+    )
+    task_id = str(card.get_attribute("id")).removeprefix("task-")
+    # This stack has no ComfyUI: the task fails, and the card says so in words.
+    page.wait(lambda: page.badge(task_id) == "FAILED", "the template task to fail", SWAP_TIMEOUT_S)
+    failure = page.card(task_id).find_element("css selector", ".failure")
+    page.shot("10-failed-in-plain-words")
+    answer = page.stack.client.get(f"/api/tasks/{task_id}", headers={"X-API-Key": KEYS["client"]})
+    task = answer.json()["task"]
+    assert task["params"]["input_data"]["template_params"]["width"] == 256
+    assert task["error"]["code"] in failure.text and task["error"]["message"] in failure.text
+    assert "ComfyUI" in failure.find_element("css selector", ".plain").text, failure.text
+
+
+def test_a_file_dropped_on_the_face_zone_is_chosen_and_previewed(page: ConsolePage) -> None:
+    page.sign_in(KEYS["client"])
+    page.wait(page.signed_in, "the signed-in task list")
+    page.go("swap")
+
+    # A real drop event carrying a real PNG file (drawn in the page: WebDriver cannot drag
+    # from the desktop).
+    page.driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        const canvas = document.createElement("canvas");
+        canvas.width = canvas.height = 64;
+        canvas.getContext("2d").fillRect(0, 0, 32, 32);
+        canvas.toBlob((blob) => {
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([blob], "dropped-face.png", { type: "image/png" }));
+          const zone = document.querySelector("#drop-source .dropzone");
+          const init = { dataTransfer: transfer, bubbles: true, cancelable: true };
+          zone.dispatchEvent(new DragEvent("dragover", init));
+          zone.dispatchEvent(new DragEvent("drop", init));
+          done();
+        }, "image/png");
+        """
+    )
+
+    assert page.find("#drop-source .dropzone span").text.startswith("dropped-face.png")
+    preview = page.find("#drop-source img.preview")
+    assert preview.is_displayed() and preview.get_attribute("src").startswith("blob:")
