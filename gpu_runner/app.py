@@ -40,13 +40,14 @@ from shared.auth import Principal, authenticate
 from shared.dispatch.base import NoopDispatcher
 from shared.errors import (
     ComfySwapError,
+    Conflict,
     Forbidden,
     NotFound,
-    RateLimited,
     UpstreamUnavailable,
     ValidationFailed,
 )
 from shared.logs import configure_logging, get_logger, log_event
+from shared.ratelimit import RateLimiter
 from shared.request_guard import body_too_large, normalise_path
 from shared.settings import Settings
 from shared.storage.base import StoredObject
@@ -77,13 +78,12 @@ class RunnerState:
         self.store = store or make_task_store(settings)
         self.engines = engines if engines is not None else build_engines(settings)
         self.storage = make_storage_chain(settings)
-        self.local_results = LocalStorage(
-            settings.data_dir / "results", settings.effective_local_storage_base_url
-        )
+        self.local_results = LocalStorage.from_settings(settings)
         self.pull = settings.dispatch_mode == "pull" if pull is None else pull
         source = HttpTaskSource(settings.task_api_url, api_key=settings.runner_api_key) if self.pull else None
         from shared.webhooks import WebhookNotifier
 
+        self.rate_limiter = RateLimiter.from_settings(settings)
         self.webhooks = WebhookNotifier(settings, self.store)
         self.worker = Worker(
             settings, self.store, self.engines, self.upload, source=source, on_finished=self.webhooks.notify
@@ -159,10 +159,18 @@ def runner_of(request: Request) -> RunnerState:
 
 
 def client_principal(request: Request) -> Principal:
-    """The caller of a client route: a client or admin key."""
-    principal = authenticate(request.headers, runner_of(request).settings)
+    """The caller of a client route: a client or admin key, within its rate limit (the same
+    per-owner buckets as the API's, so the runner's routes are no way around them)."""
+    runner = runner_of(request)
+    principal = authenticate(request.headers, runner.settings)
     principal.require_client()
+    runner.rate_limiter.check(principal)
     return principal
+
+
+def visible_owner(principal: Principal) -> str | None:
+    """None (everything) for an admin, else the caller's own owner name."""
+    return None if principal.is_admin else principal.owner
 
 
 async def json_body(request: Request) -> Any:
@@ -185,28 +193,34 @@ async def health(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
-    client_principal(request)
+    """Component health. Where things live (storage roots and buckets, the ComfyUI URL,
+    upstream error text) is for admins; a client sees each component's state."""
+    principal = client_principal(request)
     runner = runner_of(request)
-    engines = {}
+    engines: dict[str, Any] = {}
     for name, engine in runner.engines.items():
         try:
             engines[name] = await asyncio.wait_for(engine.health(), timeout=5)
         except Exception as exc:
             engines[name] = {"status": "error", "error": str(exc)}
+    storage = runner.storage.health()
+    if not principal.is_admin:
+        engines = {name: {"status": report.get("status")} for name, report in engines.items()}
+        storage = {"status": storage.get("status")}
     return JSONResponse(
         {
             "runner": "healthy",
             "engines": engines,
-            "storage": runner.storage.health(),
-            "worker": runner.worker.snapshot(),
+            "storage": storage,
+            "worker": runner.worker.snapshot(owner=visible_owner(principal)),
             "uptime_s": round(time.time() - runner.started_at, 1),
         }
     )
 
 
 async def runner_status(request: Request) -> Response:
-    client_principal(request)
-    return JSONResponse(runner_of(request).worker.snapshot())
+    principal = client_principal(request)
+    return JSONResponse(runner_of(request).worker.snapshot(owner=visible_owner(principal)))
 
 
 async def push(request: Request) -> Response:
@@ -241,10 +255,21 @@ async def push(request: Request) -> Response:
 
 
 async def results(request: Request) -> Response:
-    path = runner_of(request).local_results.path_for("results/" + request.path_params["key"])
+    """A `local` result: to anyone with its signed, unexpired URL, else to its task's owner
+    (by API key). Anything else is the same 404 as a missing file: nothing to probe."""
+    runner = runner_of(request)
+    key = request.path_params["key"]
+    params = request.query_params
+    if not runner.local_results.signature_valid(key, params.get("expires"), params.get("signature")):
+        principal = authenticate(request.headers, runner.settings)
+        runner.rate_limiter.check(principal)
+        task = await asyncio.to_thread(runner.store.get, key.split("/", 1)[0])
+        if task is None or not principal.can_see(task.owner):
+            raise NotFound("no such result", code="result_not_found")
+    path = runner.local_results.path_for("results/" + key)
     if not path.is_file():
         raise NotFound("no such result", code="result_not_found")
-    return FileResponse(path)
+    return FileResponse(path, headers={"Cache-Control": "private, no-store"})
 
 
 async def face_swap_process(request: Request) -> Response:
@@ -260,12 +285,12 @@ async def face_swap_process(request: Request) -> Response:
     service = TaskService(runner.settings, runner.store, NoopDispatcher())
     create_request = service.parse_create(body, face_swap_shortcut=True)
     task = service.build_task(create_request, principal)
-    if runner.worker.busy:
-        raise RateLimited("all engine slots are busy", retry_after_s=5, code="runner_busy")
     started = time.perf_counter()
-    result = await asyncio.wait_for(
-        _run_direct(runner, engine, task), timeout=runner.settings.face_swap_timeout
-    )
+    # Counted like a claimed task: a full runner answers 429 instead of running it anyway.
+    async with runner.worker.direct_job():
+        result = await asyncio.wait_for(
+            _run_direct(runner, engine, task), timeout=runner.settings.face_swap_timeout
+        )
     return JSONResponse(
         {
             "status": "success",
@@ -308,9 +333,23 @@ async def comfyui_system_stats(request: Request) -> Response:
 
 
 async def comfyui_interrupt(request: Request) -> Response:
-    client_principal(request)
-    prompt_id = request.query_params.get("prompt_id")
-    return JSONResponse(await comfyui_engine(request).interrupt(prompt_id))
+    """``?task_id=``: stop one of your own tasks running here (it ends CANCELLED and the
+    runner interrupts its ComfyUI prompt). Without it, or by ``prompt_id``, ComfyUI's own
+    interrupt stops whatever runs, any tenant's work: an admin's call only."""
+    principal = client_principal(request)
+    runner = runner_of(request)
+    task_id = request.query_params.get("task_id")
+    if task_id:
+        task = await asyncio.to_thread(runner.store.get, task_id)
+        if task is None or not principal.can_see(task.owner):
+            raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
+        if runner.worker.owner_of(task_id) is None or task.environment not in runner.engines:
+            raise Conflict(f"task {task_id} is not running on this runner", code="task_not_running")
+        cancelled = await asyncio.to_thread(runner.store.cancel, task_id)
+        log_event(logger, "task_interrupted", task_id=task_id, owner=principal.owner)
+        return JSONResponse({"interrupted": True, "task_id": task_id, "status": cancelled.status.value})
+    principal.require_admin()
+    return JSONResponse(await comfyui_engine(request).interrupt(request.query_params.get("prompt_id")))
 
 
 ROUTES = [
@@ -333,8 +372,9 @@ ROUTES = [
 # --- errors to responses -----------------------------------------------------------------
 def error_response(exc: ComfySwapError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    retry_after_s = getattr(exc, "retry_after_s", None)  # RateLimited, RunnerBusy
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return JSONResponse(
         {"success": False, "error": exc.to_dict(), "detail": exc.message},
         status_code=exc.http_status,

@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +36,8 @@ from shared.errors import (
     JobCancelled,
     JobFailed,
     NotFound,
+    RateLimited,
+    RunnerBusy,
     TransientError,
     UpstreamUnavailable,
 )
@@ -130,6 +132,7 @@ class StoreTaskSource:
 class _Held:
     task_id: str
     cancel: asyncio.Event
+    owner: str = ""
     lease_lost: bool = False
     progress: Progress | None = None
     progress_written: Progress | None = None
@@ -196,17 +199,44 @@ class Worker:
     def busy(self) -> bool:
         return self._held_count >= self.capacity
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, owner: str | None = None) -> dict[str, Any]:
+        """The worker's state; with ``owner``, only that owner's in-flight task ids (another
+        tenant's running task ids are theirs alone)."""
+        in_flight = [
+            task_id for task_id, held in self.in_flight.items() if owner is None or held.owner == owner
+        ]
         return {
             "worker_id": self.worker_id,
             "draining": self.draining,
             "capacity": self.capacity,
             "held": self._held_count,
-            "in_flight": sorted(self.in_flight),
+            "in_flight": sorted(in_flight),
             "slots": dict.fromkeys(self.engines, self.settings.engine_slots),
             "completed": self.completed,
             "failed": self.failed,
         }
+
+    def owner_of(self, task_id: str) -> str | None:
+        """The owner of a task this runner holds now, else None."""
+        held = self.in_flight.get(task_id)
+        return held.owner if held is not None else None
+
+    @contextlib.asynccontextmanager
+    async def direct_job(self) -> AsyncIterator[None]:
+        """A hold for a job that bypasses the queue (the direct swap route): it counts
+        against the same capacity as claimed tasks, and a full runner refuses at once."""
+        if self.draining:
+            raise RunnerBusy("the runner is draining", retry_after_s=10)
+        if self.busy:
+            raise RateLimited(
+                f"all {self.capacity} places of this runner are taken", retry_after_s=5, code="runner_busy"
+            )
+        await self._held.acquire()
+        self._held_count += 1
+        try:
+            yield
+        finally:
+            self._release_hold()
 
     # --- pull mode --------------------------------------------------------------------
     async def run_pull_loop(self, *, wait_s: float = 10.0) -> None:
@@ -321,7 +351,7 @@ class Worker:
             await self._held.acquire()
             self._held_count += 1
         token = bind_task(task.taskId)
-        held = _Held(task.taskId, asyncio.Event())
+        held = _Held(task.taskId, asyncio.Event(), owner=task.owner)
         self.in_flight[task.taskId] = held
         keeper = asyncio.ensure_future(self._keep_lease(held))
         workdir = self.work_root / task.taskId

@@ -189,4 +189,4 @@ def health_response(ctx: RequestContext) -> flask.Response:
 
 
 def status_response(ctx: RequestContext) -> flask.Response:
-    return json_response(ctx.service.status())
+    return json_response(ctx.service.status(ctx.principal))

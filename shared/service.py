@@ -414,17 +414,19 @@ class TaskService:
         return task
 
     # --- health -----------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, principal: Principal) -> dict[str, Any]:
+        """API health; the queue counts are the caller's own (an admin's: every tenant's)."""
         started = time.perf_counter()
         try:
-            stats = self.store.queue_stats()
+            stats = self.store.queue_stats(owner=None if principal.is_admin else principal.owner)
             store_status: dict[str, Any] = {
                 "status": "healthy",
                 "backend": self.settings.task_store,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             }
         except Exception as exc:
-            return {"api": "degraded", "store": {"status": "error", "error": str(exc)}, "queue_length": None}
+            error = str(exc) if principal.is_admin else type(exc).__name__
+            return {"api": "degraded", "store": {"status": "error", "error": error}, "queue_length": None}
         return {
             "api": "healthy",
             "store": store_status,

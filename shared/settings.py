@@ -203,6 +203,38 @@ class Settings(BaseSettings):
     signed_url_ttl_s: int = Field(
         3600, ge=60, le=604800, description="SIGNED_URL_TTL_S: signed URL lifetime."
     )
+    result_url_secret: str = Field(
+        "",
+        repr=False,
+        description="RESULT_URL_SECRET: key that signs `local` result URLs (HMAC, expiring after "
+        "SIGNED_URL_TTL_S); empty = a random key kept in DATA_DIR/secrets/result-url.key.",
+    )
+    max_waits_per_tenant: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="MAX_WAITS_PER_TENANT: long polls (`?wait=`) one API key owner may hold at once per "
+        "API instance; more answer 429 at once.",
+    )
+    max_running_per_tenant: int = Field(
+        0,
+        ge=0,
+        description="MAX_RUNNING_PER_TENANT: tasks of one owner claimed (FETCHED or PROCESSING) at once; "
+        "0 = no cap (tenants still take turns: the owner with the fewest running tasks goes first).",
+    )
+    max_video_frames: int = Field(
+        18_000, gt=0, description="MAX_VIDEO_FRAMES: most frames a video input may have (from its metadata)."
+    )
+    max_video_duration_s: float = Field(
+        600.0, gt=0, description="MAX_VIDEO_DURATION_S: longest video input, in seconds (from its metadata)."
+    )
+    task_retention_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="TASK_RETENTION_DAYS: finished tasks are deleted this long after they end (Firestore "
+        "TTL on `expire_at`; a sweep in SQLite).",
+    )
     storage_retry_deadline_s: float = Field(
         30.0,
         gt=0,

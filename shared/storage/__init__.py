@@ -75,7 +75,7 @@ def make_provider(name: str, settings: Settings) -> StorageProvider:
     if name == "local":
         from shared.storage.local import LocalStorage
 
-        return LocalStorage(settings.data_dir / "results", settings.effective_local_storage_base_url)
+        return LocalStorage.from_settings(settings)
     module_name, class_name = _REGISTRY[name]
     provider_class = getattr(importlib.import_module(module_name), class_name)
     provider: StorageProvider = provider_class.from_settings(settings)

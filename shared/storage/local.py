@@ -1,16 +1,31 @@
-"""The embedded default: results are files under DATA_DIR/results, served over HTTP."""
+"""The embedded default: results are files under DATA_DIR/results, served over HTTP.
+
+A result URL is signed and expires, as the cloud providers' signed URLs do: the runner
+serves ``/results/<key>?expires=<unix time>&signature=<HMAC-SHA256(key.expires)>`` to anyone
+holding that URL until it expires, and otherwise only to the task's owner (by API key).
+The key is RESULT_URL_SECRET, or a random key kept in DATA_DIR/secrets so URLs outlive a
+restart; nothing in a URL lets anyone guess another task's.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from shared.errors import UnsafeInput
 from shared.storage.base import StorageProvider, StoredObject
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 __all__ = ["LocalStorage"]
 
@@ -18,13 +33,52 @@ __all__ = ["LocalStorage"]
 class LocalStorage(StorageProvider):
     name = "local"
 
-    def __init__(self, root: Path, base_url: str, *, key_prefix: str = "results/") -> None:
+    def __init__(
+        self,
+        root: Path,
+        base_url: str,
+        *,
+        key_prefix: str = "results/",
+        signing_key: bytes | None = None,
+        url_ttl_s: int = 3600,
+    ) -> None:
         self.root = root.resolve()
         self.base_url = base_url.rstrip("/")
         # Keys name objects as in a bucket (``results/<task>/000.png``); the folder is the
         # root of that prefix.
         self._key_prefix = key_prefix
         self.root.mkdir(parents=True, exist_ok=True)
+        # None: a store whose URLs are never handed out (the input store).
+        self._signing_key = signing_key
+        self.url_ttl_s = url_ttl_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalStorage:
+        """The results store of the runner, its URLs signed."""
+        return cls(
+            settings.data_dir / "results",
+            settings.effective_local_storage_base_url,
+            signing_key=result_url_key(settings),
+            url_ttl_s=settings.signed_url_ttl_s,
+        )
+
+    def _signature(self, relative: str, expires: int) -> str:
+        assert self._signing_key is not None, "this store hands out no URLs"
+        message = f"{relative}.{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
+
+    def signed_query(self, relative: str, *, now: float | None = None) -> str:
+        """``expires=…&signature=…`` for the object at ``relative`` (a key without its prefix)."""
+        expires = int(now if now is not None else time.time()) + self.url_ttl_s
+        return urlencode({"expires": expires, "signature": self._signature(relative, expires)})
+
+    def signature_valid(self, relative: str, expires: str | None, signature: str | None) -> bool:
+        """True for an unexpired URL signed by this key (compared in constant time)."""
+        if self._signing_key is None or not expires or not signature or not expires.isdigit():
+            return False
+        if int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._signature(relative, int(expires)), signature)
 
     def path_for(self, key: str) -> Path:
         """The file behind ``key``; refuses any key that would leave the root."""
@@ -51,7 +105,8 @@ class LocalStorage(StorageProvider):
         return StoredObject(
             provider=self.name,
             key=key,
-            url=f"{self.base_url}/{relative}",
+            url=f"{self.base_url}/{relative}"
+            + (f"?{self.signed_query(relative)}" if self._signing_key is not None else ""),
             content_type=content_type,
             size=destination.stat().st_size,
         )
@@ -103,3 +158,23 @@ class LocalStorage(StorageProvider):
     def health(self) -> dict[str, Any]:
         writable = os.access(self.root, os.W_OK)
         return {"status": "configured" if writable else "error", "root": str(self.root)}
+
+
+def result_url_key(settings: Settings) -> bytes:
+    """RESULT_URL_SECRET, or the random key of this DATA_DIR (created once, owner-only)."""
+    if settings.result_url_secret:
+        return settings.result_url_secret.encode()
+    path = settings.data_dir / "secrets" / "result-url.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".key-")
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
+        # Two processes starting at once: link() is atomic, the first wins, both read the winner.
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            pass
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+    return path.read_text().strip().encode()

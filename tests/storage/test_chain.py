@@ -119,7 +119,9 @@ def test_oversized_image_moves_from_cloudflare_images_to_the_next_provider(
             cf_images_api_base=cf_images_fake.api_base,
         ),
     )
-    chain = StorageChain([cf_images, LocalStorage(tmp_path / "results", "http://127.0.0.1:8080/results")])
+    chain = StorageChain(
+        [cf_images, LocalStorage(tmp_path / "results", "http://127.0.0.1:8080/results", signing_key=b"k")]
+    )
     _, data = png_file(tmp_path, seed=22)
     big = tmp_path / "big.png"
     big.write_bytes(data + b"\x00" * MAX_IMAGE_BYTES)
