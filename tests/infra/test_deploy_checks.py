@@ -175,18 +175,15 @@ def test_required_version_admits_no_release_missing_a_feature_used(graph: Graph)
 # Which process logs each event the metrics count (shared/logs.py events), and the
 # monitored resource type of that process's logs in each runner mode.
 EVENT_SOURCES = {
-    "task_finished": {"runner"},
+    "task_finished": {"runner", "create_task"},  # create_task logs cancellations
     "task_claimed": {"fetch_task", "runner"},
     "queue_stats": {"runner", "reaper"},
     "runner_heartbeat": {"runner"},
 }
+_FUNCTIONS_ON_CLOUD_RUN = dict.fromkeys(("create_task", "fetch_task", "reaper"), "cloud_run_revision")
 SOURCE_RESOURCE_TYPES = {
-    "cloud_run": {
-        "runner": "cloud_run_revision",
-        "fetch_task": "cloud_run_revision",
-        "reaper": "cloud_run_revision",
-    },
-    "vm": {"runner": "gce_instance", "fetch_task": "cloud_run_revision", "reaper": "cloud_run_revision"},
+    "cloud_run": {"runner": "cloud_run_revision", **_FUNCTIONS_ON_CLOUD_RUN},
+    "vm": {"runner": "gce_instance", **_FUNCTIONS_ON_CLOUD_RUN},
 }
 
 
@@ -413,6 +410,18 @@ def test_no_anonymous_route_reaches_the_gpu_runner(graph: Graph, api_key_require
             security = operation.get("security", default_security)
             assert security, f"{method.upper()} {path} reaches the GPU runner without an API key"
     assert reached, "no route reaches the runner"
+
+
+@needs_terraform
+def test_only_cloud_run_services_trust_a_signature_removed_token(graph: Graph) -> None:
+    """CLOUD_RUN_INVOKER_IAM is true for the Cloud Run runner and the functions only, and
+    Terraform never sets K_SERVICE (Cloud Run does): a VM must not pass for Cloud Run."""
+    runner = _env_expression(graph, "runner_env", "CLOUD_RUN_INVOKER_IAM")
+    assert [evaluate(runner, {"runner_mode": mode}) for mode in MODES] == ["true", "false"]
+    assert evaluate(_env_expression(graph, "function_env", "CLOUD_RUN_INVOKER_IAM")) == "true"
+    assert map_entry(_locals_text(graph, "vm_runner_env"), "CLOUD_RUN_INVOKER_IAM") is None
+    configuration = "\n".join(path.read_text() for path in TERRAFORM_DIR.rglob("*.tf*"))
+    assert "K_SERVICE" not in configuration
 
 
 def test_runner_service_keeps_invoker_iam(graph: Graph) -> None:
