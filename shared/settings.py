@@ -115,6 +115,17 @@ class Settings(BaseSettings):
         description="FACEFUSION_MODELS_DIR: FaceFusion's model files (checked against their .hash files "
         "at start and before each job); empty = .assets/models beside FACEFUSION_COMMAND's .py script.",
     )
+    facefusion_warm: bool = Field(
+        True,
+        description="FACEFUSION_WARM: keep FaceFusion and its models loaded in one host process per engine "
+        "slot, fed jobs over a pipe; false (or a host that cannot start) = one `headless-run` per job.",
+    )
+    facefusion_warm_max_rss_mb: float = Field(
+        8192.0,
+        gt=0,
+        description="FACEFUSION_WARM_MAX_RSS_MB: a warm FaceFusion host grown past this is replaced after "
+        "its job (a leak must not take the runner down).",
+    )
     face_swap_shared_dir: str = Field(
         "",
         description="FACE_SWAP_SHARED_DIR: folder the FaceFusion HTTP API writes results into, shared with "

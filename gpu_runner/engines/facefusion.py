@@ -51,6 +51,7 @@ import re
 import shlex
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -79,6 +80,7 @@ from gpu_runner.engines.facefusion_models import (
     ModelChecker,
     files_for,
 )
+from gpu_runner.engines.facefusion_warm import WarmHostPool
 from gpu_runner.engines.faceswap import FaceSwapEngineBase
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
@@ -112,6 +114,10 @@ __all__ = [
 _logger = get_logger(__name__)
 
 _READ_CHUNK_BYTES: Final = 4096
+# A warm host keeps its models loaded (FaceFusion's default, strict, drops them per job).
+WARM_ARGUMENTS: Final = ("--video-memory-strategy", "tolerant")
+# After a host failed to start, jobs go to the per-job CLI for this long before a retry.
+_WARM_RETRY_S: Final = 300.0
 # After the process exits, how long a grandchild still holding the pipe may delay EOF.
 _DRAIN_TIMEOUT_S: Final = 2.0
 
@@ -137,6 +143,8 @@ class FaceFusionEngine(FaceSwapEngineBase):
         ]
         self.models = ModelChecker(self._models_dir())
         self._model_check: dict[str, ModelCheck] = {}
+        self._pool = WarmHostPool(settings.engine_slots, settings.facefusion_warm_max_rss_mb)
+        self._warm_retry_at = 0.0
 
     @classmethod
     def validate_request(cls, request: FaceSwapInput) -> None:
@@ -270,8 +278,7 @@ class FaceFusionEngine(FaceSwapEngineBase):
         temp_path = job.workdir / "facefusion-temp"
         jobs_path.mkdir(exist_ok=True)
         temp_path.mkdir(exist_ok=True)
-        argv = [
-            *command.argv,
+        arguments = [
             *build_headless_arguments(
                 source=source,
                 target=target,
@@ -282,12 +289,19 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 video_fps=video_fps,
                 video_scale=video_scale,
             ),
+            "--temp-path",
+            str(temp_path),
         ]
         if cancel.is_set():
             raise JobCancelled("task cancelled before FaceFusion started")
         progress(Progress(value=0, max=1, stage="starting"))
-        environment = facefusion_environment(temp_path)
-        exit_code, parser = await self._run_process(argv, command.cwd, environment, progress, cancel)
+        host_command = self._host_command(command)
+        if host_command is not None:
+            exit_code, parser = await self._run_warm(host_command, arguments, progress, cancel)
+        else:
+            environment = facefusion_environment(temp_path)
+            argv = [*command.argv, *arguments]
+            exit_code, parser = await self._run_process(argv, command.cwd, environment, progress, cancel)
         self._raise_for_exit(exit_code, parser)
         if not output.is_file() or output.stat().st_size == 0:
             raise JobFailed(
@@ -306,6 +320,86 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 "pixel_boost": pixel_boost_for(request.model, request.pixel_boost),
             },
         )
+
+    # --- the warm host ------------------------------------------------------------------------
+    def _host_command(self, command: _Command) -> tuple[str, Path] | None:
+        """(FaceFusion's python, its folder) when jobs go to a warm host; None: per-job CLI."""
+        if not self.settings.facefusion_warm or command.script is None or command.cwd is None:
+            return None
+        if len(command.argv) != 2 or command.argv[1] != str(command.script):
+            return None  # not "python facefusion.py": nothing to host
+        if time.monotonic() < self._warm_retry_at:
+            return None
+        return command.argv[0], command.cwd
+
+    def _warm_up_arguments(self) -> list[str]:
+        """The arguments whose models a new host loads before its first job."""
+        return [
+            "headless-run",
+            "--processors",
+            "face_swapper",
+            "--face-swapper-model",
+            FaceSwapInput.model_fields["model"].default,
+            "--execution-providers",
+            *self.execution_providers,
+            *WARM_ARGUMENTS,
+        ]
+
+    async def _run_warm(
+        self,
+        host_command: tuple[str, Path],
+        arguments: list[str],
+        progress: ProgressCallback,
+        cancel: asyncio.Event,
+    ) -> tuple[int, FaceFusionProgressParser]:
+        """Run a job on a warm host; cancel and timeout kill its process group, as a
+        per-job ``headless-run`` would be killed. A host that cannot start: per-job CLI."""
+        python, root = host_command
+        host_temp = self.settings.data_dir / "facefusion-host"
+        host_temp.mkdir(parents=True, exist_ok=True)
+        try:
+            host = await self._pool.acquire(
+                python, root, facefusion_environment(host_temp), self._warm_up_arguments()
+            )
+        except UpstreamUnavailable as exc:
+            self._warm_retry_at = time.monotonic() + _WARM_RETRY_S
+            log_event(_logger, "facefusion_host_unavailable", error=exc.message, level=40)
+            command = self._command()
+            environment = facefusion_environment(Path(arguments[arguments.index("--temp-path") + 1]))
+            return await self._run_process(
+                [*command.argv, *arguments], command.cwd, environment, progress, cancel
+            )
+        parser = FaceFusionProgressParser(progress)
+        job = asyncio.ensure_future(host.run([*arguments, *WARM_ARGUMENTS], parser))
+        cancelled = asyncio.ensure_future(cancel.wait())
+        result: dict[str, Any] | None = None
+        try:
+            done, _ = await asyncio.wait(
+                {job, cancelled}, timeout=self.settings.task_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if job not in done:
+                host.kill()
+                if cancelled in done:
+                    raise JobCancelled("task cancelled while FaceFusion ran")
+                raise JobFailed(
+                    f"FaceFusion did not finish within TASK_TIMEOUT_S={self.settings.task_timeout_s:g}s",
+                    code="task_timeout",
+                )
+            result = job.result()
+        finally:
+            cancelled.cancel()
+            if result is None:
+                host.kill()  # also when the worker abandons the run: never leave it working
+                job.cancel()
+            await self._pool.release(host, result)
+        face_error = result.get("face_error")
+        if face_error:
+            details = {key: value for key, value in face_error.items() if key not in ("code", "message")}
+            raise JobFailed(str(face_error["message"]), code=str(face_error["code"]), details=details)
+        return int(result["exit_code"]), parser
+
+    async def close(self) -> None:
+        await self._pool.close()
 
     async def _run_process(
         self,

@@ -15,7 +15,9 @@ What each stand-in computes (enough for the real pipeline to run end to end):
 
 * ``yoloface_8n``: one face, centred in the picture (found as the non-black extent of the
   letter-boxed input), its side 45% of the shorter side, score 0.9, five landmarks from
-  FaceFusion's ``arcface_112_v2`` template scaled into the box. Other anchors score 0.
+  FaceFusion's ``arcface_112_v2`` template scaled into the box; an all-black picture has
+  no face (score 0), which is how the tests show a target without a face. Other anchors
+  score 0.
 * ``fan_68_5``: a fixed frontal 68-point layout (so the face angle is 0).
 * ``2dfan4``: zero heatmaps (landmark score 0): FaceFusion keeps the detector's 5 points.
 * ``arcface_w600k_r50``: a fixed random projection of the 8x8-pooled crop (512 values):
@@ -196,7 +198,8 @@ def yoloface() -> Graph:
     constant = np.zeros(20, np.float32)
     width_weights[0], height_weights[1] = 0.5, 0.5
     side_weights[2] = side_weights[3] = side
-    constant[4] = 0.9
+    score_weights = np.zeros(20, np.float32)
+    score_weights[4] = 0.9
     for index, (x, y) in enumerate(ARCFACE_112_V2 / 112.0):
         width_weights[5 + 3 * index] = 0.5
         side_weights[5 + 3 * index] = side * (x - 0.5)
@@ -212,6 +215,11 @@ def yoloface() -> Graph:
         ),
         graph.op("Add", graph.op("Mul", shorter, graph.const(side_weights)), graph.const(constant)),
     )
+    # Score 0.9 once the picture is at least 32 px across, 0 for an all-black one.
+    present = graph.op(
+        "Clip", graph.op("Sub", shorter, graph.const(31.0)), graph.const(0.0), graph.const(1.0)
+    )
+    face = graph.op("Add", face, graph.op("Mul", present, graph.const(score_weights)))
     face = graph.op("Reshape", face, graph.const([1, 20, 1], np.int64))
     before = graph.filled(frame, [1, 20, FACE_ANCHOR], 0.0)
     after = graph.filled(frame, [1, 20, 8400 - FACE_ANCHOR - 1], 0.0)

@@ -40,6 +40,8 @@ def make_engine(tmp_path: Path, fetcher: SafeFetcher, command: str, **overrides:
         "data_dir": tmp_path / "data",
         "facefusion_command": command,
         "facefusion_models_dir": str(write_model_files(tmp_path / "models")),
+        # The stand-in is a script, not FaceFusion: no warm host (tests/peers runs one).
+        "facefusion_warm": False,
         "facefusion_execution_providers": "cuda",
         "task_timeout_s": 30.0,
         **overrides,

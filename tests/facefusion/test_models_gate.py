@@ -35,6 +35,7 @@ def test_the_worker_claims_no_face_swap_while_models_are_missing(
         facefusion_command=fake_cli_command,
         facefusion_models_dir=str(models),
         facefusion_execution_providers="cuda",
+        facefusion_warm=False,
     )
     store = SQLiteTaskStore(tmp_path / "tasks.db")
     task = store.create(face_swap_task(source_url=source_url, target_url=target_image_url))
