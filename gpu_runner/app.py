@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpu_runner.engines.base import Engine
 from gpu_runner.worker import HttpTaskSource, Worker
-from shared.auth import Principal, authenticate
+from shared.auth import Principal, authenticate, keys_need_io
 from shared.dispatch.base import NoopDispatcher
 from shared.errors import (
     ComfySwapError,
@@ -158,11 +158,20 @@ def runner_of(request: Request) -> RunnerState:
     return state
 
 
-def client_principal(request: Request) -> Principal:
+async def caller(request: Request) -> Principal:
+    """Who sent this request. With API_KEYS_FILE the check stats (and on a change reads)
+    the file, so it runs in a thread: a slow disk must not stall the heartbeats."""
+    settings = runner_of(request).settings
+    if keys_need_io(settings):
+        return await asyncio.to_thread(authenticate, request.headers, settings)
+    return authenticate(request.headers, settings)
+
+
+async def client_principal(request: Request) -> Principal:
     """The caller of a client route: a client or admin key, within its rate limit (the same
     per-owner buckets as the API's, so the runner's routes are no way around them)."""
     runner = runner_of(request)
-    principal = authenticate(request.headers, runner.settings)
+    principal = await caller(request)
     principal.require_client()
     runner.rate_limiter.check(principal)
     return principal
@@ -195,7 +204,7 @@ async def health(request: Request) -> Response:
 async def status(request: Request) -> Response:
     """Component health. Where things live (storage roots and buckets, the ComfyUI URL,
     upstream error text) is for admins; a client sees each component's state."""
-    principal = client_principal(request)
+    principal = await client_principal(request)
     runner = runner_of(request)
     engines: dict[str, Any] = {}
     for name, engine in runner.engines.items():
@@ -203,7 +212,9 @@ async def status(request: Request) -> Response:
             engines[name] = await asyncio.wait_for(engine.health(), timeout=5)
         except Exception as exc:
             engines[name] = {"status": "error", "error": str(exc)}
-    storage = runner.storage.health()
+    # Each provider's check is a network call (a bucket reload, head_bucket with botocore's
+    # retries, a Cloudflare GET): in a thread, never on the loop the heartbeats run on.
+    storage = await asyncio.to_thread(runner.storage.health)
     if not principal.is_admin:
         engines = {name: {"status": report.get("status")} for name, report in engines.items()}
         storage = {"status": storage.get("status")}
@@ -219,7 +230,7 @@ async def status(request: Request) -> Response:
 
 
 async def runner_status(request: Request) -> Response:
-    principal = client_principal(request)
+    principal = await client_principal(request)
     return JSONResponse(runner_of(request).worker.snapshot(owner=visible_owner(principal)))
 
 
@@ -235,7 +246,9 @@ async def push(request: Request) -> Response:
     if settings.dispatch_mode == "push" and settings.cloud_tasks_invoker_email:
         from shared.oidc import identity_header, platform_verifies_tokens, verify_cloud_tasks_token
 
-        verify_cloud_tasks_token(
+        # Google's certificates may be fetched (sync HTTP) and the signature checked: a thread.
+        await asyncio.to_thread(
+            verify_cloud_tasks_token,
             identity_header(request.headers),
             audience=settings.runner_oidc_audience or settings.effective_runner_url,
             service_account_email=settings.cloud_tasks_invoker_email,
@@ -243,7 +256,7 @@ async def push(request: Request) -> Response:
             platform_verified=platform_verifies_tokens(settings),
         )
     else:
-        authenticate(request.headers, settings).require_runner()
+        (await caller(request)).require_runner()
     try:
         body = json.loads(await request.body())
         task_id = str(body["task_id"])
@@ -261,7 +274,7 @@ async def results(request: Request) -> Response:
     key = request.path_params["key"]
     params = request.query_params
     if not runner.local_results.signature_valid(key, params.get("expires"), params.get("signature")):
-        principal = authenticate(request.headers, runner.settings)
+        principal = await caller(request)
         runner.rate_limiter.check(principal)
         task = await asyncio.to_thread(runner.store.get, key.split("/", 1)[0])
         if task is None or not principal.can_see(task.owner):
@@ -274,7 +287,7 @@ async def results(request: Request) -> Response:
 
 async def face_swap_process(request: Request) -> Response:
     """Swap now, without the queue; bounded by FACE_SWAP_TIMEOUT, same validation."""
-    principal = client_principal(request)
+    principal = await client_principal(request)
     runner = runner_of(request)
     engine = runner.engines.get("face_swap")
     if engine is None:
@@ -323,12 +336,12 @@ async def face_swap_workflows(request: Request) -> Response:
 
 
 async def comfyui_queue_status(request: Request) -> Response:
-    client_principal(request)
+    await client_principal(request)
     return JSONResponse(await comfyui_engine(request).queue_status())
 
 
 async def comfyui_system_stats(request: Request) -> Response:
-    client_principal(request)
+    await client_principal(request)
     return JSONResponse(await comfyui_engine(request).system_stats())
 
 
@@ -336,7 +349,7 @@ async def comfyui_interrupt(request: Request) -> Response:
     """``?task_id=``: stop one of your own tasks running here (it ends CANCELLED and the
     runner interrupts its ComfyUI prompt). Without it, or by ``prompt_id``, ComfyUI's own
     interrupt stops whatever runs, any tenant's work: an admin's call only."""
-    principal = client_principal(request)
+    principal = await client_principal(request)
     runner = runner_of(request)
     task_id = request.query_params.get("task_id")
     if task_id:

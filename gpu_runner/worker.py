@@ -439,7 +439,8 @@ class Worker:
             self.in_flight.pop(task.taskId, None)
             if not hold_released:
                 self._release_hold()
-            shutil.rmtree(workdir, ignore_errors=True)
+            # A video job leaves thousands of frames: removing them takes seconds, off the loop.
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True))
             unbind_task(token)
         if final.is_terminal and input_refs(task.params.input_data):
             # The task is over: its stored data: inputs (face images) go now.

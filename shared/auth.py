@@ -9,16 +9,18 @@ open, for one local user, and says so at start-up; APP_ENV=production refuses th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from shared.errors import Forbidden, Unauthorized
 from shared.settings import Settings
 
-__all__ = ["Principal", "authenticate", "hash_api_key", "new_api_key"]
+__all__ = ["Principal", "authenticate", "hash_api_key", "keys_need_io", "new_api_key"]
 
 ROLES = frozenset({"client", "admin", "raw_workflows", "runner"})
 LOCAL_OWNER = "local"
@@ -83,11 +85,30 @@ def parse_key_entries(raw: str) -> dict[str, Principal]:
     return entries
 
 
-def _load_keys(settings: Settings) -> dict[str, Principal]:
-    raw = settings.api_keys
-    if settings.api_keys_file:
-        raw = raw + "," + settings.api_keys_file.read_text()
+@functools.lru_cache(maxsize=8)
+def _parse_cached(
+    api_keys: str, keys_file: Path | None, file_version: tuple[int, int]
+) -> dict[str, Principal]:
+    """Parsed once per (API_KEYS, API_KEYS_FILE content version): a request costs one stat."""
+    raw = api_keys
+    if keys_file is not None:
+        raw = raw + "," + keys_file.read_text()
     return parse_key_entries(raw)
+
+
+def _load_keys(settings: Settings) -> dict[str, Principal]:
+    file_version = (0, 0)
+    if settings.api_keys_file:
+        # A rotated or edited file has a new mtime (or size): it is read again, once.
+        stat = settings.api_keys_file.stat()
+        file_version = (stat.st_mtime_ns, stat.st_size)
+    return _parse_cached(settings.api_keys, settings.api_keys_file or None, file_version)
+
+
+def keys_need_io(settings: Settings) -> bool:
+    """True when authenticating touches the file system (API_KEYS_FILE): async callers
+    run ``authenticate`` in a thread then, so a slow disk never stalls an event loop."""
+    return bool(settings.api_keys_file)
 
 
 def open_mode(settings: Settings) -> bool:
