@@ -31,7 +31,9 @@ resource "google_cloudfunctions2_function" "api" {
     entry_point     = each.key
     service_account = google_service_account.build.id
     # Built images go to this deployment's own repository, the only one the build
-    # account may write (not gcf-artifacts project-wide, not the runner images).
+    # account may write (not gcf-artifacts project-wide, not the runner images). The API
+    # wants projects/P/locations/L/repositories/R in the function's own project and
+    # region, format DOCKER (Cloud Functions v2 BuildConfig.docker_repository): the id.
     docker_repository = google_artifact_registry_repository.functions.id
     source {
       storage_source {

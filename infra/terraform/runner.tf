@@ -229,8 +229,11 @@ resource "google_compute_instance" "runner" {
     }
   }
 
+  # The pulling runner's key works against the gateway only once its managed service is
+  # enabled (the keys themselves cannot wait for that: gateway.tf).
   depends_on = [
     google_project_service.apis,
+    google_project_service.gateway,
     google_secret_manager_secret_iam_member.runner,
     google_secret_manager_secret_version.runner_api_key,
     google_secret_manager_secret_version.secret,
