@@ -714,7 +714,11 @@ function start() {
   });
   $("#sign-out").addEventListener("click", () => signOut("Signed out."));
   for (const button of document.querySelectorAll("#nav [data-view]")) {
-    button.addEventListener("click", () => show(button.dataset.view));
+    button.addEventListener("click", () => {
+      show(button.dataset.view);
+      // Keyboard and screen-reader users land on the view they opened.
+      $("#main").focus();
+    });
   }
   $("#refresh-tasks").addEventListener("click", refreshTasks);
   $("#refresh-admin").addEventListener("click", refreshAdmin);

@@ -2,23 +2,22 @@
 Selenium, against the embedded stack (dev server + runner as subprocesses) with API keys.
 
 Chromium and chromedriver come from Debian (scripts/install_browser.sh, run by
-`make install`); Selenium never downloads a browser or driver here (SE_OFFLINE).
+`make install`); both paths are given, so Selenium Manager never looks for a browser.
 Screenshots of each step go to build/console/ (git-ignored).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import pytest
 
+from comfyswap.samples import ASTRONAUT_PNG, GRACE_HOPPER_JPG
 from shared.auth import hash_api_key
 from tests.e2e.conftest import Stack, start_stack
-from tests.faceswap.media import astronaut_bgr, grace_hopper_bgr, write_clip
+from tests.faceswap.media import write_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "build" / "console"
@@ -86,14 +85,13 @@ def open_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The demo's faces as files on disk (what a person drops on the page), and a clip
-    long enough to cancel mid-swap."""
-    folder = tmp_path_factory.mktemp("console-photos")
-    source, target, clip = folder / "grace_hopper.jpg", folder / "astronaut.png", folder / "astronaut.mp4"
-    assert cv2.imwrite(str(source), grace_hopper_bgr())
-    assert cv2.imwrite(str(target), astronaut_bgr())
+    """The files `make demo` swaps (what a person picks from disk), a clip of the
+    astronaut long enough to cancel mid-swap and a short one to watch."""
+    folder = tmp_path_factory.mktemp("console-media")
+    clip, short_clip = folder / "astronaut.mp4", folder / "astronaut-short.mp4"
     write_clip(clip, frame_count=200, size=256, audio_codec=None)
-    return {"source": source, "target": target, "clip": clip}
+    write_clip(short_clip, frame_count=12, size=256)
+    return {"source": GRACE_HOPPER_JPG, "target": ASTRONAUT_PNG, "clip": clip, "short_clip": short_clip}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +100,6 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser online
     profile = tmp_path_factory.mktemp("chromium-profile")
     options = Options()
     options.binary_location = str(CHROMIUM)

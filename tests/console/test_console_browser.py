@@ -331,3 +331,50 @@ def test_a_file_dropped_on_the_face_zone_is_chosen_and_previewed(page: ConsolePa
     assert page.find("#drop-source .dropzone span").text.startswith("dropped-face.png")
     preview = page.find("#drop-source img.preview")
     assert preview.is_displayed() and preview.get_attribute("src").startswith("blob:")
+
+
+def test_a_video_result_plays_in_the_page_and_downloads(page: ConsolePage, photos: dict[str, Path]) -> None:
+    page.sign_in(KEYS["client"])
+    page.wait(page.signed_in, "the signed-in task list")
+
+    task_id = page.submit_swap(photos["source"], photos["short_clip"])
+
+    page.wait(lambda: page.badge(task_id) == "COMPLETED", "the video swap to complete", SWAP_TIMEOUT_S)
+    video = page.wait(lambda: page.card(task_id).find_element("css selector", "video"), "the result video")
+    duration = page.wait(
+        lambda: page.driver.execute_script(
+            "return arguments[0].readyState >= 1 && arguments[0].duration", video
+        ),
+        "the video's metadata",
+    )
+    page.driver.execute_script("arguments[0].scrollIntoView()", page.card(task_id))
+    page.shot("12-video-result")
+    assert duration == pytest.approx(12 / 25, abs=0.1)
+    assert video.get_attribute("controls") is not None
+    download = page.card(task_id).find_element("css selector", "figcaption a")
+    assert download.text == "Download video" and download.get_attribute("download").endswith(".mp4")
+
+
+def test_the_console_works_from_the_keyboard(page: ConsolePage) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    page.sign_in(KEYS["client"])  # typed, then Enter
+    page.wait(page.signed_in, "the signed-in task list")
+    page.find('#nav [data-view="tasks"]').send_keys(Keys.ENTER)  # focus moves to the view opened
+    assert page.driver.execute_script("return document.activeElement.id") == "main"
+
+    def focused_view() -> str | None:
+        return page.driver.execute_script("return document.activeElement.dataset.view || null")
+
+    for _ in range(6):  # back up through the nav: Sign out, Run a template, New face swap
+        ActionChains(page.driver).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+        if focused_view() == "swap":
+            break
+    assert focused_view() == "swap", "Shift+Tab does not reach the New face swap button"
+    outline = page.driver.execute_script("return getComputedStyle(document.activeElement).outlineStyle")
+    ActionChains(page.driver).send_keys(Keys.ENTER).perform()
+
+    page.wait(lambda: page.find("#view-swap").is_displayed(), "Enter to open the face swap form")
+    assert outline != "none", "the focused button shows no focus ring"
+    assert page.find("#source-file").is_enabled()
