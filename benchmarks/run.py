@@ -43,8 +43,10 @@ def _cold_start(workdir: Path) -> list[Row]:
 
 def _engines(workdir: Path) -> list[Row]:
     from benchmarks.engine_speed import comfyui_overhead, cpu_swap_rows
+    from benchmarks.facefusion_warm import facefusion_rows
 
     rows = _guarded("5. CPU face swap", lambda: cpu_swap_rows(workdir / "cpu-swap"))
+    rows += _guarded("5. FaceFusion image job", lambda: facefusion_rows(workdir / "facefusion"))
     (workdir / "comfyui").mkdir()
     return rows + _guarded("5. ComfyUI path", lambda: comfyui_overhead(workdir / "comfyui"))
 

@@ -47,6 +47,8 @@ _FRAME_STAGES: Final = frozenset({"analysing", "extracting", "processing", "merg
 _ANY_BAR: Final = re.compile(r"^\s*[A-Za-z][A-Za-z ]*:\s*\d{1,3}%\|")
 # FaceFusion's hash check failing (download.py): a deployment fault, not the job's.
 _HASH_FAILED: Final = re.compile(r"validating (?:hash|source) for (?P<name>[\w.-]+) failed")
+# FaceFusion's own timing of the job ("processing to image succeeded in 1.05 seconds").
+_SUCCEEDED: Final = re.compile(r"processing to (?:image|video) succeeded in (?P<seconds>[\d.]+) seconds")
 # tqdm's default bar: "{desc}: {percent:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]".
 _PROGRESS_LINE: Final = re.compile(
     r"^\s*(?P<stage>[A-Za-z][A-Za-z ]*?):\s*(?P<percent>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)\b"
@@ -194,6 +196,7 @@ class FaceFusionProgressParser:
         self.tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
         self.last_progress: Progress | None = None
         self.failed_hashes: list[str] = []
+        self.facefusion_s: float | None = None
 
     def feed(self, text: str) -> None:
         segments = re.split(r"[\r\n]", self._pending + text)
@@ -215,6 +218,9 @@ class FaceFusionProgressParser:
             if _ANY_BAR.match(line):
                 return
             self.tail.append(line[:500])
+            succeeded = _SUCCEEDED.search(line)
+            if succeeded:
+                self.facefusion_s = float(succeeded.group("seconds"))
             failed = _HASH_FAILED.search(line)
             if failed and failed.group("name") not in self.failed_hashes:
                 self.failed_hashes.append(failed.group("name"))
