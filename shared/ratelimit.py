@@ -15,17 +15,18 @@ serves to one tenant, and it is the whole limit of the embedded single-process s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from shared.auth import Principal
 from shared.errors import RateLimited
 from shared.settings import Settings
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "WaitSlots"]
 
 # How often buckets that have refilled completely are forgotten (memory stays bounded).
 _SWEEP_EVERY_S = 60.0
@@ -89,3 +90,37 @@ class RateLimiter:
         idle = [owner for owner, bucket in self._buckets.items() if now - bucket.updated >= refill_s]
         for owner in idle:
             del self._buckets[owner]
+
+
+class WaitSlots:
+    """How many long polls (``?wait=``) each API key owner holds at once on this instance.
+
+    A held wait keeps one of the server's worker threads; without a cap per owner one
+    tenant's hundred waits take every thread and health checks queue behind them. Over
+    the cap a wait is refused at once (429, retry in a second), so the others keep theirs.
+    """
+
+    def __init__(self, per_owner: int) -> None:
+        self.per_owner = per_owner
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, owner: str) -> Iterator[None]:
+        with self._lock:
+            held = self._held.get(owner, 0)
+            if held >= self.per_owner:
+                raise RateLimited(
+                    f"this API key already holds {held} long polls (MAX_WAITS_PER_TENANT); "
+                    "ask again without wait, or when one of them has answered",
+                    retry_after_s=1,
+                    code="too_many_waits",
+                )
+            self._held[owner] = held + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[owner] -= 1
+                if not self._held[owner]:
+                    del self._held[owner]

@@ -20,6 +20,7 @@ from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
 from shared.errors import ComfySwapError, Conflict, NotFound, PayloadTooLarge, ValidationFailed
 from shared.logs import get_logger, log_event, log_task_claimed
+from shared.ratelimit import WaitSlots
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, TaskStatus, utcnow
@@ -84,6 +85,7 @@ class TaskService:
         self.settings = settings
         self.store = store
         self.dispatcher = dispatcher
+        self.wait_slots = WaitSlots(settings.max_waits_per_tenant)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TaskService:
@@ -309,7 +311,7 @@ class TaskService:
         deadline = time.monotonic() + wait_s
         # Subscribed before the first read: a change landing between the read and the wait
         # still wakes the wait. Each wake-up is a change of this task, never a timer.
-        with self.store.watch_task(task_id) as watch:
+        with self.wait_slots.hold(principal.owner), self.store.watch_task(task_id) as watch:
             task = self._visible_task(task_id, principal)
             while not task.is_terminal and (remaining := deadline - time.monotonic()) > 0:
                 if watch.wait(remaining):
@@ -403,15 +405,23 @@ class TaskService:
         log_event(logger, "task_finished", task_id=task_id, outcome="CANCELLED", code="cancelled")
         self.drop_inputs_of_finished(task)
         if task.webhook_url:
-            import asyncio
-
-            from shared.webhooks import WebhookNotifier
-
-            # A function has no background after it answers: two quick attempts, inline.
-            asyncio.run(
-                WebhookNotifier(self.settings, self.store).notify(task, max_attempts=2, base_delay_s=0.5)
-            )
+            self._notify_in_background(task)
         return task
+
+    def _notify_in_background(self, task: Task) -> None:
+        """The webhook goes out after the answer, never inside it: a receiver that never
+        answers must not hold the cancel (nor a server thread) for its retries."""
+        import asyncio
+        import threading
+
+        from shared.webhooks import WebhookNotifier
+
+        notifier = WebhookNotifier(self.settings, self.store)
+        threading.Thread(
+            target=lambda: asyncio.run(notifier.notify(task)),
+            name=f"webhook-{task.taskId}",
+            daemon=True,
+        ).start()
 
     # --- health -----------------------------------------------------------------------
     def status(self, principal: Principal) -> dict[str, Any]:
