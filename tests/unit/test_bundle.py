@@ -38,7 +38,7 @@ print(json.dumps({
 }))
 """
 # Packages of other components: a function bundle that could import one carries too much.
-NOT_IN_A_FUNCTION = ["psutil", "rich", "numpy", "cv2", "av", "websockets", "httpx"]
+NOT_IN_A_FUNCTION = ["psutil", "rich", "numpy", "cv2", "av", "websockets"]
 
 
 @pytest.fixture(scope="module")

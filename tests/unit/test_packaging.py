@@ -95,6 +95,9 @@ LOCK_COMPONENTS = {
     "runner": ("runner", "cpu"),
     "dev": ("dev",),
 }
+# Imported by code that runs in a co-located engine's own venv, not the runner's
+# (gpu_runner/engines/facefusion_host.py runs inside FaceFusion's).
+PEER_PACKAGES = {"facefusion"}
 # Declared although no module of ours imports them, each for a reason.
 DECLARED_NOT_IMPORTED = {
     "sniffio": "httpcore imports it; declared so it is always there (see pyproject.toml)",
@@ -200,7 +203,7 @@ def _third_party_imports(entry_points: list[Path]) -> set[str]:
                 pending.extend(
                     found for i in range(1, len(parts) + 1) if (found := _module_file(".".join(parts[:i])))
                 )
-            elif top not in sys.stdlib_module_names and top != "__future__":
+            elif top not in sys.stdlib_module_names and top not in PEER_PACKAGES and top != "__future__":
                 third_party.add(name)
     return third_party
 
