@@ -72,5 +72,12 @@ else
 fi
 
 # Stand-in weights under FaceFusion's own names, with their .hash files (kept out of git:
-# .tools/ is ignored). Idempotent: files already in place are left alone.
-"$VENV/bin/python" scripts/peers/facefusion_standin_models.py "$SRC_DIR/.assets/models"
+# .tools/ is ignored). Made again only when the generator changed or a file went missing.
+MODELS="$SRC_DIR/.assets/models"
+standin_id="$(sha256sum scripts/peers/facefusion_standin_models.py | cut -d' ' -f1)"
+if [ "$(cat "$MODELS/.standin" 2>/dev/null)" != "$standin_id" ] || [ ! -f "$MODELS/inswapper_128_fp16.hash" ]; then
+  "$VENV/bin/python" scripts/peers/facefusion_standin_models.py "$MODELS"
+  echo "$standin_id" > "$MODELS/.standin"
+else
+  echo "facefusion: stand-in models in place"
+fi
