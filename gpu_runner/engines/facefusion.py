@@ -64,6 +64,7 @@ from gpu_runner.engines.facefusion_cli import (
     FaceFusionProgressParser,
     build_headless_arguments,
     describe_output,
+    face_error_code,
     face_selector_arguments,
     facefusion_environment,
     facefusion_readable_source,
@@ -471,6 +472,13 @@ class FaceFusionEngine(FaceSwapEngineBase):
                 f"FaceFusion found model files missing or corrupt: {', '.join(parser.failed_hashes)}",
                 code="models_missing",
                 details={**details, "models": list(parser.failed_hashes)},
+            )
+        face_code = next((code for line in tail if (code := face_error_code(line))), None)
+        if face_code == "no_face_in_source":
+            raise JobFailed(
+                "no face was found in the source image; use a clear, frontal photo of one face",
+                code=face_code,
+                details=details,
             )
         if exit_code == 2:
             raise JobFailed(

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpu_runner.engines.base import EngineOutput, EngineResult, PreparedJob, ProgressCallback
 from gpu_runner.engines.facefusion import ENGINE_MODELS, describe_output
+from gpu_runner.engines.facefusion_cli import face_error_code
 from gpu_runner.engines.faceswap import FaceSwapEngineBase
 from shared.errors import JobCancelled, JobFailed, UnsafeInput, UpstreamUnavailable
 from shared.logs import get_logger, log_event
@@ -276,9 +277,10 @@ class FaceFusionApiEngine(FaceSwapEngineBase):
                 code="facefusion_bad_response",
             ) from None
         if parsed.status != "success":
+            # A missing face gets the code every engine gives it, not a generic failure.
             raise JobFailed(
                 f"FaceFusion service failed the swap: {parsed.error or parsed.status}",
-                code="facefusion_failed",
+                code=face_error_code(parsed.error or "") or "facefusion_failed",
                 details={"upstream_job_id": parsed.job_id, "upstream_error": parsed.error},
             )
         if not parsed.output_path:

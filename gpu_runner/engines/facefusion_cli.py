@@ -30,6 +30,7 @@ __all__ = [
     "FaceFusionProgressParser",
     "build_headless_arguments",
     "describe_output",
+    "face_error_code",
     "face_selector_arguments",
     "facefusion_environment",
     "facefusion_readable_source",
@@ -173,6 +174,18 @@ def build_headless_arguments(
         if video_fps:
             arguments += ["--output-video-fps", f"{video_fps:g}"]
     return arguments
+
+
+def face_error_code(text: str) -> str | None:
+    """The CPU engine's code for a FaceFusion message about a missing face, if ``text`` is
+    one: 3.8.1 logs "no source face detected!"; the seed's HTTP service passes such
+    messages on in its ``error``."""
+    lowered = text.lower()
+    if "no source face" in lowered or "source face not" in lowered:
+        return "no_face_in_source"
+    if "no target face" in lowered or "no face" in lowered or "face not found" in lowered:
+        return "no_face_in_target"
+    return None
 
 
 def parse_progress_line(line: str) -> Progress | None:

@@ -184,22 +184,33 @@ def test_timeouts_on_every_attempt_are_upstream_unavailable(
     assert "FACE_SWAP_TIMEOUT=0.3s" in failure.value.message
 
 
+@pytest.mark.parametrize(
+    ("upstream_error", "code"),
+    [
+        ("no source face detected", "no_face_in_source"),
+        ("no face detected in target", "no_face_in_target"),
+        ("CUDA out of memory", "facefusion_failed"),
+    ],
+)
 def test_status_failed_is_a_failed_job_with_the_services_error(
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
     tmp_path: Path,
     source_url: str,
     target_image_url: str,
+    upstream_error: str,
+    code: str,
 ) -> None:
-    set_knobs(api_server, result_status="failed", result_error="no source face detected")
+    """A missing face gets the code the CPU and FaceFusion engines give it."""
+    set_knobs(api_server, result_status="failed", result_error=upstream_error)
     run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
 
     with pytest.raises(JobFailed) as failure:
         run()
 
-    assert failure.value.code == "facefusion_failed"
+    assert failure.value.code == code
     assert failure.value.retryable is False
-    assert "no source face detected" in failure.value.message
+    assert upstream_error in failure.value.message
     assert len(received(api_server)) == 1, "a failed swap is not retried"
 
 

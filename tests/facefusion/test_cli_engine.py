@@ -237,7 +237,6 @@ def test_a_reference_index_selects_that_face_as_reference(
             "processing to video failed",
             {"value": CLIP_FRAMES // 2, "max": CLIP_FRAMES, "stage": "processing"},
         ),
-        ("no_source_face", "no source face detected", None),
     ],
 )
 def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
@@ -263,6 +262,25 @@ def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
     assert expected_line in failure.value.message
     assert failure.value.details["exit_code"] == 1
     assert failure.value.details.get("last_progress") == last_progress
+
+
+def test_no_source_face_has_the_cpu_engines_code(
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    fake_cli_command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    source_url: str,
+    target_image_url: str,
+) -> None:
+    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "no_source_face")
+    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+
+    with pytest.raises(JobFailed) as failure:
+        Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")()
+
+    assert failure.value.code == "no_face_in_source"
+    assert failure.value.retryable is False
+    assert "no source face detected" in failure.value.details["output_tail"][-1]
 
 
 def test_exit_2_is_a_failed_precheck(
