@@ -288,6 +288,8 @@ async def _direct_prompts(base_url: str, first: int, count: int, workdir: Path) 
     import httpx
     import websockets
 
+    from benchmarks.comfyui_floor import run_direct_prompt
+
     client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
     durations = []
     async with (
@@ -296,25 +298,7 @@ async def _direct_prompts(base_url: str, first: int, count: int, workdir: Path) 
     ):
         for index in range(first, first + count):
             started = time.perf_counter()
-            prompt_id = str(uuid.uuid4())
-            answer = await http.post(
-                "/prompt", json={"prompt": _prompt(index), "client_id": client_id, "prompt_id": prompt_id}
-            )
-            answer.raise_for_status()
-            images: list[dict[str, Any]] = []
-            while True:
-                message = await asyncio.wait_for(socket.recv(), timeout=30)
-                if isinstance(message, bytes):
-                    continue
-                event = json.loads(message)
-                data = event.get("data", {})
-                if data.get("prompt_id") != prompt_id:
-                    continue
-                if event["type"] == "executed":
-                    images.extend(data.get("output", {}).get("images", []))
-                if event["type"] == "executing" and data.get("node") is None:
-                    break
-            for image in images:
+            for image in await run_direct_prompt(http, socket, client_id, _prompt(index)):
                 response = await http.get("/view", params=image)
                 (workdir / f"direct-{index}-{image['filename']}").write_bytes(response.content)
             durations.append(time.perf_counter() - started)

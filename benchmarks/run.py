@@ -1,13 +1,15 @@
-"""``python -m benchmarks.run`` (``make bench``): every figure of issue 8 in one table.
+"""``python -m benchmarks.run`` (``make bench``): every figure of issues 8, 14 and 18 in one table.
 
 Parts run one after another, each bounded in time, in one temp dir that is removed at
 the end: cold start (4) first, while nothing else of ours runs; the engines (5) and
-storage (6) next; then the embedded stack is started once for the orchestration
+storage (6) next; the operations each task causes on the managed services (7, on the
+emulators: issue 14) and the ComfyUI path against a direct ComfyUI client (8: issue 18);
+then the embedded stack is started once for the orchestration
 overhead (2), the runner's efficiency (1) and the API cost (3, last: it leaves thousands
 of PENDING tasks behind). A part that fails or lacks a dependency prints ``not measured:
 <reason>`` and the run goes on. The table goes to stdout and build/bench/latest.md.
 
-    python -m benchmarks.run                 # everything (3 to 4 minutes on 2 cores)
+    python -m benchmarks.run                 # everything (8 to 10 minutes on 2 cores)
     python -m benchmarks.run --only 1,2      # some figures
 """
 
@@ -28,7 +30,7 @@ from benchmarks.common import REPO, Row, not_measured
 
 __all__ = ["main"]
 
-BUDGET_S = 9 * 60
+BUDGET_S = 15 * 60
 LATEST = REPO / "build" / "bench" / "latest.md"
 HEADERS = ("figure", "measured", "target", "baseline (same run)", "verdict")
 
@@ -49,6 +51,18 @@ def _engines(workdir: Path) -> list[Row]:
     rows += _guarded("5. FaceFusion image job", lambda: facefusion_rows(workdir / "facefusion"))
     (workdir / "comfyui").mkdir()
     return rows + _guarded("5. ComfyUI path", lambda: comfyui_overhead(workdir / "comfyui"))
+
+
+def _operations(workdir: Path) -> list[Row]:
+    from benchmarks.ops import operation_rows
+
+    return operation_rows(workdir)
+
+
+def _comfyui_floor(workdir: Path) -> list[Row]:
+    from benchmarks.comfyui_floor import comfyui_floor_rows
+
+    return comfyui_floor_rows(workdir)
 
 
 def _storage(workdir: Path) -> list[Row]:
@@ -158,8 +172,10 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the performance figures of issue 8.")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figure numbers (default: all)")
+    parser = argparse.ArgumentParser(description="Print the performance figures of issues 8, 14 and 18.")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6,7,8", help="comma-separated figure numbers (default: all)"
+    )
     args = parser.parse_args(argv)
     figures = {part.strip() for part in args.only.split(",") if part.strip()}
 
@@ -171,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         ("4", "4. cold start", _cold_start),
         ("5", "5. engines", _engines),
         ("6", "6. storage", _storage),
+        ("7", "7. operations per task", _operations),
+        ("8", "8. ComfyUI path vs direct client", _comfyui_floor),
     ]
     stack_figures = figures & {"1", "2", "3"}
     rows: list[Row] = []

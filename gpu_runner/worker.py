@@ -142,6 +142,7 @@ class _Held:
     taken: bool = False  # a published change says the task left this runner
     wants_progress: bool = False
     finishing: bool = False  # our own final write is under way: its change is not a loss
+    marking_processing: bool = False  # the PROCESSING write has left
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -152,6 +153,8 @@ def default_worker_id(settings: Settings) -> str:
 # a short image task writes none, a long one a few per minute; each write also renews
 # the lease, so progress and heartbeat never cost two writes.
 PROGRESS_WRITE_INTERVAL_S = 2.0
+# How long a job runs on the engine before the runner writes PROCESSING (see process()).
+PROCESSING_WRITE_DELAY_S = 0.5
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -369,28 +372,24 @@ class Worker:
             job = await self._cancellable(engine.prepare(task, workdir), held)
             timings["download_s"] = time.perf_counter() - phase
             async with self.slots[task.environment]:
-                # The PROCESSING write goes alongside the engine, not in front of it: a thread
-                # hop and a commit (1-30 ms on a busy host) would idle the slot between jobs.
-                marking = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        self.store.start_processing,
-                        task.taskId,
-                        worker_id=self.worker_id,
-                        timings=dict(timings),
-                    )
-                )
+                # The PROCESSING write goes alongside the engine, not in front of it (a thread
+                # hop and a commit would idle the slot between jobs), and only once the engine
+                # has run PROCESSING_WRITE_DELAY_S: a shorter job goes FETCHED -> COMPLETED
+                # with one store write fewer.
+                marking = asyncio.ensure_future(self._mark_processing(task.taskId, held, dict(timings)))
                 marking.add_done_callback(functools.partial(_cancel_if_refused, held.cancel))
                 held.in_engine = True
                 phase = time.perf_counter()
                 try:
                     result = await self._run_engine(engine, job, held)
                 except BaseException:
-                    await asyncio.gather(marking, return_exceptions=True)  # the engine's error wins
+                    await _settle(marking, held, raise_refusal=False)  # the engine's error wins
                     raise
                 finally:
                     held.in_engine = False
                 timings["engine_s"] = time.perf_counter() - phase
-                await marking  # Conflict when the task was cancelled or taken over meanwhile
+                # Conflict when the task was cancelled or taken over meanwhile.
+                await _settle(marking, held, raise_refusal=True)
             # The slot is free; let the next task be claimed while this one uploads.
             self._release_hold()
             hold_released = True
@@ -453,6 +452,13 @@ class Worker:
     @functools.cached_property
     def input_store(self) -> InputStore:
         return make_input_store(self.settings)
+
+    async def _mark_processing(self, task_id: str, held: _Held, timings: dict[str, float]) -> None:
+        await asyncio.sleep(PROCESSING_WRITE_DELAY_S)
+        held.marking_processing = True
+        await asyncio.to_thread(
+            self.store.start_processing, task_id, worker_id=self.worker_id, timings=timings
+        )
 
     async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
         held = self.in_flight.get(task.taskId)
@@ -664,6 +670,16 @@ class Worker:
             await engine.close()
         if self.source is not None:
             await self.source.close()
+
+
+async def _settle(marking: asyncio.Future[None], held: _Held, *, raise_refusal: bool) -> None:
+    """A PROCESSING write still waiting for its delay is dropped; one under way is waited
+    for (its refusal raised when ``raise_refusal``)."""
+    if not held.marking_processing:
+        marking.cancel()
+    results = await asyncio.gather(marking, return_exceptions=True)
+    if raise_refusal and isinstance(results[0], Exception):
+        raise results[0]
 
 
 def _cancel_if_refused(cancel: asyncio.Event, marking: asyncio.Future[Any]) -> None:

@@ -23,7 +23,7 @@ from shared.logs import get_logger, log_event, log_task_claimed
 from shared.ratelimit import WaitSlots
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
-from shared.tasks import Task, TaskStatus, utcnow
+from shared.tasks import TERMINAL_STATUSES, Task, TaskStatus, utcnow
 
 if TYPE_CHECKING:
     from shared.inputs import InputStore
@@ -34,6 +34,7 @@ logger = get_logger(__name__)
 
 # Longest a runner's fetch may hold the request open waiting for work.
 MAX_FETCH_WAIT_S = 25.0
+_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_STATUSES)
 # Longest GET /api/tasks/{task_id}?wait= may hold the request waiting for the task to end.
 MAX_TASK_WAIT_S = 25.0
 # Largest task document (its JSON), inputs excluded: under Firestore's 1 MiB per document
@@ -314,8 +315,16 @@ class TaskService:
         with self.wait_slots.hold(principal.owner), self.store.watch_task(task_id) as watch:
             task = self._visible_task(task_id, principal)
             while not task.is_terminal and (remaining := deadline - time.monotonic()) > 0:
-                if watch.wait(remaining):
+                if not watch.wait(remaining):
+                    continue
+                change = watch.last
+                if change is not None and change.task is not None:
+                    task = change.task  # delivered with the change: no read
+                elif change is None or change.status in _TERMINAL_VALUES:
                     task = self._visible_task(task_id, principal)
+            last = watch.last
+            if not task.is_terminal and last is not None:  # the wait ended: answer the latest state
+                task = last.task if last.task is not None else self._visible_task(task_id, principal)
         return task
 
     def _visible_task(self, task_id: str, principal: Principal) -> Task:

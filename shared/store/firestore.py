@@ -478,6 +478,7 @@ def _change_of(task: Task) -> TaskChange:
         task.environment,
         task.available_at.timestamp(),
         task.lease.owner if task.lease else "",
+        task,
     )
 
 

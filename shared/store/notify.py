@@ -36,6 +36,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.tasks import Task
 
 __all__ = ["ChangeBus", "ChangeWatch", "Listener", "TaskChange"]
 
@@ -54,6 +58,9 @@ class TaskChange:
     environment: str
     available_at: float  # epoch seconds when a PENDING task becomes claimable
     lease_owner: str = ""
+    # The whole task, when the backend delivers it with the change (Firestore's listener
+    # does; a datagram does not): a waiter then needs no read of its own.
+    task: Task | None = dataclasses.field(default=None, compare=False)
 
     def encode(self) -> bytes:
         fields = (self.task_id, self.status, self.environment, repr(self.available_at), self.lease_owner)

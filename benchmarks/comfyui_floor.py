@@ -1,0 +1,309 @@
+"""Figure 8: the whole ComfyUI path (API + runner) against a direct ComfyUI client, the floor.
+
+The floor is the least a client of ComfyUI can do: one websocket, ``POST /prompt``, wait
+for the end of its prompt, ``GET /view`` of the output. ComfySwap is measured end to end
+as a client sees it: ``POST /api/tasks/create`` (a raw ComfyUI graph), ``GET
+/api/tasks/{id}?wait=25`` until COMPLETED, ``GET`` of the result URL. Both run the same
+64x64 EmptyImage -> ImageInvert -> SaveImage graph (a new colour each time: ComfyUI
+caches identical prompts) against the same ComfyUI, interleaved in the same run:
+
+* the real ComfyUI (``make peers`` installs it under .tools/comfyui, run on CPU), when
+  installed, and the recorded-protocol double (tests/fakes/comfyui_double.py);
+* overhead per job: median of ComfySwap minus median of the floor (sequential jobs);
+* throughput with 8 concurrent clients (each its own socket for the floor);
+* wrapper CPU per job: CPU time of the API and runner processes over the sequential jobs;
+* CPU at idle: the API and the runner over 10 s with nothing to do.
+
+The API and the runner are the product's own processes (``comfyswap api``, ``python -m
+gpu_runner``), on the embedded store, with ENGINE_SLOTS=8 so concurrent jobs reach
+ComfyUI's queue as the floor's do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import PY, REPO, Row, fmt_ms, median, not_measured, process_tree_cpu_s
+from tests.servers import ServerProcess, free_port, start_server
+
+__all__ = ["comfyui_floor_rows"]
+
+OVERHEAD_TARGET_S = 0.010
+THROUGHPUT_TARGET = 0.8
+CPU_PER_JOB_TARGET_S = 0.015
+IDLE_TARGET_MS_PER_S = 2.0
+CONCURRENCY = 8
+
+REAL_COMFYUI = REPO / ".tools" / "comfyui" / "ComfyUI" / "main.py"
+REAL_COMFYUI_PYTHON = REPO / ".tools" / "comfyui-venv" / "bin" / "python"
+
+
+def _graph(colour: int) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": colour},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "floor"}},
+    }
+
+
+class _Colours:
+    """A new colour per prompt across the whole run (ComfyUI would answer a repeat from cache)."""
+
+    def __init__(self) -> None:
+        self._next = 1
+
+    def take(self) -> int:
+        self._next += 1
+        return self._next
+
+
+# --- the floor: a direct client ----------------------------------------------------------
+async def _direct_jobs(base_url: str, colours: _Colours, count: int) -> list[float]:
+    import websockets
+
+    client_id = f"floor-{uuid.uuid4().hex[:8]}"
+    durations: list[float] = []
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+        websockets.connect(
+            f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}", max_size=None
+        ) as socket,
+    ):
+        for _ in range(count):
+            started = time.perf_counter()
+            for image in await run_direct_prompt(http, socket, client_id, _graph(colours.take())):
+                (await http.get("/view", params=image)).raise_for_status()
+            durations.append(time.perf_counter() - started)
+    return durations
+
+
+async def run_direct_prompt(
+    http: httpx.AsyncClient, socket: Any, client_id: str, prompt: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """POST one prompt and read the socket until it ends; the images it saved."""
+    prompt_id = str(uuid.uuid4())
+    body = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id}
+    (await http.post("/prompt", json=body)).raise_for_status()
+    images: list[dict[str, Any]] = []
+    while True:
+        message = await asyncio.wait_for(socket.recv(), timeout=60)
+        if isinstance(message, bytes):
+            continue
+        event = json.loads(message)
+        data = event.get("data", {})
+        if data.get("prompt_id") != prompt_id:
+            continue
+        if event["type"] == "executed":
+            images.extend(data.get("output", {}).get("images", []))
+        if event["type"] in ("execution_error", "execution_interrupted"):
+            raise RuntimeError(f"ComfyUI failed the prompt: {data}")
+        if event["type"] == "executing" and data.get("node") is None:
+            return images
+
+
+# --- ComfySwap, as a client sees it ---------------------------------------------------------
+async def _wrapper_jobs(api_url: str, colours: _Colours, count: int) -> list[float]:
+    durations: list[float] = []
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        for _ in range(count):
+            started = time.perf_counter()
+            created = await http.post(
+                "/api/tasks/create",
+                json={"workflow": "custom", "task_data": {"wf_json": _graph(colours.take())}},
+            )
+            created.raise_for_status()
+            task_id = created.json()["taskId"]
+            while True:
+                view = (await http.get(f"/api/tasks/{task_id}", params={"wait": "25"})).json()
+                if view["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                    break
+            if view["status"] != "COMPLETED":
+                raise RuntimeError(f"task {task_id} ended {view['status']}: {view.get('error')}")
+            (await http.get(view["result"]["url"])).raise_for_status()
+            durations.append(time.perf_counter() - started)
+    return durations
+
+
+async def _concurrently(kind: str, url: str, colours: _Colours, total: int) -> float:
+    """Jobs per second with CONCURRENCY clients sharing ``total`` jobs."""
+    each = total // CONCURRENCY
+    run = _direct_jobs if kind == "direct" else _wrapper_jobs
+    started = time.perf_counter()
+    await asyncio.gather(*(run(url, colours, each) for _ in range(CONCURRENCY)))
+    return each * CONCURRENCY / (time.perf_counter() - started)
+
+
+# --- processes ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _comfyui(workdir: Path, real: bool) -> Iterator[ServerProcess]:
+    port = free_port()
+    if real:
+        command = [
+            str(REAL_COMFYUI_PYTHON),
+            str(REAL_COMFYUI),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-all-custom-nodes",
+            "--output-directory",
+            str(workdir / "output"),
+            "--input-directory",
+            str(workdir / "input"),
+            "--temp-directory",
+            str(workdir / "temp"),
+        ]
+    else:
+        command = [
+            PY,
+            "-m",
+            "tests.fakes.comfyui_double",
+            "--port",
+            str(port),
+            "--root",
+            str(workdir / "double"),
+        ]
+    server = start_server(
+        "comfyui-real" if real else "comfyui-double",
+        command,
+        url=f"http://127.0.0.1:{port}",
+        log_dir=workdir,
+        health_path="/system_stats",
+        timeout_s=240 if real else 30,
+        cwd=REAL_COMFYUI.parent if real else REPO,
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _comfyswap(workdir: Path, comfyui_url: str) -> Iterator[tuple[str, list[int]]]:
+    """``comfyswap api`` and ``python -m gpu_runner`` on the embedded store."""
+    api_port, runner_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    env = {
+        "DATA_DIR": str(workdir / "data"),
+        "API_PORT": str(api_port),
+        "RUNNER_PORT": str(runner_port),
+        "TASK_API_URL": f"{api_url}/api",
+        "COMFYUI_URL": comfyui_url,
+        "RUNNER_ENVIRONMENTS": "comm",
+        "ENGINE_SLOTS": str(CONCURRENCY),
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+    }
+    api = start_server(
+        "api", [PY, "-m", "comfyswap.cli", "api"], url=api_url, log_dir=workdir, env=env,
+        health_path="/api/health", timeout_s=60, cwd=REPO,
+    )  # fmt: skip
+    try:
+        runner = start_server(
+            "runner", [PY, "-m", "gpu_runner"], url=f"http://127.0.0.1:{runner_port}", log_dir=workdir,
+            env=env, health_path="/api/health", timeout_s=90, cwd=REPO,
+        )  # fmt: skip
+        try:
+            yield api_url, [api.pid, runner.pid]
+        finally:
+            runner.stop()
+    finally:
+        api.stop()
+
+
+def _cpu_s(pids: list[int]) -> float:
+    return sum(process_tree_cpu_s(pid) for pid in pids)
+
+
+def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> list[Row]:
+    label = "real ComfyUI 0.3.64 on CPU" if real else "ComfyUI double"
+    figure = f"8. ComfyUI path vs direct client ({label}, 64x64 EmptyImage -> ImageInvert -> SaveImage)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    colours = _Colours()
+    with _comfyui(workdir / "comfyui", real) as comfyui, _comfyswap(workdir / "stack", comfyui.url) as stack:
+        api_url, pids = stack
+        asyncio.run(_direct_jobs(comfyui.url, colours, 3))  # warm-up: first prompts load node code
+        asyncio.run(_wrapper_jobs(api_url, colours, 3))
+        direct: list[float] = []
+        wrapped: list[float] = []
+        wrapper_cpu = 0.0
+        # Interleaved batches: drift on a busy machine lands on both sides.
+        for _ in range(3):
+            direct += asyncio.run(_direct_jobs(comfyui.url, colours, count // 3))
+            cpu_before = _cpu_s(pids)
+            wrapped += asyncio.run(_wrapper_jobs(api_url, colours, count // 3))
+            wrapper_cpu += _cpu_s(pids) - cpu_before
+        direct_rate = asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs))
+        wrapped_rate = asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs))
+        time.sleep(2.0)  # the last answers and log lines settle
+        idle_before = _cpu_s(pids)
+        time.sleep(10.0)
+        idle_ms_per_s = (_cpu_s(pids) - idle_before) * 1000 / 10.0
+    overhead = median(wrapped) - median(direct)
+    cpu_per_job = wrapper_cpu / len(wrapped)
+    ratio = wrapped_rate / direct_rate
+    return [
+        Row(
+            f"{figure}: overhead per job, median of {len(wrapped)}",
+            f"{overhead * 1000:+.1f} ms (ComfySwap {fmt_ms(median(wrapped))})",
+            f"<= +{OVERHEAD_TARGET_S * 1000:.0f} ms",
+            f"direct client: {fmt_ms(median(direct))}",
+            "meets" if overhead <= OVERHEAD_TARGET_S else "MISSES",
+        ),
+        Row(
+            f"{figure}: throughput, {CONCURRENCY} concurrent clients, {concurrent_jobs} jobs",
+            f"{wrapped_rate:.1f} jobs/s = {ratio:.2f}x direct",
+            f">= {THROUGHPUT_TARGET}x direct",
+            f"direct client: {direct_rate:.1f} jobs/s",
+            "meets" if ratio >= THROUGHPUT_TARGET else "MISSES",
+        ),
+        Row(
+            f"{figure}: wrapper CPU per job (API + runner processes)",
+            fmt_ms(cpu_per_job),
+            f"<= {fmt_ms(CPU_PER_JOB_TARGET_S)}",
+            "direct client: none (the floor)",
+            "meets" if cpu_per_job <= CPU_PER_JOB_TARGET_S else "MISSES",
+        ),
+        Row(
+            f"{figure}: CPU at idle, API + runner over 10 s",
+            f"{idle_ms_per_s:.2f} ms per second",
+            f"< {IDLE_TARGET_MS_PER_S:.0f} ms per second",
+            "direct client: none (the floor)",
+            "meets" if idle_ms_per_s < IDLE_TARGET_MS_PER_S else "MISSES",
+        ),
+    ]
+
+
+def comfyui_floor_rows(workdir: Path, *, count: int = 30, concurrent_jobs: int = 64) -> list[Row]:
+    rows: list[Row] = []
+    if REAL_COMFYUI.is_file() and REAL_COMFYUI_PYTHON.is_file():
+        try:
+            rows += _measure(workdir / "real", True, count, concurrent_jobs)
+        except Exception as exc:
+            rows.append(
+                not_measured(
+                    "8. ComfyUI path vs direct client (real ComfyUI)", f"{type(exc).__name__}: {exc}"
+                )
+            )
+    else:
+        rows.append(
+            not_measured("8. ComfyUI path vs direct client (real ComfyUI)", "not installed (`make peers`)")
+        )
+    try:
+        rows += _measure(workdir / "double", False, count, concurrent_jobs)
+    except Exception as exc:
+        rows.append(not_measured("8. ComfyUI path vs direct client (double)", f"{type(exc).__name__}: {exc}"))
+    return rows
