@@ -32,6 +32,12 @@ CLOUD_RUN_GPU_MINIMUMS = {
     "nvidia-rtx-pro-6000": {"cpu": 20, "memory_gib": 80},
 }
 
+# Cloud Run GPU zonal redundancy is on unless turned off, and each setting draws on its
+# own quota ("Total Nvidia L4 GPU allocation, with/without zonal redundancy, per project
+# per region"); the deploy guide asks for the "without" quota, so the service must say
+# so explicitly. https://cloud.google.com/run/docs/configuring/services/gpu-zonal-redundancy
+GPU_QUOTA_REQUESTED = "without zonal redundancy"
+
 # Cloud Functions (2nd gen) concurrency: "you must set the CPU to 1 or more" to handle
 # more than one request per instance.
 # https://cloud.google.com/functions/docs/configuring/concurrency

@@ -545,6 +545,16 @@ def test_default_runner_size_meets_the_default_gpu_minimum() -> None:
     assert int(runner["memory"].removesuffix("Gi")) >= minimum["memory_gib"]
 
 
+@needs_terraform
+def test_gpu_zonal_redundancy_is_explicit_and_matches_the_quota_the_guide_requests(graph: Graph) -> None:
+    template = graph.body("google_cloud_run_v2_service.runner")["template"][0]
+    assert "gpu_zonal_redundancy_disabled" in template, "left to Cloud Run's default (zonal redundancy on)"
+    disabled = evaluate(expression_of(template["gpu_zonal_redundancy_disabled"]))
+    assert disabled is True
+    guide = " ".join((REPO_ROOT / "docs" / "deploy.md").read_text().split())
+    assert limits.GPU_QUOTA_REQUESTED in guide
+
+
 def test_runner_uses_instance_based_billing(graph: Graph) -> None:
     resources = graph.body("google_cloud_run_v2_service.runner")["template"][0]["containers"][0]["resources"][
         0
