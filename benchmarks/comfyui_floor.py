@@ -126,7 +126,9 @@ async def _wrapper_jobs(api_url: str, colours: _Colours, count: int) -> list[flo
             created.raise_for_status()
             task_id = created.json()["taskId"]
             while True:
-                view = (await http.get(f"/api/tasks/{task_id}", params={"wait": "25"})).json()
+                answer = await http.get(f"/api/tasks/{task_id}", params={"wait": "25"})
+                answer.raise_for_status()
+                view = answer.json()
                 if view["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
                     break
             if view["status"] != "COMPLETED":
@@ -206,6 +208,11 @@ def _comfyswap(workdir: Path, comfyui_url: str) -> Iterator[tuple[str, list[int]
         "ENGINE_SLOTS": str(CONCURRENCY),
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO),
+        # One tenant sends hundreds of requests a minute and holds 8 long polls at once
+        # here; the limits on that are not what this figure measures.
+        "RATE_LIMIT_PER_MINUTE": "1000000",
+        "RATE_LIMIT_BURST": "100000",
+        "MAX_WAITS_PER_TENANT": str(2 * CONCURRENCY),
     }
     api = start_server(
         "api", [PY, "-m", "comfyswap.cli", "api"], url=api_url, log_dir=workdir, env=env,
@@ -226,6 +233,22 @@ def _comfyswap(workdir: Path, comfyui_url: str) -> Iterator[tuple[str, list[int]
 
 def _cpu_s(pids: list[int]) -> float:
     return sum(process_tree_cpu_s(pid) for pid in pids)
+
+
+def _on_cpu_ns(pids: list[int]) -> int:
+    """Nanoseconds on a CPU so far of every thread of ``pids`` and their children, from
+    /proc/<pid>/task/<tid>/schedstat: exact where utime+stime count 10 ms clock ticks,
+    which over 10 s of idle cannot tell 0 from 1 ms per second."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        process = psutil.Process(pid)
+        for member in [process, *process.children(recursive=True)]:
+            for task in Path(f"/proc/{member.pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    total += int((task / "schedstat").read_text().split()[0])
+    return total
 
 
 def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> list[Row]:
@@ -249,9 +272,9 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
         direct_rate = asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs))
         wrapped_rate = asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs))
         time.sleep(2.0)  # the last answers and log lines settle
-        idle_before = _cpu_s(pids)
+        idle_before = _on_cpu_ns(pids)
         time.sleep(10.0)
-        idle_ms_per_s = (_cpu_s(pids) - idle_before) * 1000 / 10.0
+        idle_ms_per_s = (_on_cpu_ns(pids) - idle_before) / 1e6 / 10.0
     overhead = median(wrapped) - median(direct)
     cpu_per_job = wrapper_cpu / len(wrapped)
     ratio = wrapped_rate / direct_rate
@@ -278,7 +301,7 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
             "meets" if cpu_per_job <= CPU_PER_JOB_TARGET_S else "MISSES",
         ),
         Row(
-            f"{figure}: CPU at idle, API + runner over 10 s",
+            f"{figure}: CPU at idle, API + runner over 10 s (every thread's schedstat)",
             f"{idle_ms_per_s:.2f} ms per second",
             f"< {IDLE_TARGET_MS_PER_S:.0f} ms per second",
             "direct client: none (the floor)",
