@@ -7,7 +7,7 @@ PY := $(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run demo test test-fast lint fmt mypy bench bundle run-emulated smoke deploy clean
+.PHONY: help install lock peers run demo test test-fast lint fmt mypy bench bundle run-emulated smoke deploy clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ install: $(STAMP) ## Install the project from the hashed lock, face models and e
 
 lock: ## Regenerate the hashed locks (requirements/*.txt, functions/*/requirements.txt) from pyproject.toml
 	$(PY) scripts/lock.py
+
+peers: ## Install the real ComfyUI (and FaceFusion) into .tools/ for the real-peer tier (COMFYUI_SOURCE=...)
+	bash scripts/peers/install_comfyui.sh
 
 run: $(STAMP) ## Run the API (three functions) and the runner on embedded defaults
 	$(BIN)/comfyswap run

@@ -339,18 +339,9 @@ def comfyui_overhead(workdir: Path, *, count: int = 30) -> list[Row]:
         return [Row(figure, "not measured: double missing", "", "", "not measured")]
     if not engine_module.is_file():
         return [Row(figure, "not measured: gpu_runner/engines/comfyui.py missing", "", "", "not measured")]
-    from tests.servers import free_port, start_server
+    from tests.fakes import comfyui_double
 
-    port = free_port()
-    server = start_server(
-        "comfyui-double",
-        [PY, "-m", "tests.fakes.comfyui_double", "--port", str(port), "--root", str(workdir / "double-root")],
-        url=f"http://127.0.0.1:{port}",
-        log_dir=workdir,
-        health_path="/system_stats",
-        timeout_s=30,
-        cwd=REPO,
-    )
+    server = comfyui_double.start(workdir / "double-root", log_dir=workdir)
     try:
         base_url = server.url
         asyncio.run(_direct_prompts(base_url, 10_000, 3, workdir))  # warm-up

@@ -2,19 +2,20 @@
 with the face_swap engine chosen by the benchmark (calibrated, or the real CPU engine).
 
 Everything else is the product: ``RunnerState`` (pull loop over ``HttpTaskSource``, the
-Worker pipeline, the storage chain), ``create_app`` and uvicorn with the same options.
+Worker pipeline, the storage chain) served by the runner's entry point
+(``gpu_runner.supervisor.serve``, the code ``python -m gpu_runner`` runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
-import uvicorn
-
 from benchmarks.calibrated import CalibratedEngine, load_output
-from gpu_runner.app import RunnerState, create_app
+from gpu_runner.app import RunnerState
 from gpu_runner.engines.base import Engine
+from gpu_runner.supervisor import serve
 from shared.settings import get_settings
 
 
@@ -41,15 +42,7 @@ def main() -> None:
             burn_cpu=args.burn_cpu,
         )
     state = RunnerState(settings, engines={"face_swap": engine})
-    app = create_app(settings, state=state)
-    uvicorn.run(
-        app,
-        host=settings.runner_host,
-        port=settings.runner_port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-    )
+    asyncio.run(serve(settings, state=state))
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_runner(args: argparse.Namespace) -> int:
-    from gpu_runner.__main__ import main as runner_main
+    from gpu_runner.supervisor import main as runner_main  # `python -m gpu_runner`
 
     runner_main()
     return EXIT_OK

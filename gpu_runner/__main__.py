@@ -1,22 +1,15 @@
-"""``python -m gpu_runner``: serve the runner (push endpoint, ops routes, pull loop)."""
+"""``python -m gpu_runner``: the runner's one entry point (gpu_runner.supervisor.main).
+
+The container, ``comfyswap run`` / ``make run``, the tests and the benchmarks all start
+the runner through it: the push endpoint, the ops routes, the pull loop, and the
+co-located ComfyUI when COMFYUI_COMMAND is set.
+"""
 
 from __future__ import annotations
 
-from gpu_runner.app import create_app
-from gpu_runner.serving import serve
-from shared.settings import get_settings
+from gpu_runner.supervisor import main
 
-
-def main() -> None:
-    settings = get_settings()
-    app = create_app(settings)
-    serve(
-        app,
-        host=settings.runner_host,
-        port=settings.runner_port,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-    )
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

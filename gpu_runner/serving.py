@@ -2,7 +2,8 @@
 
 uvicorn's main loop sleeps 0.1 s at a time to look at ``should_exit`` and to refresh its
 cached ``Date`` header; on an idle runner that loop was most of the CPU the process used
-(about 2.4 ms every second). :class:`QuietServer` sleeps until ``should_exit`` is set (by
+(about 2.4 ms every second). :class:`QuietServer` (served by gpu_runner.supervisor.serve,
+the runner's one entry point) sleeps until ``should_exit`` is set (by
 SIGTERM/SIGINT through uvicorn's own handler, or by a caller) and sends no ``Date``
 header (RFC 9110 lets an origin without a reliable clock omit it; nothing of ours reads it).
 """
@@ -13,9 +14,8 @@ import asyncio
 import contextlib
 
 import uvicorn
-from starlette.applications import Starlette
 
-__all__ = ["QuietServer", "serve"]
+__all__ = ["QuietServer"]
 
 
 class QuietServer(uvicorn.Server):
@@ -41,15 +41,3 @@ class QuietServer(uvicorn.Server):
         if not self.should_exit:
             await self._exit_requested.wait()
 
-
-def serve(app: Starlette, *, host: str, port: int, timeout_graceful_shutdown: int) -> None:
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        date_header=False,
-        timeout_graceful_shutdown=timeout_graceful_shutdown,
-    )
-    QuietServer(config).run()

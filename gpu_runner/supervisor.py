@@ -13,9 +13,13 @@ bounded wait and liveness by PID. A ``ManagedProcess``:
   engine reports unavailable, instead of burning the GPU box);
 * stops with SIGTERM, then SIGKILL after ``stop_timeout_s``.
 
-``python -m gpu_runner.supervisor`` starts the configured children (COMFYUI_COMMAND),
-then serves the runner (``gpu_runner.app:create_app``) with uvicorn; the children get
-ready in the background, so the runner answers health checks at once.
+``main`` is the runner's one entry point: ``python -m gpu_runner`` (the container, ``comfyswap
+run`` / ``make run``, the tests) and the benchmarks (``serve`` with their engine) all start
+here. It starts the configured children (COMFYUI_COMMAND), then serves the runner
+(``gpu_runner.app:create_app``) with uvicorn; the children get ready in the background, so
+the runner answers health checks at once. SIGTERM/SIGINT stop uvicorn gracefully, then every
+child's process group; a child also gets SIGKILL from the kernel if the runner dies without
+a stop (PR_SET_PDEATHSIG), so no ComfyUI is ever left holding its port.
 """
 
 from __future__ import annotations
@@ -23,25 +27,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import enum
 import importlib
 import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import uvicorn
 
+from gpu_runner.serving import QuietServer
 from shared.logs import get_logger, log_event
+from shared.settings import Settings
 
-__all__ = ["ManagedProcess", "ProcessState", "main"]
+__all__ = ["ManagedProcess", "PortTaken", "ProcessState", "main", "serve"]
 
 logger = get_logger(__name__)
+
+
+class PortTaken(RuntimeError):
+    """The child's port already answers before the child is started."""
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded here, not in the forked child
+    _LIBC: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # not Linux/glibc: children are still stopped by ``stop()``
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the runner dies (Linux), so a runner killed
+    without a stop (SIGKILL, a crash) leaves no orphaned ComfyUI on the port."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ProcessState(enum.StrEnum):
@@ -119,7 +148,25 @@ class ManagedProcess:
         }
 
     # --- lifecycle -------------------------------------------------------------------------
+    def port_taken(self) -> bool:
+        """Something already answers on the health URL's port: an orphan from an earlier run,
+        or another program. Starting then would crash-loop on "address in use" while the
+        health URL answers for the other process."""
+        if self.health_url is None:
+            return False
+        parts = urlsplit(self.health_url)
+        try:
+            with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
     def _spawn(self) -> None:
+        if self.port_taken():
+            raise PortTaken(
+                f"{self.name}: {self.health_url} already answers before the child started: another "
+                "process (an orphaned child of an earlier run?) holds the port; stop it first"
+            )
         log_file = self.log_path.open("ab") if self.log_path is not None else None
         try:
             self.process = subprocess.Popen(
@@ -130,6 +177,7 @@ class ManagedProcess:
                 stdout=log_file if log_file is not None else subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,  # only prctl, before exec
             )
         finally:
             if log_file is not None:
@@ -142,7 +190,11 @@ class ManagedProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._stopping = False
         self.state = ProcessState.STARTING
-        self._spawn()
+        try:
+            self._spawn()
+        except PortTaken:
+            self.state = ProcessState.FAILED
+            raise
         if await self.wait_ready(self.ready_timeout_s):
             self.state = ProcessState.READY
             return
@@ -202,7 +254,11 @@ class ManagedProcess:
                 return
             self._restart_times.append(time.monotonic())
             self.restarts += 1
-            self._spawn()
+            try:
+                self._spawn()
+            except PortTaken as exc:  # counts as a failed restart; the budget bounds it
+                log_event(logger, "child_port_taken", level=logging.ERROR, child=self.name, error=str(exc))
+                continue
             if await self.wait_ready(self.ready_timeout_s):
                 self.state = ProcessState.READY
             elif self.alive():  # hung, not crashed: kill it, the next round restarts it
@@ -242,18 +298,39 @@ def comfyui_process(command: str, comfyui_url: str, log_dir: Path) -> ManagedPro
     )
 
 
-async def _serve(children: list[ManagedProcess]) -> None:
-    import uvicorn  # lazily: the module is importable (and testable) without the server stack
+def configured_children(settings: Settings) -> list[ManagedProcess]:
+    if not settings.comfyui_command.strip():
+        return []
+    comfyui_url = settings.comfyui_url or "http://127.0.0.1:8188"
+    return [comfyui_process(settings.comfyui_command, comfyui_url, settings.data_dir / "logs")]
 
-    from shared.settings import get_settings
 
-    settings = get_settings()
+class _Server(QuietServer):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, with the handlers it found
+    (SIG_DFL: the process dies there). ``serve`` must still stop the children after it, so
+    the signal is only recorded, never re-raised."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+
+async def serve(
+    settings: Settings, *, children: list[ManagedProcess] | None = None, state: Any = None
+) -> None:
+    """Serve the runner until SIGTERM/SIGINT, supervising ``children`` (default: the configured
+    ones); on the way out every child is stopped, whatever ended the server."""
     # By name: the runner app is another module's business; this one stays importable alone.
     create_app = importlib.import_module("gpu_runner.app").create_app
-    app = create_app(settings)
-    state = getattr(app, "state", None)
-    if state is not None:
-        state.managed_processes = {child.name: child for child in children}
+    app = create_app(settings) if state is None else create_app(settings, state=state)
+    children = configured_children(settings) if children is None else children
+    app_state = getattr(app, "state", None)
+    if app_state is not None:
+        app_state.managed_processes = {child.name: child for child in children}
     tasks: list[asyncio.Task[None]] = []
 
     async def start_and_supervise(child: ManagedProcess) -> None:
@@ -261,31 +338,38 @@ async def _serve(children: list[ManagedProcess]) -> None:
             await child.start()
         except RuntimeError as exc:
             log_event(logger, "child_start_failed", level=logging.ERROR, child=child.name, error=str(exc))
+            return
         await child.supervise()
 
-    for child in children:
-        tasks.append(asyncio.create_task(start_and_supervise(child), name=f"supervise-{child.name}"))
-    config = uvicorn.Config(app, host=settings.runner_host, port=settings.runner_port, log_config=None)
     try:
-        await uvicorn.Server(config).serve()
+        for child in children:
+            tasks.append(asyncio.create_task(start_and_supervise(child), name=f"supervise-{child.name}"))
+        config = uvicorn.Config(
+            app,
+            host=settings.runner_host,
+            port=settings.runner_port,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            date_header=False,  # QuietServer: no per-second Date refresh on an idle runner
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        )
+        await _Server(config).serve()
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(child.stop() for child in children), return_exceptions=True)
 
 
 def main() -> None:
-    """Start the configured children, then serve the runner until SIGTERM/SIGINT."""
+    """The runner's entry point: start the configured children, serve until SIGTERM/SIGINT."""
     from shared.logs import configure_logging
     from shared.settings import get_settings
 
     settings = get_settings()
     configure_logging(settings.log_level)
-    children: list[ManagedProcess] = []
-    if settings.comfyui_command.strip():
-        comfyui_url = settings.comfyui_url or "http://127.0.0.1:8188"
-        children.append(comfyui_process(settings.comfyui_command, comfyui_url, settings.data_dir / "logs"))
-    asyncio.run(_serve(children))
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -543,6 +543,9 @@ class Worker:
             stored = await asyncio.to_thread(self.upload, output.path, key, output.content_type)
             outputs.append(
                 {
+                    # The engine's description first: the storage fields below (its `key`
+                    # above all) are what the client downloads, never overwritten by it.
+                    **output.extra,
                     "url": stored.url,
                     "key": stored.key,
                     "provider": stored.provider,
@@ -554,7 +557,6 @@ class Worker:
                     "height": output.height,
                     "duration": output.duration,
                     **({"storage": stored.extra} if stored.extra else {}),
-                    **output.extra,
                 }
             )
         first = outputs[0]

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         "(e.g. `python /opt/ComfyUI/main.py --listen 127.0.0.1 --port 8188`); empty = don't start one.",
     )
     comfyui_client_id: str = Field("comfyswap-runner", description="COMFYUI_CLIENT_ID: websocket client id.")
+    comfyui_input_dir: str = Field(
+        "",
+        description="COMFYUI_INPUT_DIR: ComfyUI's input folder, when on this machine: a task's uploaded "
+        "inputs are deleted from it when the task ends (ComfyUI has no route for that); empty = kept.",
+    )
+    comfyui_restart_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="COMFYUI_RESTART_WAIT_S: how long a task waits for an unreachable ComfyUI (crashed, "
+        "restarting: 12-40 s) to be ready again before it spends an attempt; 0 = don't wait.",
+    )
     face_swap_api_url: str = Field(
         "http://127.0.0.1:8000", description="FACE_SWAP_API_URL: the seed's FaceFusion HTTP API."
     )

@@ -416,15 +416,56 @@ def validate_wf_json(wf_json: Any, field: str = "task_data.wf_json") -> dict[str
     return copy.deepcopy(wf_json)
 
 
+MAX_RAW_IMAGE_INPUTS = 16
+
+
+def _raw_image_inputs(value: Any, wf_json: dict[str, Any]) -> list[dict[str, str]]:
+    """``task_data.image_inputs`` of a raw graph: ``[{node, input, url}]``, each URL fetched by
+    the runner (SSRF-safe), uploaded to ComfyUI and written into that node's input."""
+    field = "task_data.image_inputs"
+    if not isinstance(value, list) or not value:
+        raise ValidationFailed(field, "must be a non-empty list of {node, input, url}")
+    if len(value) > MAX_RAW_IMAGE_INPUTS:
+        raise ValidationFailed(field, f"at most {MAX_RAW_IMAGE_INPUTS} image inputs")
+    entries: list[dict[str, str]] = []
+    for index, entry in enumerate(value):
+        where = f"{field}.{index}"
+        if not isinstance(entry, dict):
+            raise ValidationFailed(where, "must be an object {node, input, url}")
+        unknown = sorted(set(entry) - {"node", "input", "url"})
+        if unknown:
+            raise ValidationFailed(f"{where}.{unknown[0]}", "unknown field")
+        for name in ("node", "input", "url"):
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise ValidationFailed(f"{where}.{name}", "required, a non-empty string")
+        if entry["node"] not in wf_json:
+            raise ValidationFailed(f"{where}.node", f"node {entry['node']!r} is not in wf_json")
+        if len(entry["input"]) > 128:
+            raise ValidationFailed(f"{where}.input", "longer than 128 characters")
+        entries.append(
+            {
+                "param": f"image_inputs.{index}.url",
+                "node": entry["node"],
+                "input": entry["input"],
+                "url": entry["url"],
+            }
+        )
+    return entries
+
+
 def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: bool) -> dict[str, Any]:
     """Validate ``task_data`` and return ``params.input_data`` in the unified format."""
     if workflow == RAW_WORKFLOW or "wf_json" in task_data:
         if not allow_raw:
             raise ValidationFailed("task_data.wf_json", "this API key may not send raw ComfyUI workflows")
-        extra = sorted(set(task_data) - {"wf_json"})
+        extra = sorted(set(task_data) - {"wf_json", "image_inputs"})
         if extra:
             raise ValidationFailed(f"task_data.{extra[0]}", "unknown field next to wf_json")
-        return {"wf_json": validate_wf_json(task_data.get("wf_json"))}
+        wf_json = validate_wf_json(task_data.get("wf_json"))
+        raw: dict[str, Any] = {"wf_json": wf_json}
+        if "image_inputs" in task_data:
+            raw["image_inputs"] = _raw_image_inputs(task_data["image_inputs"], wf_json)
+        return raw
     template = get_template(workflow)
     try:
         params = template.params_model.model_validate(task_data)

@@ -13,7 +13,6 @@ import functools
 import http.server
 import io
 import json
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ from PIL import Image
 from gpu_runner.engines.comfyui import ComfyUIClient, ComfyUIEngine
 from shared.settings import Settings
 from shared.tasks import Task, TaskParams
-from tests.servers import ServerProcess, free_port, start_server
+from tests.fakes import comfyui_double as comfyui_double_server
+from tests.servers import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "tests" / "fakes" / "comfyui_data" / "workflows"
@@ -47,18 +47,8 @@ def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def start_double(tmp_dir: Path, name: str = "comfyui-double") -> ServerProcess:
-    port = free_port()
-    root = tmp_dir / f"{name}-root"
-    return start_server(
-        name,
-        [sys.executable, "-m", "tests.fakes.comfyui_double", "--port", str(port), "--root", str(root)],
-        url=f"http://127.0.0.1:{port}",
-        log_dir=tmp_dir,
-        health_path="/system_stats",
-        timeout_s=30,
-        cwd=REPO,
-    )
+def start_double(tmp_dir: Path, name: str = "comfyui-double", port: int = 0) -> ServerProcess:
+    return comfyui_double_server.start(tmp_dir / f"{name}-root", port=port, name=name, log_dir=tmp_dir)
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +135,10 @@ def make_client(url: str, **overrides: Any) -> ComfyUIClient:
     return ComfyUIClient(url, client_id=f"test-{uuid.uuid4().hex[:8]}", **options)
 
 
-def make_engine(url: str, *, task_timeout_s: float = 30.0, **client_overrides: Any) -> ComfyUIEngine:
-    settings = Settings(comfyui_url=url, task_timeout_s=task_timeout_s)
+def make_engine(
+    url: str, *, task_timeout_s: float = 30.0, restart_wait_s: float = 0.0, **client_overrides: Any
+) -> ComfyUIEngine:
+    settings = Settings(comfyui_url=url, task_timeout_s=task_timeout_s, comfyui_restart_wait_s=restart_wait_s)
     return ComfyUIEngine(settings, LoopbackFetcher(), client=make_client(url, **client_overrides))
 
 

@@ -1,6 +1,6 @@
 """ComfyUIEngine / ComfyUIClient against the ComfyUI double, one recorded scenario per test.
 
-Scenario ids (s02, s04, ...) refer to /work/shared/comfyui/transcripts.
+Scenario ids (s02, s04, ...) are those of docs/comfyui-protocol.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from PIL import Image
 
 from gpu_runner.engines.base import EngineResult
 from gpu_runner.engines.comfyui import ComfyUIEngine
+from gpu_runner.engines.comfyui_errors import scrub_all
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.settings import Settings
 from shared.tasks import Progress, Task
@@ -130,13 +131,15 @@ def test_multi_output_lists_every_file_with_its_node_and_the_text(comfyui_double
     by_node: dict[str, list[Any]] = {}
     for output in result.outputs:
         by_node.setdefault(output.node_id or "", []).append(output)
-    assert sorted(by_node) == ["2", "4", "5"]
-    assert all(len(files) == 2 for files in by_node.values())
+    assert sorted(by_node) == ["2", "4", "5", "7"]
+    assert all(len(by_node[node]) == 2 for node in ("2", "4", "5"))
+    # PreviewAny's text is an output like the files (a text-only graph is not `no_output`).
+    assert [(o.kind, o.path.read_text()) for o in by_node["7"]] == [("text", "32")]
     assert {o.extra["type"] for o in by_node["5"]} == {"temp"}
     with Image.open(by_node["4"][0].path) as picture:
         assert picture.size == (32, 16)
         assert picture.convert("RGB").getpixel((0, 0)) == (255, 0, 255)
-    assert result.metadata["text_outputs"] == {"7": ["32"]}
+    assert "comfyui_outputs" not in result.metadata  # each output described once, in outputs
 
 
 def test_save_image_websocket_frames_become_outputs(comfyui_double, tmp_path):
@@ -185,7 +188,9 @@ def test_every_recorded_validation_error_is_a_useful_job_failure(comfyui_double,
     if expected.get("error") and not expected.get("node_errors"):
         assert expected["error"]["message"] in error.message
     if recorded["expect_status"] == 400:
-        assert error.details["upstream_body"] == expected
+        # ComfyUI's answer as it came, less what clients must not see (tracebacks, paths).
+        assert error.details["upstream_body"] == scrub_all(expected)
+        assert "traceback" not in json.dumps(error.details)
 
 
 async def _run_prompt(url: str, prompt: dict[str, Any]) -> Any:
@@ -349,6 +354,67 @@ def test_comfyui_killed_mid_run_is_retryable_upstream_unavailable(tmp_path):
     assert caught.value.code == "comfyui_unavailable"
     assert caught.value.retryable
     assert time.monotonic() - started < 10
+
+
+def test_comfyui_restarted_mid_run_holds_the_task_and_runs_it_again(tmp_path):
+    # A crash is not the task's fault: held until ComfyUI answers again, then run once more.
+    port = free_port()
+    doubles = [start_double(tmp_path, "comfyui-restarting", port=port)]
+    try:
+        hook(doubles[0], "node_delay", class_type="ImageBlur", seconds=0.3)
+        hook(doubles[0], "crash", at_node="4")
+
+        async def scenario() -> EngineResult:
+            engine = make_engine(doubles[0].url, restart_wait_s=60.0)
+            job = asyncio.create_task(
+                _run_job(engine, make_task({"wf_json": load_workflow("slow_blur")}), tmp_path)
+            )
+            while doubles[0].alive():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # down for a while, as a real restart is
+            doubles.append(await asyncio.to_thread(start_double, tmp_path, "comfyui-restarted", port))
+            return await job
+
+        result = asyncio.run(scenario())
+    finally:
+        for double in doubles:
+            double.stop()
+
+    assert len(result.outputs) == 2
+    assert result.metadata["comfyui_held"]["times"] == 1
+
+
+def test_a_5xx_from_queue_while_polling_is_retryable_not_an_internal_error(comfyui_double, tmp_path):
+    # The history poll asks /queue when /history has nothing yet; a 500 there used to escape
+    # as httpx.HTTPStatusError (runner_internal_error).
+    hook(comfyui_double, "node_delay", class_type="ImageBlur", seconds=2.0)
+    hook(comfyui_double, "drop_sockets", at_node="3", refuse_s=30.0)
+    hook(comfyui_double, "fail_queue", status=500)
+
+    with pytest.raises(UpstreamUnavailable) as caught:
+        run_job(make_engine(comfyui_double.url), make_task({"wf_json": load_workflow("slow_blur")}), tmp_path)
+
+    assert caught.value.code == "comfyui_unavailable"
+    assert "GET /queue answered HTTP 500" in caught.value.message
+
+
+def test_a_5xx_from_queue_while_cancelling_still_cancels(comfyui_double, tmp_path):
+    hook(comfyui_double, "node_delay", class_type="ImageBlur", seconds=1.0)
+    cancel = asyncio.Event()
+
+    def on_progress(progress: Progress) -> None:
+        if "ImageBlur" in progress.stage and not cancel.is_set():
+            httpx.post(f"{comfyui_double.url}/__double__/fail_queue", json={"status": 503}, timeout=5)
+            cancel.set()
+
+    with pytest.raises(JobCancelled):
+        run_job(
+            make_engine(comfyui_double.url),
+            make_task({"wf_json": load_workflow("slow_blur")}),
+            tmp_path,
+            cancel=cancel,
+            on_progress=on_progress,
+        )
 
 
 def test_comfyui_not_listening_is_upstream_unavailable_fast(tmp_path):

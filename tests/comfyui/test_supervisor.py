@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from gpu_runner.supervisor import ManagedProcess, ProcessState
-from tests.comfyui.conftest import REPO
+from gpu_runner.supervisor import ManagedProcess, PortTaken, ProcessState
+from tests.comfyui.conftest import REPO, start_double
+from tests.fakes.comfyui_double import command as double_command
 from tests.servers import free_port
 
 
@@ -27,16 +29,7 @@ def double_process(tmp_path: Path, **options: object) -> ManagedProcess:
         "backoff_initial_s": 0.1,
         "stop_timeout_s": 5.0,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "tests.fakes.comfyui_double",
-        "--port",
-        str(port),
-        "--root",
-        str(tmp_path / "r"),
-    ]
-    return ManagedProcess("comfyui", command, **{**defaults, **options})  # type: ignore[arg-type]
+    return ManagedProcess("comfyui", double_command(port, tmp_path / "r"), **{**defaults, **options})  # type: ignore[arg-type]
 
 
 async def wait_for(predicate: object, timeout_s: float) -> None:
@@ -138,3 +131,61 @@ def test_child_that_never_answers_is_killed_after_the_bounded_wait(tmp_path):
 
     assert not child.alive()
     assert child.state == ProcessState.FAILED
+
+
+def test_a_process_already_on_the_port_is_refused_not_reported_ready(tmp_path):
+    # An orphan from an earlier run answers the health URL: the child would crash-loop on
+    # "address in use" while the supervisor reported ready against the orphan.
+    orphan = start_double(tmp_path, "orphan")
+    port = int(orphan.url.rsplit(":", 1)[1])
+    child = ManagedProcess(
+        "comfyui",
+        double_command(port, tmp_path / "r"),
+        health_url=f"{orphan.url}/system_stats",
+        cwd=REPO,
+        ready_timeout_s=20.0,
+    )
+    try:
+        with pytest.raises(PortTaken, match="already answers"):
+            asyncio.run(child.start())
+    finally:
+        orphan.stop()
+
+    assert child.state == ProcessState.FAILED
+    assert child.process is None
+
+
+def test_a_killed_supervisor_takes_its_child_with_it(tmp_path):
+    # PR_SET_PDEATHSIG: even a SIGKILLed runner (no stop() ran) leaves no child on the port.
+    port = free_port()
+    script = (
+        "import asyncio, sys, time\n"
+        "from gpu_runner.supervisor import ManagedProcess\n"
+        f"child = ManagedProcess('c', {double_command(port, tmp_path / 'r')!r}, "
+        f"health_url='http://127.0.0.1:{port}/system_stats', ready_timeout_s=30)\n"
+        "asyncio.run(child.start())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout is not None
+        child_pid = int(runner.stdout.readline())
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child_pid):
+            time.sleep(0.05)
+        assert not _alive(child_pid)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for its reaper is gone for us
+        return stat.read().split(") ", 1)[1][0] != "Z"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import start_stack
-from tests.servers import free_port, start_server
+from tests.fakes import comfyui_double
 
 pytestmark = pytest.mark.e2e
 
@@ -19,23 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def comfy_stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfy")
-    port = free_port()
-    double = start_server(
-        "comfyui-double",
-        [
-            sys.executable,
-            "-m",
-            "tests.fakes.comfyui_double",
-            "--port",
-            str(port),
-            "--root",
-            str(tmp / "comfy"),
-        ],
-        url=f"http://127.0.0.1:{port}",
-        log_dir=tmp / "logs",
-        health_path="/system_stats",
-        timeout_s=60,
-    )
+    double = comfyui_double.start(tmp / "comfy", log_dir=tmp / "logs")
     stack = start_stack(tmp, {"COMFYUI_URL": double.url})
     yield stack, double
     stack.client.close()

@@ -1,9 +1,10 @@
 """A ComfyUI test double: a real HTTP + websocket server that behaves like ComfyUI 0.3.64.
 
-Built from the recorded protocol in /work/shared/comfyui (PROTOCOL.md, transcripts/,
-workflows/invalid/). It is a hand-written fake because ComfyUI itself does not run in CI
-(TESTING.md, "ComfyUI: recorded protocol"), so it copies the real server's quirks rather
-than an idealised API:
+Built from the recorded protocol in docs/comfyui-protocol.md (and the recorded invalid
+requests in tests/fakes/comfyui_data/workflows/invalid/). It is a hand-written fake for the
+fast tiers (fault injection, socket drops, millisecond restarts); the real ComfyUI runs in
+the real-peer tier (tests/peers/). It copies the real server's quirks rather than an
+idealised API:
 
 * ``/ws?clientId=X``: an initial ``status`` carrying ``sid``; ``feature_flags`` answered when
   the client sends them; execution messages only to the socket of the prompt's
@@ -43,6 +44,7 @@ Test hooks (not in ComfyUI) live under ``/__double__/``:
 * ``POST /__double__/stall_history`` ``{"seconds": 5}``: every ``/history`` answer waits.
 * ``POST /__double__/crash`` ``{"at_node": "4"?}``: exit the process (``os._exit``) now or
   when that node starts; in a thread it stops the server instead.
+* ``POST /__double__/fail_queue`` ``{"status": 500}``: ``GET /queue`` answers that status.
 * ``GET /__double__/state``: connected client ids, running prompt, queue length.
 
 Run it: ``python -m tests.fakes.comfyui_double --port 8188 [--root DIR]``, or in-process
@@ -73,7 +75,7 @@ from collections.abc import Awaitable, Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import uvicorn
@@ -163,6 +165,7 @@ class Hooks:
     refuse_sockets_until: float = 0.0
     stall_history_s: float = 0.0
     crash_at_node: str | None = None
+    queue_status: int = 0  # GET /queue answers this status (a broken ComfyUI) when set
 
 
 class NodeContext:
@@ -314,6 +317,7 @@ class ComfyUIDouble:
             Route("/__double__/drop_sockets", self.hook_drop_sockets, methods=["POST"]),
             Route("/__double__/stall_history", self.hook_stall_history, methods=["POST"]),
             Route("/__double__/crash", self.hook_crash, methods=["POST"]),
+            Route("/__double__/fail_queue", self.hook_fail_queue, methods=["POST"]),
             Route("/__double__/state", self.hook_state, methods=["GET"]),
         ]
 
@@ -468,6 +472,8 @@ class ComfyUIDouble:
         return _empty()
 
     async def get_queue(self, request: Request) -> Response:
+        if self.hooks.queue_status:
+            return PlainTextResponse("500 Internal Server Error", status_code=self.hooks.queue_status)
         running = [self.running.as_list()] if self.running is not None else []
         return _json({"queue_running": running, "queue_pending": [item.as_list() for item in self.pending]})
 
@@ -623,6 +629,11 @@ class ComfyUIDouble:
     async def hook_stall_history(self, request: Request) -> Response:
         body = await _json_body(request)
         self.hooks.stall_history_s = float(body.get("seconds", 0.0))
+        return _json({"ok": True})
+
+    async def hook_fail_queue(self, request: Request) -> Response:
+        body = await _json_body(request)
+        self.hooks.queue_status = int(body.get("status", 500))
         return _json({"ok": True})
 
     async def hook_crash(self, request: Request) -> Response:
@@ -1590,6 +1601,36 @@ class DoubleServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+if TYPE_CHECKING:
+    from tests.servers import ServerProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def command(port: int, root: Path) -> list[str]:
+    """The command line that serves the double on 127.0.0.1:``port`` with its files in ``root``."""
+    return [sys.executable, "-m", "tests.fakes.comfyui_double", "--port", str(port), "--root", str(root)]
+
+
+def start(
+    root: Path, *, port: int = 0, name: str = "comfyui-double", log_dir: Path | None = None
+) -> ServerProcess:
+    """The one launcher of the double as a subprocess (tests and benchmarks): a
+    ``tests.servers.ServerProcess`` once ``/system_stats`` answers."""
+    from tests.servers import free_port, start_server  # the double itself needs neither
+
+    port = port or free_port()
+    return start_server(
+        name,
+        command(port, root),
+        url=f"http://127.0.0.1:{port}",
+        log_dir=log_dir or root.parent,
+        health_path="/system_stats",
+        timeout_s=60,
+        cwd=REPO,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
