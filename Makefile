@@ -36,6 +36,7 @@ lock: ## Regenerate the hashed locks (requirements/*.txt, functions/*/requiremen
 
 peers: ## Install the real ComfyUI (and FaceFusion) into .tools/ for the real-peer tier (COMFYUI_SOURCE=...)
 	bash scripts/peers/install_comfyui.sh
+	bash scripts/peers/install_facefusion.sh
 
 run: $(STAMP) ## Run the API (three functions) and the runner on embedded defaults
 	$(BIN)/comfyswap run

@@ -40,4 +40,3 @@ class QuietServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         if not self.should_exit:
             await self._exit_requested.wait()
-

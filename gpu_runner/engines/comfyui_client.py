@@ -262,10 +262,10 @@ class ComfyUIClient:
         filename = name or path.name
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         data = {"subfolder": subfolder, "type": "input", "overwrite": "true" if overwrite else "false"}
-        with path.open("rb") as file:
-            response = await self._request(
-                "POST", "/upload/image", files={"image": (filename, file, content_type)}, data=data
-            )
+        payload = await asyncio.to_thread(path.read_bytes)  # an input image, capped by FETCH_MAX_BYTES
+        response = await self._request(
+            "POST", "/upload/image", files={"image": (filename, payload, content_type)}, data=data
+        )
         if response.status_code != 200:
             raise JobFailed(
                 f"ComfyUI refused the upload of {filename!r} (HTTP {response.status_code})",
@@ -350,7 +350,7 @@ class ComfyUIClient:
     async def download(self, output: OutputFile, dest: Path) -> Path:
         """GET /view streamed to ``dest`` (a video is never held in memory)."""
         params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
         try:
             async with self._http.stream("GET", "/view", params=params) as response:
                 if response.status_code == 404:
@@ -362,9 +362,12 @@ class ComfyUIClient:
                     )
                 if response.status_code != 200:
                     raise self._unavailable(f"GET /view answered HTTP {response.status_code}")
-                with dest.open("wb") as file:
+                file = await asyncio.to_thread(dest.open, "wb")
+                try:
                     async for chunk in response.aiter_bytes(1 << 20):
-                        file.write(chunk)
+                        await asyncio.to_thread(file.write, chunk)  # disk writes off the loop
+                finally:
+                    await asyncio.to_thread(file.close)
         except httpx.TransportError as exc:
             dest.unlink(missing_ok=True)
             raise self._unavailable(f"download of {output.filename!r} failed: {exc!r}") from exc

@@ -37,14 +37,19 @@ fi
 
 echo "comfyui: installing from $COMFYUI_SOURCE into $TOOLS (torch takes minutes the first time)"
 mkdir -p "$TOOLS/comfyui"
-rm -rf "$SRC_DIR" "$STAMP"
+# The new source lands beside the installed one and replaces it only once complete: a source
+# that cannot be read (no network for a git URL) leaves a working install as it was.
+NEW_DIR="$(mktemp -d "$TOOLS/comfyui/new.XXXXXX")"
+trap 'rm -rf "$NEW_DIR"' EXIT
 if [ -f "$COMFYUI_SOURCE" ]; then
-  tar -xzf "$COMFYUI_SOURCE" -C "$TOOLS/comfyui"
-  [ -f "$SRC_DIR/main.py" ] || { echo "comfyui: $COMFYUI_SOURCE has no ComfyUI/main.py" >&2; exit 1; }
+  tar -xzf "$COMFYUI_SOURCE" -C "$NEW_DIR"
+  [ -f "$NEW_DIR/ComfyUI/main.py" ] || { echo "comfyui: $COMFYUI_SOURCE has no ComfyUI/main.py" >&2; exit 1; }
 else
-  git clone --quiet "$COMFYUI_SOURCE" "$SRC_DIR"
-  git -C "$SRC_DIR" checkout --quiet "$COMFYUI_REF"
+  git clone --quiet "$COMFYUI_SOURCE" "$NEW_DIR/ComfyUI"
+  git -C "$NEW_DIR/ComfyUI" checkout --quiet "$COMFYUI_REF"
 fi
+rm -rf "$SRC_DIR" "$STAMP"
+mv "$NEW_DIR/ComfyUI" "$SRC_DIR"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_FOR_PEER" -m venv "$VENV"
