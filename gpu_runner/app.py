@@ -6,7 +6,7 @@ Routes (``ROUTES``, the one table the dev server forwards by):
   GET  /api/runner/status           worker state (slots, in-flight tasks)
   GET  /api/runner/health           engines, storage and worker (the console's admin view)
   POST /api/face-swap/process       synchronous swap, bypassing the queue
-  GET  /api/face-swap/health, /api/face-swap/workflows
+  GET  /api/face-swap/health
   GET  /api/comfyui-queue-status, /api/comfyui-system-stats; POST /api/comfyui-interrupt
   GET  /results/{key}               results of the `local` storage provider
 
@@ -54,7 +54,6 @@ from shared.storage.base import StoredObject
 from shared.storage.local import LocalStorage
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, utcnow
-from shared.workflows import FACE_SWAP_MODELS, TEMPLATES, FaceSwapInput, supported_models
 
 __all__ = ["EXCEPTION_HANDLERS", "ROUTES", "RunnerState", "create_app"]
 
@@ -322,19 +321,6 @@ async def face_swap_health(request: Request) -> Response:
     return JSONResponse(health_body, status_code=200 if health_body.get("status") == "available" else 503)
 
 
-async def face_swap_workflows(request: Request) -> Response:
-    runnable = supported_models(runner_of(request).settings.face_swap_engine)
-    return JSONResponse(
-        {
-            "workflows": {name: template.describe() for name, template in TEMPLATES.items()},
-            "face_swap": FaceSwapInput.model_json_schema(),
-            # The whitelist's models this runner's engine can run, default first (the
-            # console's model choices).
-            "face_swap_models": [model for model in FACE_SWAP_MODELS if model in runnable],
-        }
-    )
-
-
 async def comfyui_queue_status(request: Request) -> Response:
     await client_principal(request)
     return JSONResponse(await comfyui_engine(request).queue_status())
@@ -375,7 +361,6 @@ ROUTES = [
     Route("/results/{key:path}", results),
     Route("/api/face-swap/process", face_swap_process, methods=["POST"]),
     Route("/api/face-swap/health", face_swap_health),
-    Route("/api/face-swap/workflows", face_swap_workflows),
     Route("/api/comfyui-queue-status", comfyui_queue_status),
     Route("/api/comfyui-system-stats", comfyui_system_stats),
     Route("/api/comfyui-interrupt", comfyui_interrupt, methods=["POST"]),

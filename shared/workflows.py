@@ -36,6 +36,7 @@ __all__ = [
     "supported_models",
     "validate_for_engine",
     "validate_wf_json",
+    "workflows_document",
 ]
 
 RESOLUTION_PATTERN = re.compile(r"^(\d{3,4})x(\d{3,4})$")
@@ -481,3 +482,15 @@ def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: boo
             for param, node, node_input in template.image_inputs
         ]
     return input_data
+
+
+def workflows_document(face_swap_engine: str) -> dict[str, Any]:
+    """GET /api/face-swap/workflows: each template with its parameters' JSON Schema, the face
+    swap's schema, and the whitelist's models this deployment's engine can run, default
+    first (the console builds its forms and model choices from it)."""
+    runnable = supported_models(face_swap_engine)
+    return {
+        "workflows": {name: template.describe() for name, template in TEMPLATES.items()},
+        "face_swap": FaceSwapInput.model_json_schema(),
+        "face_swap_models": [model for model in FACE_SWAP_MODELS if model in runnable],
+    }

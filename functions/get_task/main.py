@@ -2,8 +2,9 @@
 
 Routes: GET /api/tasks/{task_id} (``?wait=N``: hold up to N s, at most 25, until the task
 ends), GET /api/tasks/ (admin sees all; a client its own),
-GET /api/face-swap/queue-status, GET /api/health, GET /api/status, POST /internal/reap,
-GET /api/admin/stats (admin: the fleet's numbers), GET /console (the web console's files).
+GET /api/face-swap/queue-status, GET /api/face-swap/workflows, GET /api/health, GET /api/status,
+POST /internal/reap, GET /api/admin/stats (admin: the fleet's numbers),
+GET /console (the web console's files).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def admin_stats(ctx: RequestContext) -> flask.Response:
     return json_response(fleet_stats(ctx.service.store))
 
 
+def face_swap_workflows(ctx: RequestContext) -> flask.Response:
+    """Static template data and this deployment's engine: answered here, so reading it
+    never wakes a GPU runner."""
+    from shared.workflows import workflows_document
+
+    return json_response(workflows_document(ctx.settings.face_swap_engine))
+
+
 def console_file(ctx: RequestContext) -> flask.Response:
     """The console's static files: public (they hold no secret); the API calls they make
     carry the person's API key."""
@@ -102,6 +111,7 @@ ROUTES = [
     Route("GET", "/api/tasks", all_tasks, "list_tasks"),
     Route("GET", "/api/tasks/{task_id}", one_task, "get_task"),
     Route("GET", "/api/face-swap/queue-status", queue_status, "queue_status"),
+    Route("GET", "/api/face-swap/workflows", face_swap_workflows, "face_swap_workflows", public=True),
     Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
     # No API key check before the handler: the schedule sends an OIDC token, not a key.

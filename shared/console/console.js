@@ -679,6 +679,12 @@ async function checkEngines() {
   const box = $("#engines");
   box.replaceChildren(el("p", { class: "help", text: "Asking a runner…" }));
   const result = await api("GET", "/api/runner/health");
+  if (result.status === 404) {
+    // A gateway that keeps runner routes closed (runner_ops off) answers from get_task.
+    box.replaceChildren(el("p", { class: "help", text: "This deployment does not route runner health "
+      + "through the API host (the gateway's runner_ops setting is off): see the monitoring dashboard." }));
+    return;
+  }
   if (result.status !== 200) {
     box.replaceChildren(el("p", { class: "error", text: `No runner answered: ${describeRefusal(result)}` }));
     return;

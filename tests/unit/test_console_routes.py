@@ -136,3 +136,23 @@ def test_admin_stats_route_needs_an_admin_key(api, monkeypatch):
     assert anonymous.status_code == 401
     assert as_admin.status_code == 200
     assert set(as_admin.get_json()) >= {"queue", "last_hour", "runners", "generated_at"}
+
+
+@pytest.mark.parametrize("engine", ["cpu", "facefusion_api"])
+def test_workflows_come_from_get_task_with_the_engines_models(api, monkeypatch, engine):
+    from shared.http import service
+    from shared.settings import reset_settings_cache
+    from shared.workflows import FACE_SWAP_MODELS, supported_models
+
+    monkeypatch.setenv("FACE_SWAP_ENGINE", engine)
+    reset_settings_cache()
+    service.cache_clear()
+
+    answer = api.clients["get_task"].get("/api/face-swap/workflows")
+
+    body = answer.get_json()
+    assert answer.status_code == 200
+    assert body["face_swap_models"] == [m for m in FACE_SWAP_MODELS if m in supported_models(engine)]
+    assert body["face_swap_models"][0] == "inswapper_128_fp16"
+    width = body["workflows"]["invert_image"]["parameters"]["properties"]["width"]
+    assert {"maximum": 8192, "minimum": 1, "type": "integer"} in width["anyOf"]
