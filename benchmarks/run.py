@@ -3,7 +3,8 @@
 Parts run one after another, each bounded in time, in one temp dir that is removed at
 the end: cold start (4) first, while nothing else of ours runs; the engines (5) and
 storage (6) next; the operations each task causes on the managed services (7, on the
-emulators: issue 14) and the ComfyUI path against a direct ComfyUI client (8: issue 18);
+emulators: issue 14), the ComfyUI path against a direct ComfyUI client (8: issue 18) and
+many runners claiming from one Firestore queue (9: issue 14);
 then the embedded stack is started once for the orchestration
 overhead (2), the runner's efficiency (1) and the API cost (3, last: it leaves thousands
 of PENDING tasks behind). A part that fails or lacks a dependency prints ``not measured:
@@ -63,6 +64,12 @@ def _comfyui_floor(workdir: Path) -> list[Row]:
     from benchmarks.comfyui_floor import comfyui_floor_rows
 
     return comfyui_floor_rows(workdir)
+
+
+def _many_runners(workdir: Path) -> list[Row]:
+    from benchmarks.scale import scale_rows
+
+    return scale_rows(workdir)
 
 
 def _storage(workdir: Path) -> list[Row]:
@@ -174,7 +181,7 @@ def render(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the performance figures of issues 8, 14 and 18.")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8", help="comma-separated figure numbers (default: all)"
+        "--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated figure numbers (default: all)"
     )
     args = parser.parse_args(argv)
     figures = {part.strip() for part in args.only.split(",") if part.strip()}
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ("6", "6. storage", _storage),
         ("7", "7. operations per task", _operations),
         ("8", "8. ComfyUI path vs direct client", _comfyui_floor),
+        ("9", "9. many runners", _many_runners),
     ]
     stack_figures = figures & {"1", "2", "3"}
     rows: list[Row] = []
