@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     comfyui_input_dir: str = Field(
         "",
         description="COMFYUI_INPUT_DIR: ComfyUI's input folder, when on this machine: a task's uploaded "
-        "inputs are deleted from it when the task ends (ComfyUI has no route for that); empty = kept.",
+        "inputs are deleted from it when the task ends (ComfyUI has no route for that); empty = the one "
+        "COMFYUI_COMMAND's ComfyUI uses, else kept.",
     )
     comfyui_restart_wait_s: float = Field(
         120.0,

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import mimetypes
 import re
+import shlex
 import uuid
 from pathlib import Path
 from typing import Any, Final
@@ -229,9 +231,10 @@ class ComfyUIEngine(Engine):
 
     def _remove_uploads(self, uploads: list[UploadedImage]) -> None:
         """Delete the task's inputs from ComfyUI's input folder (it has no route for that)."""
-        if not self.settings.comfyui_input_dir.strip():
+        input_dir = comfyui_input_dir(self.settings)
+        if input_dir is None:
             return
-        root = Path(self.settings.comfyui_input_dir).resolve()
+        root = input_dir.resolve()
         for uploaded in uploads:
             path = (root / uploaded.subfolder / uploaded.name).resolve()
             if path.is_relative_to(root):  # never outside the folder, whatever ComfyUI answered
@@ -323,6 +326,24 @@ def _describe(path: Path, node_id: str, extra: dict[str, Any]) -> EngineOutput:
         height=height,
         extra=extra,
     )
+
+
+def comfyui_input_dir(settings: Settings) -> Path | None:
+    """COMFYUI_INPUT_DIR, else the input folder of the ComfyUI that COMFYUI_COMMAND starts
+    (``--input-directory``, ``--base-directory``/input, or input/ beside its main.py)."""
+    if settings.comfyui_input_dir.strip():
+        return Path(settings.comfyui_input_dir)
+    try:
+        argv = shlex.split(settings.comfyui_command)
+    except ValueError:
+        return None
+    options = dict(itertools.pairwise(argv))
+    if "--input-directory" in options:
+        return Path(options["--input-directory"])
+    if "--base-directory" in options:
+        return Path(options["--base-directory"]) / "input"
+    main = next((Path(arg) for arg in argv if arg.endswith("main.py")), None)
+    return main.parent / "input" if main is not None and main.is_absolute() else None
 
 
 def _write(path: Path, payload: bytes) -> None:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gpu_runner.engines.base import EngineResult
-from gpu_runner.engines.comfyui import ComfyUIEngine
+from gpu_runner.engines.comfyui import ComfyUIEngine, comfyui_input_dir
 from gpu_runner.engines.comfyui_errors import scrub_all
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.settings import Settings
@@ -497,3 +497,21 @@ def test_runner_route_helpers(comfyui_double):
     assert health["comfyui_version"] == "0.3.64"
     assert queue == {"running": [], "pending": [], "queue_remaining": 0}
     assert stats["devices"][0]["name"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"comfyui_input_dir": "/data/in"}, "/data/in"),
+        ({"comfyui_command": "python /opt/ComfyUI/main.py --input-directory /srv/in --port 8188"}, "/srv/in"),
+        ({"comfyui_command": "python /opt/ComfyUI/main.py --base-directory /srv/comfy"}, "/srv/comfy/input"),
+        ({"comfyui_command": "python /opt/ComfyUI/main.py --listen 127.0.0.1"}, "/opt/ComfyUI/input"),
+        ({"comfyui_command": "python main.py"}, None),
+        ({}, None),
+    ],
+)
+def test_uploads_are_removed_from_the_input_folder_of_the_supervised_comfyui(settings, expected):
+    # The container sets COMFYUI_COMMAND only: the folder its ComfyUI reads inputs from.
+    found = comfyui_input_dir(Settings(**settings))
+
+    assert (str(found) if found is not None else None) == expected

@@ -20,10 +20,11 @@ import httpx
 import psutil
 import pytest
 
+from tests.comfyui.conftest import png_bytes
 from tests.peers import comfyui_peer
 from tests.peers.conftest import require_peer
 from tests.peers.test_comfyui_engine import blur_chain
-from tests.servers import free_port, wait_until
+from tests.servers import MediaServer, free_port, wait_until
 
 pytestmark = pytest.mark.real_peer("comfyui")
 
@@ -91,7 +92,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         "RUNNER_PORT": str(ports["runner"]),
         "COMFYUI_URL": f"http://127.0.0.1:{ports['comfyui']}",
         "COMFYUI_COMMAND": comfyui_peer.comfyui_command_line(base_dir, ports["comfyui"]),
-        "COMFYUI_INPUT_DIR": str(base_dir / "input"),
+        "FETCH_ALLOW_LOOPBACK": "true",
         "RUNNER_ENVIRONMENTS": "comm",
         "MAX_ATTEMPTS": "1",
         "LOG_LEVEL": "INFO",
@@ -127,14 +128,26 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_make_run_starts_the_real_comfyui_and_runs_a_task_on_it(run):
     assert len(run.comfyui_processes()) == 1
-    created = run.api.post(
-        "/api/tasks/create", json={"workflow": "custom", "task_data": {"wf_json": blur_chain(1, size=64)}}
-    )
-    assert created.status_code == 200, created.text
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "run"}},
+    }
+    with MediaServer().running() as media:
+        url = media.add("/in.png", "image/png", png_bytes(24, 16, (1, 2, 3)))
+        inputs = [{"node": "1", "input": "image", "url": url}]
+        created = run.api.post(
+            "/api/tasks/create",
+            json={"workflow": "custom", "task_data": {"wf_json": graph, "image_inputs": inputs}},
+        )
+        assert created.status_code == 200, created.text
 
-    view = run.wait(created.json()["taskId"], timeout_s=120)
+        view = run.wait(created.json()["taskId"], timeout_s=120)
 
     assert view["status"] == "COMPLETED", view["task"].get("error")
+    # COMFYUI_INPUT_DIR is not set: the folder comes from COMFYUI_COMMAND (--base-directory).
+    uploads = run.base_dir / "input" / "comfyswap"
+    assert uploads.is_dir() and list(uploads.iterdir()) == []
 
 
 def test_comfyui_crash_holds_the_task_until_it_is_back_without_spending_an_attempt(run):
