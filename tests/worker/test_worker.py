@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,7 +45,7 @@ def test_heartbeats_keep_the_lease_of_a_long_job(settings, store, results) -> No
     worker = _worker(settings, store, engine, results)
     task = store.create(face_swap_task())
 
-    async def scenario() -> tuple[int, dict]:
+    async def scenario() -> tuple[int, dict[str, Any]]:
         running = asyncio.ensure_future(worker.run_pushed(task.taskId))
         await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
         await asyncio.sleep(LEASE_SECONDS * 1.5)  # longer than one lease: only renewals keep it
@@ -70,7 +71,7 @@ def test_a_lost_lease_stops_the_engine_and_writes_nothing(settings, store, resul
     worker = _worker(settings, store, engine, results)
     task = store.create(face_swap_task())
 
-    async def scenario() -> tuple[int, dict]:
+    async def scenario() -> tuple[int, dict[str, Any]]:
         running = asyncio.ensure_future(worker.run_pushed(task.taskId))
         await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
         later = utcnow() + dt.timedelta(seconds=LEASE_SECONDS + 1)
@@ -95,7 +96,7 @@ def test_cancel_during_download_stops_before_the_engine(settings, store, results
     worker = _worker(settings, store, engine, results)
     task = store.create(face_swap_task())
 
-    async def scenario() -> tuple[int, dict]:
+    async def scenario() -> tuple[int, dict[str, Any]]:
         running = asyncio.ensure_future(worker.run_pushed(task.taskId))
         await asyncio.wait_for(engine.download_started.wait(), timeout=20)
         await asyncio.to_thread(store.cancel, task.taskId)
@@ -116,7 +117,7 @@ def test_drain_releases_what_cannot_finish_within_the_grace(settings, store, res
     worker = _pulling_worker(settings, store, engine, results)
     task = store.create(face_swap_task())
 
-    async def scenario() -> tuple[int, dict]:
+    async def scenario() -> tuple[int, dict[str, Any]]:
         pulling = asyncio.ensure_future(worker.run_pull_loop(wait_s=0.5))
         await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
         await asyncio.wait_for(worker.drain(grace_s=0.3), timeout=30)
