@@ -2,7 +2,8 @@
 
 Route: GET /api/comm/task/fetch?worker_id=W&environments=face_swap,comm&wait=20
 Answers the seed's envelope ``{code, success, data, message}``; ``wait`` holds the
-request open (long poll, at most 25 s) until a task arrives.
+request open (long poll, at most 25 s) until a task arrives. Every parameter is
+optional, as in the seed: a bare call claims for ``consumer:<key owner>@<address>``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ def fetch(ctx: RequestContext) -> flask.Response:
         for name in (ctx.request.args.get("environments") or ctx.settings.runner_environments).split(",")
         if name.strip()
     ]
-    worker_id = ctx.request.args.get("worker_id") or ctx.request.headers.get("X-Worker-Id") or ""
+    # The seed's consumers call the route bare: their lease is named after the caller.
+    worker_id = (
+        ctx.request.args.get("worker_id")
+        or ctx.request.headers.get("X-Worker-Id")
+        or f"consumer:{ctx.principal.owner}@{ctx.request.remote_addr or 'unknown'}"
+    )
     task = ctx.service.fetch_for_runner(
         worker_id=worker_id, environments=environments, wait_s=query_float(ctx.request, "wait", 0.0)
     )
