@@ -73,6 +73,7 @@ resource "google_cloudfunctions2_function" "api" {
   depends_on = [
     google_project_service.apis,
     google_project_iam_member.build,
+    google_storage_bucket_iam_member.function_inputs,
     google_artifact_registry_repository_iam_member.build_functions,
     google_storage_bucket_iam_member.build_sources,
     google_secret_manager_secret_iam_member.function,

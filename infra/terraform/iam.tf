@@ -81,21 +81,45 @@ resource "google_project_iam_member" "function_datastore" {
   member   = google_service_account.function[each.key].member
 }
 
-resource "google_cloud_tasks_queue_iam_member" "function_enqueuer" {
-  for_each = local.push_mode ? local.dispatching_functions : toset([])
+# Who enqueues Cloud Tasks in push mode: create_task, the reaper's function, and the
+# runner itself (it re-dispatches a task it releases at SIGTERM, schedules a retry's
+# backoff as a Cloud Task, and re-queues expired leases every few seconds).
+resource "google_cloud_tasks_queue_iam_member" "enqueuer" {
+  for_each = local.push_mode ? merge(
+    { for name in local.dispatching_functions : name => google_service_account.function[name].member },
+    { runner = google_service_account.runner.member },
+  ) : {}
   project  = var.project_id
   location = google_cloud_tasks_queue.runner.location
   name     = google_cloud_tasks_queue.runner.name
   role     = "roles/cloudtasks.enqueuer"
-  member   = google_service_account.function[each.key].member
+  member   = each.value
 }
 
 # Enqueuing a task with an OIDC token for the invoker requires actAs on it.
-resource "google_service_account_iam_member" "function_acts_as_invoker" {
-  for_each           = local.push_mode ? local.dispatching_functions : toset([])
+resource "google_service_account_iam_member" "acts_as_invoker" {
+  for_each           = local.push_mode ? google_cloud_tasks_queue_iam_member.enqueuer : {}
   service_account_id = google_service_account.tasks_invoker[0].name
   role               = "roles/iam.serviceAccountUser"
-  member             = google_service_account.function[each.key].member
+  member             = each.value.member
+}
+
+# data: and uploaded inputs live in the results bucket under inputs/<task_id>/ while their
+# task runs (shared/inputs.py): create_task writes them and deletes them on cancel,
+# get_task's reaper deletes those of ended tasks (listing the prefix first). Only that
+# prefix: an IAM condition on the object name, and on the list prefix for listings
+# (Cloud Storage IAM conditions, storage.googleapis.com/objectListPrefix).
+resource "google_storage_bucket_iam_member" "function_inputs" {
+  for_each = toset(["create_task", "get_task"])
+  bucket   = google_storage_bucket.results.name
+  role     = "roles/storage.objectUser"
+  member   = google_service_account.function[each.key].member
+
+  condition {
+    title       = "inputs-only"
+    description = "Objects under inputs/ only."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.results.name}/objects/inputs/\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"inputs/\")"
+  }
 }
 
 resource "google_secret_manager_secret_iam_member" "function" {

@@ -26,6 +26,17 @@ resource "google_storage_bucket" "results" {
     }
   }
 
+  # Inputs are deleted when their task ends; this is the backstop for any left behind.
+  lifecycle_rule {
+    condition {
+      age            = 1
+      matches_prefix = ["inputs/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   # Browsers load results straight from signed URLs.
   cors {
     origin          = ["*"]

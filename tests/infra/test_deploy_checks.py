@@ -322,6 +322,35 @@ def test_build_account_gets_only_what_a_function_build_needs(graph: Graph) -> No
     )
 
 
+def test_the_runner_may_enqueue_and_attach_the_invoker_token(graph: Graph) -> None:
+    """The push-mode runner re-dispatches itself (release at SIGTERM, retry backoff, its
+    lease reaper): enqueuer on the queue and actAs on the invoker, like create_task."""
+    enqueuer = graph.body("google_cloud_tasks_queue_iam_member.enqueuer")
+    assert "google_service_account.runner.member" in str(enqueuer["for_each"])
+    acts_as = graph.body("google_service_account_iam_member.acts_as_invoker")
+    assert "google_cloud_tasks_queue_iam_member.enqueuer" in str(acts_as["for_each"])
+
+
+def test_functions_reach_only_the_inputs_prefix_of_the_results_bucket(graph: Graph) -> None:
+    """The input store (shared/inputs.py) keeps data: inputs under inputs/ in the results
+    bucket: the functions that write and delete them get that prefix only, and a
+    lifecycle rule removes what a crash left behind."""
+    from shared.inputs import INPUT_KEY_PREFIX
+
+    grant = graph.body("google_storage_bucket_iam_member.function_inputs")
+    assert "google_storage_bucket.results." in str(grant["bucket"])
+    expression = str(grant["condition"][0]["expression"])
+    assert f'/objects/{INPUT_KEY_PREFIX}\\")' in expression
+    assert f'objectListPrefix\\", \\"\\").startsWith(\\"{INPUT_KEY_PREFIX}\\")' in expression
+    rules = graph.body("google_storage_bucket.results")["lifecycle_rule"]
+    assert any(f'"{INPUT_KEY_PREFIX}"' in str(rule["condition"][0].get("matches_prefix")) for rule in rules)
+    for address, body in graph.nodes.items():
+        if address.startswith(
+            "google_storage_bucket_iam_member."
+        ) and "google_service_account.function" in str(body["member"]):
+            assert "condition" in body, f"{address}: a function's bucket grant without the inputs/ condition"
+
+
 # --- 7. make deploy from a fresh clone --------------------------------------------------
 
 

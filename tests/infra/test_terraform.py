@@ -271,6 +271,14 @@ def test_iam_members_are_service_accounts(parsed: dict[str, dict[str, Any]]) -> 
                         r"google_service_account\.[a-z_]+(\[0\])?\.member", granted.strip()
                     ), f"{type_name}.{name} grants to {granted}, not to this deployment's service accounts"
                 continue
+            if member == "${each.value.member}":
+                # One grant per grant of another IAM resource, whose members this test checks.
+                source = re.search(
+                    r"\b(google_[a-z0-9_]+_iam_member)\.([a-z_]+)\b(?: : \{\})?\}$", str(body["for_each"])
+                )
+                assert source, f"{type_name}.{name}: for_each must be another grant"
+                assert (source.group(1), source.group(2)) in _resources(parsed)
+                continue
             assert re.fullmatch(r"\$\{google_service_account\.[a-z_]+(\[[^\]]+\])?\.member\}", member), (
                 f"{type_name}.{name} grants to {member}, not to one of this deployment's service accounts"
             )
@@ -401,10 +409,10 @@ def test_queue_concurrency_follows_engine_slots(parsed: dict[str, dict[str, Any]
 
 def test_function_accounts_can_enqueue_and_mint_invoker_tokens(parsed: dict[str, dict[str, Any]]) -> None:
     resources = _resources(parsed)
-    assert _unquote(resources[("google_cloud_tasks_queue_iam_member", "function_enqueuer")]["role"]) == (
+    assert _unquote(resources[("google_cloud_tasks_queue_iam_member", "enqueuer")]["role"]) == (
         "roles/cloudtasks.enqueuer"
     )
-    acts_as = resources[("google_service_account_iam_member", "function_acts_as_invoker")]
+    acts_as = resources[("google_service_account_iam_member", "acts_as_invoker")]
     assert _unquote(acts_as["role"]) == "roles/iam.serviceAccountUser"
     assert "tasks_invoker" in acts_as["service_account_id"]
     invokers = resources[("google_cloud_run_v2_service_iam_member", "runner_invokers")]
