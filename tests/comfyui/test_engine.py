@@ -286,10 +286,12 @@ def test_cancel_while_pending_deletes_it_from_the_queue(comfyui_double, tmp_path
         task = asyncio.create_task(
             _run_job(engine, make_task({"wf_json": load_workflow("empty_save")}), tmp_path, cancel=cancel)
         )
-        for _ in range(100):
-            queue = httpx.get(comfyui_double.url + "/queue", timeout=5).json()
-            if queue["queue_pending"]:
-                break
+        deadline = time.monotonic() + 10
+        while not (await asyncio.to_thread(httpx.get, comfyui_double.url + "/queue", timeout=5)).json()[
+            "queue_pending"
+        ]:
+            # Never "nothing happened": the cancel must find our prompt pending, not absent.
+            assert time.monotonic() < deadline, "the task's prompt never reached the queue"
             await asyncio.sleep(0.02)
         cancel.set()
         await task
@@ -300,6 +302,7 @@ def test_cancel_while_pending_deletes_it_from_the_queue(comfyui_double, tmp_path
     prompt_id = caught.value.details["prompt_id"]
     queue = httpx.get(comfyui_double.url + "/queue", timeout=5).json()
     assert prompt_id not in json.dumps(queue)
+    assert httpx.get(f"{comfyui_double.url}/history/{prompt_id}", timeout=5).json() == {}  # it never ran
     httpx.post(comfyui_double.url + "/interrupt", json={"prompt_id": blocker.json()["prompt_id"]}, timeout=5)
 
 
