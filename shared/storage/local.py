@@ -41,8 +41,12 @@ class LocalStorage(StorageProvider):
         key_prefix: str = "results/",
         signing_key: bytes | None = None,
         url_ttl_s: int = 3600,
+        link_from: Path | None = None,
     ) -> None:
         self.root = root.resolve()
+        # Files under ``link_from`` (the runner's work folder: written once, deleted after
+        # the task) are hard-linked into the store instead of copied; see upload_file.
+        self._link_from = link_from.resolve() if link_from is not None else None
         self.base_url = base_url.rstrip("/")
         # Keys name objects as in a bucket (``results/<task>/000.png``); the folder is the
         # root of that prefix.
@@ -60,6 +64,7 @@ class LocalStorage(StorageProvider):
             settings.effective_local_storage_base_url,
             signing_key=result_url_key(settings),
             url_ttl_s=settings.signed_url_ttl_s,
+            link_from=settings.data_dir / "work",
         )
 
     def _signature(self, relative: str, expires: int) -> str:
@@ -91,12 +96,23 @@ class LocalStorage(StorageProvider):
     def upload_file(self, local_path: Path, key: str, content_type: str) -> StoredObject:
         destination = self.path_for(key)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        # Copy then rename: a reader never sees half a file, a retry simply replaces it.
-        fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=".upload-")
+        # Link (or copy) then rename: a reader never sees half a file, a retry replaces it.
+        tmp_name = str(destination.parent / f".upload-{secrets.token_hex(8)}")
         try:
-            os.close(fd)
-            # copyfile uses the kernel's copy (sendfile / copy_file_range) where it can.
-            shutil.copyfile(local_path, tmp_name)
+            try:
+                # A hard link: the runner's outputs and the results share DATA_DIR's file
+                # system, so "uploading" a video is a directory entry, not a copy of its
+                # bytes. Only for the runner's own work files, which nothing rewrites in
+                # place (a file an engine's service shares could be, and is copied).
+                if not self._linkable(local_path):
+                    raise OSError("not a work file: copy it")
+                os.link(local_path, tmp_name)
+            except OSError:
+                # Another file system (or one without links): copyfile uses the kernel's
+                # copy (sendfile / copy_file_range) where it can.
+                fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+                shutil.copyfile(local_path, tmp_name)
             os.replace(tmp_name, destination)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -110,6 +126,9 @@ class LocalStorage(StorageProvider):
             content_type=content_type,
             size=destination.stat().st_size,
         )
+
+    def _linkable(self, local_path: Path) -> bool:
+        return self._link_from is not None and local_path.resolve().is_relative_to(self._link_from)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         destination = self.path_for(key)
