@@ -271,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"ComfySwap running: API http://{settings.api_host}:{settings.api_port}  "
         f"runner http://{settings.runner_host}:{settings.runner_port}  data {settings.data_dir}\n"
-        f"Try: make demo   (Ctrl-C stops)",
+        f"Try: make demo, or open http://{settings.api_host}:{settings.api_port}/console   (Ctrl-C stops)",
         flush=True,
     )
 
