@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gpu_runner.supervisor import ManagedProcess, PortTaken, ProcessState
 from tests.comfyui.conftest import REPO, start_double
 from tests.fakes.comfyui_double import command as double_command
-from tests.servers import free_port
+from tests.servers import free_port, wait_until
 
 
 def double_process(tmp_path: Path, **options: object) -> ManagedProcess:
@@ -189,3 +192,50 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for its reaper is gone for us
         return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_runner_entry_point_stops_its_comfyui_on_a_signal(tmp_path, stop_signal):
+    # `python -m gpu_runner` (what the container, `comfyswap run` and the tests start) with
+    # COMFYUI_COMMAND: a signal stops uvicorn, then the child; nothing is left on its port.
+    # (The real ComfyUI does the same in tests/peers/test_comfyui_supervised.py.)
+    runner_port, comfyui_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "data"),
+        "RUNNER_PORT": str(runner_port),
+        "RUNNER_ENVIRONMENTS": "comm",
+        "TASK_API_URL": f"http://127.0.0.1:{free_port()}/api",
+        "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}",
+        "COMFYUI_COMMAND": shlex.join(double_command(comfyui_port, tmp_path / "r")),
+    }
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "gpu_runner"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{comfyui_port}/system_stats", timeout=1).status_code == 200,
+            timeout_s=60,
+            what="the supervised ComfyUI double",
+        )
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{runner_port}/api/health", timeout=1).status_code == 200,
+            timeout_s=60,
+            what="the runner",
+        )
+
+        runner.send_signal(stop_signal)
+        runner.wait(timeout=60)
+
+        for port in (comfyui_port, runner_port):
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait(timeout=10)
