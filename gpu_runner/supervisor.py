@@ -32,6 +32,7 @@ import ctypes.util
 import enum
 import importlib
 import logging
+import math
 import os
 import shlex
 import signal
@@ -295,6 +296,8 @@ def comfyui_process(command: str, comfyui_url: str, log_dir: Path) -> ManagedPro
         shlex.split(command),
         health_url=comfyui_url.rstrip("/") + "/system_stats",
         log_path=log_dir / "comfyui.log",
+        # Stopped after the runner drained: nothing of ComfyUI's is worth waiting for then.
+        stop_timeout_s=3.0,
     )
 
 
@@ -352,7 +355,8 @@ async def serve(
             log_level="warning",
             access_log=False,
             date_header=False,  # QuietServer: no per-second Date refresh on an idle runner
-            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+            # The whole SIGTERM exit (drain, then the children) must fit Cloud Run's 10 s.
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         )
         await _Server(config).serve()
     finally:
