@@ -227,7 +227,10 @@ def main() -> int:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     os.chdir(options.root)
-    sys.path.insert(0, str(options.root))
+    # Python put this script's folder first on the path, and it holds the runner's own
+    # facefusion.py: FaceFusion's folder must be the one `import facefusion` finds.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(options.root), *(entry for entry in sys.path if Path(entry or ".").resolve() != here)]
     host = Host(protocol)
     from facefusion import core
 
