@@ -48,7 +48,7 @@ from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["REQUIRED_INDEXES", "FirestoreTaskStore", "IndexSpec", "indexes_as_json"]
+__all__ = ["REQUIRED_INDEXES", "FirestoreTaskStore", "IndexSpec", "indexes_as_json", "spread_claims"]
 
 _T = TypeVar("_T")
 
@@ -193,6 +193,7 @@ class FirestoreTaskStore(TaskStore):
         # aborted transaction is retried keeping its place in line, so a generous cap
         # only matters under pathological contention.
         self._transaction_attempts = transaction_attempts
+        self._rng = random.Random()  # noqa: S311  # spreads claimers, not a secret
         self._work_lock = threading.Lock()
         self._work_feeds: dict[frozenset[str], _WorkFeed] = {}
 
@@ -301,7 +302,10 @@ class FirestoreTaskStore(TaskStore):
         resolves such a collision only by a 2 s lock timeout. A write conditioned on the
         document's ``update_time`` (as read by the query) is the same compare-and-set
         without locks: of two claimers of one task exactly one write succeeds, the other
-        gets FAILED_PRECONDITION at once and moves on to the next candidate.
+        gets FAILED_PRECONDITION at once and moves on. A claimer that lost goes on from a
+        random one of the oldest tasks of the best priority (``spread_claims``), not the
+        next in line, so many runners do not all race for the same document again; with
+        no contention the order stays strictly best priority, then oldest.
         """
         now = now or utcnow()
         envs = list(dict.fromkeys(environments))
@@ -311,7 +315,8 @@ class FirestoreTaskStore(TaskStore):
             candidates = self._claim_candidates(envs, now)
             if not candidates:
                 return None
-            for snapshot in candidates:
+            while candidates:
+                snapshot = candidates.pop(0)
                 document = snapshot.to_dict() or {}
                 claimed = leased_copy(decode_task(document), worker_id, lease_seconds, now)
                 try:
@@ -320,7 +325,10 @@ class FirestoreTaskStore(TaskStore):
                         option=self._client.write_option(last_update_time=snapshot.update_time),
                     )
                 except (gexc.FailedPrecondition, gexc.NotFound):
-                    continue  # another runner claimed (or someone changed) it first
+                    # Another runner claimed (or someone changed) it first: others are racing
+                    # for the same page, so try the rest from a random one of the oldest.
+                    candidates = spread_claims(candidates, self._rng)
+                    continue
                 return claimed
         raise TransientError(
             "the task queue is busy (too much contention); try again",
@@ -469,6 +477,24 @@ class FirestoreTaskStore(TaskStore):
             .order_by("available_at", direction=firestore.Query.ASCENDING)
             .limit(1)
         )
+
+
+def spread_claims(candidates: list[Any], rng: random.Random) -> list[Any]:
+    """``candidates`` (best first) in the order a claimer that lost a race tries them: the
+    leading ones of the best priority rotated by a random offset, the rest after them.
+
+    Every runner's query returns the same page; going on in order would make the losers
+    all write the next document at once and all but one lose again (issue 14: conflicts
+    per claim would grow with the runner count). A random start among the oldest few
+    keeps priorities strict and FIFO within a priority to about one page (10 tasks)."""
+    if len(candidates) < 2:
+        return candidates
+    best = candidates[0].get("priority")
+    same = next(
+        (i for i, snapshot in enumerate(candidates) if snapshot.get("priority") != best), len(candidates)
+    )
+    start = rng.randrange(same)
+    return candidates[start:same] + candidates[:start] + candidates[same:]
 
 
 def _change_of(task: Task) -> TaskChange:

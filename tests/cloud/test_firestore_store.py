@@ -84,3 +84,32 @@ def test_wait_for_work_does_not_spin_on_unchanged_work(emulator: FirestoreEmulat
 
     assert store.wait_for_work(0.4, ["face_swap"]) is False
     store.close()
+
+
+class _Candidate:
+    """What spread_claims reads of a query snapshot: ``get(field)``."""
+
+    def __init__(self, name: str, priority: int) -> None:
+        self.name = name
+        self.priority = priority
+
+    def get(self, field: str) -> int:
+        assert field == "priority"
+        return self.priority
+
+
+def test_claimers_start_at_different_tasks_of_the_best_priority_never_a_lower_one() -> None:
+    """Runners reading the same page must not all race for its head (issue 14)."""
+    import random
+
+    from shared.store.firestore import spread_claims
+
+    page = [_Candidate(f"high-{i}", 9) for i in range(5)] + [_Candidate(f"low-{i}", 1) for i in range(5)]
+    rng = random.Random(1)
+
+    orders = [[candidate.name for candidate in spread_claims(page, rng)] for _ in range(64)]
+
+    assert len({order[0] for order in orders}) == 5  # every high-priority task is someone's first
+    for order in orders:
+        assert sorted(order[:5]) == [f"high-{i}" for i in range(5)]  # no low before any high
+        assert order[5:] == [f"low-{i}" for i in range(5)]  # lower priorities keep their order
