@@ -89,7 +89,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     astronaut long enough to cancel mid-swap and a short one to watch."""
     folder = tmp_path_factory.mktemp("console-media")
     clip, short_clip = folder / "astronaut.mp4", folder / "astronaut-short.mp4"
-    write_clip(clip, frame_count=200, size=256, audio_codec=None)
+    # Long enough that a cancel lands mid-swap on a quiet machine too (progress is written every 2 s).
+    write_clip(clip, frame_count=400, size=256, audio_codec=None)
     write_clip(short_clip, frame_count=12, size=256)
     return {"source": GRACE_HOPPER_JPG, "target": ASTRONAUT_PNG, "clip": clip, "short_clip": short_clip}
 

@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SWAP_TIMEOUT_S = 120.0
 
 
+def _data_url(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 class ConsolePage:
     """The console as the tests drive it: by the labels and buttons a person sees."""
 
@@ -227,6 +233,16 @@ def test_progress_shows_and_a_running_task_can_be_cancelled(
 
 
 def test_admin_sees_the_queue_runners_and_engines(page: ConsolePage, photos: dict[str, Path]) -> None:
+    # One failure in the last hour: a template task on a stack without ComfyUI.
+    failing = page.stack.client.post(
+        "/api/tasks/create",
+        json={"workflow": "invert_image", "task_data": {"image_url": _data_url(photos["target"])}},
+        headers={"X-API-Key": KEYS["client"]},
+    ).json()["taskId"]
+    ended = page.stack.client.get(
+        f"/api/tasks/{failing}", params={"wait": 20}, headers={"X-API-Key": KEYS["client"]}
+    ).json()
+    assert ended["status"] == "FAILED", ended
     page.sign_in(KEYS["admin"])
     page.wait(page.signed_in, "the signed-in task list")
     page.wait(lambda: page.find("#nav-admin").is_displayed(), "the admin tab")
@@ -241,6 +257,10 @@ def test_admin_sees_the_queue_runners_and_engines(page: ConsolePage, photos: dic
     finished = stats["last_hour"]["finished"]
     assert page.find("#fig-finished").text.startswith(f"{finished['completed']} done")
     assert page.find("#chart-throughput svg").get_attribute("role") == "img"
+    assert len(page.find_all("#chart-throughput svg rect")) >= 1
+    failures = page.find("#chart-failures svg").get_attribute("aria-label")
+    code = ended["error"]["code"]
+    assert f"{code}: {stats['last_hour']['failures_by_code'][code]}" in failures, failures
     engines = page.find("#engines").text
     assert "face_swap" in engines and "available" in engines and "local" in engines, engines
 
