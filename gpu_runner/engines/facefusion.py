@@ -1,4 +1,5 @@
-"""FaceFusion 3.8.1 as a runner engine: one ``headless-run`` subprocess per job.
+"""FaceFusion 3.8.1 as a runner engine: jobs go to a warm FaceFusion host per engine slot
+(facefusion_warm.py, ``FACEFUSION_WARM``), or to one ``headless-run`` subprocess per job.
 
 FaceFusion lives in the GPU container (``FACEFUSION_COMMAND``); the runner talks to it
 only through its command line. What the engine relies on, read from FaceFusion 3.8.1's
@@ -131,8 +132,9 @@ class _Command:
 
 
 class FaceFusionEngine(FaceSwapEngineBase):
-    """Runs FaceFusion's ``headless-run`` per job, in its own process group so that a
-    cancel or a timeout stops FaceFusion and the ffmpeg processes it started."""
+    """Runs FaceFusion's ``headless-run`` (on a warm host, or as a process per job) in its
+    own process group, so that a cancel or a timeout stops FaceFusion and the ffmpeg
+    processes it started."""
 
     name = "facefusion"
     supported_models: frozenset[str] = ENGINE_MODELS["facefusion"]

@@ -10,6 +10,7 @@ FaceFusion started in its own process group, its real output parsed.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def group_members(pgid: int) -> list[int]:
     members = []
     for process in psutil.process_iter(["pid"]):
         try:
-            if process.status() != psutil.STATUS_ZOMBIE and __import__("os").getpgid(process.pid) == pgid:
+            if process.status() != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == pgid:
                 members.append(process.pid)
         except (psutil.Error, ProcessLookupError):
             continue
