@@ -372,3 +372,22 @@ def test_a_dead_host_is_replaced_and_the_next_job_runs(
     first_pid, second_pid = asyncio.run(scenario())
 
     assert second_pid != first_pid
+
+
+def test_a_host_grown_past_its_memory_limit_is_replaced_after_its_job(
+    tmp_path: Path, fetcher: SafeFetcher, source_url: str, target_png: Path
+) -> None:
+    engine = make_engine(tmp_path, fetcher, facefusion_warm_max_rss_mb=1.0)  # every host is "too big"
+    task = face_swap_task(source_url=source_url, target_url=data_url(target_png, "image/png"))
+
+    async def scenario() -> tuple[list[int], Any]:
+        try:
+            result = await Run(engine, task, tmp_path / "first")()
+            return [host.process.pid for host in engine._pool._idle], result
+        finally:
+            await engine.close()
+
+    idle, result = asyncio.run(scenario())
+
+    assert result.outputs[0].path.is_file(), "the job itself completes"
+    assert idle == [], "the host was closed instead of kept for the next job"
