@@ -391,7 +391,10 @@ class TaskService:
             while True:
                 self.store.reap_expired_leases()
                 task = self.store.claim_next(
-                    worker_id=worker_id, environments=environments, lease_seconds=self.settings.lease_seconds
+                    worker_id=worker_id,
+                    environments=environments,
+                    lease_seconds=self.settings.lease_seconds,
+                    max_running_per_owner=self.settings.max_running_per_tenant,
                 )
                 if task is not None:
                     log_task_claimed(logger, task, worker_id=worker_id)

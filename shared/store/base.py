@@ -65,8 +65,15 @@ class TaskStore(abc.ABC):
         environments: Iterable[str],
         lease_seconds: float,
         now: dt.datetime | None = None,
+        max_running_per_owner: int = 0,
     ) -> Task | None:
-        """Lease the highest-priority, oldest available PENDING task of ``environments``."""
+        """Lease the next available PENDING task of ``environments``, fairly between owners.
+
+        Tenants take turns: the owner with the fewest claimed (FETCHED or PROCESSING) tasks
+        goes first, the oldest waiting head breaking ties; priority orders an owner's own
+        tasks only, so one tenant's priority-10 burst cannot starve another's. An owner
+        with ``max_running_per_owner`` (0 = no cap) claimed tasks gets no more until one ends.
+        """
 
     @abc.abstractmethod
     def list_tasks(
@@ -409,3 +416,17 @@ def _attempt_record(task: Task, error: ComfySwapError, now: dt.datetime) -> dict
 def leased_copy(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:
     """The claimed form of a PENDING task; backends call this inside claim_next."""
     return _leased(task, worker_id, lease_seconds, now)
+
+
+RUNNING_STATUSES = (TaskStatus.FETCHED, TaskStatus.PROCESSING)
+
+
+def fair_pick(candidates: list[Task], running: dict[str, int], max_running_per_owner: int = 0) -> list[Task]:
+    """``candidates`` (best first within each owner) in the order tenants take turns:
+    fewest running first, then the order given; owners at their cap left out."""
+    ranked = [
+        (running.get(task.owner, 0), index, task)
+        for index, task in enumerate(candidates)
+        if not max_running_per_owner or running.get(task.owner, 0) < max_running_per_owner
+    ]
+    return [task for _, _, task in sorted(ranked, key=lambda item: item[:2])]

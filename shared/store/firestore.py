@@ -41,7 +41,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from shared.errors import ComfySwapError, NotFound, TransientError
-from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.store.base import RUNNING_STATUSES, Mutation, TaskStore, fair_pick, leased_copy
 from shared.store.notify import Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -294,8 +294,13 @@ class FirestoreTaskStore(TaskStore):
         environments: Iterable[str],
         lease_seconds: float,
         now: dt.datetime | None = None,
+        max_running_per_owner: int = 0,
     ) -> Task | None:
         """Lease the best available PENDING task with a compare-and-set on its update time.
+
+        Fair between owners (TaskStore.claim_next) within the candidates one claim reads
+        (up to _CLAIM_SCAN_LIMIT, best priority first): Firestore cannot order by "each
+        owner's head", so an owner whose best task ranks below that window waits for it.
 
         Why not a read-write transaction around the query: its reads lock the head of
         the queue, so every concurrent claimer queues on the same lock, and the emulator
@@ -312,9 +317,19 @@ class FirestoreTaskStore(TaskStore):
         if not envs:
             return None
         for _ in range(self._transaction_attempts):
-            candidates = self._claim_candidates(envs, now)
-            if not candidates:
+            running = self._running_per_owner()
+            snapshots = self._claim_candidates(envs, now, running)
+            if not snapshots:
                 return None
+            by_id = {snapshot.id: snapshot for snapshot in snapshots}
+            turns = fair_pick(
+                [decode_task(snapshot.to_dict() or {}) for snapshot in snapshots],
+                running,
+                max_running_per_owner,
+            )
+            if not turns:
+                return None  # every owner waiting is at its cap
+            candidates = [by_id[task.taskId] for task in turns]
             while candidates:
                 snapshot = candidates.pop(0)
                 document = snapshot.to_dict() or {}
@@ -336,12 +351,25 @@ class FirestoreTaskStore(TaskStore):
             details={"attempts": self._transaction_attempts},
         )
 
-    def _claim_candidates(self, envs: list[str], now: dt.datetime) -> list[Any]:
-        """PENDING snapshots of ``envs`` available at ``now``, best first (one page).
+    def _running_per_owner(self) -> dict[str, int]:
+        """Claimed tasks per owner (a runner fleet's capacity: a short list)."""
+        running = self._tasks.where(
+            filter=FieldFilter("status", "in", [status.value for status in RUNNING_STATUSES])
+        ).select(["owner"])
+        counts: dict[str, int] = {}
+        for snapshot in running.stream():
+            owner = str(snapshot.get("owner") or "")
+            counts[owner] = counts.get(owner, 0) + 1
+        return counts
+
+    def _claim_candidates(self, envs: list[str], now: dt.datetime, running: dict[str, int]) -> list[Any]:
+        """PENDING snapshots of ``envs`` available at ``now``, best first.
 
         Firestore cannot filter available_at <= now while ordering by priority first,
         so tasks in retry backoff are skipped here; within a priority the available ones
-        sort first (available_at ascending), so skipping rarely needs a second page.
+        sort first (available_at ascending), so skipping rarely needs a second page. Pages
+        are read on while every candidate so far belongs to an owner with claimed tasks
+        (another owner, with none, may be waiting further down: it goes first).
         """
         queue = (
             self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
@@ -352,16 +380,20 @@ class FirestoreTaskStore(TaskStore):
         )
         page = queue
         scanned = 0
+        available: list[Any] = []
         while scanned < _CLAIM_SCAN_LIMIT:
             snapshots = list(page.stream())
-            available = [
+            available += [
                 snapshot for snapshot in snapshots if _plain_utc(snapshot.get("available_at")) <= now
             ]
-            if available or len(snapshots) < _CLAIM_PAGE_SIZE:
-                return available
+            idle_owner_found = any(
+                not running.get(str(snapshot.get("owner") or "")) for snapshot in available
+            )
+            if idle_owner_found or len(snapshots) < _CLAIM_PAGE_SIZE:
+                break
             scanned += len(snapshots)
             page = queue.start_after(snapshots[-1])
-        return []
+        return available
 
     def list_tasks(
         self, *, owner: str | None = None, statuses: Iterable[TaskStatus] | None = None, limit: int = 50

@@ -177,6 +177,7 @@ class SQLiteTaskStore(TaskStore):
         environments: Iterable[str],
         lease_seconds: float,
         now: dt.datetime | None = None,
+        max_running_per_owner: int = 0,
     ) -> Task | None:
         now = now or utcnow()
         envs = list(environments)
@@ -184,10 +185,21 @@ class SQLiteTaskStore(TaskStore):
             return None
         marks = ",".join("?" * len(envs))
         with self._write() as conn:
+            # Each owner's best task (priority, then age), then owners in turn: fewest
+            # claimed tasks first, the longest-waiting head next (TaskStore.claim_next).
+            fair_head = (
+                "WITH running AS (SELECT owner, COUNT(*) AS n FROM tasks "  # noqa: S608  # only '?' marks go in
+                "WHERE status IN ('FETCHED','PROCESSING') GROUP BY owner), "
+                "heads AS (SELECT document, owner, available_at, ROW_NUMBER() OVER "
+                "(PARTITION BY owner ORDER BY priority DESC, available_at ASC) AS place FROM tasks "
+                "WHERE status='PENDING' AND environment IN (" + marks + ") AND available_at <= ?) "
+                "SELECT heads.document FROM heads LEFT JOIN running ON running.owner = heads.owner "
+                "WHERE heads.place = 1 AND (? = 0 OR COALESCE(running.n, 0) < ?) "
+                "ORDER BY COALESCE(running.n, 0) ASC, heads.available_at ASC LIMIT 1"
+            )
             row = conn.execute(
-                f"SELECT document FROM tasks WHERE status='PENDING' AND environment IN ({marks}) "  # noqa: S608  # only '?' marks are interpolated
-                "AND available_at <= ? ORDER BY priority DESC, available_at ASC LIMIT 1",
-                (*envs, _ts(now)),
+                fair_head,
+                (*envs, _ts(now), max_running_per_owner, max_running_per_owner),
             ).fetchone()
             if row is None:
                 return None

@@ -138,6 +138,41 @@ def test_claim_takes_highest_priority_then_oldest(store: TaskStore) -> None:
     assert claim(store) is None
 
 
+def test_tenants_take_turns_whatever_their_priorities(store: TaskStore) -> None:
+    base = utcnow() - dt.timedelta(minutes=5)
+    burst = [
+        store.create(make_task(owner="tenant-a", priority=10, created_at=at, available_at=at))
+        for at in (base + dt.timedelta(seconds=index) for index in range(12))
+    ]
+    late = base + dt.timedelta(minutes=1)
+    single = store.create(make_task(owner="tenant-b", priority=0, created_at=late, available_at=late))
+
+    first = claimed(store)
+    second = claimed(store)  # tenant-a has one claimed, tenant-b none: b's turn
+    third = claimed(store)
+
+    assert first.taskId == burst[0].taskId
+    assert second.taskId == single.taskId
+    assert third.taskId == burst[1].taskId
+
+
+def test_priority_orders_one_tenants_own_tasks(store: TaskStore) -> None:
+    low = store.create(make_task(owner="tenant-a", priority=1))
+    high = store.create(make_task(owner="tenant-a", priority=9))
+
+    assert [claimed(store).taskId, claimed(store).taskId] == [high.taskId, low.taskId]
+
+
+def test_a_tenant_at_its_cap_gets_nothing_more_until_a_task_ends(store: TaskStore) -> None:
+    first = store.create(make_task(owner="tenant-a"))
+    store.create(make_task(owner="tenant-a"))
+
+    assert claimed(store, max_running_per_owner=1).taskId == first.taskId
+    assert claim(store, max_running_per_owner=1) is None
+    other = store.create(make_task(owner="tenant-b"))
+    assert claimed(store, max_running_per_owner=1).taskId == other.taskId
+
+
 def test_claim_leases_the_task(store: TaskStore) -> None:
     task = store.create(make_task())
     now = utcnow() + dt.timedelta(seconds=5)
@@ -445,7 +480,8 @@ def test_queue_stats_counts_by_status_and_owner(store: TaskStore) -> None:
         store.create(make_task(owner="key-a"))
     store.create(make_task(owner="key-b"))
     store.create(make_task(owner="key-b", environment="comm"))
-    leased = claimed(store)  # claims go oldest first: key-a's three, then key-b's face swap
+    # Tenants take turns: key-a's oldest, key-b's face swap, then key-a's other two.
+    leased = claimed(store)
     processing = claimed(store)
     store.start_processing(processing.taskId, worker_id="runner-1")
     done = claimed(store)
@@ -475,7 +511,7 @@ def test_queue_stats_counts_by_status_and_owner(store: TaskStore) -> None:
     assert stats.queue_length == 1
     assert stats.oldest_pending_age_s is not None
     assert 0 <= stats.oldest_pending_age_s < 60
-    assert (per_owner.pending, per_owner.cancelled, per_owner.fetched, per_owner.completed) == (1, 1, 0, 0)
+    assert (per_owner.pending, per_owner.processing, per_owner.fetched, per_owner.cancelled) == (1, 1, 0, 0)
 
 
 def test_queue_stats_reports_the_age_of_the_oldest_pending_task(store: TaskStore) -> None:
