@@ -46,6 +46,7 @@ def running(*args: Any, **kwargs: Any) -> Iterator[EmulatorProcess]:
 
 class _MediaHandler(http.server.BaseHTTPRequestHandler):
     files: dict[str, tuple[str, bytes]] = {}
+    answers: dict[str, tuple[float, dict[str, str]]] = {}
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
@@ -54,9 +55,13 @@ class _MediaHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         content_type, body = entry
+        delay_s, headers = self.answers.get(self.path, (0.0, {}))
+        time.sleep(delay_s)  # a slow dependency, answering in its own server thread
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -69,7 +74,8 @@ class MediaServer:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[str, bytes]] = {}
-        handler = type("Handler", (_MediaHandler,), {"files": self.files})
+        self.answers: dict[str, tuple[float, dict[str, str]]] = {}
+        handler = type("Handler", (_MediaHandler,), {"files": self.files, "answers": self.answers})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -78,8 +84,18 @@ class MediaServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def add(self, path: str, content_type: str, body: bytes) -> str:
+    def add(
+        self,
+        path: str,
+        content_type: str,
+        body: bytes,
+        *,
+        delay_s: float = 0.0,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Serve ``body`` at ``path``, after ``delay_s`` and with extra ``headers`` if given."""
         self.files[path] = (content_type, body)
+        self.answers[path] = (delay_s, headers or {})
         return self.url + path
 
     @contextlib.contextmanager

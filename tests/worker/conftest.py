@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import http.server
 import itertools
 import threading
 import time
@@ -116,35 +115,6 @@ def watching_lease(store: SQLiteTaskStore, task_id: str) -> Iterator[LeaseRenewa
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-@contextlib.contextmanager
-def slow_http_server(delay_s: float, body: bytes, headers: dict[str, str] | None = None) -> Iterator[str]:
-    """A loopback HTTP server that answers every GET with ``body`` after ``delay_s``."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            time.sleep(delay_s)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return None
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 async def until(predicate: Callable[[], bool], *, timeout_s: float = 20.0, what: str = "") -> None:

@@ -40,14 +40,22 @@ def _pulling_worker(
     return Worker(settings, store, {"face_swap": engine}, results.upload_file, source=source, prefetch=0)
 
 
+async def pushed_into_the_engine(
+    worker: Worker, engine: SteeredEngine, task_id: str
+) -> asyncio.Future[tuple[int, dict[str, Any]]]:
+    """Deliver ``task_id`` as a push; return the delivery once its job is in the engine."""
+    running = asyncio.ensure_future(worker.run_pushed(task_id))
+    await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
+    return running
+
+
 def test_heartbeats_keep_the_lease_of_a_long_job(settings, store, results) -> None:
     engine = SteeredEngine()
     worker = _worker(settings, store, engine, results)
     task = store.create(face_swap_task())
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        running = asyncio.ensure_future(worker.run_pushed(task.taskId))
-        await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
+        running = await pushed_into_the_engine(worker, engine, task.taskId)
         await asyncio.sleep(LEASE_SECONDS * 1.5)  # longer than one lease: only renewals keep it
         engine.engine_done.set()
         return await asyncio.wait_for(running, timeout=20)
@@ -72,8 +80,7 @@ def test_a_lost_lease_stops_the_engine_and_writes_nothing(settings, store, resul
     task = store.create(face_swap_task())
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        running = asyncio.ensure_future(worker.run_pushed(task.taskId))
-        await asyncio.wait_for(engine.engine_started.wait(), timeout=20)
+        running = await pushed_into_the_engine(worker, engine, task.taskId)
         later = utcnow() + dt.timedelta(seconds=LEASE_SECONDS + 1)
         reaped = await asyncio.to_thread(store.reap_expired_leases, later)
         assert [reaped_task.taskId for reaped_task in reaped] == [task.taskId]
