@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -123,7 +124,7 @@ class RunnerState:
                 stats = await asyncio.to_thread(self.store.queue_stats)
                 log_event(logger, "queue_stats", queue_length=stats.queue_length, **stats.model_dump())
             except Exception as exc:
-                log_event(logger, "queue_stats_failed", error=repr(exc), level=30)
+                log_event(logger, "queue_stats_failed", error=repr(exc), level=logging.WARNING)
             await asyncio.sleep(every_s)
 
     async def stop(self) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -280,7 +281,12 @@ class Worker:
                 failures += 1
                 delay = min(30.0, 0.5 * 2**failures)
                 log_event(
-                    logger, "fetch_failed", code=exc.code, error=exc.message, retry_in_s=delay, level=30
+                    logger,
+                    "fetch_failed",
+                    code=exc.code,
+                    error=exc.message,
+                    retry_in_s=delay,
+                    level=logging.WARNING,
                 )
                 await asyncio.sleep(delay)
                 continue
@@ -329,7 +335,7 @@ class Worker:
             )
         except NotFound:
             self._release_hold()
-            log_event(logger, "push_unknown_task", task_id=task_id, level=30)
+            log_event(logger, "push_unknown_task", task_id=task_id, level=logging.WARNING)
             return 200, {"status": "unknown_task"}
         except Conflict as exc:
             self._release_hold()
@@ -481,7 +487,12 @@ class Worker:
             self._log_finished(final)
         else:
             log_event(
-                logger, "task_retry", code=error.code, error=error.message, attempt=task.attempts, level=30
+                logger,
+                "task_retry",
+                code=error.code,
+                error=error.message,
+                attempt=task.attempts,
+                level=logging.WARNING,
             )
         return final
 
@@ -629,13 +640,25 @@ class Worker:
                 except (Conflict, NotFound):
                     held.lease_lost = True
                     held.cancel.set()
-                    log_event(logger, "lease_lost", task_id=held.task_id, level=30)
+                    log_event(logger, "lease_lost", task_id=held.task_id, level=logging.WARNING)
                     return
                 except ComfySwapError as exc:
-                    log_event(logger, "heartbeat_failed", task_id=held.task_id, error=exc.message, level=30)
+                    log_event(
+                        logger,
+                        "heartbeat_failed",
+                        task_id=held.task_id,
+                        error=exc.message,
+                        level=logging.WARNING,
+                    )
                     next_heartbeat = now + min(5.0, heartbeat_every)
                 except Exception as exc:  # the store hiccuped; the next beat retries before the lease ends
-                    log_event(logger, "heartbeat_failed", task_id=held.task_id, error=repr(exc), level=30)
+                    log_event(
+                        logger,
+                        "heartbeat_failed",
+                        task_id=held.task_id,
+                        error=repr(exc),
+                        level=logging.WARNING,
+                    )
                     next_heartbeat = now + min(5.0, heartbeat_every)
         except asyncio.CancelledError:
             return

@@ -17,7 +17,9 @@
         └── UnsafeInput            an input URL or file was refused (SSRF, size, type)
 
 Every error carries a stable snake_case ``code`` that clients and dashboards key on,
-and a message a user can act on. The HTTP mapping lives in ``to_response_body``.
+and a message a user can act on. ``to_dict`` is the body's ``error`` field; each server
+maps errors to responses in one place (``error_response`` in shared/http.py for the
+functions, in gpu_runner/app.py for the runner).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -182,7 +183,7 @@ def drop_task_inputs(store: InputStore, task: Task) -> int:
     try:
         removed = store.delete(refs)
     except Exception as exc:
-        log_event(logger, "inputs_delete_failed", task_id=task.taskId, error=repr(exc), level=30)
+        log_event(logger, "inputs_delete_failed", task_id=task.taskId, error=repr(exc), level=logging.WARNING)
         return 0
     log_event(logger, "inputs_deleted", task_id=task.taskId, count=removed)
     return removed

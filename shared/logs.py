@@ -41,7 +41,7 @@ _SECRET_KEYS = {"authorization", "api_key", "token", "secret", "password", "r2_s
 class CloudLoggingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "severity": record.levelname if record.levelname != "WARNING" else "WARNING",
+            "severity": record.levelname,
             "message": record.getMessage(),
             "time": dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(),
             "logger": record.name,

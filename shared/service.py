@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -285,7 +286,12 @@ class TaskService:
             # The task is stored and PENDING; the re-dispatch sweep enqueues it again.
             # The client still gets its task id: nothing is lost.
             log_event(
-                logger, "dispatch_failed", task_id=task.taskId, code=exc.code, error=exc.message, level=40
+                logger,
+                "dispatch_failed",
+                task_id=task.taskId,
+                code=exc.code,
+                error=exc.message,
+                level=logging.ERROR,
             )
 
     def reap_expired_leases(self) -> list[Task]:

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any
 
@@ -94,7 +95,12 @@ class WebhookNotifier:
                 )
             except (UnsafeInput, JobFailed) as exc:
                 log_event(
-                    logger, "webhook_refused", task_id=task.taskId, code=exc.code, error=exc.message, level=30
+                    logger,
+                    "webhook_refused",
+                    task_id=task.taskId,
+                    code=exc.code,
+                    error=exc.message,
+                    level=logging.WARNING,
                 )
                 outcome = "refused"
                 break
@@ -129,4 +135,6 @@ class WebhookNotifier:
         try:
             await asyncio.to_thread(self.store.update, task.taskId, mutate)
         except ComfySwapError as exc:
-            log_event(logger, "webhook_record_failed", task_id=task.taskId, error=exc.message, level=30)
+            log_event(
+                logger, "webhook_record_failed", task_id=task.taskId, error=exc.message, level=logging.WARNING
+            )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import logging
 
 from shared.errors import ComfySwapError
 from shared.logs import get_logger, log_event
@@ -74,7 +75,12 @@ def redispatch_stale_pending(
         except ComfySwapError as exc:
             report.failed[task_id] = exc.code
             log_event(
-                logger, "redispatch_failed", task_id=task_id, code=exc.code, error=exc.message, level=40
+                logger,
+                "redispatch_failed",
+                task_id=task_id,
+                code=exc.code,
+                error=exc.message,
+                level=logging.ERROR,
             )
             continue
         report.dispatched.append(task_id)

@@ -3,6 +3,8 @@ client cancelling a task while the engine swaps a video."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,30 @@ def test_comfyui_killed_mid_run_is_held_or_failed_and_the_runner_keeps_working(
             double.stop()
 
 
+def _wait_for_reconnect_backoff_ceiling(port: int, *, gap_s: float = 4.0, timeout_s: float = 40.0) -> None:
+    """Stand in ComfyUI's place on ``port`` and watch the runner's websocket reconnects
+    arrive (each closed at once) until two come ``gap_s`` apart: the client's backoff has
+    reached its 5 s ceiling, so the next task finds it asleep in a long wait."""
+    listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
+    listener.settimeout(0.2)
+    attempts: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (len(attempts) >= 2 and attempts[-1] - attempts[-2] >= gap_s):
+            assert time.monotonic() < deadline, f"websocket reconnects seen at {attempts}"
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(2.0)
+                with contextlib.suppress(OSError):
+                    if connection.recv(64).startswith(b"GET /ws"):
+                        attempts.append(time.monotonic())
+    finally:
+        listener.close()
+
+
 def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, tmp_path):
     port = free_port()
     doubles = [_start_double(tmp_path, port, 1)]
@@ -179,7 +205,7 @@ def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, 
         warm_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
         assert stack.wait_terminal(warm_up, timeout_s=60)["status"] == "COMPLETED"
         doubles[0].kill()
-        time.sleep(8)  # the client's reconnect backoff reaches its 5 s ceiling
+        _wait_for_reconnect_backoff_ceiling(port)
         doubles.append(_start_double(tmp_path, port, 2))
 
         task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
