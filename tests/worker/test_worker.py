@@ -178,7 +178,9 @@ def test_push_answers_429_when_busy_and_503_while_draining_with_retry_after(tmp_
                 return asyncio.ensure_future(client.post("/internal/tasks/run", json={"task_id": task_id}))
 
             holding = [push(task.taskId) for task in tasks[:capacity]]
-            await until(lambda: state.worker.busy, what="every hold taken")
+            # Every hold taken and every claimed task in process (a drain releases those).
+            await until(lambda: len(state.worker.in_flight) == capacity, what="every hold in process")
+            assert state.worker.busy
             busy = await push(tasks[capacity].taskId)
             draining = asyncio.ensure_future(state.worker.drain(grace_s=0.2))
             await until(lambda: state.worker.draining, what="draining")
