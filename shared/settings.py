@@ -10,14 +10,29 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings", "reset_settings_cache"]
 
 StorageProviderName = Literal["local", "gcs", "r2", "cf_images"]
+
+
+def _comma_separated(value: object) -> object:
+    """``"a, b,,a"`` -> ``("a", "b")``: the environment's comma lists; sequences (kwargs in
+    tests) pass through. Each item is then checked against the field's item type."""
+    if isinstance(value, str):
+        value = [name.strip() for name in value.split(",")]
+    if isinstance(value, list | tuple):
+        return tuple(dict.fromkeys(name for name in value if name))
+    return value
+
+
+# A comma-separated environment variable read as a tuple of checked names (NoDecode: not JSON).
+CommaSeparated = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated)]
+ProviderNames = Annotated[tuple[StorageProviderName, ...], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class Settings(BaseSettings):
@@ -94,8 +109,8 @@ class Settings(BaseSettings):
     dispatch_mode: Literal["pull", "push"] = Field(
         "pull", description="DISPATCH_MODE: `pull` (runner claims via fetch_task) or `push` (Cloud Tasks)."
     )
-    storage_fallback: str = Field(
-        "", description="STORAGE_FALLBACK: comma-separated providers tried after STORAGE_PROVIDER."
+    storage_fallback: ProviderNames = Field(
+        (), description="STORAGE_FALLBACK: comma-separated providers tried after STORAGE_PROVIDER."
     )
     api_host: str = Field("127.0.0.1", description="API_HOST: bind address of the local API (dev server).")
     api_port: int = Field(8080, ge=0, le=65535, description="API_PORT: port of the local API.")
@@ -193,8 +208,10 @@ class Settings(BaseSettings):
     )
     reaper_oidc_audience: str = Field("", description="REAPER_OIDC_AUDIENCE: audience of the reaper's token.")
     runner_id: str = Field("", description="RUNNER_ID: this runner's lease owner name; empty = host-pid.")
-    runner_environments: str = Field(
-        "face_swap,comm", description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves."
+    runner_environments: CommaSeparated = Field(
+        ("face_swap", "comm"),
+        min_length=1,
+        description="RUNNER_ENVIRONMENTS: comma-separated environments this runner serves.",
     )
     runner_api_key: str = Field(
         "", repr=False, description="RUNNER_API_KEY: the key a pulling runner presents to fetch_task."
@@ -297,44 +314,9 @@ class Settings(BaseSettings):
         "refused when APP_ENV=production).",
     )
 
-    @field_validator("storage_fallback")
-    @classmethod
-    def _check_fallback(cls, value: str) -> str:
-        allowed = {"local", "gcs", "r2", "cf_images"}
-        names = [name.strip() for name in value.split(",") if name.strip()]
-        unknown = [name for name in names if name not in allowed]
-        if unknown:
-            raise ValueError(f"unknown provider(s) {unknown}; allowed: {sorted(allowed)}")
-        return ",".join(names)
-
-    @field_validator("runner_environments")
-    @classmethod
-    def _check_environments(cls, value: str) -> str:
-        names = [name.strip() for name in value.split(",") if name.strip()]
-        if not names:
-            raise ValueError("at least one environment is required")
-        return ",".join(names)
-
-    @field_validator("fetch_allow_loopback")
-    @classmethod
-    def _no_loopback_in_production(cls, value: bool, info: object) -> bool:
-        data = getattr(info, "data", {})
-        if value and data.get("app_env") == "production":
-            raise ValueError("must be false when APP_ENV=production")
-        return value
-
-    @field_validator("api_keys_file")
-    @classmethod
-    def _keys_required_in_production(cls, value: Path | None, info: object) -> Path | None:
-        data = getattr(info, "data", {})
-        if data.get("app_env") == "production" and not value and not data.get("api_keys"):
-            raise ValueError("APP_ENV=production needs API_KEYS or API_KEYS_FILE (no open access)")
-        return value
-
     @field_validator("webhook_secret")
     @classmethod
-    def _webhook_secret(cls, value: str, info: object) -> str:
-        data = getattr(info, "data", {})
+    def _webhook_secret(cls, value: str) -> str:
         if value:
             import base64
             import binascii
@@ -343,18 +325,33 @@ class Settings(BaseSettings):
                 base64.b64decode(value.removeprefix("whsec_"), validate=True)
             except binascii.Error:
                 raise ValueError("must be whsec_ followed by base64") from None
-        elif data.get("app_env") == "production":
-            raise ValueError("APP_ENV=production needs a webhook signing secret")
         return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        """APP_ENV=production refuses what is only for one machine. Checked on the whole
+        object, after every field, so no rule depends on the order the fields are declared in."""
+        if self.app_env != "production":
+            return self
+        problems = []
+        if self.fetch_allow_loopback:
+            problems.append("FETCH_ALLOW_LOOPBACK must be false")
+        if not self.api_keys and not self.api_keys_file:
+            problems.append("API_KEYS or API_KEYS_FILE is required (no open access)")
+        if not self.webhook_secret:
+            problems.append("WEBHOOK_SECRET is required (webhooks are signed)")
+        if problems:
+            raise ValueError("APP_ENV=production: " + "; ".join(problems))
+        return self
 
     # --- derived values ---------------------------------------------------------------
     @property
     def fallback_providers(self) -> list[str]:
-        return [name for name in self.storage_fallback.split(",") if name]
+        return list(self.storage_fallback)
 
     @property
     def environments(self) -> list[str]:
-        return self.runner_environments.split(",")
+        return list(self.runner_environments)
 
     @property
     def effective_runner_url(self) -> str:
@@ -377,8 +374,9 @@ def get_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = str(error["loc"][0]).upper() if error["loc"] else "?"
-            lines.append(f"  {name}: {error['msg']}")
+            # A field's error names its variable; a whole-object rule names them in its message.
+            prefix = f"{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+            lines.append(f"  {prefix}{error['msg']}")
         sys.stderr.write("comfyswap: invalid settings:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
 

@@ -16,11 +16,10 @@ from shared.http import RequestContext, Route, dispatch_request, health_response
 
 def fetch(ctx: RequestContext) -> flask.Response:
     ctx.principal.require_runner()
-    environments = [
-        name.strip()
-        for name in (ctx.request.args.get("environments") or ctx.settings.runner_environments).split(",")
-        if name.strip()
-    ]
+    asked = ctx.request.args.get("environments")
+    environments = (
+        [name.strip() for name in asked.split(",") if name.strip()] if asked else ctx.settings.environments
+    )
     # The seed's consumers call the route bare: their lease is named after the caller.
     worker_id = (
         ctx.request.args.get("worker_id")
