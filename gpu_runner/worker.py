@@ -471,17 +471,20 @@ class Worker:
         if held is not None:
             held.finishing = True
         try:
-            final = await asyncio.to_thread(
-                self.store.fail_or_retry,
-                task.taskId,
-                worker_id=self.worker_id,
-                error=error,
-                timings=_rounded(timings),
-                retry_delay_s=retry_delay_s(task.attempts),
-            )
+            final = await self._write_failure(task, error, timings)
         except Conflict:
             # Cancelled or taken over meanwhile: whoever holds it now decides its fate.
             return await asyncio.to_thread(self.store.get_or_raise, task.taskId)
+        except Exception as exc:
+            # The error itself could not be stored (too deep, too large for the store):
+            # record the same failure in plain words, so the task ends now, not at lease expiry.
+            log_event(logger, "failure_record_failed", code=error.code, error=repr(exc)[:500], level=40)
+            plain_type = TransientError if error.retryable else JobFailed
+            plain = plain_type(error.message[:2000], code=error.code, retryable=error.retryable)
+            try:
+                final = await self._write_failure(task, plain, timings)
+            except Conflict:
+                return await asyncio.to_thread(self.store.get_or_raise, task.taskId)
         if final.status == TaskStatus.FAILED:
             self.failed += 1
             self._log_finished(final)
@@ -495,6 +498,16 @@ class Worker:
                 level=logging.WARNING,
             )
         return final
+
+    async def _write_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
+        return await asyncio.to_thread(
+            self.store.fail_or_retry,
+            task.taskId,
+            worker_id=self.worker_id,
+            error=error,
+            timings=_rounded(timings),
+            retry_delay_s=retry_delay_s(task.attempts),
+        )
 
     def _log_finished(self, task: Task) -> None:
         # Timings go at the top level: log-based metrics read jsonPayload.engine_s etc.

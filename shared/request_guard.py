@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.errors import BadRequest, PayloadTooLarge, ValidationFailed
 
-__all__ = ["MAX_JSON_DEPTH", "body_too_large", "json_depth", "normalise_path", "parse_json"]
+__all__ = ["MAX_JSON_DEPTH", "body_too_large", "check_depth", "json_depth", "normalise_path", "parse_json"]
 
 # Deep enough for every request and ComfyUI API graph we know (a graph is 4-5 levels).
 MAX_JSON_DEPTH = 32

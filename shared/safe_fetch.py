@@ -42,7 +42,7 @@ import httpcore
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
 from shared.inputs import InputRef, InputStore, is_input_ref, make_input_store
 from shared.logs import get_logger, log_event
-from shared.media import MEDIA_EXTENSIONS, check_image, sniff_kind
+from shared.media import MEDIA_EXTENSIONS, check_image, check_video, sniff_kind
 from shared.settings import Settings
 from shared.url_safety import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -188,6 +188,8 @@ class SafeFetcher:
         connection_guard: ConnectionGuard | None = None,
         ssl_context: ssl.SSLContext | None = None,
         input_store: Callable[[], InputStore] | None = None,
+        max_video_frames: int = 18_000,
+        max_video_duration_s: float = 600.0,
     ) -> None:
         """``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
         outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
@@ -195,6 +197,8 @@ class SafeFetcher:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_image_pixels = max_image_pixels
+        self.max_video_frames = max_video_frames
+        self.max_video_duration_s = max_video_duration_s
         self.allow_loopback = allow_loopback
         self.max_redirects = max_redirects
         self._resolver = resolver or resolve_host
@@ -218,6 +222,8 @@ class SafeFetcher:
             max_image_pixels=settings.max_image_pixels,
             allow_loopback=settings.fetch_allow_loopback,
             input_store=lambda: make_input_store(settings),
+            max_video_frames=settings.max_video_frames,
+            max_video_duration_s=settings.max_video_duration_s,
         )
 
     async def fetch_to_file(
@@ -539,6 +545,16 @@ class SafeFetcher:
             if kind == "image":
                 # A full decode is CPU-bound; keep it off the event loop.
                 width, height = await asyncio.to_thread(check_image, part_path, self.max_image_pixels)
+            elif kind == "video":
+                # Frame size, count and duration from the container's metadata, before any
+                # engine decodes a frame (a one-frame 16000x16000 clip, a 100k-frame clip).
+                width, height = await asyncio.to_thread(
+                    check_video,
+                    part_path,
+                    max_pixels=self.max_image_pixels,
+                    max_frames=self.max_video_frames,
+                    max_duration_s=self.max_video_duration_s,
+                )
         except UnsafeInput as exc:
             raise UnsafeInput(
                 f"{field}: {exc.message}", code=exc.code, details={**exc.details, "field": field}

@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import ValidationFailed
+from shared.request_guard import check_depth
 
 __all__ = [
     "ENGINE_MODELS",
@@ -221,8 +222,8 @@ class ImageInputParams(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
     image_url: str = Field(..., min_length=1, description="http(s) or data: URL of the input image.")
-    width: int | None = Field(None, ge=1, le=8192, description="Rescale to this width (with height).")
-    height: int | None = Field(None, ge=1, le=8192)
+    width: int | None = Field(None, ge=1, le=4096, description="Rescale to this width (with height).")
+    height: int | None = Field(None, ge=1, le=4096)
     filename_prefix: str = Field("comfyswap", pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -400,12 +401,19 @@ def _first_error(exc: ValidationError, prefix: str) -> ValidationFailed:
     return ValidationFailed(field, reason)
 
 
+# Deepest raw ComfyUI graph accepted (levels of objects and lists, the graph itself included).
+MAX_WORKFLOW_DEPTH = 12
+
+
 def validate_wf_json(wf_json: Any, field: str = "task_data.wf_json") -> dict[str, Any]:
     """Structure check of an API-format ComfyUI graph: node id -> {class_type, inputs}."""
     if not isinstance(wf_json, dict) or not wf_json:
         raise ValidationFailed(field, "must be a non-empty object of nodes (ComfyUI API format)")
     if len(wf_json) > 2000:
         raise ValidationFailed(field, "more than 2000 nodes")
+    # A ComfyUI graph is 4-5 levels deep; the task document nests it 3 deeper, and Firestore
+    # stores at most 20 levels of maps and arrays (a deeper one could not even record its error).
+    check_depth(wf_json, field=field, max_depth=MAX_WORKFLOW_DEPTH)
     for node_id, node in wf_json.items():
         if not isinstance(node, dict):
             raise ValidationFailed(f"{field}.{node_id}", "a node must be an object")
