@@ -155,12 +155,20 @@ class ChangeBus:
             raise PermissionError(f"{self.directory} must be a 0700 folder of this user")
 
     def _start_receiver(self) -> None:
-        self._ensure_directory()
         path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        receiver.bind(str(path))
+        for attempt in range(3):
+            self._ensure_directory()
+            try:
+                receiver.bind(str(path))
+                break
+            except FileNotFoundError:
+                # The last process of this store left and removed the folder just now.
+                if attempt == 2:
+                    receiver.close()
+                    raise
         self._receiver, self._receiver_path = receiver, path
-        atexit.register(self._unlink, path)
+        atexit.register(self._leave, path)
         thread = threading.Thread(
             target=self._receive_forever, args=(receiver,), name="task-change-receiver", daemon=True
         )
@@ -219,11 +227,20 @@ class ChangeBus:
         with contextlib.suppress(OSError):
             path.unlink()
 
+    @classmethod
+    def _leave(cls, path: Path) -> None:
+        """Remove this process's socket, and the folder when it was the last one."""
+        cls._unlink(path)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # fails while another process's socket is in it
+
     def close(self) -> None:
         with self._lock:
             receiver, path = self._receiver, self._receiver_path
             self._receiver = self._receiver_path = None
             self._listeners.clear()
         if receiver is not None and path is not None:
-            self._unlink(path)
+            self._leave(path)
+            with contextlib.suppress(OSError):
+                receiver.shutdown(socket.SHUT_RDWR)  # wakes the receiver thread so it ends
             receiver.close()

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +179,19 @@ def test_a_dead_waiters_socket_is_removed_by_the_next_writer(store, db_path):
 
     assert sockets_before
     assert list(store._changes.directory.glob("*.sock")) == []
+
+
+def test_closing_the_last_waiting_store_ends_its_receiver_and_removes_its_folder(db_path):
+    store = SQLiteTaskStore(db_path)
+    store.subscribe_work(["face_swap"], lambda change: None)
+    folder = store._changes.directory
+    receivers = [thread for thread in threading.enumerate() if thread.name == "task-change-receiver"]
+    assert folder.is_dir()
+
+    store.close()
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and all(thread.is_alive() for thread in receivers):
+        time.sleep(0.01)
+    assert not all(thread.is_alive() for thread in receivers)
+    assert not folder.exists()
