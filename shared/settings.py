@@ -87,7 +87,11 @@ class Settings(BaseSettings):
     )
     storage_provider: StorageProviderName = Field("local", description="STORAGE_PROVIDER: primary provider.")
     gcs_bucket_name: str = Field("", description="GCS_BUCKET_NAME: results bucket for `gcs`.")
-    gcs_bucket_region: str = Field("us-central1", description="GCS_BUCKET_REGION: region of that bucket.")
+    gcs_bucket_region: str = Field(
+        "us-central1",
+        description="GCS_BUCKET_REGION: region the bucket should be in; the GCS health check "
+        "(/api/status) warns when the bucket's location differs.",
+    )
     google_application_credentials: str = Field(
         "", description="GOOGLE_APPLICATION_CREDENTIALS: service-account key file (optional on GCP)."
     )

@@ -51,10 +51,15 @@ class GCSStorage(StorageProvider):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout_s: float | None = None,
         retry_deadline_s: float = 30.0,
+        bucket_region: str = "",
     ) -> None:
         if chunk_size % (256 * 1024):
             raise ValueError("chunk_size must be a multiple of 256 KiB (a GCS resumable-upload rule)")
         self.bucket_name = bucket_name
+        # GCS_BUCKET_REGION (a seed setting): where the bucket is meant to be. The health
+        # check compares it with the bucket's real location, so a results bucket created in
+        # another region than the runner (egress cost, latency) shows up in /api/status.
+        self.bucket_region = bucket_region
         self.project = project
         self.emulator_host = emulator_host.rstrip("/")
         self.credentials_file = credentials_file
@@ -79,6 +84,7 @@ class GCSStorage(StorageProvider):
             signed_urls=settings.signed_urls,
             signed_url_ttl_s=settings.signed_url_ttl_s,
             retry_deadline_s=settings.storage_retry_deadline_s,
+            bucket_region=settings.gcs_bucket_region,
         )
 
     # --- client -----------------------------------------------------------------------
@@ -198,7 +204,18 @@ class GCSStorage(StorageProvider):
         except Exception as exc:
             error = exc if isinstance(exc, ComfySwapError) else self._wrap(exc, None)
             return {"status": "error", "bucket": self.bucket_name, "error": error.to_dict()}
-        return {"status": "configured", "bucket": self.bucket_name, "signed_urls": self.signed_urls}
+        report: dict[str, Any] = {
+            "status": "configured",
+            "bucket": self.bucket_name,
+            "signed_urls": self.signed_urls,
+            "location": bucket.location,
+        }
+        if self.bucket_region and bucket.location and bucket.location.lower() != self.bucket_region.lower():
+            report["warning"] = (
+                f"bucket {self.bucket_name} is in {bucket.location}, "
+                f"not in GCS_BUCKET_REGION={self.bucket_region}"
+            )
+        return report
 
     # --- URLs -------------------------------------------------------------------------
     def public_url(self, key: str) -> str:
