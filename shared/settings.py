@@ -182,6 +182,14 @@ class Settings(BaseSettings):
     firestore_collection: str = Field("tasks", description="FIRESTORE_COLLECTION: collection holding tasks.")
     cloud_tasks_location: str = Field("us-central1", description="CLOUD_TASKS_LOCATION: queue region.")
     cloud_tasks_queue: str = Field("comfyswap-runner", description="CLOUD_TASKS_QUEUE: queue id.")
+    cloud_tasks_queues: str = Field(
+        "",
+        description=(
+            "CLOUD_TASKS_QUEUES: comma-separated queue ids of one region, past one queue's 500 "
+            "dispatches/s; a task goes to the queue a hash of its environment and id picks "
+            "(shared/dispatch/cloud_tasks.py). Empty = CLOUD_TASKS_QUEUE alone."
+        ),
+    )
     cloud_tasks_invoker_email: str = Field(
         "", description="CLOUD_TASKS_INVOKER_EMAIL: service account whose OIDC token Cloud Tasks sends."
     )

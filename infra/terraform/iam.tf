@@ -84,21 +84,34 @@ resource "google_project_iam_member" "function_datastore" {
 # Who enqueues Cloud Tasks in push mode: create_task, the reaper's function, and the
 # runner itself (it re-dispatches a task it releases at SIGTERM, schedules a retry's
 # backoff as a Cloud Task, and re-queues expired leases every few seconds).
-resource "google_cloud_tasks_queue_iam_member" "enqueuer" {
-  for_each = local.push_mode ? merge(
+# One grant per enqueuer and queue shard; shard 0's key is the enqueuer's name alone,
+# as when there was one queue, so adding shards changes no existing grant.
+locals {
+  enqueuers = local.push_mode ? merge(
     { for name in local.dispatching_functions : name => google_service_account.function[name].member },
     { runner = google_service_account.runner.member },
   ) : {}
-  project  = var.project_id
-  location = google_cloud_tasks_queue.runner.location
-  name     = google_cloud_tasks_queue.runner.name
-  role     = "roles/cloudtasks.enqueuer"
-  member   = each.value
+  enqueuer_grants = merge([
+    for who, member in local.enqueuers : {
+      for shard, queue in local.queues : (shard == "0" ? who : "${who}/${shard}") => { member = member, shard = shard }
+    }
+  ]...)
 }
 
-# Enqueuing a task with an OIDC token for the invoker requires actAs on it.
+resource "google_cloud_tasks_queue_iam_member" "enqueuer" {
+  for_each = local.enqueuer_grants
+  project  = var.project_id
+  location = google_cloud_tasks_queue.runner[each.value.shard].location
+  name     = google_cloud_tasks_queue.runner[each.value.shard].name
+  role     = "roles/cloudtasks.enqueuer"
+  member   = each.value.member
+}
+
+# Enqueuing a task with an OIDC token for the invoker requires actAs on it: once per
+# enqueuer (shard 0's grants), not per queue: two iam_member resources for the same
+# binding would remove it for both when one is destroyed.
 resource "google_service_account_iam_member" "acts_as_invoker" {
-  for_each           = local.push_mode ? google_cloud_tasks_queue_iam_member.enqueuer : {}
+  for_each           = local.push_mode ? { for who, grant in google_cloud_tasks_queue_iam_member.enqueuer : who => grant if local.enqueuer_grants[who].shard == "0" } : {}
   service_account_id = google_service_account.tasks_invoker[0].name
   role               = "roles/iam.serviceAccountUser"
   member             = each.value.member

@@ -23,6 +23,13 @@ locals {
   # which the function checks (REAPER_OIDC_AUDIENCE) without referring to itself.
   reaper_audience = "https://${var.prefix}-${replace(var.reaper.target, "_", "-")}-${data.google_project.project.number}.${var.region}.run.app"
   queue_name      = "${var.prefix}-runner"
+  # queue.shards queues: shard 0 keeps the single queue's name (no churn when N grows:
+  # a deleted queue's name cannot be reused for 7 days); shard i is queue_name-i. The
+  # order is the dispatcher's (CLOUD_TASKS_QUEUES, hashed by position).
+  queue_names = [for shard in range(var.queue.shards) : shard == 0 ? local.queue_name : "${local.queue_name}-${shard}"]
+  queues      = { for shard, name in local.queue_names : tostring(shard) => name }
+  # The runner's slots are shared by the queues: each asks for its share.
+  queue_capacity = ceil(local.runner_capacity / var.queue.shards)
 
   gateway_region = coalesce(var.gateway.region, var.region)
   gateway_url    = "https://${google_api_gateway_gateway.api.default_hostname}"
@@ -69,7 +76,8 @@ locals {
     CF_IMAGES_DELIVERY_DOMAIN = var.cf_images.delivery_domain
     CLOUD_TASKS_INVOKER_EMAIL = local.push_mode ? google_service_account.tasks_invoker[0].email : ""
     CLOUD_TASKS_LOCATION      = var.region
-    CLOUD_TASKS_QUEUE         = google_cloud_tasks_queue.runner.name
+    CLOUD_TASKS_QUEUE         = google_cloud_tasks_queue.runner["0"].name
+    CLOUD_TASKS_QUEUES        = join(",", [for shard in range(var.queue.shards) : google_cloud_tasks_queue.runner[tostring(shard)].name])
     DISPATCH_MODE             = local.push_mode ? "push" : "pull"
     FIRESTORE_COLLECTION      = var.firestore.collection
     FIRESTORE_DATABASE        = google_firestore_database.tasks.name

@@ -173,7 +173,7 @@ locals {
         for index, tile in [
           {
             title  = "Cloud Tasks queue depth"
-            filter = "metric.type=\"cloudtasks.googleapis.com/queue/depth\" AND resource.type=\"cloud_tasks_queue\" AND resource.labels.queue_id=\"${local.queue_name}\""
+            filter = "metric.type=\"cloudtasks.googleapis.com/queue/depth\" AND resource.type=\"cloud_tasks_queue\" AND resource.labels.queue_id=starts_with(\"${local.queue_name}\")"
             align  = "ALIGN_MEAN"
             reduce = "REDUCE_SUM"
           },

@@ -32,8 +32,13 @@ output "models_bucket" {
 }
 
 output "queue" {
-  description = "Cloud Tasks queue of push dispatch (full resource id)."
-  value       = google_cloud_tasks_queue.runner.id
+  description = "Cloud Tasks queue of push dispatch (full resource id): shard 0."
+  value       = google_cloud_tasks_queue.runner["0"].id
+}
+
+output "queues" {
+  description = "Every Cloud Tasks queue of push dispatch in the dispatcher's order (shard 0 is the queue output)."
+  value       = [for shard in range(var.queue.shards) : google_cloud_tasks_queue.runner[tostring(shard)].id]
 }
 
 output "results_bucket" {

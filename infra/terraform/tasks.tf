@@ -1,18 +1,29 @@
-# Cloud Tasks queue that pushes task ids to the Cloud Run runner (push mode). It
-# exists in vm mode too (empty), so switching modes does not churn it.
+# Cloud Tasks queues that push task ids to the Cloud Run runner (push mode). They
+# exist in vm mode too (empty), so switching modes does not churn them. One queue
+# dispatches at most 500 tasks/s: queue.shards queues (local.queues, shard 0 named
+# local.queue_name), and the dispatcher sends each task to the one a hash of its
+# environment and id picks (shared/dispatch/cloud_tasks.py, CLOUD_TASKS_QUEUES).
+
+# The single queue of earlier versions is shard "0": kept, not re-created.
+moved {
+  from = google_cloud_tasks_queue.runner
+  to   = google_cloud_tasks_queue.runner["0"]
+}
 
 resource "google_cloud_tasks_queue" "runner" {
+  for_each = local.queues
   project  = var.project_id
-  name     = local.queue_name
+  name     = each.value
   location = var.region
 
   # At most one delivery per free engine slot; a busy runner answers 429/503 and the
   # retry policy below backs off. Cloud Tasks caps max_dispatches_per_second at 500 and
   # max_concurrent_dispatches at 5000 (RateLimits, Cloud Tasks API reference); 16 slots
-  # x 100 instances would ask for 1600.
+  # x 100 instances would ask for 1600. The limits are per queue and each queue asks
+  # for its share of the runner's slots (local.queue_capacity).
   rate_limits {
-    max_concurrent_dispatches = min(local.runner_capacity, 5000)
-    max_dispatches_per_second = min(local.runner_capacity, 500)
+    max_concurrent_dispatches = min(local.queue_capacity, 5000)
+    max_dispatches_per_second = min(local.queue_capacity, 500)
   }
 
   retry_config {

@@ -245,8 +245,9 @@ variable "public_results" {
 }
 
 variable "queue" {
-  description = "Cloud Tasks push dispatch: dispatch_deadline_s (how long Cloud Tasks waits for the runner's answer: 15-1800 s, and it must outlast task_limits.timeout_s plus transfers) and the retry policy. Busy runners answer 429/503 and Cloud Tasks backs off, so attempts here count deliveries, not engine runs (those are bounded by task_limits.max_attempts)."
+  description = "Cloud Tasks push dispatch: shards (N queues; a task goes to the one a hash of its environment and id picks, CLOUD_TASKS_QUEUES; one queue dispatches at most 500 tasks/s, so 1,000 tasks/s needs at least 2, see docs/scale.md), dispatch_deadline_s (how long Cloud Tasks waits for the runner's answer: 15-1800 s, and it must outlast task_limits.timeout_s plus transfers) and the retry policy. Busy runners answer 429/503 and Cloud Tasks backs off, so attempts here count deliveries, not engine runs (those are bounded by task_limits.max_attempts)."
   type = object({
+    shards               = optional(number, 1)
     dispatch_deadline_s  = optional(number, 1800)
     max_attempts         = optional(number, 100)
     max_backoff_s        = optional(number, 300)
@@ -259,6 +260,12 @@ variable "queue" {
   validation {
     condition     = var.queue.max_attempts >= 1 && var.queue.min_backoff_s >= 0.1 && var.queue.max_backoff_s >= var.queue.min_backoff_s
     error_message = "queue.max_attempts must be at least 1, queue.min_backoff_s at least 0.1 and queue.max_backoff_s at least queue.min_backoff_s."
+  }
+  validation {
+    # Queues per project: 1,000 by default (Cloud Tasks quotas and limits,
+    # https://cloud.google.com/tasks/docs/quotas); leave room for other queues.
+    condition     = var.queue.shards >= 1 && var.queue.shards <= 100 && floor(var.queue.shards) == var.queue.shards
+    error_message = "queue.shards must be a whole number from 1 to 100."
   }
   validation {
     # Task.dispatch_deadline of HTTP targets: 15 s to 30 min.

@@ -9,6 +9,12 @@ reaped, retried or swept gets a fresh name: Cloud Tasks refuses a name for about
 after its task ran, which would otherwise swallow the re-delivery. (Not ``attempts``: a
 release gives the attempt back, so attempt numbers repeat.)
 
+Past one queue (Cloud Tasks dispatches at most 500 tasks/s per queue), the dispatcher is
+given several queues of the same region and sends each task to the one :func:`queue_index`
+picks from a hash of the task's environment and id: stable, so every re-dispatch of a task
+lands in the queue that already holds its earlier names, and uniform, so each queue takes
+about 1/N of the rate.
+
 Transient gRPC failures are retried a few times with backoff; a final failure raises
 UpstreamUnavailable (``dispatch_failed``). The caller keeps the task PENDING, and
 :func:`shared.dispatch.redispatch_stale_pending` enqueues it again later.
@@ -20,7 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
@@ -34,7 +40,14 @@ from shared.tasks import Task
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["RUNNER_PUSH_PATH", "CloudTasksDispatcher", "cloud_task_id", "make_cloud_tasks_client"]
+__all__ = [
+    "RUNNER_PUSH_PATH",
+    "CloudTasksDispatcher",
+    "cloud_task_id",
+    "make_cloud_tasks_client",
+    "queue_ids",
+    "queue_index",
+]
 
 logger = get_logger(__name__)
 
@@ -64,6 +77,24 @@ def cloud_task_id(task: Task) -> str:
     return f"{spread}-{task.taskId}-{task.dispatch_generation}"
 
 
+def queue_index(task: Task, queues: int) -> int:
+    """Which of ``queues`` queues carries ``task``: a hash of its environment and id.
+
+    sha256, not Python's ``hash`` (salted per process): the functions, the reaper and the
+    runner must all pick the same queue for a task.
+    """
+    if queues < 1:
+        raise ValueError("at least one queue is needed")
+    digest = hashlib.sha256(f"{task.environment}/{task.taskId}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % queues
+
+
+def queue_ids(settings: Settings) -> list[str]:
+    """CLOUD_TASKS_QUEUES in order (the order is part of the hash's contract), else CLOUD_TASKS_QUEUE."""
+    listed = [name.strip() for name in settings.cloud_tasks_queues.split(",") if name.strip()]
+    return listed or [settings.cloud_tasks_queue]
+
+
 def make_cloud_tasks_client(settings: Settings) -> tasks_v2.CloudTasksClient:
     """The client, on an insecure channel to CLOUD_TASKS_EMULATOR_HOST when one is set
     (TLS with anonymous credentials fails the emulator's handshake)."""
@@ -83,7 +114,7 @@ class CloudTasksDispatcher(Dispatcher):
         self,
         client: Any,
         *,
-        queue_path: str,
+        queue_path: str | Sequence[str],
         target_url: str,
         invoker_email: str = "",
         audience: str = "",
@@ -94,7 +125,11 @@ class CloudTasksDispatcher(Dispatcher):
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._client = client
-        self.queue_path = queue_path
+        self.queue_paths = [queue_path] if isinstance(queue_path, str) else list(queue_path)
+        if not self.queue_paths:
+            raise ValueError("at least one queue path is needed")
+        # The first queue: what a single-queue deployment and its logs call "the queue".
+        self.queue_path = self.queue_paths[0]
         self.target_url = target_url
         self.invoker_email = invoker_email
         self.audience = audience or target_url
@@ -109,14 +144,19 @@ class CloudTasksDispatcher(Dispatcher):
         client = make_cloud_tasks_client(settings)
         return cls(
             client,
-            queue_path=client.queue_path(
-                settings.google_cloud_project, settings.cloud_tasks_location, settings.cloud_tasks_queue
-            ),
+            queue_path=[
+                client.queue_path(settings.google_cloud_project, settings.cloud_tasks_location, queue)
+                for queue in queue_ids(settings)
+            ],
             target_url=settings.effective_runner_url + RUNNER_PUSH_PATH,
             invoker_email=settings.cloud_tasks_invoker_email,
             audience=settings.runner_oidc_audience or settings.effective_runner_url,
             dispatch_deadline_s=settings.cloud_tasks_dispatch_deadline_s,
         )
+
+    def queue_path_for(self, task: Task) -> str:
+        """The queue this task's deliveries go to (one of ``queue_paths``, by :func:`queue_index`)."""
+        return self.queue_paths[queue_index(task, len(self.queue_paths))]
 
     def build_cloud_task(self, task: Task) -> tasks_v2.Task:
         """The typed Cloud Task for one delivery of ``task``: ids only, never its data."""
@@ -131,19 +171,20 @@ class CloudTasksDispatcher(Dispatcher):
                 service_account_email=self.invoker_email, audience=self.audience
             )
         return tasks_v2.Task(
-            name=f"{self.queue_path}/tasks/{cloud_task_id(task)}",
+            name=f"{self.queue_path_for(task)}/tasks/{cloud_task_id(task)}",
             http_request=http_request,
             dispatch_deadline=dt.timedelta(seconds=self.dispatch_deadline_s),
         )
 
     def dispatch(self, task: Task) -> None:
         cloud_task = self.build_cloud_task(task)
+        parent = self.queue_path_for(task)
         last_error: Exception | None = None
         for attempt in range(1, self._attempts + 1):
             try:
                 # retry=None: this loop is the only retry, so the attempt count is ours.
                 self._client.create_task(
-                    parent=self.queue_path, task=cloud_task, retry=None, timeout=self._request_timeout_s
+                    parent=parent, task=cloud_task, retry=None, timeout=self._request_timeout_s
                 )
             except gexc.AlreadyExists:
                 log_event(logger, "dispatch_duplicate", task_id=task.taskId, cloud_task=cloud_task.name)
@@ -167,5 +208,5 @@ class CloudTasksDispatcher(Dispatcher):
         return UpstreamUnavailable(
             f"could not enqueue task {task.taskId} on Cloud Tasks after {attempts} attempt(s): {exc}",
             code="dispatch_failed",
-            details={"task_id": task.taskId, "queue": self.queue_path, "error": type(exc).__name__},
+            details={"task_id": task.taskId, "queue": self.queue_path_for(task), "error": type(exc).__name__},
         )

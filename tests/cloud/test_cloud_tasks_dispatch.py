@@ -23,7 +23,13 @@ from google.cloud import tasks_v2
 
 from comfyswap.emulators import EmulatorUnavailable, start_cloud_tasks_emulator
 from shared.dispatch import NoopDispatcher, make_dispatcher
-from shared.dispatch.cloud_tasks import RUNNER_PUSH_PATH, CloudTasksDispatcher, cloud_task_id
+from shared.dispatch.cloud_tasks import (
+    RUNNER_PUSH_PATH,
+    CloudTasksDispatcher,
+    cloud_task_id,
+    queue_ids,
+    queue_index,
+)
 from shared.errors import UpstreamUnavailable
 from shared.settings import Settings
 from shared.tasks import Task
@@ -122,6 +128,85 @@ def test_dispatch_delivers_only_the_task_id_to_the_runner(cloud_tasks_emulator, 
     assert headers["x-cloudtasks-taskname"] == cloud_task_id(task)
     assert headers["x-cloudtasks-queuename"].endswith(queue)
     assert headers["x-cloudtasks-taskretrycount"] == "0"
+
+
+@pytest.mark.emulator
+def test_dispatch_spreads_tasks_over_the_queues_by_environment_and_id(
+    cloud_tasks_emulator, runner_target
+) -> None:
+    """Past one queue's 500 dispatches/s: CLOUD_TASKS_QUEUES lists N queues of the region,
+    each task lands in the queue its hash picks (the emulator names the queue in each
+    POST), every queue gets some, and a re-dispatch of a task goes to the same queue."""
+    prefix = f"runner-{uuid.uuid4().hex[:8]}"
+    names = [f"{prefix}-{index}" for index in range(4)]
+    settings = _settings(
+        cloud_tasks_emulator, names[0], runner_target.url, cloud_tasks_queues=",".join(names)
+    )
+    dispatcher = make_dispatcher(settings)
+    assert isinstance(dispatcher, CloudTasksDispatcher)
+    assert [path.rsplit("/", 1)[1] for path in dispatcher.queue_paths] == names
+    for path in dispatcher.queue_paths:
+        dispatcher._client.create_queue(
+            parent=f"projects/{PROJECT}/locations/{LOCATION}", queue=tasks_v2.Queue(name=path)
+        )
+    tasks = [make_task(environment="face_swap" if n % 2 else "comm") for n in range(24)]
+
+    for task in tasks:
+        dispatcher.dispatch(task)
+    wait_until(lambda: len(runner_target.requests) >= len(tasks), timeout_s=60, what="the emulator's POSTs")
+
+    queue_of: dict[str, str] = {}
+    for delivered in runner_target.requests:
+        headers = {name.lower(): value for name, value in delivered["headers"].items()}
+        queue_of[json.loads(delivered["body"])["task_id"]] = headers["x-cloudtasks-queuename"]
+    assert set(queue_of) == {task.taskId for task in tasks}
+    for task in tasks:
+        assert queue_of[task.taskId].endswith(names[queue_index(task, len(names))]), task.taskId
+    assert len(set(queue_of.values())) == len(names), "24 tasks over 4 queues: every queue gets some"
+    retried = tasks[0].model_copy(update={"dispatch_generation": 1})
+    assert dispatcher.build_cloud_task(retried).name.startswith(
+        dispatcher.queue_path_for(tasks[0]) + "/tasks/"
+    )
+
+
+def test_the_queue_hash_is_stable_uniform_and_mixes_the_environment() -> None:
+    """sha256 of environment/id, not Python's per-process salted hash(): the functions,
+    the reaper and the runner pick the same queue. Spread: 4,000 ids over 8 queues stay
+    within 20% of the mean; the same id in another environment may go elsewhere."""
+    task = make_task(taskId="task_0123456789abcdef0123456789abcdef")
+    assert queue_index(task, 8) == queue_index(task.model_copy(), 8)
+    assert queue_index(task, 1) == 0
+    counts = [0] * 8
+    for _ in range(4000):
+        counts[queue_index(make_task(), 8)] += 1
+    assert max(counts) <= 1.2 * 500 and min(counts) >= 0.8 * 500, counts
+    environments = {queue_index(make_task(taskId=task.taskId, environment=f"env{n}"), 8) for n in range(16)}
+    assert len(environments) > 1
+    with pytest.raises(ValueError, match="at least one queue"):
+        queue_index(task, 0)
+
+
+def test_queue_ids_read_the_list_in_order_else_the_single_queue() -> None:
+    assert queue_ids(Settings(cloud_tasks_queue="q")) == ["q"]
+    assert queue_ids(Settings(cloud_tasks_queue="q", cloud_tasks_queues=" q-0, q-1 ,q-2,")) == [
+        "q-0",
+        "q-1",
+        "q-2",
+    ]
+
+
+def test_task_ids_are_random_so_writes_spread_over_the_key_space() -> None:
+    """Firestore splits a collection's key range among servers; sequential document ids
+    (timestamps, counters) would send every create to the last split. 4,096 new ids are
+    all distinct and their first hex digit after task_ covers all 16 values evenly."""
+    ids = [make_task().taskId for _ in range(4096)]
+    assert len(set(ids)) == len(ids)
+    first = [0] * 16
+    for task_id in ids:
+        assert task_id.startswith("task_")
+        first[int(task_id[5], 16)] += 1
+    assert min(first) >= 0.7 * 256 and max(first) <= 1.3 * 256, first
+    assert sorted(ids) != ids
 
 
 @pytest.mark.emulator

@@ -20,6 +20,7 @@ import yaml
 from tests.infra import limits
 from tests.infra.tfconfig import (
     REPO_ROOT,
+    REQUIRED_VARIABLES,
     TERRAFORM_DIR,
     Graph,
     build_graph,
@@ -326,9 +327,13 @@ def test_the_runner_may_enqueue_and_attach_the_invoker_token(graph: Graph) -> No
     """The push-mode runner re-dispatches itself (release at SIGTERM, retry backoff, its
     lease reaper): enqueuer on the queue and actAs on the invoker, like create_task."""
     enqueuer = graph.body("google_cloud_tasks_queue_iam_member.enqueuer")
-    assert "google_service_account.runner.member" in str(enqueuer["for_each"])
+    assert enqueuer["for_each"] == "${local.enqueuer_grants}"
+    assert "google_service_account.runner.member" in str(graph.body("local.enqueuers"))
+    # Every queue shard: the grants are the product of enqueuers and local.queues.
+    assert "local.queues" in str(graph.body("local.enqueuer_grants"))
     acts_as = graph.body("google_service_account_iam_member.acts_as_invoker")
     assert "google_cloud_tasks_queue_iam_member.enqueuer" in str(acts_as["for_each"])
+    assert ".shard ==" in str(acts_as["for_each"]), "actAs once per enqueuer, not once per queue"
 
 
 def test_functions_reach_only_the_inputs_prefix_of_the_results_bucket(graph: Graph) -> None:
@@ -508,15 +513,73 @@ def _queue_rate_limits(graph: Graph) -> dict[str, Any]:
 
 
 @needs_terraform
-@pytest.mark.parametrize(("slots", "instances"), [(1, 1), (16, 100), (16, 31), (5, 100)])
-def test_queue_rates_stay_within_cloud_tasks_limits(graph: Graph, slots: int, instances: int) -> None:
+@pytest.mark.parametrize(
+    ("slots", "instances", "shards"),
+    [(1, 1, 1), (16, 100, 1), (16, 31, 1), (5, 100, 1), (16, 100, 3), (4, 1, 8)],
+)
+def test_queue_rates_stay_within_cloud_tasks_limits(
+    graph: Graph, slots: int, instances: int, shards: int
+) -> None:
+    """The limits are per queue: each of queue.shards queues stays within 500/s and 5000
+    concurrent, and together they ask for the runner's slots (each its share, at least 1)."""
     rates = _queue_rate_limits(graph)
-    variables = {"engine_slots": slots, "runner_max_instances": instances}
+    variables = {"engine_slots": slots, "runner_max_instances": instances, "queue": {"shards": shards}}
     per_second = evaluate(expression_of(rates["max_dispatches_per_second"]), variables)
     concurrent = evaluate(expression_of(rates["max_concurrent_dispatches"]), variables)
     assert 0 < per_second <= limits.QUEUE_MAX_DISPATCHES_PER_SECOND, per_second
     assert 0 < concurrent <= limits.QUEUE_MAX_CONCURRENT_DISPATCHES, concurrent
-    assert concurrent == min(slots * instances, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+    share = -(-slots * instances // shards)
+    assert concurrent == min(share, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+    assert concurrent * shards >= min(slots * instances, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+
+
+def test_queues_are_one_resource_for_each_shard_in_the_dispatchers_order(graph: Graph) -> None:
+    """N queues by for_each over local.queues; shard 0 keeps the old queue's name and
+    address (a moved block: a deleted queue's name cannot be reused for days); every
+    component gets CLOUD_TASKS_QUEUES in shard order; the dashboard sums the queues."""
+    queue = graph.body("google_cloud_tasks_queue.runner")
+    assert queue["for_each"] == "${local.queues}"
+    assert queue["name"] == "${each.value}"
+    moved = parsed_config()["tasks.tf"]["moved"]
+    assert [(str(block["from"]), str(block["to"])) for block in moved] == [
+        ("${google_cloud_tasks_queue.runner}", '${google_cloud_tasks_queue.runner["0"]}')
+    ], moved
+    env = str(graph.body("local.common_env"))
+    assert "CLOUD_TASKS_QUEUES" in env and "range(var.queue.shards)" in env
+    assert 'google_cloud_tasks_queue.runner["0"].name' in env
+    assert "local.queue_name" in str(graph.body("local.queue_names"))
+
+
+@needs_terraform
+@pytest.mark.parametrize("shards", [1, 3])
+def test_queue_names_keep_shard_zero_and_refuse_bad_counts(shards: int) -> None:
+    names, queues = console(["local.queue_names", "local.queues"], {"queue": {"shards": shards}}).values
+    assert names[0] == f"{REQUIRED_VARIABLES['prefix']}-runner"
+    assert names == [names[0]] + [f"{names[0]}-{shard}" for shard in range(1, shards)]
+    assert queues == {str(shard): name for shard, name in enumerate(names)}
+    for bad in (0, 101, 1.5):
+        assert console(["var.queue"], {"queue": {"shards": bad}}).returncode != 0, bad
+
+
+def test_sequential_fields_are_exempt_from_single_field_indexes(graph: Graph) -> None:
+    """Timestamps written by the store grow with time: their automatic single-field
+    indexes are hotspots (about 500 writes/s) and cost. Exempt them all, keeping only
+    the one order a single-field query of the store uses (created_at and finished_at,
+    descending), and never a field a composite index needs on its own."""
+    from shared.store.firestore import REQUIRED_INDEXES
+
+    field = graph.body("google_firestore_field.sequential")
+    assert field["for_each"] == "${local.firestore_field_indexes}"
+    assert field["collection"] == "${var.firestore.collection}"
+    exempt = {
+        name: [unquote(order) for order in orders]
+        for name, orders in graph.body("local.firestore_field_indexes").items()
+    }
+    assert set(exempt) >= {"created_at", "updated_at", "available_at", "lease_expires_at", "started_at"}
+    assert exempt["created_at"] == ["DESCENDING"] and exempt["finished_at"] == ["DESCENDING"]
+    assert all(orders == [] for name, orders in exempt.items() if name not in {"created_at", "finished_at"})
+    composite_fields = {name for index in REQUIRED_INDEXES for name, _ in index.fields}
+    assert {"available_at", "lease_expires_at", "created_at"} <= composite_fields
 
 
 @needs_terraform

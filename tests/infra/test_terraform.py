@@ -259,6 +259,27 @@ def test_no_public_members(parsed: dict[str, dict[str, Any]]) -> None:
         assert member not in text, f"{member} appears in infra/terraform"
 
 
+# A filtered copy of another resource's grants: {for who, grant in <grants> : who => grant if ...}.
+FILTERED_GRANTS = r"\{for [a-z_]+, grant in (google_[a-z0-9_]+_iam_member)\.([a-z_]+) : [a-z_]+ => grant if "
+
+
+def _assert_local_members_are_service_accounts(
+    parsed: dict[str, dict[str, Any]], resource: str, local_name: str
+) -> None:
+    """A grant per (member, something) pair built in a local: every member it can hold
+    comes from a local mapping names to this deployment's service accounts."""
+    locals_ = {key: value for _, block in _blocks(parsed, "locals") for key, value in block.items()}
+    sources = set(re.findall(r"\blocal\.([a-z_]+)", str(locals_[local_name]))) - {"queues"}
+    assert sources, f"{resource}: local.{local_name} names no member source"
+    for source_name in sources:
+        granted_all = re.findall(r"(?:=>|[a-z_]+ =) ([^\n,}()]+)", str(locals_[source_name]))
+        assert len(granted_all) >= 2, f"{resource}: no members found in local.{source_name}"
+        for granted in granted_all:
+            assert re.fullmatch(
+                r"google_service_account\.[a-z_]+(\[[a-z0-9_]+\])?\.member", granted.strip()
+            ), f"{resource} grants to {granted}, not to this deployment's service accounts"
+
+
 def test_iam_members_are_service_accounts(parsed: dict[str, dict[str, Any]]) -> None:
     for (type_name, name), body in _resources(parsed).items():
         if type_name.endswith("_iam_member"):
@@ -271,10 +292,19 @@ def test_iam_members_are_service_accounts(parsed: dict[str, dict[str, Any]]) -> 
                         r"google_service_account\.[a-z_]+(\[0\])?\.member", granted.strip()
                     ), f"{type_name}.{name} grants to {granted}, not to this deployment's service accounts"
                 continue
+            local_source = re.fullmatch(r"\$\{local\.([a-z_]+)\}", str(body.get("for_each", "")))
+            if member == "${each.value.member}" and local_source:
+                _assert_local_members_are_service_accounts(
+                    parsed, f"{type_name}.{name}", local_source.group(1)
+                )
+                continue
             if member == "${each.value.member}":
                 # One grant per grant of another IAM resource, whose members this test checks.
                 source = re.search(
                     r"\b(google_[a-z0-9_]+_iam_member)\.([a-z_]+)\b(?: : \{\})?\}$", str(body["for_each"])
+                ) or re.search(
+                    FILTERED_GRANTS,
+                    str(body["for_each"]),
                 )
                 assert source, f"{type_name}.{name}: for_each must be another grant"
                 assert (source.group(1), source.group(2)) in _resources(parsed)
@@ -400,7 +430,7 @@ def test_vm_runner_has_a_gpu_and_terminates_on_maintenance(parsed: dict[str, dic
 
 def test_queue_concurrency_follows_engine_slots(parsed: dict[str, dict[str, Any]]) -> None:
     queue = _resources(parsed)[("google_cloud_tasks_queue", "runner")]
-    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${min(local.runner_capacity, 5000)}"
+    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${min(local.queue_capacity, 5000)}"
     retry = queue["retry_config"][0]
     assert {"max_attempts", "min_backoff", "max_backoff", "max_doublings"} <= set(retry)
     capacity = next(block for _, block in _blocks(parsed, "locals") if "runner_capacity" in block)
