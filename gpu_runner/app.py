@@ -88,6 +88,7 @@ class RunnerState:
         self.worker = Worker(
             settings, self.store, self.engines, self.upload, source=source, on_finished=self.webhooks.notify
         )
+        self.worker.discard_result = self.storage.delete
         self.started_at = time.time()
         # One certificate cache per process (push mode): Google's keys are fetched once per max-age.
         self.google_certs: Any = None
@@ -97,6 +98,13 @@ class RunnerState:
             self.google_certs = GoogleCertsCache(settings.google_oidc_certs_url)
         self._pull_task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
+        from gpu_runner.reaper import Reaper
+
+        push = settings.dispatch_mode == "push" and not self.pull
+        self.reaper = Reaper(settings, self.store, self.storage, push=push)
+        self._reaper_task: asyncio.Task[None] | None = None
+        if push:
+            self.worker.on_requeued = self.reaper.requeued
 
     def upload(self, path: Path, key: str, content_type: str) -> StoredObject:
         return self.storage.upload(path, key, content_type)
@@ -107,6 +115,7 @@ class RunnerState:
         if self.pull:
             self._pull_task = asyncio.create_task(self.worker.run_pull_loop())
         self._beat_task = asyncio.create_task(self._report_forever())
+        self._reaper_task = asyncio.create_task(self.reaper.run_forever())
         log_event(
             logger,
             "runner_started",
@@ -128,8 +137,9 @@ class RunnerState:
             await asyncio.sleep(every_s)
 
     async def stop(self) -> None:
-        if self._beat_task is not None:
-            self._beat_task.cancel()
+        for background in (self._beat_task, self._reaper_task):
+            if background is not None:
+                background.cancel()
         await self.worker.drain(grace_s=self.settings.shutdown_grace_s)
         if self._pull_task is not None:
             self._pull_task.cancel()

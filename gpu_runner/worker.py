@@ -144,6 +144,10 @@ class _Held:
     wants_progress: bool = False
     finishing: bool = False  # our own final write is under way: its change is not a loss
     marking_processing: bool = False  # the PROCESSING write has left
+    # The asyncio task running process() (a pull-loop task or a push request): shutdown
+    # cancels it, and its CancelledError path is the one place a task is released.
+    job: asyncio.Task[Any] | None = None
+    releasing: bool = False
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -194,6 +198,12 @@ class Worker:
         self._pull_wait_s = 0.0
         self._pull_stopped = asyncio.Event()
         self._on_finished = on_finished
+        # Push mode: enqueue a task this runner put back to PENDING (released, or retried
+        # after a transient error) at once, under its new dispatch generation. Pull mode
+        # needs nothing: a waiting fetch wakes on the store's notification.
+        self.on_requeued: Callable[[Task], None] | None = None
+        # Removes a result object from every store (the storage chain's delete).
+        self.discard_result: Callable[[str], object] | None = None
         self.work_root = settings.data_dir / "work"
         self.completed = 0
         self.failed = 0
@@ -294,9 +304,10 @@ class Worker:
                 self._release_hold()
                 continue
             if self.draining:
-                await asyncio.to_thread(
+                released = await asyncio.to_thread(
                     self.store.release, task.taskId, worker_id=self.worker_id, reason="draining"
                 )
+                await self._requeue(released)
                 self._release_hold()
                 break
             self._spawn(self.process(task, hold_acquired=True))
@@ -349,8 +360,12 @@ class Worker:
         log_task_claimed(logger, task, worker_id=self.worker_id)
         final = await self.process(task, hold_acquired=True)
         if final.status == TaskStatus.PENDING:
-            # Retryable failure: let Cloud Tasks deliver it again after its backoff.
-            return 503, {"status": "retry", "error": final.error.model_dump() if final.error else None}
+            error = final.error.model_dump() if final.error else None
+            if self.on_requeued is not None:
+                # Enqueued again already, scheduled for the end of its backoff (available_at).
+                return 200, {"status": "retry_scheduled", "error": error}
+            # No dispatcher here: let Cloud Tasks deliver this one again after its backoff.
+            return 503, {"status": "retry", "error": error}
         return 200, {"status": final.status.value}
 
     # --- one task ---------------------------------------------------------------------
@@ -360,7 +375,7 @@ class Worker:
             await self._held.acquire()
             self._held_count += 1
         token = bind_task(task.taskId)
-        held = _Held(task.taskId, asyncio.Event(), owner=task.owner)
+        held = _Held(task.taskId, asyncio.Event(), owner=task.owner, job=asyncio.current_task())
         self.in_flight[task.taskId] = held
         keeper = asyncio.ensure_future(self._keep_lease(held))
         workdir = self.work_root / task.taskId
@@ -404,13 +419,7 @@ class Worker:
             timings["upload_s"] = time.perf_counter() - phase
             timings["runner_total_s"] = time.perf_counter() - started
             held.finishing = True
-            final = await asyncio.to_thread(
-                self.store.complete,
-                task.taskId,
-                worker_id=self.worker_id,
-                output_data=output_data,
-                timings=_rounded(timings),
-            )
+            final = await self._complete(task.taskId, output_data, _rounded(timings))
             self.completed += 1
             self._log_finished(final)
         except JobCancelled:
@@ -425,17 +434,14 @@ class Worker:
             )
             final = await self._record_failure(task, wrapped, timings)
         except asyncio.CancelledError:
-            # The server is stopping under us (a push request cancelled at shutdown): give
-            # the task back now rather than leave it leased until the lease runs out.
+            # The runner is stopping under us (drain, or a push request cancelled at
+            # shutdown): give the task back now and enqueue it again, rather than leave it
+            # leased until the lease runs out. The only release path at shutdown.
             held.cancel.set()
             held.finishing = True
+            held.releasing = True
             with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    asyncio.to_thread(
-                        self.store.release, task.taskId, worker_id=self.worker_id, reason="shutdown"
-                    )
-                )
-                log_event(logger, "task_released", reason="cancelled at shutdown")
+                await asyncio.shield(self._release_and_requeue(task.taskId))
             raise
         finally:
             keeper.cancel()
@@ -497,6 +503,7 @@ class Worker:
                 attempt=task.attempts,
                 level=logging.WARNING,
             )
+            await self._requeue(final)
         return final
 
     async def _write_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
@@ -508,6 +515,17 @@ class Worker:
             timings=_rounded(timings),
             retry_delay_s=retry_delay_s(task.attempts),
         )
+
+    async def _requeue(self, task: Task) -> None:
+        if self.on_requeued is not None and task.status == TaskStatus.PENDING:
+            await asyncio.to_thread(self.on_requeued, task)
+
+    async def _release_and_requeue(self, task_id: str) -> None:
+        released = await asyncio.to_thread(
+            self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"
+        )
+        log_event(logger, "task_released", task_id=task_id, reason="shutdown")
+        await self._requeue(released)
 
     def _log_finished(self, task: Task) -> None:
         # Timings go at the top level: log-based metrics read jsonPayload.engine_s etc.
@@ -558,13 +576,43 @@ class Worker:
             raise JobFailed("the engine produced no output", code="no_output")
         return result
 
+    async def _complete(self, task_id: str, output_data: dict[str, Any], timings: dict[str, float]) -> Task:
+        """COMPLETED, fenced by the lease; refused (cancelled or taken over while uploading),
+        the uploaded objects are deleted: no task will point at them."""
+        complete = functools.partial(
+            self.store.complete, task_id, worker_id=self.worker_id, output_data=output_data, timings=timings
+        )
+        try:
+            return await asyncio.to_thread(complete)
+        except Conflict:
+            await self._discard([item["key"] for item in output_data["outputs"]])
+            raise
+
+    async def _discard(self, keys: list[str]) -> None:
+        """Remove result objects no task will point to (best effort; the orphan sweep is the
+        backstop for what cannot be removed now)."""
+        if self.discard_result is None:
+            return
+        for key in keys:
+            try:
+                await asyncio.to_thread(self.discard_result, key)
+            except Exception as exc:
+                log_event(logger, "result_discard_failed", key=key, error=repr(exc), level=30)
+                continue
+            log_event(logger, "result_discarded", key=key)
+
     async def _upload_outputs(self, task: Task, result: EngineResult, held: _Held) -> dict[str, Any]:
         outputs: list[dict[str, Any]] = []
         for index, output in enumerate(result.outputs):
             if held.lease_lost:
+                await self._discard([item["key"] for item in outputs])
                 raise JobCancelled("lease lost before upload")
             key = result_key(task.taskId, index, output.content_type, suffix=output.path.suffix or None)
             stored = await asyncio.to_thread(self.upload, output.path, key, output.content_type)
+            if held.lease_lost:
+                # Cancelled while the upload hung: the object must not outlive the task's claim.
+                await self._discard([*(item["key"] for item in outputs), stored.key])
+                raise JobCancelled("lease lost during upload")
             outputs.append(
                 {
                     # The engine's description first: the storage fields below (its `key`
@@ -680,22 +728,30 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:
-        """Stop claiming; give in-flight tasks ``grace_s``; release the rest."""
+        """Stop claiming; give in-flight tasks ``grace_s``; release the rest.
+
+        A task still running after the grace is stopped by cancelling its asyncio task:
+        its CancelledError path releases it and enqueues it again, the one release path
+        (a push request uvicorn cancelled is already on it and is not cancelled twice)."""
         self.draining = True
         log_event(logger, "draining", in_flight=len(self.in_flight), grace_s=grace_s)
         pending = {task for task in self._tasks if not task.done()}
+        pending |= {
+            held.job for held in self.in_flight.values() if held.job is not None and not held.job.done()
+        }
         if pending:
             _, still_running = await asyncio.wait(pending, timeout=grace_s)
         else:
             still_running = set()
-        for task_id, held in list(self.in_flight.items()):
-            held.cancel.set()
-            held.finishing = True
-            with contextlib.suppress(ComfySwapError):
-                await asyncio.to_thread(
-                    self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"
-                )
-                log_event(logger, "task_released", task_id=task_id)
+        stopping = []
+        for held in list(self.in_flight.values()):
+            if held.job is not None and not held.job.done():
+                if not held.releasing:
+                    held.finishing = True
+                    held.job.cancel()
+                stopping.append(held.job)
+        if stopping:
+            await asyncio.wait(stopping, timeout=10)
         if self._fetching:
             # The API claims for a fetch in flight whether or not we still listen (it may
             # even re-claim a task released above): let the fetch return so the pull loop
@@ -703,7 +759,8 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pull_stopped.wait(), timeout=self._pull_wait_s + 20.0)
         if still_running:
-            await asyncio.wait(still_running, timeout=10)
+            # Background work (webhooks) gets a moment, not the platform's whole kill window.
+            await asyncio.wait(still_running, timeout=1.0)
         for engine in self.engines.values():
             await engine.close()
         if self.source is not None:

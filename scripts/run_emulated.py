@@ -7,6 +7,10 @@ server) and the runner in push mode, configured exactly as in the cloud except f
 emulator hosts. Prints where everything is and how to try it; Ctrl-C or SIGTERM stops
 every process it started, each by its PID, runner first so an in-flight task is drained.
 
+The emulators hold their data in memory, so they stay up for the whole run: when the API
+or the runner exits (a crash, a kill -9 to try recovery by hand) it is started again and
+the terminal says so; only an emulator that exits ends the run.
+
 A thread POSTs ``/internal/reap`` every minute, as Cloud Scheduler does in the cloud:
 it re-queues tasks whose runner died and re-enqueues PENDING tasks whose push was lost.
 
@@ -17,6 +21,7 @@ listed in the banner and in the README ("The cloud path on one machine").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -201,28 +206,12 @@ def run(args: argparse.Namespace) -> int:
             "APP_ENV": "development",
         }
         print("starting the API and the runner ...", flush=True)
-        api = start_process(
-            "api",
-            [sys.executable, "-m", "comfyswap.cli", "api"],
-            url=api_url,
-            log_dir=log_dir,
-            env=env,
-            health_path="/api/health",
-            timeout_s=120,
-        )
+        api = Service("API", [sys.executable, "-m", "comfyswap.cli", "api"], api_url, log_dir, env)
         started.append(("API", api.stop))
-        runner = start_process(
-            "runner",
-            [sys.executable, "-m", "gpu_runner"],
-            url=runner_url,
-            log_dir=log_dir,
-            env=env,
-            health_path="/api/health",
-            timeout_s=180,
-        )
         # The runner drains in-flight tasks for SHUTDOWN_GRACE_S before it exits.
-        grace_s = float(os.environ.get("SHUTDOWN_GRACE_S", "20")) + 10
-        started.append(("runner", lambda: runner.stop(timeout_s=grace_s)))
+        grace_s = float(os.environ.get("SHUTDOWN_GRACE_S", "5")) + 10
+        runner = Service("runner", [sys.executable, "-m", "gpu_runner"], runner_url, log_dir, env, grace_s)
+        started.append(("runner", runner.stop))
         threading.Thread(
             target=_reap_forever, args=(api_url, reaper_stop), name="reaper", daemon=True
         ).start()
@@ -241,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
-        return _watch([runner, api, cloud_tasks.server, firestore.server, gcs, s3])
+        return _watch([cloud_tasks.server, firestore.server, gcs, s3], [runner, api])
     except EmulatorUnavailable as exc:
         sys.stderr.write(f"run-emulated: {exc}\n")
         return 2
@@ -254,16 +243,66 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _watch(processes: list[EmulatorProcess]) -> int:
-    """Wait for Ctrl-C / SIGTERM (raised here); a process that exits by itself ends the run."""
+@dataclasses.dataclass
+class Service:
+    """The API or the runner: started, and started again whenever it exits."""
+
+    name: str
+    command: list[str]
+    url: str
+    log_dir: Path
+    env: dict[str, str]
+    stop_timeout_s: float = 10.0
+    restarts: int = 0
+    process: EmulatorProcess = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = self._start()
+
+    def _start(self) -> EmulatorProcess:
+        return start_process(
+            self.name.lower(),
+            self.command,
+            url=self.url,
+            log_dir=self.log_dir,
+            env=self.env,
+            health_path="/api/health",
+            timeout_s=180,
+        )
+
+    def restart_if_exited(self) -> None:
+        """Start it again if it exited; say so on the terminal (with the end of its log)."""
+        if self.process.alive():
+            return
+        code = self.process.process.returncode
+        sys.stderr.write(
+            f"run-emulated: the {self.name} exited with {code}; restarting it (the emulators keep "
+            f"their data). The end of {self.process.log_path}:\n{self.process.log()[-1500:]}\n"
+        )
+        self.process = self._start()
+        self.restarts += 1
+        print(f"run-emulated: the {self.name} is up again (pid {self.process.pid})", flush=True)
+
+    def stop(self) -> None:
+        self.process.stop(timeout_s=self.stop_timeout_s)
+
+
+def _watch(emulators: list[EmulatorProcess], services: list[Service]) -> int:
+    """Wait for Ctrl-C / SIGTERM (raised here). A service that exits is started again; an
+    emulator that exits ends the run (its data was in memory)."""
     while True:
-        for process in processes:
+        for process in emulators:
             if not process.alive():
                 sys.stderr.write(
                     f"run-emulated: {process.name} exited with {process.process.returncode}; "
                     f"the end of {process.log_path}:\n{process.log()[-3000:]}\n"
                 )
                 return 1
+        for service in services:
+            try:
+                service.restart_if_exited()
+            except (RuntimeError, TimeoutError) as exc:
+                sys.stderr.write(f"run-emulated: could not restart the {service.name}: {exc}; trying again\n")
         time.sleep(0.5)
 
 

@@ -229,7 +229,26 @@ class Settings(BaseSettings):
         "", repr=False, description="RUNNER_API_KEY: the key a pulling runner presents to fetch_task."
     )
     shutdown_grace_s: float = Field(
-        20.0, ge=0, le=3600, description="SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight tasks may finish."
+        5.0,
+        ge=0,
+        le=3600,
+        description="SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight tasks may finish before they are "
+        "released (the default leaves room for the release inside Cloud Run's 10 s before SIGKILL).",
+    )
+    reaper_interval_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="REAPER_INTERVAL_S: push mode: how often the runner re-queues (and re-dispatches) tasks "
+        "whose lease expired, so a crashed runner's task runs again within LEASE_SECONDS plus this; "
+        "0 = only the scheduled /internal/reap.",
+    )
+    orphan_sweep_interval_s: float = Field(
+        900.0,
+        ge=0,
+        le=86400,
+        description="ORPHAN_SWEEP_INTERVAL_S: how often the runner removes result objects and inputs no live "
+        "task needs (a crash, a cancel mid-upload, a fallback race); 0 = never.",
     )
     engine_slots: int = Field(1, ge=1, le=16, description="ENGINE_SLOTS: concurrent jobs per engine.")
     lease_seconds: int = Field(

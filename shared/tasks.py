@@ -119,6 +119,8 @@ class Task(BaseModel):
     # dispatched again by the sweep: each delivery gets its own Cloud Tasks name, which
     # `attempts` cannot give (a release decrements it, so names would repeat).
     dispatch_generation: int = 0
+    # When the re-dispatch sweep last enqueued it again (None: only at creation or a requeue).
+    redispatched_at: dt.datetime | None = None
     lease: Lease | None = None
     progress: Progress | None = None
     output_data: dict[str, Any] | None = None

@@ -7,6 +7,10 @@ Where the CLI or Java is missing, the tests that need it are skipped with the re
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 
 from comfyswap.emulators import (
@@ -16,7 +20,7 @@ from comfyswap.emulators import (
     start_firestore_emulator,
 )
 
-__all__ = ["FirestoreEmulator", "find_firestore_emulator", "firestore_emulator"]
+__all__ = ["FirestoreEmulator", "find_firestore_emulator", "firestore_emulator", "started_or_skip"]
 
 FIRESTORE_EMULATOR_PROJECT = "comfyswap-test"
 
@@ -41,3 +45,22 @@ def firestore_emulator(
     request.config.add_cleanup(running.stop)
     request.config.stash[_EMULATOR_KEY] = running
     return running
+
+
+@contextlib.contextmanager
+def started_or_skip(*starters: Callable[[], Any]) -> Iterator[list[Any]]:
+    """Start each emulator in turn (each has ``stop()``), stop them all in reverse at the
+    end; a missing one stops those already started and skips with the reason."""
+    started: list[Any] = []
+    try:
+        for start in starters:
+            started.append(start())
+    except EmulatorUnavailable as exc:
+        for server in reversed(started):
+            server.stop()
+        pytest.skip(str(exc))
+    try:
+        yield started
+    finally:
+        for server in reversed(started):
+            server.stop()

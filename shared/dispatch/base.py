@@ -13,7 +13,7 @@ import abc
 import datetime as dt
 import logging
 
-from shared.errors import ComfySwapError
+from shared.errors import ComfySwapError, Conflict, NotFound
 from shared.logs import get_logger, log_event
 from shared.store.base import TaskStore
 from shared.tasks import Task, TaskStatus, utcnow
@@ -54,22 +54,30 @@ def redispatch_stale_pending(
     *,
     limit: int = 100,
     now: dt.datetime | None = None,
+    new_generation: bool = True,
 ) -> RedispatchReport:
     """Enqueue again every task that has been claimable for ``older_than_s`` and is still
     PENDING, longest-waiting first: its dispatch failed, or its delivery was lost.
 
-    Cloud Tasks de-duplicates by name, so a task whose Cloud Task is merely waiting (the
-    runner answered 429 and the queue backs off) is not delivered twice; choose
-    ``older_than_s`` above the queue's usual wait anyway, because the Cloud Tasks emulator
-    does not de-duplicate and a duplicate costs the runner a refused claim. One failing
-    task does not stop the sweep.
+    With ``new_generation`` (the periodic sweep) each one first gets a new dispatch
+    generation, hence a new Cloud Tasks name: by now its old Cloud Task may have run out
+    of retries, and Cloud Tasks would refuse that name for an hour (ALREADY_EXISTS) and
+    the task would sit PENDING. ``redispatched_at`` keeps a task from being enqueued again
+    by every sweep while it waits in a backlog (once per ``older_than_s``). Without it (a
+    runner starting up) the same name is reused: Cloud Tasks de-duplicates a delivery that
+    is still pending. A duplicate delivery is harmless either way (one claim wins); one
+    failing task does not stop the sweep.
     """
-    cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than_s)
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=older_than_s)
     report = RedispatchReport()
     for task_id in store.pending_ids_available_before(cutoff, limit=limit):
-        task = store.get(task_id)
+        try:
+            task = _due_again(store, task_id, cutoff, now) if new_generation else store.get(task_id)
+        except (Conflict, NotFound):
+            continue  # claimed, cancelled or enqueued again since the query
         if task is None or task.status != TaskStatus.PENDING:
-            continue  # claimed or cancelled since the query
+            continue
         try:
             dispatcher.dispatch(task)
         except ComfySwapError as exc:
@@ -87,3 +95,18 @@ def redispatch_stale_pending(
     if report.dispatched or report.failed:
         log_event(logger, "redispatch_sweep", dispatched=len(report.dispatched), failed=len(report.failed))
     return report
+
+
+def _due_again(store: TaskStore, task_id: str, cutoff: dt.datetime, now: dt.datetime) -> Task:
+    """Mark a still-PENDING task as enqueued again now, under a new dispatch generation."""
+
+    def mutate(task: Task) -> Task:
+        if task.status != TaskStatus.PENDING:
+            raise Conflict("no longer pending", code="not_pending")
+        if task.redispatched_at is not None and task.redispatched_at > cutoff:
+            raise Conflict("enqueued again recently", code="recently_dispatched")
+        return task.model_copy(
+            update={"dispatch_generation": task.dispatch_generation + 1, "redispatched_at": now}
+        )
+
+    return store.update(task_id, mutate)

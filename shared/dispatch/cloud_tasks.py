@@ -170,11 +170,15 @@ class CloudTasksDispatcher(Dispatcher):
             http_request.oidc_token = tasks_v2.OidcToken(
                 service_account_email=self.invoker_email, audience=self.audience
             )
-        return tasks_v2.Task(
+        cloud_task = tasks_v2.Task(
             name=f"{self.queue_path_for(task)}/tasks/{cloud_task_id(task)}",
             http_request=http_request,
             dispatch_deadline=dt.timedelta(seconds=self.dispatch_deadline_s),
         )
+        if task.available_at > dt.datetime.now(dt.UTC):
+            # A retry in backoff: delivered when it may be claimed, not hammered before.
+            cloud_task.schedule_time = task.available_at
+        return cloud_task
 
     def dispatch(self, task: Task) -> None:
         cloud_task = self.build_cloud_task(task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,8 @@ class StorageChain(StorageProvider):
                 continue
             if tried:
                 log_event(logger, "storage_fallback_used", provider=provider.name, key=key, tried=tried)
+            if failures:
+                self._remove_late_copies(key, [name for name, _ in failures])
             return dataclasses.replace(stored, extra={**stored.extra, "tried": tried})
         raise self._all_failed(key, content_type, tried, failures)
 
@@ -82,26 +85,20 @@ class StorageChain(StorageProvider):
         """The provider interface, so a chain can stand wherever one provider can."""
         return self.upload(local_path, key, content_type)
 
+    def _remove_late_copies(self, key: str, failed: list[str]) -> None:
+        """A provider that timed out may still finish the upload after the fallback won
+        (a frozen GCS upload lands later): delete the key there, off the upload path; the
+        orphan sweep catches a copy that lands even after that."""
+        losers = [provider for provider in self.providers if provider.name in failed]
+        threading.Thread(
+            target=_delete_from, args=(losers, key), name="remove-late-copies", daemon=True
+        ).start()
+
     def delete(self, key: str) -> bool:
         """Remove ``key`` from every provider that holds it (a result has one home; a
         fallback race or a cancelled upload may have left a copy elsewhere). Best effort:
         a provider that fails is logged, and the orphan sweep tries again later."""
-        removed = False
-        for provider in self.providers:
-            try:
-                removed = provider.delete(key) or removed
-            except NotImplementedError:
-                continue
-            except Exception as exc:
-                log_event(
-                    logger,
-                    "storage_delete_failed",
-                    level=logging.WARNING,
-                    provider=provider.name,
-                    key=key,
-                    error=repr(exc),
-                )
-        return removed
+        return _delete_from(self.providers, key)
 
     def health(self) -> dict[str, Any]:
         reports = [{"provider": provider.name, **provider.health()} for provider in self.providers]
@@ -153,3 +150,24 @@ def _as_service_error(provider: str, exc: Exception, key: str) -> ComfySwapError
         code="storage_upload_failed",
         details={"provider": provider, "key": key, "exception": type(exc).__name__},
     )
+
+
+def _delete_from(providers: Sequence[StorageProvider], key: str) -> bool:
+    removed = False
+    for provider in providers:
+        try:
+            if provider.delete(key):
+                removed = True
+                log_event(logger, "storage_object_removed", provider=provider.name, key=key)
+        except NotImplementedError:
+            continue
+        except Exception as exc:
+            log_event(
+                logger,
+                "storage_delete_failed",
+                level=logging.WARNING,
+                provider=provider.name,
+                key=key,
+                error=repr(exc),
+            )
+    return removed

@@ -10,8 +10,10 @@ multipart upload read piece by piece from disk, so memory stays near
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -27,6 +29,9 @@ __all__ = ["R2Storage"]
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 4
+# Threads running S3 calls under a deadline (a call past its deadline keeps its thread
+# until botocore's own timeouts end it).
+_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="r2-call")
 
 
 class R2Storage(StorageProvider):
@@ -124,7 +129,7 @@ class R2Storage(StorageProvider):
             # R2 documents path-style and virtual-host access; path style also works
             # with an IP-address endpoint (tests) where bucket subdomains cannot resolve.
             s3={"addressing_style": "path"},
-            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             connect_timeout=min(10.0, self.timeout_s),
             read_timeout=self.timeout_s,
             # Newer botocore adds CRC checksums to every request by default; only send
@@ -152,7 +157,9 @@ class R2Storage(StorageProvider):
                 max_concurrency=self.max_concurrency,
                 use_threads=True,
             )
-            self.client.upload_file(
+            self._within_deadline(
+                key,
+                self.client.upload_file,
                 str(local_path),
                 self.bucket_name,
                 key,
@@ -173,16 +180,37 @@ class R2Storage(StorageProvider):
             extra={"bucket": self.bucket_name, "signed": url != self.public_url(key)},
         )
 
+    def _within_deadline(self, key: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one S3 call, giving up after STORAGE_RETRY_DEADLINE_S whatever botocore does
+        meanwhile (its per-try timeouts, 100-continue waits and retry backoff add up past
+        any timeout one can configure). An abandoned call ends on its own timeouts; an
+        object it still writes is removed by the chain or the orphan sweep."""
+        future = _CALLS.submit(call, *args, **kwargs)
+        try:
+            return future.result(timeout=self.retry_deadline_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise upstream_error(
+                self.name, f"no answer within STORAGE_RETRY_DEADLINE_S={self.retry_deadline_s:g}s", key=key
+            ) from None
+
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         with self._service_errors(key):
-            self.client.put_object(Bucket=self.bucket_name, Key=key, Body=data, ContentType=content_type)
+            self._within_deadline(
+                key,
+                self.client.put_object,
+                Bucket=self.bucket_name,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+            )
 
     def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         with self._service_errors(key):
             try:
-                self.client.head_object(Bucket=self.bucket_name, Key=key)
+                self._within_deadline(key, self.client.head_object, Bucket=self.bucket_name, Key=key)
             except ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return False
@@ -194,7 +222,9 @@ class R2Storage(StorageProvider):
 
         with self._service_errors(key):
             try:
-                response = self.client.get_object(Bucket=self.bucket_name, Key=key)
+                response = self._within_deadline(
+                    key, self.client.get_object, Bucket=self.bucket_name, Key=key
+                )
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     raise self._no_object(key) from None
@@ -207,7 +237,7 @@ class R2Storage(StorageProvider):
         if not self._exists(key):
             return False
         with self._service_errors(key):
-            self.client.delete_object(Bucket=self.bucket_name, Key=key)
+            self._within_deadline(key, self.client.delete_object, Bucket=self.bucket_name, Key=key)
         return True
 
     def list_keys(self, prefix: str) -> list[tuple[str, dt.datetime]]:

@@ -74,3 +74,26 @@ def test_the_sweep_is_bounded_by_its_limit(store: SQLiteTaskStore) -> None:
     report = redispatch_stale_pending(store, dispatcher, older_than_s=60, limit=2)
 
     assert len(report.dispatched) == 2
+
+
+def test_the_sweep_uses_a_new_cloud_task_name_once_per_period(store: SQLiteTaskStore) -> None:
+    """Issue 19 #2: the sweep re-sent the same name; Cloud Tasks answers ALREADY_EXISTS for
+    an hour after that name ran, so the task sat PENDING. A backlogged task is not sent
+    again by every sweep either."""
+    from shared.dispatch.cloud_tasks import cloud_task_id
+
+    stale = add(store, 10)
+    names: list[str] = []
+
+    class Naming(RecordingDispatcher):
+        def dispatch(self, task: Task) -> None:
+            names.append(cloud_task_id(task))
+
+    redispatch_stale_pending(store, Naming(), older_than_s=300)
+    redispatch_stale_pending(store, Naming(), older_than_s=300)
+    later = utcnow() + dt.timedelta(seconds=301)
+    redispatch_stale_pending(store, Naming(), older_than_s=300, now=later)
+
+    assert len(names) == 2 and len(set(names)) == 2
+    assert cloud_task_id(stale) not in names
+    assert store.get_or_raise(stale.taskId).dispatch_generation == 2

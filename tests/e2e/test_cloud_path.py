@@ -35,7 +35,6 @@ from PIL import Image
 from comfyswap.emulators import (
     CloudTasksEmulator,
     EmulatorProcess,
-    EmulatorUnavailable,
     FirestoreEmulator,
     create_gcs_bucket,
     create_s3_bucket,
@@ -47,9 +46,10 @@ from comfyswap.emulators import (
     start_moto_server,
     task_path_env,
 )
-from tests.cloud_fixtures import firestore_emulator
+from tests.cloud_fixtures import firestore_emulator, started_or_skip
 from tests.e2e.conftest import Stack, start_stack
 from tests.fakes.cf_images_fake import CloudflareImagesFake
+from tests.servers import MediaServer
 
 __all__ = ["firestore_emulator"]
 
@@ -79,22 +79,15 @@ def emulators(
     firestore_emulator: FirestoreEmulator, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CloudEmulators]:
     log_dir = tmp_path_factory.mktemp("cloud-path-emulators")
-    started: list[Any] = []
-    try:
-        cloud_tasks = start_cloud_tasks_emulator(log_dir, max_retries=CLOUD_TASKS_RETRIES)
-        started.append(cloud_tasks)
-        fake_gcs = start_fake_gcs_server(log_dir)
-        started.append(fake_gcs)
-        moto_s3 = start_moto_server(log_dir)
-        started.append(moto_s3)
-    except EmulatorUnavailable as exc:
-        for server in reversed(started):
-            server.stop()
-        pytest.skip(str(exc))
-    with CloudflareImagesFake() as cf_images:
+    with (
+        started_or_skip(
+            lambda: start_cloud_tasks_emulator(log_dir, max_retries=CLOUD_TASKS_RETRIES),
+            lambda: start_fake_gcs_server(log_dir),
+            lambda: start_moto_server(log_dir),
+        ) as (cloud_tasks, fake_gcs, moto_s3),
+        CloudflareImagesFake() as cf_images,
+    ):
         yield CloudEmulators(firestore_emulator, cloud_tasks, fake_gcs, moto_s3, cf_images, log_dir)
-    for server in reversed(started):
-        server.stop()
 
 
 def start_cloud_stack(tmp_path: Path, emulators: CloudEmulators, storage_env: dict[str, str]) -> Stack:
@@ -256,32 +249,46 @@ def test_with_storage_down_the_push_is_retried_and_completes_once_storage_is_bac
         },
     )
     late_gcs: EmulatorProcess | None = None
+    media = MediaServer()
+    media.add("/source.jpg", "image/jpeg", grace_hopper_path.read_bytes())
+    media.add("/target.png", "image/png", astronaut_png.read_bytes())
     try:
-        created = stack.create(face_swap_body(grace_hopper_path, astronaut_png))
-        assert created.status_code == 200, created.text
-        task_id = created.json()["taskId"]
-        failed_once = wait_for(
-            stack,
-            task_id,
-            lambda view: len(view["task"]["attempt_history"]) >= 1,
-            timeout_s=90,
-            what="a first attempt that failed on the storage",
-        )
-        assert failed_once["task"]["attempt_history"][0]["code"] == "storage_unavailable"
+        # Inputs by URL: a data: input would wait in the (down) bucket, and creating the
+        # task would be refused with a retryable 503 instead.
+        with media.running():
+            body = {
+                "workflow": "face_swap",
+                "environment": "face_swap",
+                "task_data": {
+                    "source_url": media.url + "/source.jpg",
+                    "target_url": media.url + "/target.png",
+                },
+            }
+            created = stack.create(body)
+            assert created.status_code == 200, created.text
+            task_id = created.json()["taskId"]
+            failed_once = wait_for(
+                stack,
+                task_id,
+                lambda view: len(view["task"]["attempt_history"]) >= 1,
+                timeout_s=90,
+                what="a first attempt that failed on the storage",
+            )
+            assert failed_once["task"]["attempt_history"][0]["code"] == "storage_unavailable"
 
-        late_gcs = start_fake_gcs_server(emulators.log_dir / f"gcs-{gcs_port}", port=gcs_port)
-        create_gcs_bucket(gcs_url, bucket, project=PROJECT)
-        view = stack.wait(task_id, timeout_s=120)
+            late_gcs = start_fake_gcs_server(emulators.log_dir / f"gcs-{gcs_port}", port=gcs_port)
+            create_gcs_bucket(gcs_url, bucket, project=PROJECT)
+            view = stack.wait(task_id, timeout_s=120)
 
-        assert view["status"] == "COMPLETED", view
-        attempts = view["task"]["attempts"]
-        assert attempts >= 2
-        assert len(view["task"]["attempt_history"]) == attempts - 1
-        assert push_deliveries(emulators, stack, task_id) == attempts
-        assert stored_document(emulators, task_id, monkeypatch)["status"] == "COMPLETED"
-        download = httpx.get(view["result"]["url"], timeout=30)
-        assert download.status_code == 200
-        assert_face_swapped(download.content, astronaut_png)
+            assert view["status"] == "COMPLETED", view
+            attempts = view["task"]["attempts"]
+            assert attempts >= 2
+            assert len(view["task"]["attempt_history"]) == attempts - 1
+            assert push_deliveries(emulators, stack, task_id) == attempts
+            assert stored_document(emulators, task_id, monkeypatch)["status"] == "COMPLETED"
+            download = httpx.get(view["result"]["url"], timeout=30)
+            assert download.status_code == 200
+            assert_face_swapped(download.content, astronaut_png)
     finally:
         stop_stack(stack)
         if late_gcs is not None:

@@ -90,3 +90,21 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
     yield start
     for stack in stacks:
         stack.close()
+
+
+# --- figures printed at the end of the run ------------------------------------------------
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def record_figure() -> Callable[[str], None]:
+    """Print a measured figure (say, seconds from a runner crash to the task running again)
+    in the run's summary, where `make test` output shows it."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("fault recovery figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -103,6 +103,20 @@ class FaultStack:
             os.kill(process.pid, signal.SIGTERM)
         return process.wait(timeout=timeout_s)
 
+    def stop_runner_gracefully(self, timeout_s: float = 30.0) -> float:
+        """SIGTERM the runner, check it exits cleanly, and return how long it took. (uvicorn
+        re-raises the captured SIGTERM after a clean shutdown: -15 is a clean exit.)"""
+        started = time.monotonic()
+        exit_code = self.sigterm_runner(timeout_s=timeout_s)
+        assert exit_code in (0, -signal.SIGTERM), self.runner_log()[-2000:]
+        return time.monotonic() - started
+
+    def video_mid_swap(self, media_server: MediaServer, frames: int) -> str:
+        """A slow video task, once the engine has swapped ``frames`` frames of it."""
+        task_id = self.create(face_swap_body(media_server, "/slow.mp4"))
+        self.wait_frames(task_id, frames=frames)
+        return task_id
+
     def runner_log(self) -> str:
         return "\n".join(runner.log() for runner in self.runners)
 

@@ -23,7 +23,9 @@ LEASE_SECONDS = 5
 CLEAN_EXIT = {0, -signal.SIGTERM}
 
 
-def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(make_stack, media_server):
+def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(
+    make_stack, media_server, record_figure
+):
     stack = make_stack({"LEASE_SECONDS": str(LEASE_SECONDS), "MAX_ATTEMPTS": "3"})
     task_id = stack.create(face_swap_body(media_server, "/slow.mp4"))
     first_runner = stack.runner
@@ -34,6 +36,19 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(make_
     assert stack.view(task_id)["status"] == "PROCESSING"
     assert stack.result_files(task_id) == []
     stack.start_runner()
+    stack.wait_for(
+        task_id,
+        lambda view: (
+            view["status"] in ("FETCHED", "PROCESSING", "COMPLETED") and view["task"]["attempts"] >= 2
+        ),
+        timeout_s=120,
+        what="running again",
+    )
+    recovery_s = time.monotonic() - killed_at
+    record_figure(
+        f"pull (SQLite), kill -9 -> running again: {recovery_s:.1f} s (LEASE_SECONDS={LEASE_SECONDS})"
+    )
+    assert recovery_s <= LEASE_SECONDS + 15
     view = stack.wait_terminal(task_id, timeout_s=120)
 
     assert view["status"] == "COMPLETED", view["task"]["error"]
@@ -56,15 +71,10 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(make_
 
 def test_sigterm_releases_in_flight_task_uncounted_and_a_new_runner_completes_it(make_stack, media_server):
     stack = make_stack({"SHUTDOWN_GRACE_S": "1", "MAX_ATTEMPTS": "1"})
-    task_id = stack.create(face_swap_body(media_server, "/slow.mp4"))
-    stack.wait_frames(task_id, frames=3)
+    task_id = stack.video_mid_swap(media_server, frames=3)
 
-    started = time.monotonic()
-    exit_code = stack.sigterm_runner(timeout_s=30)
-    shutdown_s = time.monotonic() - started
+    shutdown_s = stack.stop_runner_gracefully()
 
-    # uvicorn re-raises the captured SIGTERM after a clean shutdown: -15 is a clean exit.
-    assert exit_code in CLEAN_EXIT, stack.runner_log()[-2000:]
     assert shutdown_s < 15, f"shutdown took {shutdown_s:.1f}s with SHUTDOWN_GRACE_S=1"
     released = stack.view(task_id)["task"]
     assert released["status"] == "PENDING"
