@@ -148,6 +148,11 @@ class _Held:
     # cancels it, and its CancelledError path is the one place a task is released.
     job: asyncio.Task[Any] | None = None
     releasing: bool = False
+    shutting_down: bool = False  # drain stopped it: give it back rather than record a cancel
+
+
+# At shutdown, how long a stopped engine may take to return before its task is cancelled.
+STOP_WAIT_S = 2.0
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -423,8 +428,11 @@ class Worker:
             self.completed += 1
             self._log_finished(final)
         except JobCancelled:
-            final = await asyncio.to_thread(self.store.get_or_raise, task.taskId)
-            log_event(logger, "task_stopped", status=final.status.value, reason="cancelled or lease lost")
+            if held.shutting_down:
+                final = await self._release_once(held)
+            else:
+                final = await asyncio.to_thread(self.store.get_or_raise, task.taskId)
+                log_event(logger, "task_stopped", status=final.status.value, reason="cancelled or lease lost")
         except ComfySwapError as exc:
             final = await self._record_failure(task, exc, timings)
         except Exception as exc:
@@ -438,10 +446,8 @@ class Worker:
             # shutdown): give the task back now and enqueue it again, rather than leave it
             # leased until the lease runs out. The only release path at shutdown.
             held.cancel.set()
-            held.finishing = True
-            held.releasing = True
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._release_and_requeue(task.taskId))
+                await asyncio.shield(self._release_once(held))
             raise
         finally:
             keeper.cancel()
@@ -520,12 +526,21 @@ class Worker:
         if self.on_requeued is not None and task.status == TaskStatus.PENDING:
             await asyncio.to_thread(self.on_requeued, task)
 
-    async def _release_and_requeue(self, task_id: str) -> None:
-        released = await asyncio.to_thread(
-            self.store.release, task_id, worker_id=self.worker_id, reason="shutdown"
-        )
-        log_event(logger, "task_released", task_id=task_id, reason="shutdown")
+    async def _release_once(self, held: _Held) -> Task:
+        """Give the task back at shutdown (PENDING, attempt not counted) and enqueue it again:
+        the one release path, whichever way the task was stopped."""
+        if held.releasing:
+            return await asyncio.to_thread(self.store.get_or_raise, held.task_id)
+        held.releasing = held.finishing = True
+        try:
+            released = await asyncio.to_thread(
+                self.store.release, held.task_id, worker_id=self.worker_id, reason="shutdown"
+            )
+        except ComfySwapError:  # cancelled or taken over meanwhile: not ours to give back
+            return await asyncio.to_thread(self.store.get_or_raise, held.task_id)
+        log_event(logger, "task_released", task_id=held.task_id, reason="shutdown")
         await self._requeue(released)
+        return released
 
     def _log_finished(self, task: Task) -> None:
         # Timings go at the top level: log-based metrics read jsonPayload.engine_s etc.
@@ -743,15 +758,20 @@ class Worker:
             _, still_running = await asyncio.wait(pending, timeout=grace_s)
         else:
             still_running = set()
-        stopping = []
-        for held in list(self.in_flight.values()):
-            if held.job is not None and not held.job.done():
-                if not held.releasing:
-                    held.finishing = True
-                    held.job.cancel()
-                stopping.append(held.job)
-        if stopping:
-            await asyncio.wait(stopping, timeout=10)
+        # Stop what is left: the engines first (ComfyUI interrupt, FaceFusion killed, the CPU
+        # swap between frames), whose JobCancelled path releases; an engine that does not
+        # stop in time has its asyncio task cancelled, whose path releases instead.
+        stopping = [held for held in self.in_flight.values() if held.job is not None and not held.job.done()]
+        for held in stopping:
+            held.shutting_down = True
+            held.cancel.set()
+        jobs = {held.job for held in stopping if held.job is not None}
+        if jobs:
+            _, stuck = await asyncio.wait(jobs, timeout=STOP_WAIT_S)
+            for job in stuck:
+                job.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=STOP_WAIT_S)
         if self._fetching:
             # The API claims for a fetch in flight whether or not we still listen (it may
             # even re-claim a task released above): let the fetch return so the pull loop
