@@ -51,6 +51,7 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
             "local_storage_base_url",
             "signed_url",
             "result_url_secret",
+            "orphan_sweep_",
         ),
     ),
     ("Inputs and limits", ("fetch_", "max_")),
