@@ -39,9 +39,10 @@ Part = Callable[[Path], list[Row]]
 
 
 def _cold_start(workdir: Path) -> list[Row]:
-    from benchmarks.coldstart import cold_start
+    from benchmarks.coldstart import cold_start, first_response_rows
 
-    return cold_start()
+    rows = cold_start()
+    return rows + _guarded("4. cold start, first answer", lambda: first_response_rows(workdir))
 
 
 def _engines(workdir: Path) -> list[Row]:
