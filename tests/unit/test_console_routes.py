@@ -155,4 +155,4 @@ def test_workflows_come_from_get_task_with_the_engines_models(api, monkeypatch, 
     assert body["face_swap_models"] == [m for m in FACE_SWAP_MODELS if m in supported_models(engine)]
     assert body["face_swap_models"][0] == "inswapper_128_fp16"
     width = body["workflows"]["invert_image"]["parameters"]["properties"]["width"]
-    assert {"maximum": 8192, "minimum": 1, "type": "integer"} in width["anyOf"]
+    assert {"maximum": 4096, "minimum": 1, "type": "integer"} in width["anyOf"]
