@@ -24,7 +24,7 @@ from shared.logs import get_logger, log_event, log_task_claimed
 from shared.ratelimit import WaitSlots
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
-from shared.tasks import TERMINAL_STATUSES, Task, TaskStatus, utcnow
+from shared.tasks import TERMINAL_STATUSES, Task, TaskStatus, utcnow, without_input_media
 
 if TYPE_CHECKING:
     from shared.inputs import InputStore
@@ -341,10 +341,13 @@ class TaskService:
         return task
 
     @staticmethod
-    def task_view(task: Task) -> dict[str, Any]:
-        """The seed's ``{task, status, result}`` shape."""
+    def task_view(task: Task, *, with_inputs: bool = True) -> dict[str, Any]:
+        """The seed's ``{task, status, result}`` shape; ``with_inputs=False`` withholds the
+        input URLs (lists, finished tasks: see ``shared.tasks.without_input_media``)."""
         document = task.to_document()
         document.pop("request_fingerprint", None)
+        if not with_inputs:
+            document = without_input_media(document)
         return {
             "task": document,
             "status": task.status.value,
@@ -369,7 +372,7 @@ class TaskService:
         tasks = self.store.list_tasks(owner=owner, statuses=statuses, limit=limit)
         stats = self.store.queue_stats(owner=owner)
         return {
-            "tasks": [self.task_view(task)["task"] for task in tasks],
+            "tasks": [self.task_view(task, with_inputs=False)["task"] for task in tasks],
             "queue_length": stats.queue_length,
             "stats": stats.model_dump(),
         }

@@ -223,3 +223,33 @@ def apply_transition(
     if to in TERMINAL_STATUSES:
         updated.finished_at = now
     return updated
+
+
+# Fields of input_data (and of its template_params) that point at a client's input media.
+INPUT_MEDIA_FIELDS = ("source_url", "target_url", "image_url")
+WITHHELD = "[withheld: inputs are only shown to their owner while the task runs]"
+
+
+def without_input_media(document: dict[str, Any]) -> dict[str, Any]:
+    """A task document whose input URLs are withheld (face photos are personal data: lists,
+    webhooks and finished tasks never send them back). ``input:`` references to the input
+    store carry only a digest and a size, and stay."""
+    params = document.get("params") or {}
+    input_data = dict(params.get("input_data") or {})
+
+    def scrub(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: (WITHHELD if key in INPUT_MEDIA_FIELDS and not str(value).startswith("input:") else value)
+            for key, value in values.items()
+        }
+
+    input_data = scrub(input_data)
+    if isinstance(input_data.get("template_params"), dict):
+        input_data["template_params"] = scrub(input_data["template_params"])
+    if isinstance(input_data.get("image_inputs"), list):
+        input_data["image_inputs"] = [
+            {**entry, "url": WITHHELD} if not str(entry.get("url", "")).startswith("input:") else entry
+            for entry in input_data["image_inputs"]
+            if isinstance(entry, dict)
+        ]
+    return {**document, "params": {**params, "input_data": input_data}}

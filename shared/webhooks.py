@@ -24,7 +24,7 @@ from shared.logs import get_logger, log_event
 from shared.safe_fetch import SafeFetcher
 from shared.settings import Settings
 from shared.store.base import TaskStore
-from shared.tasks import Task, utcnow
+from shared.tasks import Task, utcnow, without_input_media
 
 __all__ = ["WebhookNotifier", "sign", "verify"]
 
@@ -53,7 +53,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, *, tolerance_s: in
 
 
 def event_body(task: Task) -> dict[str, Any]:
-    document = task.to_document()
+    document = without_input_media(task.to_document())
     for private in ("request_fingerprint", "webhook_delivery", "owner", "idempotency_key"):
         document.pop(private, None)
     return {

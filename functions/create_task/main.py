@@ -54,7 +54,11 @@ def create_face_swap(ctx: RequestContext) -> flask.Response:
 def cancel(ctx: RequestContext) -> flask.Response:
     task = ctx.service.cancel_task(ctx.path_params["task_id"], principal=ctx.principal)
     return json_response(
-        {"success": True, "status": task.status.value, "task": ctx.service.task_view(task)["task"]}
+        {
+            "success": True,
+            "status": task.status.value,
+            "task": ctx.service.task_view(task, with_inputs=False)["task"],
+        }
     )
 
 

@@ -35,7 +35,8 @@ def one_task(ctx: RequestContext) -> flask.Response:
     task = ctx.service.get_task(
         ctx.path_params["task_id"], principal=ctx.principal, wait_s=query_float(ctx.request, "wait", 0.0)
     )
-    return json_response(ctx.service.task_view(task))
+    # A finished task's inputs are gone (face data lives only for the job): not even their URLs.
+    return json_response(ctx.service.task_view(task, with_inputs=not task.is_terminal))
 
 
 def all_tasks(ctx: RequestContext) -> flask.Response:
