@@ -157,8 +157,11 @@ def build_engines(settings: Settings) -> dict[str, Engine]:
     if "comm" in settings.environments:
         from gpu_runner.engines.comfyui import ComfyUIEngine
         from shared.safe_fetch import SafeFetcher
+        from shared.video import check_video
 
-        engines["comm"] = ComfyUIEngine(settings, SafeFetcher.from_settings(settings))
+        engines["comm"] = ComfyUIEngine(
+            settings, SafeFetcher.from_settings(settings, check_video=check_video)
+        )
     return engines
 
 

@@ -42,7 +42,7 @@ import httpcore
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
 from shared.inputs import InputRef, InputStore, is_input_ref, make_input_store
 from shared.logs import get_logger, log_event
-from shared.media import MEDIA_EXTENSIONS, check_image, check_video, sniff_kind
+from shared.media import MEDIA_EXTENSIONS, check_image, sniff_kind
 from shared.settings import Settings
 from shared.url_safety import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -72,6 +72,9 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 ConnectionGuard = Callable[[str, int], None]
 """Called with ``(ip, port)`` right before each TCP connect; raising stops the connect."""
+
+# (path, *, max_pixels, max_frames, max_duration_s) -> (width, height): shared.video.check_video
+VideoCheck = Callable[..., tuple[int, int]]
 
 _logger = get_logger(__name__)
 
@@ -190,6 +193,7 @@ class SafeFetcher:
         input_store: Callable[[], InputStore] | None = None,
         max_video_frames: int = 18_000,
         max_video_duration_s: float = 600.0,
+        check_video: VideoCheck | None = None,
     ) -> None:
         """``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
         outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
@@ -199,6 +203,8 @@ class SafeFetcher:
         self.max_image_pixels = max_image_pixels
         self.max_video_frames = max_video_frames
         self.max_video_duration_s = max_video_duration_s
+        # shared.video.check_video on the runner (PyAV); None where no video is ever fetched.
+        self._check_video = check_video
         self.allow_loopback = allow_loopback
         self.max_redirects = max_redirects
         self._resolver = resolver or resolve_host
@@ -215,7 +221,7 @@ class SafeFetcher:
         self._pools_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SafeFetcher:
+    def from_settings(cls, settings: Settings, *, check_video: VideoCheck | None = None) -> SafeFetcher:
         return cls(
             max_bytes=settings.fetch_max_bytes,
             timeout_s=settings.fetch_timeout_s,
@@ -224,6 +230,7 @@ class SafeFetcher:
             input_store=lambda: make_input_store(settings),
             max_video_frames=settings.max_video_frames,
             max_video_duration_s=settings.max_video_duration_s,
+            check_video=check_video,
         )
 
     async def fetch_to_file(
@@ -545,11 +552,11 @@ class SafeFetcher:
             if kind == "image":
                 # A full decode is CPU-bound; keep it off the event loop.
                 width, height = await asyncio.to_thread(check_image, part_path, self.max_image_pixels)
-            elif kind == "video":
+            elif kind == "video" and self._check_video is not None:
                 # Frame size, count and duration from the container's metadata, before any
                 # engine decodes a frame (a one-frame 16000x16000 clip, a 100k-frame clip).
                 width, height = await asyncio.to_thread(
-                    check_video,
+                    self._check_video,
                     part_path,
                     max_pixels=self.max_image_pixels,
                     max_frames=self.max_video_frames,

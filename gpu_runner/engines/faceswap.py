@@ -20,6 +20,7 @@ from shared.errors import JobCancelled, JobFailed
 from shared.safe_fetch import SafeFetcher
 from shared.settings import Settings
 from shared.tasks import Progress, Task
+from shared.video import check_video
 from shared.workflows import FaceSwapInput
 
 __all__ = ["CpuFaceSwapEngine", "FaceSwapEngineBase", "make_face_swap_engine"]
@@ -30,7 +31,7 @@ class FaceSwapEngineBase(Engine):
 
     def __init__(self, settings: Settings, fetcher: SafeFetcher | None = None) -> None:
         self.settings = settings
-        self.fetcher = fetcher or SafeFetcher.from_settings(settings)
+        self.fetcher = fetcher or SafeFetcher.from_settings(settings, check_video=check_video)
 
     def parse_input(self, task: Task) -> FaceSwapInput:
         try:

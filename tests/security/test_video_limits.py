@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UnsafeInput
-from shared.media import check_video
 from shared.safe_fetch import SafeFetcher
+from shared.video import check_video
 from tests.security.support import LocalHttpServer, encode_video, run
 
 FIELD = "task_data.target_url"
@@ -25,7 +25,7 @@ def clip_64px_8_frames() -> bytes:
 def fetch(
     make_fetcher: Callable[..., SafeFetcher], server: LocalHttpServer, body: bytes, dest: Path, **caps: int
 ):
-    fetcher = make_fetcher(allow_loopback=True, **caps)
+    fetcher = make_fetcher(allow_loopback=True, check_video=check_video, **caps)
     return run(fetcher.fetch_to_file(server.serve("/clip.mp4", body), dest, field=FIELD))
 
 
