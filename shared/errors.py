@@ -42,6 +42,7 @@ __all__ = [
     "UnsafeInput",
     "UpstreamUnavailable",
     "ValidationFailed",
+    "validation_failed_from",
 ]
 
 
@@ -171,3 +172,17 @@ class UnsafeInput(JobFailed):
 
     http_status = 400
     default_code = "unsafe_input"
+
+
+def validation_failed_from(exc: Any, prefix: str = "") -> ValidationFailed:
+    """The first error of a pydantic ``ValidationError`` as a ValidationFailed naming the
+    field (under ``prefix``, dotted) and the reason in plain words."""
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    field = ".".join(part for part in (prefix, location) if part) or "body"
+    reason = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        reason = "field required"
+    elif error["type"] == "extra_forbidden":
+        reason = "unknown field"
+    return ValidationFailed(field, reason)

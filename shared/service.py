@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
-from shared.errors import ComfySwapError, Conflict, NotFound, PayloadTooLarge, ValidationFailed
+from shared.errors import (
+    ComfySwapError,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+    validation_failed_from,
+)
 from shared.logs import get_logger, log_event, log_task_claimed
 from shared.ratelimit import WaitSlots
 from shared.settings import Settings
@@ -70,18 +77,6 @@ def _request_fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _pydantic_to_validation_failed(exc: ValidationError, prefix: str = "") -> ValidationFailed:
-    error = exc.errors()[0]
-    location = ".".join(str(part) for part in error["loc"])
-    field = f"{prefix}{location}" if location else prefix.rstrip(".") or "body"
-    reason = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "missing":
-        reason = "field required"
-    elif error["type"] == "extra_forbidden":
-        reason = "unknown field"
-    return ValidationFailed(field, reason)
-
-
 class TaskService:
     def __init__(self, settings: Settings, store: TaskStore, dispatcher: Dispatcher) -> None:
         self.settings = settings
@@ -105,7 +100,7 @@ class TaskService:
         try:
             return CreateTaskRequest.model_validate(body)
         except ValidationError as exc:
-            raise _pydantic_to_validation_failed(exc) from None
+            raise validation_failed_from(exc) from None
 
     def build_task(self, request: CreateTaskRequest, principal: Principal) -> Task:
         # Imported here: get_task and fetch_task never build a task (a shorter cold start).

@@ -19,7 +19,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.errors import ValidationFailed
+from shared.errors import ValidationFailed, validation_failed_from
 from shared.request_guard import check_depth
 
 __all__ = [
@@ -389,18 +389,6 @@ def resolve_environment(workflow: str, requested: str | None) -> EnvironmentConf
     return environment
 
 
-def _first_error(exc: ValidationError, prefix: str) -> ValidationFailed:
-    error = exc.errors()[0]
-    location = ".".join(str(part) for part in error["loc"])
-    field = f"{prefix}.{location}" if location else prefix
-    reason = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "missing":
-        reason = "field required"
-    elif error["type"] == "extra_forbidden":
-        reason = "unknown field"
-    return ValidationFailed(field, reason)
-
-
 # Deepest raw ComfyUI graph accepted (levels of objects and lists, the graph itself included).
 MAX_WORKFLOW_DEPTH = 12
 
@@ -479,7 +467,7 @@ def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: boo
     try:
         params = template.params_model.model_validate(task_data)
     except ValidationError as exc:
-        raise _first_error(exc, "task_data") from None
+        raise validation_failed_from(exc, "task_data") from None
     if template.build is None:
         # Optional options left unset (pixel_boost) stay out: the engine applies its default.
         return params.model_dump(exclude_none=True)
