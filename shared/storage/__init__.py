@@ -68,6 +68,18 @@ def upstream_error(
     return UpstreamUnavailable(f"{provider}: {message}", code=code, details=details, retryable=retryable)
 
 
+def require_configured(provider: str, missing: list[str]) -> None:
+    """Refuse to build a client while required settings are empty: a configuration
+    problem, so not retryable."""
+    if missing:
+        raise upstream_error(
+            provider,
+            f"not configured: set {', '.join(missing)}",
+            code="storage_not_configured",
+            retryable=False,
+        )
+
+
 def make_provider(name: str, settings: Settings) -> StorageProvider:
     """Build one provider by its ``STORAGE_PROVIDER`` name, importing its module only now."""
     if name not in _REGISTRY:

@@ -11,13 +11,42 @@ import contextlib
 import dataclasses
 import datetime as dt
 import mimetypes
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from shared.errors import ComfySwapError, NotFound
 
 __all__ = ["StorageProvider", "StoredObject", "result_key"]
+
+
+ClientT = TypeVar("ClientT")
+
+
+class LazyClient(Generic[ClientT]):
+    """The one client of a provider, built on first use (the runner's threads share it)."""
+
+    def __init__(self, build: Callable[[], ClientT]) -> None:
+        self._build = build
+        self._client: ClientT | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ClientT:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+            return self._client
+
+    @property
+    def built(self) -> ClientT | None:
+        """The client if it was ever built (to close it), else None."""
+        return self._client
+
+
+def missing_settings(required: Mapping[str, object]) -> list[str]:
+    """The names (as the user sets them) of the required settings that are empty."""
+    return [name for name, value in required.items() if not value]
 
 
 @dataclasses.dataclass(frozen=True)

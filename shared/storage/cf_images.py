@@ -26,7 +26,6 @@ Decisions (documented here because Cloudflare's API shapes them):
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -34,8 +33,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from shared.errors import ComfySwapError, PayloadTooLarge, ValidationFailed
-from shared.storage import upstream_error
-from shared.storage.base import StorageProvider, StoredObject
+from shared.storage import require_configured, upstream_error
+from shared.storage.base import LazyClient, StorageProvider, StoredObject, missing_settings
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -88,8 +87,7 @@ class CloudflareImagesStorage(StorageProvider):
         self._api_token = api_token
         # Retries here cover connection set-up only; a refused request is not repeated.
         self._transport = transport or httpx.HTTPTransport(retries=2)
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()
+        self._client: LazyClient[httpx.Client] = LazyClient(self._build_client)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CloudflareImagesStorage:
@@ -102,37 +100,27 @@ class CloudflareImagesStorage(StorageProvider):
         )
 
     def _missing_settings(self) -> list[str]:
-        missing = []
-        if not self.account_id:
-            missing.append("CF_IMAGES_ACCOUNT_ID")
-        if not self._api_token:
-            missing.append("CF_IMAGES_API_TOKEN")
-        return missing
+        return missing_settings(
+            {"CF_IMAGES_ACCOUNT_ID": self.account_id, "CF_IMAGES_API_TOKEN": self._api_token}
+        )
 
     @property
     def client(self) -> httpx.Client:
         """One pooled HTTP client per provider, built on first use."""
-        with self._client_lock:
-            if self._client is None:
-                missing = self._missing_settings()
-                if missing:
-                    raise upstream_error(
-                        self.name,
-                        f"not configured: set {', '.join(missing)}",
-                        code="storage_not_configured",
-                        retryable=False,
-                    )
-                self._client = httpx.Client(
-                    base_url=f"{self.api_base}/accounts/{quote(self.account_id, safe='')}/images/v1",
-                    headers={"Authorization": f"Bearer {self._api_token}"},
-                    timeout=httpx.Timeout(self.timeout_s, connect=10.0),
-                    transport=self._transport,
-                )
-            return self._client
+        return self._client.get()
+
+    def _build_client(self) -> httpx.Client:
+        require_configured(self.name, self._missing_settings())
+        return httpx.Client(
+            base_url=f"{self.api_base}/accounts/{quote(self.account_id, safe='')}/images/v1",
+            headers={"Authorization": f"Bearer {self._api_token}"},
+            timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+            transport=self._transport,
+        )
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        if self._client.built is not None:
+            self._client.built.close()
 
     # --- interface --------------------------------------------------------------------
     def accepts(self, content_type: str) -> bool:

@@ -13,14 +13,13 @@ threshold), so a 1 GB video never sits in memory. Public URLs need the bucket to
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from shared.errors import ComfySwapError
 from shared.storage import upstream_error
-from shared.storage.base import StorageProvider, StoredObject
+from shared.storage.base import LazyClient, StorageProvider, StoredObject
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -70,9 +69,8 @@ class GCSStorage(StorageProvider):
         # capped by it too, so a hung request cannot outlast it (the library's default is 120 s).
         self.retry_deadline_s = retry_deadline_s
         self.timeout_s = min(timeout_s or retry_deadline_s, retry_deadline_s)
-        self._client: Client | None = None
+        self._client: LazyClient[Client] = LazyClient(self._build_client)
         self._signing_credentials: Credentials | None = None
-        self._client_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GCSStorage:
@@ -91,10 +89,7 @@ class GCSStorage(StorageProvider):
     @property
     def client(self) -> Client:
         """The one client of this provider, built on first use (runner threads share it)."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._build_client()
-            return self._client
+        return self._client.get()
 
     def _build_client(self) -> Client:
         import google.auth

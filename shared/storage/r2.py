@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from shared.errors import ComfySwapError
-from shared.storage import upstream_error
-from shared.storage.base import StorageProvider, StoredObject
+from shared.storage import require_configured, upstream_error
+from shared.storage.base import LazyClient, StorageProvider, StoredObject, missing_settings
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -69,8 +68,7 @@ class R2Storage(StorageProvider):
         self.timeout_s = min(timeout_s or retry_deadline_s, retry_deadline_s / max(1, max_attempts))
         self._access_key = access_key
         self._secret_key = secret_key
-        self._client: Any = None
-        self._client_lock = threading.Lock()
+        self._client: LazyClient[Any] = LazyClient(self._build_client)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> R2Storage:
@@ -91,35 +89,23 @@ class R2Storage(StorageProvider):
         return f"https://{account_id}.r2.cloudflarestorage.com" if account_id else ""
 
     def _missing_settings(self) -> list[str]:
-        missing = []
-        if not self.bucket_name:
-            missing.append("R2_BUCKET_NAME")
-        if not self.endpoint_url:
-            missing.append("R2_ACCOUNT_ID (or R2_ENDPOINT_URL)")
-        if not self._access_key:
-            missing.append("R2_ACCESS_KEY")
-        if not self._secret_key:
-            missing.append("R2_SECRET_KEY")
-        return missing
+        return missing_settings(
+            {
+                "R2_BUCKET_NAME": self.bucket_name,
+                "R2_ACCOUNT_ID (or R2_ENDPOINT_URL)": self.endpoint_url,
+                "R2_ACCESS_KEY": self._access_key,
+                "R2_SECRET_KEY": self._secret_key,
+            }
+        )
 
     # --- client -----------------------------------------------------------------------
     @property
     def client(self) -> Any:
         """One boto3 S3 client per provider (thread-safe for calls), built on first use."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._build_client()
-            return self._client
+        return self._client.get()
 
     def _build_client(self) -> Any:
-        missing = self._missing_settings()
-        if missing:
-            raise upstream_error(
-                self.name,
-                f"not configured: set {', '.join(missing)}",
-                code="storage_not_configured",
-                retryable=False,
-            )
+        require_configured(self.name, self._missing_settings())
         import boto3
         from botocore.config import Config
 

@@ -66,7 +66,7 @@ def test_r2_public_domain_gives_a_public_url_without_a_client() -> None:
     provider = R2Storage("results", account_id="abc123", public_domain="https://cdn.example.com/")
 
     assert provider.url_for("results/t/000.png") == "https://cdn.example.com/results/t/000.png"
-    assert provider._client is None
+    assert provider._client.built is None
 
 
 def test_r2_signed_urls_win_over_the_public_domain() -> None:

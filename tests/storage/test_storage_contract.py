@@ -219,4 +219,4 @@ def test_unconfigured_provider_reports_error_without_network(name: str) -> None:
 
     assert health["status"] == "error"
     assert "not" in health["reason"]
-    assert provider._client is None  # type: ignore[attr-defined]  # no client was built
+    assert provider._client.built is None  # type: ignore[attr-defined]  # no client was built
