@@ -20,7 +20,8 @@ from tests.servers import ServerProcess, free_port, start_server
 
 __all__ = ["api_cost", "create_phase_costs"]
 
-RATIO_TARGET = 0.5
+# issue 8 set 0.5x for both; issue 15 raised create_task's to 0.7x.
+RATIO_TARGETS = {"create_task": 0.7, "get_task": 0.5}
 
 
 def _serve(stack: BenchStack, name: str, target: str, source: Path) -> tuple[int, ServerProcess]:
@@ -103,6 +104,7 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
         rate = median([result.rate for result in results[name]])
         cpu = median(cpu_per_request[name])
         ratio = rate / bare_rate if bare_rate else 0.0
+        target = RATIO_TARGETS[name]
         statuses: dict[int, int] = {}
         errors = 0
         for result in results[name]:
@@ -116,9 +118,9 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
             Row(
                 f"3. API cost, {name} req/s ({connections} connections, median of {rounds} x {round_s:g} s)",
                 f"{rate:,.0f} req/s = {ratio:.2f}x bare" + (f" ({', '.join(problems)})" if problems else ""),
-                f">= {RATIO_TARGET}x bare",
+                f">= {target}x bare",
                 f"bare function: {bare_rate:,.0f} req/s",
-                verdict(ratio >= RATIO_TARGET and not problems),
+                verdict(ratio >= target and not problems),
                 f"{name}: server CPU per request {cpu * 1e6:.0f} us against {bare_cpu * 1e6:.0f} us "
                 f"for the bare function (ratio {bare_cpu / cpu:.2f}; "
                 "CPU per request does not move with other load on the machine, requests per second do)"
