@@ -104,7 +104,7 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
         rate = median([result.rate for result in results[name]])
         cpu = median(cpu_per_request[name])
         ratio = rate / bare_rate if bare_rate else 0.0
-        target = RATIO_TARGETS[name]
+        goal = RATIO_TARGETS[name]
         statuses: dict[int, int] = {}
         errors = 0
         for result in results[name]:
@@ -118,9 +118,9 @@ def api_cost(stack: BenchStack, *, connections: int = 8, rounds: int = 3, round_
             Row(
                 f"3. API cost, {name} req/s ({connections} connections, median of {rounds} x {round_s:g} s)",
                 f"{rate:,.0f} req/s = {ratio:.2f}x bare" + (f" ({', '.join(problems)})" if problems else ""),
-                f">= {target}x bare",
+                f">= {goal}x bare",
                 f"bare function: {bare_rate:,.0f} req/s",
-                verdict(ratio >= target and not problems),
+                verdict(ratio >= goal and not problems),
                 f"{name}: server CPU per request {cpu * 1e6:.0f} us against {bare_cpu * 1e6:.0f} us "
                 f"for the bare function (ratio {bare_cpu / cpu:.2f}; "
                 "CPU per request does not move with other load on the machine, requests per second do)"
