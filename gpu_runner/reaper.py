@@ -13,7 +13,8 @@ delivery may have run out of retries), under the same name, which Cloud Tasks
 de-duplicates when the old delivery is still pending.
 
 Every ``ORPHAN_SWEEP_INTERVAL_S`` it also removes result objects and inputs that no live
-task needs (shared.storage.orphans).
+task needs, and finished tasks past their ``expire_at`` with their results and inputs
+(shared.storage.orphans).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from shared.logs import get_logger, log_event
 from shared.service import TaskService
 from shared.settings import Settings
 from shared.storage.chain import StorageChain
-from shared.storage.orphans import sweep_orphans
+from shared.storage.orphans import sweep_expired_tasks, sweep_orphans
 from shared.store.base import TaskStore
 from shared.tasks import Task
 
@@ -58,6 +59,7 @@ class Reaper:
 
     def sweep_orphans(self) -> None:
         sweep_orphans(self.storage, self.service.store, self.service.input_store)
+        sweep_expired_tasks(self.storage, self.service.store, self.service.input_store)
 
     async def run_forever(self) -> None:
         if self.push:

@@ -68,3 +68,17 @@ resource "google_firestore_field" "sequential" {
     }
   }
 }
+
+# Finished tasks carry `expire_at` (finished_at + TASK_RETENTION_DAYS, written by the task
+# store); this TTL policy makes Firestore delete them after that time (typically within a
+# day). The field needs no index: nothing queries it deployed.
+resource "google_firestore_field" "expire_at" {
+  project    = var.project_id
+  database   = google_firestore_database.tasks.name
+  collection = var.firestore.collection
+  field      = "expire_at"
+
+  ttl_config {}
+
+  index_config {}
+}

@@ -20,7 +20,7 @@ from shared.storage.chain import StorageChain
 from shared.store.base import TaskStore
 from shared.tasks import Task, TaskStatus, utcnow
 
-__all__ = ["sweep_orphans"]
+__all__ = ["purge_task", "sweep_expired_tasks", "sweep_orphans"]
 
 logger = get_logger(__name__)
 
@@ -77,3 +77,34 @@ def sweep_orphans(
 
         removed += sweep_inputs(inputs, is_live, older_than_s=older_than_s, now=now)
     return removed
+
+
+def purge_task(storage: StorageChain, store: TaskStore, inputs: InputStore | None, task_id: str) -> int:
+    """Remove a task's results from every provider that can list, its stored inputs and
+    then its document (last: a failure before leaves a task the next sweep finds again)."""
+    removed = 0
+    for provider in storage.providers:
+        for key, _ in provider.list_keys(f"{RESULTS_PREFIX}{task_id}/"):
+            removed += int(provider.delete(key))
+    if inputs is not None:
+        removed += inputs.delete_task(task_id)
+    store.delete(task_id)
+    log_event(logger, "task_purged", task_id=task_id, objects=removed)
+    return removed
+
+
+def sweep_expired_tasks(
+    storage: StorageChain,
+    store: TaskStore,
+    inputs: InputStore | None = None,
+    *,
+    now: dt.datetime | None = None,
+    limit: int = 100,
+) -> int:
+    """Delete finished tasks past their ``expire_at`` (TASK_RETENTION_DAYS) with their
+    results and inputs; returns how many tasks. Firestore's TTL policy does the same
+    deployed; this sweep is what deletes them in SQLite."""
+    expired = store.expired_task_ids(now or utcnow(), limit=limit)
+    for task_id in expired:
+        purge_task(storage, store, inputs, task_id)
+    return len(expired)

@@ -14,6 +14,8 @@ def make_task_store(settings: Settings) -> TaskStore:
         from shared.store.firestore import FirestoreTaskStore
 
         return FirestoreTaskStore.from_settings(settings)
+    import datetime as dt
+
     from shared.store.sqlite import SQLiteTaskStore
 
-    return SQLiteTaskStore(settings.sqlite_path)
+    return SQLiteTaskStore(settings.sqlite_path, retention=dt.timedelta(days=settings.task_retention_days))

@@ -40,9 +40,21 @@ __all__ = ["TaskStore"]
 
 Mutation = Callable[[Task], Task]
 
+# How long a finished task is kept (TASK_RETENTION_DAYS); make_task_store passes the setting.
+DEFAULT_RETENTION = dt.timedelta(days=30)
+
 
 class TaskStore(abc.ABC):
     """Where tasks live. Implementations: SQLiteTaskStore, FirestoreTaskStore."""
+
+    retention: dt.timedelta = DEFAULT_RETENTION
+
+    def expire_at(self, task: Task) -> dt.datetime | None:
+        """When a finished task may be deleted (stored as ``expire_at``: Firestore's TTL
+        policy deletes on it, the SQLite sweep queries it); None while it is not finished."""
+        if not task.is_terminal or task.finished_at is None:
+            return None
+        return task.finished_at + self.retention
 
     # --- backend primitives ------------------------------------------------------------
     @abc.abstractmethod
@@ -90,6 +102,14 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
         """Ids of FETCHED/PROCESSING tasks whose lease ended before ``now``."""
+
+    @abc.abstractmethod
+    def expired_task_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        """Ids of finished tasks whose ``expire_at`` is at or before ``now``, oldest first."""
+
+    @abc.abstractmethod
+    def delete(self, task_id: str) -> bool:
+        """Remove the task document (and its idempotency key); False if it was not there."""
 
     @abc.abstractmethod
     def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:

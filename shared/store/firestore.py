@@ -41,7 +41,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from shared.errors import ComfySwapError, NotFound, TransientError
-from shared.store.base import RUNNING_STATUSES, Mutation, TaskStore, fair_pick, leased_copy
+from shared.store.base import DEFAULT_RETENTION, RUNNING_STATUSES, Mutation, TaskStore, fair_pick, leased_copy
 from shared.store.notify import Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -108,6 +108,7 @@ def indexes_as_json(collection: str = "tasks") -> dict[str, Any]:
 
 _TIMESTAMP_FIELDS = ("created_at", "available_at", "updated_at", "started_at", "finished_at")
 _LEASE_EXPIRES_AT = "lease_expires_at"
+_EXPIRE_AT = "expire_at"
 # Firestore refuses an array directly inside an array (ComfyUI widgets can hold one);
 # such a top-level field is stored as a JSON string under "<field>__json".
 _JSON_SUFFIX = "__json"
@@ -136,9 +137,12 @@ def _plain_utc(value: dt.datetime) -> dt.datetime:
     )
 
 
-def encode_task(task: Task) -> dict[str, Any]:
-    """The Firestore document of ``task``."""
+def encode_task(task: Task, expire_at: dt.datetime | None = None) -> dict[str, Any]:
+    """The Firestore document of ``task``; ``expire_at`` is the field the TTL policy
+    (infra/terraform/firestore.tf) deletes finished tasks on."""
     document = task.to_document()
+    if expire_at is not None:
+        document[_EXPIRE_AT] = expire_at
     for name in _TIMESTAMP_FIELDS:
         document[name] = getattr(task, name)
     document[_LEASE_EXPIRES_AT] = task.lease.expires_at if task.lease else None
@@ -151,6 +155,7 @@ def decode_task(document: dict[str, Any]) -> Task:
     """The task stored in a Firestore document (inverse of :func:`encode_task`)."""
     data = dict(document)
     data.pop(_LEASE_EXPIRES_AT, None)
+    data.pop(_EXPIRE_AT, None)
     for name in [name for name in data if name.endswith(_JSON_SUFFIX)]:
         data[name.removesuffix(_JSON_SUFFIX)] = json.loads(data.pop(name))
     for name in _TIMESTAMP_FIELDS:
@@ -185,8 +190,10 @@ class FirestoreTaskStore(TaskStore):
         *,
         collection: str = "tasks",
         transaction_attempts: int = 30,
+        retention: dt.timedelta = DEFAULT_RETENTION,
     ) -> None:
         self._client = client
+        self.retention = retention
         self._tasks = client.collection(collection)
         self._idempotency_keys = client.collection(f"{collection}_idempotency_keys")
         # Many runners claiming at once contend on the same head-of-queue document; each
@@ -201,7 +208,11 @@ class FirestoreTaskStore(TaskStore):
     def from_settings(cls, settings: Settings) -> FirestoreTaskStore:
         """The client honours FIRESTORE_EMULATOR_HOST by itself (anonymous credentials)."""
         client = firestore.Client(project=settings.google_cloud_project, database=settings.firestore_database)
-        return cls(client, collection=settings.firestore_collection)
+        return cls(
+            client,
+            collection=settings.firestore_collection,
+            retention=dt.timedelta(days=settings.task_retention_days),
+        )
 
     def close(self) -> None:
         with self._work_lock:
@@ -256,7 +267,7 @@ class FirestoreTaskStore(TaskStore):
     # --- primitives -------------------------------------------------------------------
     def create(self, task: Task) -> Task:
         batch = self._client.batch()
-        batch.create(self._tasks.document(task.taskId), encode_task(task))
+        batch.create(self._tasks.document(task.taskId), encode_task(task, self.expire_at(task)))
         if task.idempotency_key:
             batch.create(
                 self._idempotency_keys.document(idempotency_document_id(task.owner, task.idempotency_key)),
@@ -282,7 +293,7 @@ class FirestoreTaskStore(TaskStore):
                     f"task {task_id} not found", code="task_not_found", details={"task_id": task_id}
                 )
             updated = mutate(decode_task(snapshot.to_dict() or {}))
-            transaction.set(reference, encode_task(updated))
+            transaction.set(reference, encode_task(updated, self.expire_at(updated)))
             return updated
 
         return self._run_transaction(body)
@@ -455,6 +466,31 @@ class FirestoreTaskStore(TaskStore):
             .limit(limit)
         )
         return [snapshot.id for snapshot in query.stream()]
+
+    def expired_task_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        # Deployed, the TTL policy deletes these within about a day of expire_at; the
+        # query lets a sweep (and the tests, the emulator has no TTL) find them too.
+        query = (
+            self._tasks.where(filter=FieldFilter(_EXPIRE_AT, "<=", now))
+            .order_by(_EXPIRE_AT, direction=firestore.Query.ASCENDING)
+            .limit(limit)
+        )
+        return [snapshot.id for snapshot in query.stream()]
+
+    def delete(self, task_id: str) -> bool:
+        reference = self._tasks.document(task_id)
+        snapshot = reference.get()
+        if not snapshot.exists:
+            return False
+        task = decode_task(snapshot.to_dict() or {})
+        batch = self._client.batch()
+        batch.delete(reference)
+        if task.idempotency_key:
+            batch.delete(
+                self._idempotency_keys.document(idempotency_document_id(task.owner, task.idempotency_key))
+            )
+        batch.commit()
+        return True
 
     def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:
         query = (

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shared.errors import NotFound
-from shared.store.base import Mutation, TaskStore, leased_copy
+from shared.store.base import DEFAULT_RETENTION, Mutation, TaskStore, leased_copy
 from shared.store.notify import ChangeBus, Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     lease_expires_at REAL,
     owner            TEXT NOT NULL,
     idempotency_key  TEXT,
-    document         TEXT NOT NULL
+    document         TEXT NOT NULL,
+    expire_at        REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, environment, priority DESC, available_at);
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (status, lease_expires_at);
@@ -44,6 +45,8 @@ CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 """
+# Files made before finished tasks expired lack the column; added in place.
+_EXPIRE_INDEX = "CREATE INDEX IF NOT EXISTS tasks_expire ON tasks (expire_at) WHERE expire_at IS NOT NULL"
 
 
 def _ts(value: dt.datetime) -> float:
@@ -51,8 +54,11 @@ def _ts(value: dt.datetime) -> float:
 
 
 class SQLiteTaskStore(TaskStore):
-    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path | str, *, busy_timeout_s: float = 30.0, retention: dt.timedelta = DEFAULT_RETENTION
+    ) -> None:
         self.path = Path(path)
+        self.retention = retention
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
@@ -66,6 +72,10 @@ class SQLiteTaskStore(TaskStore):
         with self._connection() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            if "expire_at" not in columns:
+                conn.execute("ALTER TABLE tasks ADD COLUMN expire_at REAL")
+            conn.execute(_EXPIRE_INDEX)
 
     # --- connections ------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -99,8 +109,8 @@ class SQLiteTaskStore(TaskStore):
         self._changes.close()
 
     # --- rows -------------------------------------------------------------------------
-    @staticmethod
-    def _row_values(task: Task) -> tuple[object, ...]:
+    def _row_values(self, task: Task) -> tuple[object, ...]:
+        expire_at = self.expire_at(task)
         return (
             task.status.value,
             task.environment,
@@ -111,13 +121,14 @@ class SQLiteTaskStore(TaskStore):
             task.owner,
             task.idempotency_key,
             json.dumps(task.to_document()),
+            _ts(expire_at) if expire_at else None,
             task.taskId,
         )
 
     def _write_row(self, conn: sqlite3.Connection, task: Task) -> None:
         conn.execute(
             "UPDATE tasks SET status=?, environment=?, priority=?, available_at=?, created_at=?, "
-            "lease_expires_at=?, owner=?, idempotency_key=?, document=? WHERE task_id=?",
+            "lease_expires_at=?, owner=?, idempotency_key=?, document=?, expire_at=? WHERE task_id=?",
             self._row_values(task),
         )
 
@@ -145,8 +156,8 @@ class SQLiteTaskStore(TaskStore):
             with self._write_lock:
                 conn.execute(
                     "INSERT INTO tasks (status, environment, priority, available_at, created_at, "
-                    "lease_expires_at, owner, idempotency_key, document, task_id) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "lease_expires_at, owner, idempotency_key, document, expire_at, task_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     values,
                 )
         except sqlite3.IntegrityError as exc:
@@ -263,6 +274,19 @@ class SQLiteTaskStore(TaskStore):
             (_ts(cutoff), limit),
         )
         return [row[0] for row in rows]
+
+    def expired_task_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
+        rows = self._connection().execute(
+            "SELECT task_id FROM tasks WHERE expire_at IS NOT NULL AND expire_at <= ? "
+            "ORDER BY expire_at LIMIT ?",
+            (_ts(now), limit),
+        )
+        return [row[0] for row in rows]
+
+    def delete(self, task_id: str) -> bool:
+        with self._write_lock:
+            cursor = self._connection().execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
+        return cursor.rowcount > 0
 
     # --- change notifications -----------------------------------------------------------
     def subscribe_task(self, task_id: str, listener: Listener) -> Callable[[], None]:

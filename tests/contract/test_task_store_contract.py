@@ -719,3 +719,33 @@ def test_finished_since_lists_only_tasks_that_ended_in_the_window(store: TaskSto
     assert still_pending.taskId not in {task.taskId for task in window}
     assert running.taskId not in {task.taskId for task in window}
     assert later == []
+
+
+# --- retention: finished tasks expire, any task can be deleted ---------------------------
+def test_finished_tasks_expire_after_the_retention_and_running_ones_never(store: TaskStore) -> None:
+    running = store.create(make_task(owner="key-a"))
+    claimed(store)
+    done = store.create(make_task(owner="key-b", idempotency_key="k-1"))
+    claimed(store)
+    finished = store.complete(done.taskId, worker_id="runner-1", output_data={"url": "u"})
+    cancelled = store.cancel(store.create(make_task(owner="key-c")).taskId)
+    assert finished.finished_at is not None and cancelled.finished_at is not None
+    assert store.expire_at(finished) == finished.finished_at + store.retention
+
+    just_before = finished.finished_at + store.retention - dt.timedelta(seconds=1)
+    assert done.taskId not in store.expired_task_ids(just_before)
+    later = utcnow() + store.retention + dt.timedelta(days=1)
+    assert sorted(store.expired_task_ids(later)) == sorted([done.taskId, cancelled.taskId])
+    assert running.taskId not in store.expired_task_ids(later)
+    # The stored field never leaks into the task the store hands back.
+    assert store.get(done.taskId) == finished
+
+
+def test_delete_removes_the_task_and_frees_its_idempotency_key(store: TaskStore) -> None:
+    task = store.create(make_task(idempotency_key="k-del"))
+
+    assert store.delete(task.taskId) is True
+    assert store.get(task.taskId) is None
+    assert store.find_by_idempotency_key("key-a", "k-del") is None
+    assert store.delete(task.taskId) is False
+    store.create(make_task(idempotency_key="k-del"))  # the key is free again
