@@ -424,6 +424,22 @@ class TaskService:
             self._notify_in_background(task)
         return task
 
+    # --- delete -----------------------------------------------------------------------
+    def delete_task(self, task_id: str, *, principal: Principal) -> int:
+        """Remove a task everywhere: cancel it if it has not ended (its runner stops at the
+        next lease check), then its results on every provider that can list, its stored
+        inputs and its document. Another tenant's id is "not found", like every read.
+        Returns how many stored objects went."""
+        from shared.storage import make_storage_chain
+        from shared.storage.orphans import purge_task
+
+        task = self._visible_task(task_id, principal)
+        if not task.is_terminal:
+            self.cancel_task(task_id, principal=principal)
+        removed = purge_task(make_storage_chain(self.settings), self.store, self.input_store, task_id)
+        log_event(logger, "task_deleted", task_id=task_id, objects=removed)
+        return removed
+
     def _notify_in_background(self, task: Task) -> None:
         """The webhook goes out after the answer, never inside it: a receiver that never
         answers must not hold the cancel (nor a server thread) for its retries."""

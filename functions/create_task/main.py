@@ -1,7 +1,7 @@
 """create_task: validate a new task, store it, dispatch it (and cancel one).
 
 Routes: POST /api/tasks/create, POST /api/face-swap/create-task,
-POST /api/tasks/{task_id}/cancel, GET /api/health, GET /api/status.
+POST /api/tasks/{task_id}/cancel, DELETE /api/tasks/{task_id}, GET /api/health, GET /api/status.
 """
 
 from __future__ import annotations
@@ -62,10 +62,17 @@ def cancel(ctx: RequestContext) -> flask.Response:
     )
 
 
+def delete(ctx: RequestContext) -> flask.Response:
+    task_id = ctx.path_params["task_id"]
+    removed = ctx.service.delete_task(task_id, principal=ctx.principal)
+    return json_response({"success": True, "deleted": task_id, "objects_removed": removed})
+
+
 ROUTES = [
     Route("POST", "/api/tasks/create", create, "create_task"),
     Route("POST", "/api/face-swap/create-task", create_face_swap, "create_face_swap_task"),
     Route("POST", "/api/tasks/{task_id}/cancel", cancel, "cancel_task"),
+    Route("DELETE", "/api/tasks/{task_id}", delete, "delete_task"),
     Route("GET", "/api/health", health_response, "health", public=True),
     Route("GET", "/api/status", status_response, "status"),
 ]

@@ -135,6 +135,20 @@ resource "google_storage_bucket_iam_member" "function_inputs" {
   }
 }
 
+# DELETE /api/tasks/{id} (create_task) removes the task's results as well: the same
+# role, limited to results/ (objects and listings).
+resource "google_storage_bucket_iam_member" "function_results_delete" {
+  bucket = google_storage_bucket.results.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.function["create_task"].member
+
+  condition {
+    title       = "results-only"
+    description = "Objects under results/ only."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.results.name}/objects/results/\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"results/\")"
+  }
+}
+
 resource "google_secret_manager_secret_iam_member" "function" {
   for_each = {
     for pair in setproduct(keys(local.functions), [for id, secret in local.secrets : id if secret.functions]) :

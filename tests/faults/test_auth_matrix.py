@@ -56,6 +56,7 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("POST", "/api/face-swap/create-task", SWAP, (401, 401, 200, 200, 200)),
     ("GET", "/api/tasks/{task_id}", None, (401, 401, 404, 200, 200)),
     ("POST", "/api/tasks/{task_id}/cancel", None, (401, 401, 404, 200, 200)),
+    ("DELETE", "/api/tasks/{task_id}", None, (401, 401, 404, 200, 200)),
     ("GET", "/api/tasks/", None, (401, 401, 200, 200, 200)),
     ("GET", "/api/face-swap/queue-status", None, (401, 401, 200, 200, 200)),
     ("POST", "/internal/reap", None, (401, 401, 403, 403, 200)),

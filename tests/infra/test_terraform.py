@@ -34,6 +34,7 @@ PUBLIC_ROUTES = {
     ("GET", "/api/tasks/{task_id}"),
     ("GET", "/api/tasks"),
     ("POST", "/api/tasks/{task_id}/cancel"),
+    ("DELETE", "/api/tasks/{task_id}"),
     ("GET", "/api/comm/task/fetch"),
     ("GET", "/api/health"),
     ("GET", "/api/status"),
