@@ -59,7 +59,10 @@ class Reaper:
 
     def sweep_orphans(self) -> None:
         sweep_orphans(self.storage, self.service.store, self.service.input_store)
-        sweep_expired_tasks(self.storage, self.service.store, self.service.input_store)
+        # Firestore deletes expired tasks by its TTL policy, and expire_at is exempt from
+        # indexes there (a sequential field), so the query is for SQLite only.
+        if self.settings.task_store != "firestore":
+            sweep_expired_tasks(self.storage, self.service.store, self.service.input_store)
 
     async def run_forever(self) -> None:
         if self.push:

@@ -468,8 +468,9 @@ class FirestoreTaskStore(TaskStore):
         return [snapshot.id for snapshot in query.stream()]
 
     def expired_task_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
-        # Deployed, the TTL policy deletes these within about a day of expire_at; the
-        # query lets a sweep (and the tests, the emulator has no TTL) find them too.
+        # Deployed, the TTL policy deletes these (within about a day of expire_at) and
+        # expire_at has no index, so nothing runs this there; it serves the emulator,
+        # which has no TTL, and the contract tests.
         query = (
             self._tasks.where(filter=FieldFilter(_EXPIRE_AT, "<=", now))
             .order_by(_EXPIRE_AT, direction=firestore.Query.ASCENDING)
