@@ -85,6 +85,10 @@ def _one_count(project: str, runners: int) -> dict[str, Any]:
             FirestoreTaskStore(firestore.Client(project=project), collection=collection)
             for _ in range(runners)
         ]
+        # The client opens its channel lazily, at its first request: open it here, while
+        # the counting channel is in place (otherwise no Commit is ever counted).
+        for store in stores:
+            store._client._firestore_api  # noqa: B018  # the property builds the channel
     finally:
         BaseClient._emulator_channel = original_channel  # type: ignore[method-assign]
     claimed_by: dict[str, list[str]] = collections.defaultdict(list)
@@ -135,7 +139,9 @@ def _one_count(project: str, runners: int) -> dict[str, Any]:
     }
 
 
-def scale_rows(workdir: Path) -> list[Row]:
+def scale_rows(workdir: Path, results: list[dict[str, Any]] | None = None) -> list[Row]:
+    """Figure 9's rows; each runner count's raw figures are appended to ``results``
+    (figure 10, the simulation, is checked against them)."""
     import os
 
     from comfyswap.emulators import EmulatorUnavailable, start_firestore_emulator
@@ -150,6 +156,8 @@ def scale_rows(workdir: Path) -> list[Row]:
     try:
         for runners in RUNNER_COUNTS:
             result = _one_count(emulator.project, runners)
+            if results is not None:
+                results.append(result)
             per_claim = result["conflicts"] / max(1, result["claims"])
             checks_ok = not result["duplicates"] and not result["lost"] and not result["errors"]
             meets = checks_ok and (runners < 64 or per_claim <= CONFLICT_TARGET)
