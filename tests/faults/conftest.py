@@ -13,8 +13,12 @@ import pytest
 from tests.faceswap.media import astronaut_bgr, grace_hopper_bgr, write_clip
 from tests.faults.stack import FaultStack, MediaServer
 
-# Long enough that a kill, a SIGTERM or a cancel lands mid-swap (~80 ms a frame on 2 cores).
+# Long enough that a kill or a cancel lands mid-swap (~80 ms a frame on 2 busy cores).
 SLOW_CLIP_FRAMES = 120
+# A SIGTERM test needs the swap still running when the grace ends: progress is written
+# every 2 s and a quiet machine swaps a 256 px frame in ~15 ms, so 120 frames can finish
+# inside the grace. 600 frames keep a quiet machine busy ~9 s, a busy one ~50 s.
+LONG_CLIP_FRAMES = 600
 CLIP_SIZE = 256
 
 
@@ -23,6 +27,7 @@ class Media:
     source_jpeg: bytes  # Grace Hopper, 256 px wide
     target_png: bytes  # the astronaut's head, 192 px
     slow_clip_mp4: bytes  # the astronaut clip, SLOW_CLIP_FRAMES frames
+    long_clip_mp4: bytes  # the same clip, LONG_CLIP_FRAMES frames
     short_clip_mp4: bytes  # the same clip, 25 frames
 
 
@@ -45,13 +50,15 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Media:
     photo = grace_hopper_bgr()
     height, width = photo.shape[:2]
     source = cv2.resize(photo, (256, round(height * 256 / width)), interpolation=cv2.INTER_AREA)
-    slow, short = folder / "slow.mp4", folder / "short.mp4"
+    slow, short, long = folder / "slow.mp4", folder / "short.mp4", folder / "long.mp4"
     write_clip(slow, frame_count=SLOW_CLIP_FRAMES, size=CLIP_SIZE, audio_codec=None)
+    write_clip(long, frame_count=LONG_CLIP_FRAMES, size=CLIP_SIZE, audio_codec=None)
     write_clip(short, frame_count=25, size=CLIP_SIZE, audio_codec=None)
     return Media(
         source_jpeg=_encode(source, ".jpg"),
         target_png=_encode(astronaut_head(192), ".png"),
         slow_clip_mp4=slow.read_bytes(),
+        long_clip_mp4=long.read_bytes(),
         short_clip_mp4=short.read_bytes(),
     )
 
@@ -62,6 +69,7 @@ def media_server(media: Media) -> Iterator[MediaServer]:
     server.add("/source.jpg", "image/jpeg", media.source_jpeg)
     server.add("/target.png", "image/png", media.target_png)
     server.add("/slow.mp4", "video/mp4", media.slow_clip_mp4)
+    server.add("/long.mp4", "video/mp4", media.long_clip_mp4)
     server.add("/short.mp4", "video/mp4", media.short_clip_mp4)
     with server.running():
         yield server

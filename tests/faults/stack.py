@@ -111,9 +111,9 @@ class FaultStack:
         assert exit_code in (0, -signal.SIGTERM), self.runner_log()[-2000:]
         return time.monotonic() - started
 
-    def video_mid_swap(self, media_server: MediaServer, frames: int) -> str:
+    def video_mid_swap(self, media_server: MediaServer, frames: int, clip: str = "/slow.mp4") -> str:
         """A slow video task, once the engine has swapped ``frames`` frames of it."""
-        task_id = self.create(face_swap_body(media_server, "/slow.mp4"))
+        task_id = self.create(face_swap_body(media_server, clip))
         self.wait_frames(task_id, frames=frames)
         return task_id
 

@@ -155,7 +155,7 @@ def test_sigterm_releases_once_inside_10_s_and_runs_again_within_10_s_of_a_runne
 
     assert Settings.model_fields["shutdown_grace_s"].default <= 5
     stack = cloud_stack(make_stack, emulators, {"MAX_ATTEMPTS": "1", "SHUTDOWN_GRACE_S": "1"}).stack
-    task_id = stack.video_mid_swap(media_server, frames=3)
+    task_id = stack.video_mid_swap(media_server, frames=3, clip="/long.mp4")
 
     shutdown_s = stack.stop_runner_gracefully()
 

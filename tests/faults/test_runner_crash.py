@@ -71,7 +71,7 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(
 
 def test_sigterm_releases_in_flight_task_uncounted_and_a_new_runner_completes_it(make_stack, media_server):
     stack = make_stack({"SHUTDOWN_GRACE_S": "1", "MAX_ATTEMPTS": "1"})
-    task_id = stack.video_mid_swap(media_server, frames=3)
+    task_id = stack.video_mid_swap(media_server, frames=3, clip="/long.mp4")
 
     shutdown_s = stack.stop_runner_gracefully()
 
