@@ -23,6 +23,15 @@ from tests.peers.conftest import RealComfyUI
 from tests.peers.test_comfyui_engine import blur_chain, fresh, queue
 from tests.servers import MediaServer, wait_until
 
+
+def slow_chain(links: int) -> dict[str, Any]:
+    """A blur chain slow enough on a quiet machine: at 512 px a blur takes ~50 ms there (20 of
+    them end inside the runner's 2 s progress throttle, 100 inside a 30 s timeout); 1024 px
+    with radius 16 is ~15x the work per node, still a few seconds at most on a busy one, so an
+    interrupt (checked between nodes) lands well inside 5 s."""
+    return blur_chain(links, size=1024, radius=16)
+
+
 pytestmark = pytest.mark.real_peer("comfyui")
 
 # Longer than any graph here but the timeout test's (100 blurs: 40 s on a quiet machine).
@@ -106,7 +115,7 @@ def test_custom_graph_input_image_is_fetched_used_and_removed_from_comfyui(stack
 
 
 def test_progress_reaches_the_task_during_a_real_graph(stack, comfyui_idle):
-    task_id = create(stack, {"workflow": "custom", "task_data": {"wf_json": blur_chain(20)}})
+    task_id = create(stack, {"workflow": "custom", "task_data": {"wf_json": slow_chain(20)}})
     seen: list[dict[str, Any]] = []
 
     def mid_graph_progress() -> bool:
@@ -125,7 +134,7 @@ def test_progress_reaches_the_task_during_a_real_graph(stack, comfyui_idle):
 
 def test_cli_progress_bar_shows_the_running_node(stack, comfyui_idle, tmp_path):
     workflow = tmp_path / "chain.json"
-    workflow.write_text(json.dumps(blur_chain(20)))
+    workflow.write_text(json.dumps(slow_chain(20)))
     command = [sys.executable, "-m", "comfyswap.cli", "--api-url", stack.api.url]
     command += ["submit", str(workflow), "--wait", "--timeout", "180"]
     # A terminal, as a user sees it: the bar is drawn only on one.
@@ -161,7 +170,7 @@ def test_cli_progress_bar_shows_the_running_node(stack, comfyui_idle, tmp_path):
 
 
 def test_task_timeout_interrupts_comfyui_and_leaves_its_queue_empty(stack, comfyui_idle):
-    task_id = create(stack, {"workflow": "custom", "task_data": {"wf_json": blur_chain(100)}})
+    task_id = create(stack, {"workflow": "custom", "task_data": {"wf_json": slow_chain(100)}})
 
     view = stack.wait(task_id, timeout_s=TASK_TIMEOUT_S + 90)
     ended = time.monotonic()

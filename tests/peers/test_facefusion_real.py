@@ -190,9 +190,10 @@ def test_a_video_keeps_its_audio_and_reports_real_progress(
 def test_cancel_and_timeout_kill_the_whole_process_group(
     tmp_path: Path, fetcher: SafeFetcher, source_url: str, stop: str, mode: str
 ) -> None:
-    # A long clip (60 s), so that FaceFusion is still working when it is stopped.
+    # A long clip, so that FaceFusion is still working when it is stopped: a quiet machine
+    # swaps 600 frames of 160 px inside the 20 s timeout, so the timeout cases get 1,800.
     long_clip = tmp_path / "long.mp4"
-    write_clip(long_clip, frame_count=600, size=160, fps=CLIP_FPS)
+    write_clip(long_clip, frame_count=600 if stop == "cancel" else 1800, size=160, fps=CLIP_FPS)
     engine = make_engine(tmp_path, fetcher, mode=mode, task_timeout_s=300.0 if stop == "cancel" else 20.0)
     run = Run(
         engine,
@@ -200,6 +201,9 @@ def test_cancel_and_timeout_kill_the_whole_process_group(
         tmp_path / "w",
     )
     started: set[int] = set()
+    # Children that were there before the job (the session's real ComfyUI, emulators started
+    # by earlier tests) are not FaceFusion's and outlive it by design.
+    already_running = {child.pid for child in psutil.Process().children(recursive=True)}
 
     async def scenario() -> BaseException:
         job = asyncio.ensure_future(run())
@@ -210,11 +214,13 @@ def test_cancel_and_timeout_kill_the_whole_process_group(
         ):
             assert time.monotonic() < deadline, "FaceFusion never reported progress"
             started.update(child.pid for child in psutil.Process().children(recursive=True))
+            started.difference_update(already_running)
             if job.done():
                 break
             await asyncio.sleep(0.1)
         if stop == "cancel":
             started.update(child.pid for child in psutil.Process().children(recursive=True))
+            started.difference_update(already_running)
             run.cancel.set()
         try:
             await job
