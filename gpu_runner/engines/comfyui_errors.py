@@ -54,6 +54,7 @@ def terminal_from_history(entry: dict[str, Any]) -> tuple[str, dict[str, Any]] |
 
 
 def _node_error_reason(error: dict[str, Any]) -> str:
+    error = _hide_file_choices(error)
     message = str(error.get("message") or error.get("type") or "invalid")
     details = str(error.get("details") or "")
     reason = f"{message}: {details}" if details else message
@@ -154,11 +155,49 @@ def scrub(text: str) -> str:
 
 
 def scrub_all(value: Any) -> Any:
-    """``scrub`` applied to every string of a JSON value (ComfyUI's error bodies)."""
+    """``scrub`` applied to every string of a JSON value (ComfyUI's error bodies), and the
+    choices of a file input left out of a ``value_not_in_list`` error."""
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, list):
         return [scrub_all(item) for item in value]
     if isinstance(value, dict):
+        value = _hide_file_choices(value)
         return {key: scrub_all(item) for key, item in value.items() if key != "traceback"}
     return value
+
+
+# A combo input whose choices are files on the server (checkpoints, LoRAs, VAEs, the input
+# folder's images) would show any client what is installed and what other tenants uploaded:
+# ComfyUI's "value not in list" error prints every choice. Enumerations (upscale_method) keep
+# their list: it is what the workflow's author needs.
+_FILE_CHOICE = re.compile(
+    r"\.(safetensors|sft|ckpt|pt|pth|bin|onnx|gguf|png|jpe?g|webp|gif|bmp|tiff?)$", re.IGNORECASE
+)
+_CHOICE_LIST = re.compile(r" not in \[.*\]\s*$", re.DOTALL)
+
+
+def _lists_files(choices: Any) -> bool:
+    return isinstance(choices, list) and any(
+        isinstance(choice, str) and _FILE_CHOICE.search(choice) for choice in choices
+    )
+
+
+def _hide_file_choices(error: dict[str, Any]) -> dict[str, Any]:
+    """``error`` (one node problem) without the server's file names, if it lists them."""
+    if error.get("type") != "value_not_in_list":
+        return error
+    extra = error.get("extra_info")
+    config = extra.get("input_config") if isinstance(extra, dict) else None
+    details = str(error.get("details") or "")
+    listed = _CHOICE_LIST.search(details)
+    printed = re.findall(r"'([^']*)'", listed.group(0)) if listed else []
+    if not _lists_files(config[0] if isinstance(config, list) and config else None) and not _lists_files(
+        printed
+    ):
+        return error
+    hidden = dict(error)
+    hidden["details"] = _CHOICE_LIST.sub(" is not one of the files installed on the runner", details)
+    if isinstance(extra, dict):
+        hidden["extra_info"] = {key: item for key, item in extra.items() if key != "input_config"}
+    return hidden
