@@ -74,13 +74,14 @@ def test_another_tenants_task_starts_within_one_turn_under_a_flood(make_stack, m
     burst_body = {**face_swap_body(media_server, "/short.mp4"), "priority": 10}
     burst = [stack.create(burst_body, headers=as_("tenant-a")) for _ in range(BURST)]
     stack.start_runner()
+    # Claimed is enough: PROCESSING is written only after 0.5 s on the engine, and a quiet
+    # machine swaps the short clip faster (FETCHED -> COMPLETED).
     wait_until(
         lambda: (
-            stack.client.get(f"/api/tasks/{burst[0]}", headers=as_("tenant-a")).json()["status"]
-            == "PROCESSING"
+            stack.client.get(f"/api/tasks/{burst[0]}", headers=as_("tenant-a")).json()["status"] != "PENDING"
         ),
         timeout_s=60,
-        what="the burst on the engine",
+        what="the burst taken by the runner",
     )
     single = stack.create({**face_swap_body(media_server), "priority": 0}, headers=as_("tenant-b"))
 
