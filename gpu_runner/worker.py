@@ -159,10 +159,6 @@ def default_worker_id(settings: Settings) -> str:
     return settings.runner_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-# Progress reaches the task at most this often (and not before this long after the claim):
-# a short image task writes none, a long one a few per minute; each write also renews
-# the lease, so progress and heartbeat never cost two writes.
-PROGRESS_WRITE_INTERVAL_S = 2.0
 # How long a job runs on the engine before the runner writes PROCESSING (see process()).
 PROCESSING_WRITE_DELAY_S = 0.5
 
@@ -666,6 +662,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         lease = self.settings.lease_seconds
         heartbeat_every = max(1.0, lease / 3)
+        # Progress reaches the task at most every PROGRESS_INTERVAL_S (and not before that
+        # long after the claim): a short image task writes none, a long one a few per
+        # minute; each write also renews the lease, so progress and heartbeat never cost two.
+        progress_every = self.settings.progress_interval_s
 
         def on_change(change: TaskChange) -> None:
             if change.status in {s.value for s in LEASED_STATUSES} and change.lease_owner == self.worker_id:
@@ -676,7 +676,7 @@ class Worker:
 
         unsubscribe = await asyncio.to_thread(self.store.subscribe_task, held.task_id, on_change)
         next_heartbeat = loop.time() + heartbeat_every
-        next_progress = loop.time() + PROGRESS_WRITE_INTERVAL_S
+        next_progress = loop.time() + progress_every
         try:
             while True:
                 progress_due = held.progress is not None and held.progress != held.progress_written
@@ -706,7 +706,7 @@ class Worker:
                             lease_seconds=lease,
                         )
                         held.progress_written = progress
-                        next_progress = now + PROGRESS_WRITE_INTERVAL_S
+                        next_progress = now + progress_every
                         next_heartbeat = now + heartbeat_every
                     elif now >= next_heartbeat:
                         await asyncio.to_thread(

@@ -37,7 +37,7 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
             "k_service",
         ),
     ),
-    ("Runner", ("runner_", "shutdown_grace_s", "engine_slots", "task_timeout_s")),
+    ("Runner", ("runner_", "shutdown_grace_s", "progress_interval_s", "engine_slots", "task_timeout_s")),
     ("ComfyUI", ("comfyui_",)),
     ("Face swap (CPU engine, FaceFusion)", ("face_swap_", "facefusion_")),
     (

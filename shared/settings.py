@@ -250,6 +250,13 @@ class Settings(BaseSettings):
         description="ORPHAN_SWEEP_INTERVAL_S: how often the runner removes result objects and inputs no live "
         "task needs (a crash, a cancel mid-upload, a fallback race); 0 = never.",
     )
+    progress_interval_s: float = Field(
+        2.0,
+        ge=0.05,
+        le=300,
+        description="PROGRESS_INTERVAL_S: how often at most a running task's progress is written (each write "
+        "also renews the lease); lower = fresher progress, more store writes.",
+    )
     engine_slots: int = Field(1, ge=1, le=16, description="ENGINE_SLOTS: concurrent jobs per engine.")
     lease_seconds: int = Field(
         60, ge=5, le=3600, description="LEASE_SECONDS: lease length; renewed by heartbeat."

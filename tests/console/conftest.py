@@ -65,7 +65,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     running = start_stack(
         tmp_path_factory.mktemp("console-stack"),
-        {"API_KEYS": entries, "RUNNER_API_KEY": KEYS["runner"], "RATE_LIMIT_BURST": "100000"},
+        {
+            "API_KEYS": entries,
+            "RUNNER_API_KEY": KEYS["runner"],
+            "RATE_LIMIT_BURST": "100000",
+            # The 400-frame clip swaps in ~6 s on a quiet machine: progress every 0.5 s
+            # shows mid-video in the page well before it ends.
+            "PROGRESS_INTERVAL_S": "0.5",
+        },
     )
     yield running
     running.client.close()

@@ -61,6 +61,10 @@ class FaultStack:
             "FETCH_ALLOW_LOOPBACK": "true",
             "RUNNER_ENVIRONMENTS": "face_swap",
             "LOG_LEVEL": "INFO",
+            # Progress reaches the task within 0.2 s, so "N frames in" is seen mid-run even
+            # on a quiet machine, where a clip swaps at ~65 frames/s (the default 2 s is
+            # longer than the whole 120-frame clip there).
+            "PROGRESS_INTERVAL_S": "0.2",
             **env,
         }
         self.runner_env = dict(runner_env or {})
@@ -111,8 +115,8 @@ class FaultStack:
         assert exit_code in (0, -signal.SIGTERM), self.runner_log()[-2000:]
         return time.monotonic() - started
 
-    def video_mid_swap(self, media_server: MediaServer, frames: int, clip: str = "/slow.mp4") -> str:
-        """A slow video task, once the engine has swapped ``frames`` frames of it."""
+    def video_mid_swap(self, media_server: MediaServer, frames: int, clip: str = "/long.mp4") -> str:
+        """A long video task, once the engine has swapped ``frames`` frames of it."""
         task_id = self.create(face_swap_body(media_server, clip))
         self.wait_frames(task_id, frames=frames)
         return task_id

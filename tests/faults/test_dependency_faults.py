@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.fakes import comfyui_double
+from tests.faults.conftest import LONG_CLIP_FRAMES
 from tests.faults.stack import FaultStack, face_swap_body
 from tests.servers import ServerProcess, free_port, wait_until
 
@@ -49,8 +50,7 @@ def test_primary_storage_down_result_goes_to_fallback_and_the_failure_is_recorde
 
 def test_cancel_during_video_swap_stops_between_frames_and_writes_nothing(make_stack, media_server):
     stack = make_stack()
-    task_id = stack.create(face_swap_body(media_server, "/slow.mp4"))
-    stack.wait_frames(task_id, frames=3)
+    task_id = stack.video_mid_swap(media_server, frames=3)
 
     response = stack.client.post(f"/api/tasks/{task_id}/cancel")
     cancelled_at = time.monotonic()
@@ -61,13 +61,13 @@ def test_cancel_during_video_swap_stops_between_frames_and_writes_nothing(make_s
         timeout_s=10,
         what="the runner to stop the engine",
     )
-    # Stopped between frames, long before the 120-frame clip could have finished.
+    # Stopped between frames, long before the 600-frame clip could have finished.
     assert time.monotonic() - cancelled_at < 10
     stopped = stack.runner_events("task_stopped", task_id)[0]
     assert stopped["status"] == "CANCELLED"
     view = stack.view(task_id)
     assert view["status"] == "CANCELLED" and view["result"] is None
-    assert view["task"]["progress"]["value"] < 120
+    assert view["task"]["progress"]["value"] < LONG_CLIP_FRAMES
     assert stack.result_files(task_id) == []
     assert stack.runner_events("task_finished", task_id) == []
     assert stack.client.post(f"/api/tasks/{task_id}/cancel").status_code == 409

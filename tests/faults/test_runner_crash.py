@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.faults.conftest import LONG_CLIP_FRAMES
 from tests.faults.stack import MediaServer, face_swap_body
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,9 +28,8 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(
     make_stack, media_server, record_figure
 ):
     stack = make_stack({"LEASE_SECONDS": str(LEASE_SECONDS), "MAX_ATTEMPTS": "3"})
-    task_id = stack.create(face_swap_body(media_server, "/slow.mp4"))
     first_runner = stack.runner
-    stack.wait_frames(task_id, frames=5)
+    task_id = stack.video_mid_swap(media_server, frames=5)
 
     first_runner.kill()
     killed_at = time.monotonic()
@@ -64,7 +64,7 @@ def test_kill_9_mid_swap_task_completes_after_lease_expiry_with_one_result(
     assert all(entry["runner"].endswith(f"-{first_runner.pid}") for entry in lost), lost
     assert task["attempts"] == len(lost) + 1 <= 3
     assert len(stack.result_files(task_id)) == 1
-    assert task["output_data"]["outputs"][0]["frames"] == 120
+    assert task["output_data"]["outputs"][0]["frames"] == LONG_CLIP_FRAMES
     assert stack.client.get(task["output_data"]["url"]).status_code == 200
     assert len(stack.runner_events("task_finished", task_id)) == 1
 
@@ -100,8 +100,9 @@ def test_sigterm_releases_in_flight_task_uncounted_and_a_new_runner_completes_it
 
 def test_sigterm_lets_a_task_that_fits_the_grace_finish(make_stack, media_server):
     stack = make_stack({"SHUTDOWN_GRACE_S": "60"})
-    task_id = stack.create(face_swap_body(media_server, "/short.mp4"))
-    stack.wait_for(task_id, lambda view: view["status"] == "PROCESSING", timeout_s=60, what="processing")
+    # 600 frames: mid-swap when SIGTERM lands even on a quiet machine (~9 s there), done well
+    # inside the 60 s grace on a busy one.
+    task_id = stack.video_mid_swap(media_server, frames=3)
 
     exit_code = stack.sigterm_runner(timeout_s=90)
 

@@ -394,15 +394,17 @@ def test_custom_graph_brings_its_own_input_image(comfyui_idle, media, tmp_path):
 
 
 def test_engine_deadline_interrupts_comfyui(comfyui_idle, tmp_path):
+    # 100 blurs at 1024 px radius 16: over a minute even on a quiet machine (at 512 px
+    # radius 8 it ran 100 blurs inside the 4 s), so the deadline always lands mid-graph;
+    # one node is under a second quiet, a few seconds busy, hence the queue's 30 s.
+    graph = blur_chain(100, size=1024, radius=16)
     with pytest.raises(JobFailed) as failure:
-        run_job(
-            engine_for(comfyui_idle, task_timeout_s=4.0), make_task({"wf_json": blur_chain(100)}), tmp_path
-        )
+        run_job(engine_for(comfyui_idle, task_timeout_s=4.0), make_task({"wf_json": graph}), tmp_path)
 
     assert failure.value.code == "comfyui_timeout"
     wait_until(
         lambda: queue(comfyui_idle) == {"queue_running": [], "queue_pending": []},
-        timeout_s=5,
+        timeout_s=30,
         what="ComfyUI's queue to be empty after the timeout",
     )
 
