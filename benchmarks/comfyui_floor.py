@@ -33,6 +33,9 @@ from typing import Any
 import httpx
 
 from benchmarks.common import PY, REPO, Row, fmt_ms, median, not_measured, process_tree_cpu_s
+from tests.fakes import comfyui_double
+from tests.peers import comfyui_peer
+from tests.peers.comfyui_peer import start_real_comfyui
 from tests.servers import ServerProcess, free_port, start_server
 
 __all__ = ["comfyui_floor_rows"]
@@ -42,9 +45,6 @@ THROUGHPUT_TARGET = 0.8
 CPU_PER_JOB_TARGET_S = 0.015
 IDLE_TARGET_MS_PER_S = 2.0
 CONCURRENCY = 8
-
-REAL_COMFYUI = REPO / ".tools" / "comfyui" / "ComfyUI" / "main.py"
-REAL_COMFYUI_PYTHON = REPO / ".tools" / "comfyui-venv" / "bin" / "python"
 
 
 def _graph(colour: int) -> dict[str, Any]:
@@ -150,42 +150,12 @@ async def _concurrently(kind: str, url: str, colours: _Colours, total: int) -> f
 # --- processes ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def _comfyui(workdir: Path, real: bool) -> Iterator[ServerProcess]:
-    port = free_port()
-    if real:
-        command = [
-            str(REAL_COMFYUI_PYTHON),
-            str(REAL_COMFYUI),
-            "--cpu",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-all-custom-nodes",
-            "--output-directory",
-            str(workdir / "output"),
-            "--input-directory",
-            str(workdir / "input"),
-            "--temp-directory",
-            str(workdir / "temp"),
-        ]
-    else:
-        command = [
-            PY,
-            "-m",
-            "tests.fakes.comfyui_double",
-            "--port",
-            str(port),
-            "--root",
-            str(workdir / "double"),
-        ]
-    server = start_server(
-        "comfyui-real" if real else "comfyui-double",
-        command,
-        url=f"http://127.0.0.1:{port}",
-        log_dir=workdir,
-        health_path="/system_stats",
-        timeout_s=240 if real else 30,
-        cwd=REAL_COMFYUI.parent if real else REPO,
+    """The real ComfyUI or the double, each from its one launcher (the peer tier's and the
+    fast tiers'), so the benchmark measures the program the tests run."""
+    server = (
+        start_real_comfyui(workdir / "base", log_dir=workdir)
+        if real
+        else comfyui_double.start(workdir / "double", log_dir=workdir)
     )
     try:
         yield server
@@ -312,7 +282,7 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
 
 def comfyui_floor_rows(workdir: Path, *, count: int = 30, concurrent_jobs: int = 64) -> list[Row]:
     rows: list[Row] = []
-    if REAL_COMFYUI.is_file() and REAL_COMFYUI_PYTHON.is_file():
+    if comfyui_peer.installed():
         try:
             rows += _measure(workdir / "real", True, count, concurrent_jobs)
         except Exception as exc:
@@ -323,7 +293,7 @@ def comfyui_floor_rows(workdir: Path, *, count: int = 30, concurrent_jobs: int =
             )
     else:
         rows.append(
-            not_measured("8. ComfyUI path vs direct client (real ComfyUI)", "not installed (`make peers`)")
+            not_measured("8. ComfyUI path vs direct client (real ComfyUI)", comfyui_peer.missing_reason())
         )
     try:
         rows += _measure(workdir / "double", False, count, concurrent_jobs)
