@@ -313,7 +313,7 @@ def _measure_mode(workdir: Path, mode: str, counter: OpCounter) -> dict[str, dic
         async def start_runner() -> None:
             _HOP.set("runner")
             if source is not None:
-                worker._spawn(worker.run_pull_loop(wait_s=20.0))
+                worker.spawn(worker.run_pull_loop(wait_s=20.0))
 
         asyncio.run_coroutine_threadsafe(start_runner(), loop).result(timeout=30)
         time.sleep(1.0)  # the runner's first fetch is waiting (pull) before anything is counted

@@ -1,0 +1,120 @@
+"""How tasks reach a runner: pulled (a loop claiming while there is capacity) or pushed
+(one Cloud Tasks delivery, answered with the status that tells Cloud Tasks what to do)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from gpu_runner.sources import TaskSource
+from shared.errors import ComfySwapError, Conflict, NotFound
+from shared.logs import get_logger, log_event, log_task_claimed
+from shared.tasks import Task, TaskStatus
+
+if TYPE_CHECKING:
+    from gpu_runner.worker import Worker
+
+__all__ = ["pull_until_draining", "run_pushed"]
+
+logger = get_logger(__name__)
+
+
+async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float) -> None:
+    """Claim tasks while there is capacity; stops when the worker drains."""
+    failures = 0
+    while not worker.draining:
+        await worker.take_hold()
+        if worker.draining:
+            worker.release_hold()
+            break
+        # An engine that cannot work (its models are missing) claims nothing meanwhile.
+        engines = worker.engines
+        environments = [name for name in sorted(engines) if engines[name].accepting_work]
+        if not environments:
+            worker.release_hold()
+            await asyncio.sleep(min(wait_s, 5.0))
+            # health() re-checks (FaceFusion's model files, say) so work resumes once fixed.
+            await asyncio.gather(*(engine.health() for engine in engines.values()))
+            continue
+        try:
+            task = await _fetch(worker, source, environments, wait_s)
+            failures = 0
+        except ComfySwapError as exc:
+            worker.release_hold()
+            if worker.draining:
+                break
+            failures += 1
+            delay = min(30.0, 0.5 * 2**failures)
+            log_event(
+                logger,
+                "fetch_failed",
+                code=exc.code,
+                error=exc.message,
+                retry_in_s=delay,
+                level=logging.WARNING,
+            )
+            await asyncio.sleep(delay)
+            continue
+        if task is None:
+            worker.release_hold()
+            continue
+        if worker.draining:
+            released = await asyncio.to_thread(
+                worker.store.release, task.taskId, worker_id=worker.worker_id, reason="draining"
+            )
+            await worker.requeue(released)
+            worker.release_hold()
+            break
+        worker.spawn(worker.process(task, hold_acquired=True))
+
+
+async def _fetch(worker: Worker, source: TaskSource, environments: list[str], wait_s: float) -> Task | None:
+    # While set, drain lets the fetch return before releasing and closing: a fetch in
+    # flight may still claim a task for this runner.
+    worker.fetching = True
+    try:
+        return await source.next_task(worker_id=worker.worker_id, environments=environments, wait_s=wait_s)
+    finally:
+        worker.fetching = False
+
+
+async def run_pushed(worker: Worker, task_id: str) -> tuple[int, dict[str, Any]]:
+    """Handle one Cloud Tasks delivery; returns (HTTP status, body).
+
+    2xx tells Cloud Tasks to stop; 429/503 make it retry later with backoff."""
+    if worker.draining:
+        return 503, {"status": "draining", "retry_after_s": 10}
+    if worker.busy:
+        return 429, {"status": "busy", "retry_after_s": 5}
+    await worker.take_hold()
+    try:
+        task = await asyncio.to_thread(
+            worker.store.claim,
+            task_id,
+            worker_id=worker.worker_id,
+            lease_seconds=worker.settings.lease_seconds,
+        )
+    except NotFound:
+        worker.release_hold()
+        log_event(logger, "push_unknown_task", task_id=task_id, level=logging.WARNING)
+        return 200, {"status": "unknown_task"}
+    except Conflict as exc:
+        worker.release_hold()
+        if exc.code == "not_available_yet":
+            # In retry backoff: Cloud Tasks delivers again after Retry-After.
+            retry_after_s = int(exc.details.get("retry_after_s", 1))
+            return 503, {"status": "not_available_yet", "retry_after_s": retry_after_s}
+        # A duplicate delivery (another delivery holds it) or an already finished task.
+        log_event(logger, "push_duplicate", task_id=task_id, code=exc.code)
+        return 200, {"status": "not_claimable", "detail": exc.message}
+    log_task_claimed(logger, task, worker_id=worker.worker_id)
+    final = await worker.process(task, hold_acquired=True)
+    if final.status == TaskStatus.PENDING:
+        error = final.error.model_dump() if final.error else None
+        if worker.on_requeued is not None:
+            # Enqueued again already, scheduled for the end of its backoff (available_at).
+            return 200, {"status": "retry_scheduled", "error": error}
+        # No dispatcher here: let Cloud Tasks deliver this one again after its backoff.
+        return 503, {"status": "retry", "error": error}
+    return 200, {"status": final.status.value}

@@ -1,0 +1,90 @@
+"""Where a pull-mode runner gets its next task: the fetch_task function over HTTP, or the
+store itself (tests, and a runner co-located with its store)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Protocol
+
+import httpx
+
+from shared.errors import UpstreamUnavailable
+from shared.store.base import TaskStore
+from shared.store.notify import TaskChange
+from shared.tasks import Task, utcnow
+
+__all__ = ["HttpTaskSource", "StoreTaskSource", "TaskSource"]
+
+
+class TaskSource(Protocol):
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpTaskSource:
+    """Pull mode: claim through the fetch_task function (the seed's consumer endpoint)."""
+
+    def __init__(self, task_api_url: str, *, api_key: str = "") -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=task_api_url.rstrip("/"), headers=headers, timeout=60.0)
+
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        params = {"worker_id": worker_id, "environments": ",".join(environments), "wait": str(wait_s)}
+        try:
+            response = await self._client.get("/comm/task/fetch", params=params, timeout=wait_s + 15.0)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"task API not reachable: {exc}", code="task_api_unavailable") from exc
+        if response.status_code != 200:
+            raise UpstreamUnavailable(
+                f"task API answered {response.status_code}: {response.text[:300]}", code="task_api_error"
+            )
+        data = response.json().get("data")
+        return Task.from_document(data) if data else None
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class StoreTaskSource:
+    """Claims straight from the store (tests, and a runner co-located with its store)."""
+
+    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
+        self._store = store
+        self._lease_seconds = lease_seconds
+
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        loop = asyncio.get_running_loop()
+        published = asyncio.Event()
+
+        def on_work(change: TaskChange) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a late change
+                loop.call_soon_threadsafe(published.set)
+
+        deadline = time.monotonic() + wait_s
+        unsubscribe = await asyncio.to_thread(self._store.subscribe_work, environments, on_work)
+        try:
+            while True:
+                published.clear()
+                task = await asyncio.to_thread(
+                    self._store.claim_next,
+                    worker_id=worker_id,
+                    environments=environments,
+                    lease_seconds=self._lease_seconds,
+                )
+                remaining = deadline - time.monotonic()
+                if task is not None or remaining <= 0:
+                    return task
+                now = utcnow()
+                wake_at = await asyncio.to_thread(self._store.next_wake_at, environments, now)
+                if wake_at is not None:
+                    remaining = min(remaining, max(0.0, (wake_at - now).total_seconds()) + 0.001)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(published.wait(), timeout=remaining)
+        finally:
+            unsubscribe()
+
+    async def close(self) -> None:
+        return None
