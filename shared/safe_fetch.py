@@ -14,35 +14,49 @@ network, next to the metadata server (169.254.169.254) and internal services. So
   Size and time are capped while streaming, and the bytes are sniffed and (for images)
   decoded under a pixel cap, because headers and names are the sender's to choose.
 
-Pinning works below HTTP: requests go through ``httpcore`` with a network backend that
-ignores the host name it is given and dials only the checked addresses. TLS still
-verifies the certificate against the URL's host name (and sends it as SNI), because
-httpcore takes ``server_hostname`` from the URL, not from the socket. Every dial also
-passes a connection guard first; tests inject one that fails on any non-loopback address.
+Pinning works below HTTP (``shared.pinned_http``): requests go through ``httpcore`` with a
+network backend that ignores the host name it is given and dials only the checked
+addresses. TLS still verifies the certificate against the URL's host name (and sends it as
+SNI), because httpcore takes ``server_hostname`` from the URL, not from the socket. Every
+dial also passes a connection guard first; tests inject one that fails on any non-loopback
+address. What an answer's status means and the errors raised are in ``shared.fetch_errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import ipaddress
 import logging
 import socket
 import ssl
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final, NoReturn
 from urllib.parse import urljoin
 
 import httpcore
 
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
+from shared.fetch_errors import (
+    check_status,
+    is_certificate_error,
+    raise_resolution_failure,
+    too_large,
+    unreachable,
+    unsafe_input,
+)
 from shared.inputs import InputRef, InputStore, is_input_ref, make_input_store
 from shared.logs import get_logger, log_event
 from shared.media import MEDIA_EXTENSIONS, check_image, sniff_kind
+from shared.pinned_http import (
+    ConnectionGuard,
+    PinnedBackend,
+    PinnedPools,
+    Resolver,
+    public_only_guard,
+    resolve_host,
+)
 from shared.settings import Settings
 from shared.url_safety import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -67,87 +81,10 @@ __all__ = [
     "resolve_host",
 ]
 
-Resolver = Callable[[str, int], Awaitable[list[str]]]
-"""``(host, port) -> addresses``; the fetcher checks every address it returns."""
-
-ConnectionGuard = Callable[[str, int], None]
-"""Called with ``(ip, port)`` right before each TCP connect; raising stops the connect."""
-
 # (path, *, max_pixels, max_frames, max_duration_s) -> (width, height): shared.video.check_video
 VideoCheck = Callable[..., tuple[int, int]]
 
 _logger = get_logger(__name__)
-
-_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
-# 408/425/429 say "not now", so they are retried like a 5xx.
-_TRANSIENT_CLIENT_STATUSES: Final = frozenset({408, 425, 429})
-_CHUNK_BYTES: Final = 64 * 1024
-# Keep-alive pools kept between downloads, each for one origin AND one set of checked
-# addresses (see SafeFetcher._pool): a few, and dropped after a while without use.
-_POOL_CACHE_SIZE: Final = 8
-_POOL_IDLE_S: Final = 30.0
-# Idle keep-alive connections close sooner than most servers drop them (a reused
-# connection the server has just closed would fail the download).
-_KEEPALIVE_S: Final = 5.0
-_PoolKey = tuple[str, str, int, tuple[str, ...]]
-
-
-# --------------------------------------------------------------------------------------
-# Resolution and pinned connections
-# --------------------------------------------------------------------------------------
-
-
-async def resolve_host(host: str, port: int) -> list[str]:
-    """The system resolver: every address ``host`` has, in the resolver's order."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def _public_only_guard(*, allow_loopback: bool) -> ConnectionGuard:
-    """Default guard: re-check the address at dial time, a second line behind the resolver check."""
-
-    def guard(ip: str, port: int) -> None:
-        reason = _address_refusal(ipaddress.ip_address(ip), allow_loopback=allow_loopback)
-        if reason:
-            raise _RefusalError(f"refused to connect to {reason}")
-
-    return guard
-
-
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Dials only the addresses checked for one hop, whatever host name httpcore asks for.
-
-    httpcore still uses the URL's host name for the Host header, SNI and certificate
-    verification, so pinning does not weaken TLS.
-    """
-
-    def __init__(self, addresses: list[str], guard: ConnectionGuard) -> None:
-        self._addresses = addresses
-        self._guard = guard
-        self._dialer = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        failure: Exception = httpcore.ConnectError("no checked address to connect to")
-        for address in self._addresses:
-            self._guard(address, port)
-            try:
-                return await self._dialer.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc  # try the host's next address, as a browser would
-        raise failure
-
-    async def sleep(self, seconds: float) -> None:
-        await self._dialer.sleep(seconds)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,17 +145,13 @@ class SafeFetcher:
         self.allow_loopback = allow_loopback
         self.max_redirects = max_redirects
         self._resolver = resolver or resolve_host
-        self._guard = connection_guard or _public_only_guard(allow_loopback=allow_loopback)
+        self._guard = connection_guard or public_only_guard(allow_loopback=allow_loopback)
         self._ssl_context = ssl_context
+        self._pools = PinnedPools(guard=self._guard, ssl_context=ssl_context)
         # Where ``input:`` references (data: inputs kept out of the task) are read; built
         # on first use, so a fetcher that never meets one never opens a storage client.
         self._input_store_factory = input_store
         self._input_store: InputStore | None = None
-        # Connections belong to the event loop that opened them: the pools are per loop.
-        self._pools: collections.OrderedDict[_PoolKey, tuple[httpcore.AsyncConnectionPool, float]] = (
-            collections.OrderedDict()
-        )
-        self._pools_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, check_video: VideoCheck | None = None) -> SafeFetcher:
@@ -277,7 +210,7 @@ class SafeFetcher:
         try:
             target = _parse_http_url(url, allow_loopback=self.allow_loopback)
         except _RefusalError as refusal:
-            raise _unsafe(field, refusal) from None
+            raise unsafe_input(field, refusal) from None
         addresses = await self._resolve_checked(target, field)
         request_headers = [
             (b"Host", target.host_header.encode("ascii")),
@@ -287,7 +220,7 @@ class SafeFetcher:
             *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
         ]
         timeout = dict.fromkeys(("connect", "read", "write", "pool"), self.timeout_s)
-        backend = _PinnedBackend(addresses, self._guard)
+        backend = PinnedBackend(addresses, self._guard)
         try:
             async with (
                 asyncio.timeout(self.timeout_s),
@@ -314,15 +247,15 @@ class SafeFetcher:
                         break
                 return response.status, answer[:65536]
         except (TimeoutError, httpcore.TimeoutException) as exc:
-            raise _unreachable(field, target, f"timed out ({type(exc).__name__})") from None
+            raise unreachable(field, target, f"timed out ({type(exc).__name__})") from None
         except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-            raise _unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
+            raise unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
 
     def _write_data_url(self, url: str, part_path: Path, field: str) -> int:
         try:
             _, payload = _decode_data_url(url, max_bytes=self.max_bytes)
         except _RefusalError as refusal:
-            raise _unsafe(field, refusal) from None
+            raise unsafe_input(field, refusal) from None
         with part_path.open("xb") as file:
             file.write(payload)
         return len(payload)
@@ -365,7 +298,7 @@ class SafeFetcher:
             except _RefusalError as refusal:
                 if hop:
                     refusal.reason = f"redirect to a refused URL: {refusal.reason}"
-                raise _unsafe(field, refusal) from None
+                raise unsafe_input(field, refusal) from None
             addresses = await self._resolve_checked(target, field)
             location = await self._request(target, addresses, part_path, field)
             if location is None:
@@ -385,20 +318,20 @@ class SafeFetcher:
         try:
             answers = await self._resolver(target.host, target.port)
         except socket.gaierror as exc:
-            _raise_resolution_failure(target.host, field, exc)
+            raise_resolution_failure(target.host, field, exc)
         if not answers:
-            _raise_resolution_failure(target.host, field, None)
+            raise_resolution_failure(target.host, field, None)
         addresses: list[str] = []
         for answer in answers:
             try:
                 address = ipaddress.ip_address(answer.split("%", 1)[0])
             except ValueError:
-                raise _unsafe(
+                raise unsafe_input(
                     field, _RefusalError(f"resolver returned {answer!r} for {target.host!r}")
                 ) from None
             reason = _address_refusal(address, allow_loopback=self.allow_loopback)
             if reason:
-                raise _unsafe(field, _RefusalError(f"host {target.host!r} resolves to {reason}"))
+                raise unsafe_input(field, _RefusalError(f"host {target.host!r} resolves to {reason}"))
             addresses.append(str(address))
         return addresses
 
@@ -424,101 +357,30 @@ class SafeFetcher:
             port=target.port,
             target=target.target.encode("ascii"),
         )
-        pool = self._pool(target, addresses)
+        pool = self._pools.get(target, addresses)
         try:
             async with pool.stream(b"GET", url, headers=headers, extensions={"timeout": timeout}) as response:
-                location = self._check_status(response, target, field)
+                location = check_status(response, target, field, max_bytes=self.max_bytes)
                 if location is not None:
                     return location
                 await self._stream_body(response, part_path, field)
                 return None
         except _RefusalError as refusal:  # the default connection guard's last-moment refusal
-            raise _unsafe(field, refusal) from None
+            raise unsafe_input(field, refusal) from None
         except httpcore.TimeoutException as exc:
-            raise _unreachable(field, target, f"timed out ({type(exc).__name__})") from None
+            raise unreachable(field, target, f"timed out ({type(exc).__name__})") from None
         except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-            if _is_certificate_error(exc):
+            if is_certificate_error(exc):
                 raise JobFailed(
                     f"{field}: the TLS certificate of {target.host} is not valid ({exc})",
                     code="input_unreachable",
                     details={"field": field, "host": target.host},
                 ) from None
-            raise _unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
-
-    def _pool(self, target: _HttpTarget, addresses: list[str]) -> httpcore.AsyncConnectionPool:
-        """The keep-alive pool for this origin and these checked addresses (LRU, idle timeout).
-
-        A response that is not read to its end (a redirect, a refusal, an error) closes its
-        connection rather than returning it to the pool."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._pools_loop:
-            self._pools.clear()  # the old loop's connections cannot be used (or closed) here
-            self._pools_loop = loop
-        now = time.monotonic()
-        for key in [key for key, (_, used) in self._pools.items() if now - used > _POOL_IDLE_S]:
-            self._retire(self._pools.pop(key)[0])
-        key = (target.scheme, target.host, target.port, tuple(addresses))
-        cached = self._pools.pop(key, None)
-        if cached is None:
-            pool = httpcore.AsyncConnectionPool(
-                ssl_context=self._ssl_context,
-                max_connections=4,
-                max_keepalive_connections=2,
-                keepalive_expiry=_KEEPALIVE_S,
-                retries=0,
-                network_backend=_PinnedBackend(addresses, self._guard),
-            )
-        else:
-            pool = cached[0]
-        self._pools[key] = (pool, now)  # most recently used last
-        while len(self._pools) > _POOL_CACHE_SIZE:
-            self._retire(self._pools.popitem(last=False)[1][0])
-        return pool
-
-    @staticmethod
-    def _retire(pool: httpcore.AsyncConnectionPool) -> None:
-        """Close a pool leaving the cache, unless a download is still streaming on it
-        (that download's connection closes or idles out when it ends)."""
-        if all(connection.is_idle() for connection in pool.connections):
-            task = asyncio.get_running_loop().create_task(pool.aclose())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            raise unreachable(field, target, f"{type(exc).__name__}: {exc}") from None
 
     async def aclose(self) -> None:
         """Close the kept connections (at shutdown; the fetcher stays usable)."""
-        pools = [pool for pool, _ in self._pools.values()]
-        self._pools.clear()
-        for pool in pools:
-            await pool.aclose()
-
-    def _check_status(self, response: httpcore.Response, target: _HttpTarget, field: str) -> str | None:
-        status = response.status
-        details = {"field": field, "host": target.host, "status": status}
-        if status in _REDIRECT_STATUSES:
-            location = _header(response, b"location")
-            if location is None:
-                raise JobFailed(
-                    f"{field}: HTTP {status} without a Location", code="input_not_found", details=details
-                )
-            return location
-        if status >= 500 or status in _TRANSIENT_CLIENT_STATUSES:
-            raise UpstreamUnavailable(
-                f"{field}: {target.host} answered HTTP {status}", code="input_unreachable", details=details
-            )
-        if status >= 400:
-            raise JobFailed(
-                f"{field}: {target.host} answered HTTP {status}", code="input_not_found", details=details
-            )
-        if status != 200:
-            raise JobFailed(
-                f"{field}: {target.host} answered HTTP {status}, not 200",
-                code="input_not_found",
-                details=details,
-            )
-        declared = _header(response, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise _too_large(field, self.max_bytes)
-        return None
+        await self._pools.aclose()
 
     async def _stream_body(self, response: httpcore.Response, part_path: Path, field: str) -> None:
         """Count while streaming: Content-Length may be absent, or chunked bodies may run on."""
@@ -527,7 +389,7 @@ class SafeFetcher:
             async for chunk in response.aiter_stream():
                 received += len(chunk)
                 if received > self.max_bytes:
-                    raise _too_large(field, self.max_bytes)
+                    raise too_large(field, self.max_bytes)
                 file.write(chunk)
 
     async def _inspect(
@@ -578,70 +440,3 @@ class SafeFetcher:
             source_url=source_url,
             final_url=final_url,
         )
-
-
-# Pools being closed after leaving a fetcher's cache (a reference keeps each task alive).
-_closing: set[asyncio.Task[None]] = set()
-
-# --------------------------------------------------------------------------------------
-# Error helpers
-# --------------------------------------------------------------------------------------
-
-_PERMANENT_RESOLVER_ERRORS: Final = frozenset(
-    code
-    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
-    if code is not None
-)
-
-
-def _raise_resolution_failure(host: str, field: str, exc: socket.gaierror | None) -> NoReturn:
-    """A name that does not exist will not start to; a resolver hiccup may pass."""
-    details = {"field": field, "host": host}
-    if exc is None or exc.errno in _PERMANENT_RESOLVER_ERRORS:
-        raise JobFailed(f"{field}: host {host!r} does not exist", code="input_unreachable", details=details)
-    raise UpstreamUnavailable(
-        f"{field}: could not resolve {host!r} ({exc.strerror})", code="input_unreachable", details=details
-    )
-
-
-def _unsafe(field: str, refusal: _RefusalError) -> UnsafeInput:
-    log_event(
-        _logger, "input_refused", level=logging.WARNING, field=field, reason=refusal.reason, code=refusal.code
-    )
-    return UnsafeInput(
-        f"{field}: refused: {refusal.reason}",
-        code=refusal.code,
-        details={"field": field, "reason": refusal.reason},
-    )
-
-
-def _unreachable(field: str, target: _HttpTarget, reason: str) -> UpstreamUnavailable:
-    return UpstreamUnavailable(
-        f"{field}: could not download from {target.host}: {reason}",
-        code="input_unreachable",
-        details={"field": field, "host": target.host},
-    )
-
-
-def _too_large(field: str, max_bytes: int) -> UnsafeInput:
-    return UnsafeInput(
-        f"{field}: input is larger than {max_bytes} bytes",
-        code="input_too_large",
-        details={"field": field, "max_bytes": max_bytes},
-    )
-
-
-def _header(response: httpcore.Response, name: bytes) -> str | None:
-    for key, value in response.headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
-
-
-def _is_certificate_error(exc: BaseException) -> bool:
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain:  # chains can loop
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    return any(isinstance(link, ssl.SSLCertVerificationError) for link in chain)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import safe_fetch, url_safety
+from shared import pinned_http, safe_fetch, url_safety
 from shared.errors import JobFailed, UnsafeInput, UpstreamUnavailable
 from shared.safe_fetch import SafeFetcher, resolve_host
 from tests.security.support import (
@@ -178,8 +178,8 @@ def test_the_connection_guard_catches_a_bypassed_check(
 
 def test_the_default_guard_refuses_non_public_addresses_at_dial_time() -> None:
     """The production guard re-checks each address at dial time, behind the resolver check."""
-    guard = safe_fetch._public_only_guard(allow_loopback=False)
-    loopback_guard = safe_fetch._public_only_guard(allow_loopback=True)
+    guard = pinned_http.public_only_guard(allow_loopback=False)
+    loopback_guard = pinned_http.public_only_guard(allow_loopback=True)
 
     for address in ("10.0.0.1", "169.254.169.254", "::1", "127.0.0.1", "fd00::1", "::ffff:10.0.0.1"):
         with pytest.raises(safe_fetch._RefusalError):
