@@ -60,11 +60,7 @@ async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float)
             worker.release_hold()
             continue
         if worker.draining:
-            released = await asyncio.to_thread(
-                worker.store.release, task.taskId, worker_id=worker.worker_id, reason="draining"
-            )
-            await worker.requeue(released)
-            worker.release_hold()
+            await _give_back(worker, task)
             break
         worker.spawn(worker.process(task, hold_acquired=True))
 
@@ -108,6 +104,13 @@ async def run_pushed(worker: Worker, task_id: str) -> tuple[int, dict[str, Any]]
         # A duplicate delivery (another delivery holds it) or an already finished task.
         log_event(logger, "push_duplicate", task_id=task_id, code=exc.code)
         return 200, {"status": "not_claimable", "detail": exc.message}
+    if worker.draining:
+        # Drain began while the claim was in flight: it could not see this task (it is not
+        # in flight yet), so it would run to its end past the grace. Give it back instead.
+        await _give_back(worker, task)
+        if worker.on_requeued is not None:
+            return 200, {"status": "released"}  # enqueued again already
+        return 503, {"status": "draining", "retry_after_s": 10}
     log_task_claimed(logger, task, worker_id=worker.worker_id)
     final = await worker.process(task, hold_acquired=True)
     if final.status == TaskStatus.PENDING:
@@ -118,3 +121,16 @@ async def run_pushed(worker: Worker, task_id: str) -> tuple[int, dict[str, Any]]
         # No dispatcher here: let Cloud Tasks deliver this one again after its backoff.
         return 503, {"status": "retry", "error": error}
     return 200, {"status": final.status.value}
+
+
+async def _give_back(worker: Worker, task: Task) -> None:
+    """Release a task claimed after drain began (PENDING, attempt not counted), enqueue it
+    again, and free its hold."""
+    try:
+        released = await asyncio.to_thread(
+            worker.store.release, task.taskId, worker_id=worker.worker_id, reason="draining"
+        )
+        log_event(logger, "task_released", task_id=task.taskId, reason="draining")
+        await worker.requeue(released)
+    finally:
+        worker.release_hold()

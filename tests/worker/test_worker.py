@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from gpu_runner.worker import StoreTaskSource, Worker
 from shared.settings import Settings
 from shared.storage.local import LocalStorage
 from shared.store.sqlite import SQLiteTaskStore
-from shared.tasks import TaskStatus, utcnow
+from shared.tasks import Task, TaskStatus, utcnow
 
 from .conftest import LEASE_SECONDS, SteeredEngine, face_swap_task, until, watching_lease
 
@@ -218,3 +219,56 @@ def test_push_of_a_task_in_retry_backoff_answers_503_with_its_wait(settings, sto
     assert store.get_or_raise(task.taskId).status == TaskStatus.PENDING
     assert (code, body["status"]) == (503, "not_available_yet") and body["retry_after_s"] >= 1
     assert engine.runs == 0
+
+
+class _ClaimHeldStore(SQLiteTaskStore):
+    """The real SQLite store whose ``claim`` commits, then waits until the test lets it
+    return: the window in which a push delivery has its task but the worker does not
+    know it yet."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.claimed = threading.Event()
+        self.may_return = threading.Event()
+
+    def claim(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
+        task = super().claim(task_id, worker_id=worker_id, lease_seconds=lease_seconds)
+        self.claimed.set()
+        self.may_return.wait(timeout=30)
+        return task
+
+
+def test_a_push_claimed_as_drain_begins_is_released_not_run(settings, results, tmp_path: Path) -> None:
+    """SIGTERM lands while a push delivery's claim is in flight: drain cannot see that task
+    yet, so the delivery must give it back (PENDING, enqueued again) rather than run it to
+    the end past the grace on a runner that is going away."""
+    store = _ClaimHeldStore(tmp_path / "held-claims.sqlite3")
+    try:
+        engine = SteeredEngine()
+        engine.engine_done.set()  # were it run, the job would finish at once and the test fail
+        worker = _worker(settings, store, engine, results)
+        requeued: list[str] = []
+        worker.on_requeued = lambda task: requeued.append(task.taskId)
+        task = store.create(face_swap_task())
+
+        async def scenario() -> tuple[int, dict[str, Any]]:
+            delivery = asyncio.ensure_future(worker.run_pushed(task.taskId))
+            await until(store.claimed.is_set, what="the claim committed")
+            draining = asyncio.ensure_future(worker.drain(grace_s=5))
+            await until(lambda: worker.draining, what="draining")
+            store.may_return.set()
+            answer = await asyncio.wait_for(delivery, timeout=30)
+            await asyncio.wait_for(draining, timeout=30)
+            return answer
+
+        code, body = asyncio.run(scenario())
+
+        final = store.get_or_raise(task.taskId)
+        assert engine.runs == 0, "the engine ran a task claimed after drain began"
+        assert final.status == TaskStatus.PENDING and final.lease is None, final
+        assert final.attempts == 0, "a release does not count an attempt"
+        assert requeued == [task.taskId], "released tasks are enqueued again at once"
+        assert (code, body["status"]) == (200, "released"), body
+        assert worker.in_flight == {} and not worker.busy
+    finally:
+        store.close()
