@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import httpx
 
 from tests.servers import MediaServer, ServerProcess, free_port, start_server
 
-__all__ = ["TERMINAL", "FaultStack", "MediaServer", "face_swap_body", "log_events"]
+__all__ = ["TERMINAL", "FaultStack", "MediaServer", "face_swap_body", "log_events", "running_stack"]
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 TaskView = dict[str, Any]
@@ -201,3 +201,14 @@ def face_swap_body(media_server: MediaServer, target: str = "/target.png") -> di
             "target_url": media_server.url + target,
         },
     }
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, env: dict[str, str]) -> Iterator[FaultStack]:
+    """A stack with its runner up, closed (both processes stopped) when the block ends."""
+    stack = FaultStack(tmp, env)
+    try:
+        stack.start_runner()
+        yield stack
+    finally:
+        stack.close()

@@ -15,19 +15,13 @@ from typing import Any
 
 import pytest
 
-from shared.auth import hash_api_key
-from tests.faults.stack import FaultStack, MediaServer
+from tests.faults.keys import api_keys_setting, tenant_keys
+from tests.faults.stack import FaultStack, MediaServer, running_stack
 from tests.servers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-KEYS = {
-    "alice": "csk_alice_matrix_key",
-    "bob": "csk_bob_matrix_key",
-    "admin": "csk_admin_matrix_key",
-    "runner": "csk_runner_matrix_key",
-}
-ROLES = {"alice": "client", "bob": "client", "admin": "admin", "runner": "runner"}
+KEYS = tenant_keys("matrix")
 
 # Columns: who calls. "own" is alice, who creates every task the routes name; "other" is bob.
 CALLERS: dict[str, dict[str, str]] = {
@@ -96,17 +90,10 @@ def media_for_matrix() -> Iterator[MediaServer]:
 
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    entries = ",".join(f"{hash_api_key(KEYS[name])}:{name}:{ROLES[name]}" for name in KEYS)
-    stack = FaultStack(
-        tmp_path_factory.mktemp("auth"),
-        # The runner serves face_swap only, so alice's ComfyUI tasks stay PENDING (cancellable).
-        {"API_KEYS": entries, "RUNNER_API_KEY": KEYS["runner"], "RATE_LIMIT_BURST": "100000"},
-    )
-    try:
-        stack.start_runner()
+    # The runner serves face_swap only, so alice's ComfyUI tasks stay PENDING (cancellable).
+    env = {"API_KEYS": api_keys_setting(KEYS), "RUNNER_API_KEY": KEYS["runner"], "RATE_LIMIT_BURST": "100000"}
+    with running_stack(tmp_path_factory.mktemp("auth"), env) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def _wait_until_runner_idle(stack: FaultStack) -> None:

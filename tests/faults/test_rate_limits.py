@@ -11,18 +11,13 @@ import pytest
 from flask.testing import FlaskClient
 from functions_framework import create_app
 
-from shared.auth import Principal, hash_api_key
+from shared.auth import Principal
 from shared.errors import RateLimited
 from shared.ratelimit import RateLimiter
+from tests.faults.keys import api_keys_setting, tenant_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEYS = {
-    "alice": "csk_alice_rate",
-    "bob": "csk_bob_rate",
-    "runner": "csk_runner_rate",
-    "admin": "csk_admin_rate",
-}
-ROLES = {"alice": "client", "bob": "client", "runner": "runner", "admin": "admin"}
+KEYS = tenant_keys("rate")
 
 
 class FakeClock:
@@ -100,7 +95,7 @@ def test_buckets_that_refilled_are_forgotten():
 
 @pytest.fixture
 def functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, FlaskClient]]:
-    entries = ",".join(f"{hash_api_key(KEYS[name])}:{name}:{ROLES[name]}" for name in KEYS)
+    entries = api_keys_setting(KEYS)
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("API_KEYS", entries)
     monkeypatch.setenv("RATE_LIMIT_PER_MINUTE", "60")

@@ -7,7 +7,6 @@ host a client sees.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -16,19 +15,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from shared.auth import hash_api_key
-from tests.faults.stack import FaultStack, MediaServer, face_swap_body
-from tests.servers import ServerProcess, free_port, start_server, wait_until
+from tests.fakes import comfyui_double
+from tests.faults.keys import api_keys_setting, tenant_keys
+from tests.faults.stack import FaultStack, MediaServer, face_swap_body, running_stack
+from tests.servers import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-KEYS = {
-    "alice": "csk_alice_isolation",
-    "bob": "csk_bob_isolation",
-    "admin": "csk_admin_isolation",
-    "runner": "csk_runner_isolation",
-}
-ROLES = {"alice": "client", "bob": "client", "admin": "admin", "runner": "runner"}
+KEYS = tenant_keys("isolation")
 
 
 def as_(who: str) -> dict[str, str]:
@@ -38,37 +32,22 @@ def as_(who: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("isolation-comfy")
-    port = free_port()
-    double = start_server(
-        "comfyui-double",
-        [sys.executable, "-m", "tests.fakes.comfyui_double", "--port", str(port), "--root", str(tmp / "c")],
-        url=f"http://127.0.0.1:{port}",
-        log_dir=tmp / "logs",
-        health_path="/system_stats",
-        timeout_s=60,
-    )
+    double = comfyui_double.start(tmp / "c", log_dir=tmp / "logs")
     yield double
     double.stop()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, comfyui: ServerProcess) -> Iterator[FaultStack]:
-    api_keys = ",".join(f"{hash_api_key(KEYS[name])}:{name}:{ROLES[name]}" for name in KEYS)
-    stack = FaultStack(
-        tmp_path_factory.mktemp("isolation"),
-        {
-            "API_KEYS": api_keys,
-            "RUNNER_API_KEY": KEYS["runner"],
-            "RUNNER_ENVIRONMENTS": "face_swap,comm",
-            "COMFYUI_URL": comfyui.url,
-            "RATE_LIMIT_BURST": "1000",
-        },
-    )
-    try:
-        stack.start_runner()
+    env = {
+        "API_KEYS": api_keys_setting(KEYS),
+        "RUNNER_API_KEY": KEYS["runner"],
+        "RUNNER_ENVIRONMENTS": "face_swap,comm",
+        "COMFYUI_URL": comfyui.url,
+        "RATE_LIMIT_BURST": "1000",
+    }
+    with running_stack(tmp_path_factory.mktemp("isolation"), env) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture
@@ -188,8 +167,7 @@ def test_only_an_admin_interrupts_comfyui_globally_and_a_client_only_its_own_tas
 
 
 def test_runner_routes_take_tokens_from_the_callers_rate_limit(tmp_path, media_server):
-    api_keys = ",".join(f"{hash_api_key(KEYS[name])}:{name}:{ROLES[name]}" for name in KEYS)
-    stack = FaultStack(tmp_path, {"API_KEYS": api_keys, "RUNNER_API_KEY": KEYS["runner"]})
+    stack = FaultStack(tmp_path, {"API_KEYS": api_keys_setting(KEYS), "RUNNER_API_KEY": KEYS["runner"]})
     try:
         stack.start_runner({"RATE_LIMIT_BURST": "3", "RATE_LIMIT_PER_MINUTE": "1"})
         answers = [

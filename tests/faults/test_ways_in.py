@@ -23,28 +23,24 @@ from pathlib import Path
 
 import pytest
 
-from shared.auth import hash_api_key
-from tests.faults.stack import FaultStack, log_events
+from tests.faults.keys import api_keys_setting, tenant_keys
+from tests.faults.stack import FaultStack, log_events, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-KEYS = {"alice": "csk_alice_ways_in", "admin": "csk_admin_ways_in", "runner": "csk_runner_ways_in"}
-ROLES = {"alice": "client", "admin": "admin", "runner": "runner"}
+KEYS = tenant_keys("ways_in", "alice", "admin", "runner")
 LIMIT = 2 * 1024 * 1024  # MAX_REQUEST_BYTES of this stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    api_keys = ",".join(f"{hash_api_key(KEYS[name])}:{name}:{ROLES[name]}" for name in KEYS)
-    stack = FaultStack(
-        tmp_path_factory.mktemp("ways-in"),
-        {"API_KEYS": api_keys, "RUNNER_API_KEY": KEYS["runner"], "MAX_REQUEST_BYTES": str(LIMIT)},
-    )
-    try:
-        stack.start_runner()
+    env = {
+        "API_KEYS": api_keys_setting(KEYS),
+        "RUNNER_API_KEY": KEYS["runner"],
+        "MAX_REQUEST_BYTES": str(LIMIT),
+    }
+    with running_stack(tmp_path_factory.mktemp("ways-in"), env) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def _port(url: str) -> int:
