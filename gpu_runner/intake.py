@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpu_runner.sources import TaskSource
 from shared.errors import ComfySwapError, Conflict, NotFound
-from shared.logs import get_logger, log_event, log_task_claimed
+from shared.logs import get_logger, log_event, log_failure, log_task_claimed
 from shared.tasks import Task, TaskStatus
 
 if TYPE_CHECKING:
@@ -46,14 +46,7 @@ async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float)
                 break
             failures += 1
             delay = min(30.0, 0.5 * 2**failures)
-            log_event(
-                logger,
-                "fetch_failed",
-                code=exc.code,
-                error=exc.message,
-                retry_in_s=delay,
-                level=logging.WARNING,
-            )
+            log_failure(logger, "fetch_failed", exc, retry_in_s=delay)
             await asyncio.sleep(delay)
             continue
         if task is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
+from logging import WARNING
 from typing import Any
 
 from gpu_runner.engines.base import ProgressCallback
@@ -129,25 +129,11 @@ async def keep_lease(
             except (Conflict, NotFound):
                 held.lease_lost = True
                 held.cancel.set()
-                log_event(logger, "lease_lost", task_id=held.task_id, level=logging.WARNING)
+                log_event(logger, "lease_lost", task_id=held.task_id, level=WARNING)
                 return
-            except ComfySwapError as exc:
-                log_event(
-                    logger,
-                    "heartbeat_failed",
-                    task_id=held.task_id,
-                    error=exc.message,
-                    level=logging.WARNING,
-                )
-                next_heartbeat = now + min(5.0, heartbeat_every)
             except Exception as exc:  # the store hiccuped; the next beat retries before the lease ends
-                log_event(
-                    logger,
-                    "heartbeat_failed",
-                    task_id=held.task_id,
-                    error=repr(exc),
-                    level=logging.WARNING,
-                )
+                error = exc.message if isinstance(exc, ComfySwapError) else repr(exc)
+                log_event(logger, "heartbeat_failed", task_id=held.task_id, error=error, level=WARNING)
                 next_heartbeat = now + min(5.0, heartbeat_every)
     except asyncio.CancelledError:
         return

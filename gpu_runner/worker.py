@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import os
 import shutil
 import socket
@@ -47,7 +46,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.inputs import InputStore, drop_task_inputs, input_refs, make_input_store
-from shared.logs import bind_task, get_logger, log_event, unbind_task
+from shared.logs import bind_task, get_logger, log_event, log_failure, unbind_task
 from shared.settings import Settings
 from shared.store.base import TaskStore
 from shared.tasks import Task, TaskStatus
@@ -330,14 +329,7 @@ class Worker:
             self.failed += 1
             self._log_finished(final)
         else:
-            log_event(
-                logger,
-                "task_retry",
-                code=error.code,
-                error=error.message,
-                attempt=task.attempts,
-                level=logging.WARNING,
-            )
+            log_failure(logger, "task_retry", error, attempt=task.attempts)
             await self.requeue(final)
         return final
 

@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from shared.errors import ComfySwapError
     from shared.tasks import Task
 
 __all__ = [
@@ -100,6 +101,14 @@ def unbind_trace(token: contextvars.Token[str | None]) -> None:
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """One structured event (``event`` is what log-based metrics filter on)."""
     logger.log(level, event, extra={"event": event, **fields})
+
+
+def log_failure(
+    logger: logging.Logger, event: str, error: ComfySwapError, *, level: int = logging.WARNING, **fields: Any
+) -> None:
+    """An event about a failure, carrying the error's ``code`` and message (``error``) as
+    every failure event does, so log queries read them the same way."""
+    log_event(logger, event, level=level, code=error.code, error=error.message, **fields)
 
 
 def log_task_claimed(logger: logging.Logger, task: Task, *, worker_id: str) -> None:

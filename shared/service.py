@@ -27,7 +27,7 @@ from shared.errors import (
     ValidationFailed,
     validation_failed_from,
 )
-from shared.logs import get_logger, log_event, log_task_claimed
+from shared.logs import get_logger, log_event, log_failure, log_task_claimed
 from shared.ratelimit import WaitSlots
 from shared.settings import Settings
 from shared.store import TaskStore, make_task_store
@@ -280,14 +280,7 @@ class TaskService:
         except ComfySwapError as exc:
             # The task is stored and PENDING; the re-dispatch sweep enqueues it again.
             # The client still gets its task id: nothing is lost.
-            log_event(
-                logger,
-                "dispatch_failed",
-                task_id=task.taskId,
-                code=exc.code,
-                error=exc.message,
-                level=logging.ERROR,
-            )
+            log_failure(logger, "dispatch_failed", exc, task_id=task.taskId, level=logging.ERROR)
 
     def reap_expired_leases(self) -> list[Task]:
         """Tasks whose runner stopped renewing its lease go back to PENDING and are

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from shared.errors import ComfySwapError, JobFailed, UnsafeInput
-from shared.logs import get_logger, log_event
+from shared.logs import get_logger, log_event, log_failure
 from shared.safe_fetch import SafeFetcher
 from shared.settings import Settings
 from shared.store.base import TaskStore
@@ -94,14 +94,7 @@ class WebhookNotifier:
                     task.webhook_url, body, headers=headers, field="webhook_url"
                 )
             except (UnsafeInput, JobFailed) as exc:
-                log_event(
-                    logger,
-                    "webhook_refused",
-                    task_id=task.taskId,
-                    code=exc.code,
-                    error=exc.message,
-                    level=logging.WARNING,
-                )
+                log_failure(logger, "webhook_refused", exc, task_id=task.taskId)
                 outcome = "refused"
                 break
             except ComfySwapError as exc:

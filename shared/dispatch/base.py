@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 
 from shared.errors import ComfySwapError, Conflict, NotFound
-from shared.logs import get_logger, log_event
+from shared.logs import get_logger, log_event, log_failure
 from shared.store.base import TaskStore
 from shared.tasks import Task, TaskStatus, utcnow
 
@@ -82,14 +82,7 @@ def redispatch_stale_pending(
             dispatcher.dispatch(task)
         except ComfySwapError as exc:
             report.failed[task_id] = exc.code
-            log_event(
-                logger,
-                "redispatch_failed",
-                task_id=task_id,
-                code=exc.code,
-                error=exc.message,
-                level=logging.ERROR,
-            )
+            log_failure(logger, "redispatch_failed", exc, task_id=task_id, level=logging.ERROR)
             continue
         report.dispatched.append(task_id)
     if report.dispatched or report.failed:

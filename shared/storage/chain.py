@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ComfySwapError, UpstreamUnavailable
-from shared.logs import get_logger, log_event
+from shared.logs import get_logger, log_event, log_failure
 from shared.storage.base import StorageProvider, StoredObject
 
 __all__ = ["StorageChain"]
@@ -62,14 +62,12 @@ class StorageChain(StorageProvider):
                 error = _as_service_error(provider.name, exc, key)
                 failures.append((provider.name, error))
                 tried.append({"provider": provider.name, "error": error.message, "code": error.code})
-                log_event(
+                log_failure(
                     logger,
                     "storage_provider_failed",
-                    level=logging.WARNING,
+                    error,
                     provider=provider.name,
                     key=key,
-                    code=error.code,
-                    error=error.message,
                     retryable=error.retryable,
                     upstream=error.details,
                 )
