@@ -56,20 +56,18 @@ def _environment() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(_PYCACHE)}
 
 
+def _python(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter with the bench environment, its output captured."""
+    return subprocess.run(
+        [PY, *arguments], capture_output=True, text=True, cwd=cwd, env=_environment(), timeout=120, check=True
+    )
+
+
 def _import_seconds(module: str, cwd: Path, runs: int) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of ``import module`` in ``runs`` fresh interpreters."""
-    env = _environment()
     samples = []
     for _ in range(runs):
-        completed = subprocess.run(
-            [PY, "-c", _TIMER.format(module=module)],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env=env,
-            timeout=120,
-            check=True,
-        )
+        completed = _python(["-c", _TIMER.format(module=module)], cwd)
         wall, cpu = completed.stdout.strip().splitlines()[-1].split()
         samples.append((float(wall), float(cpu)))
     return samples
@@ -77,16 +75,7 @@ def _import_seconds(module: str, cwd: Path, runs: int) -> list[tuple[float, floa
 
 def _self_times(module: str, cwd: Path) -> dict[str, int]:
     """``-X importtime``: microseconds of each module's own import work."""
-    env = _environment()
-    completed = subprocess.run(
-        [PY, "-X", "importtime", "-c", f"import {module}"],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-        check=True,
-    )
+    completed = _python(["-X", "importtime", "-c", f"import {module}"], cwd)
     times: dict[str, int] = {}
     for line in completed.stderr.splitlines():
         match = _IMPORTTIME_LINE.match(line)

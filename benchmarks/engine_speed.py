@@ -20,7 +20,6 @@ import asyncio
 import json
 import math
 import re
-import resource
 import subprocess
 import time
 import uuid
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import PY, REPO, Row, fmt_ms, median, run_json_subprocess, verdict
+from benchmarks.rss import peak_rss_mb
 
 __all__ = ["comfyui_overhead", "cpu_swap_rows"]
 
@@ -37,19 +37,6 @@ RSS_GROWTH_TARGET = 1.2
 
 
 # --- measurements run in a subprocess ------------------------------------------------------
-def _peak_rss_mb() -> float:
-    """This process's own RSS high-water mark (VmHWM). ``ru_maxrss`` would do, but Linux
-    carries it over from the parent across fork+exec, so a child of a big process reports
-    the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _measure_images(runs: int) -> dict[str, Any]:
     import cv2
     import numpy as np
@@ -133,13 +120,13 @@ def _measure_video(clip: Path, workdir: Path, mode: str) -> dict[str, Any]:
     if mode == "transcode":
         started = time.perf_counter()
         frames = _transcode(clip, workdir / f"transcoded-{uuid.uuid4().hex}.mp4")
-        return {"frames": frames, "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+        return {"frames": frames, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
     from gpu_runner.engines.cpu_swap import FaceSwapper, swap_video
     from tests.faceswap.media import grace_hopper_bgr
 
     swapper = FaceSwapper()
     source = swapper.prepare_source(grace_hopper_bgr())
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     started = time.perf_counter()
     info = swap_video(swapper, source, clip, workdir / f"swapped-{uuid.uuid4().hex}.mp4")
     return {
@@ -147,7 +134,7 @@ def _measure_video(clip: Path, workdir: Path, mode: str) -> dict[str, Any]:
         "swapped": info.frames_swapped,
         "seconds": time.perf_counter() - started,
         "rss_before_mb": rss_before,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -23,18 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def _peak_rss_mb() -> float:
-    """This process's own RSS high-water mark (VmHWM). ``ru_maxrss`` would do, but Linux
-    carries it over from the parent across fork+exec, so a child of a big process reports
-    the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from benchmarks.rss import peak_rss_mb
 
 
 def _provider_chain() -> Any:
@@ -171,7 +160,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         elif provider == "r2":
             import boto3  # noqa: F401
     chain = None if args.raw else _provider_chain()
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
     if chain is None:
@@ -183,7 +172,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "cpu_s": _cpu_seconds() - cpu_before,
         "rss_before_mb": rss_before,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

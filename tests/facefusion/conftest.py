@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,29 @@ class Run:
 
     def __call__(self) -> EngineResult:
         return asyncio.run(self.prepare_and_run())
+
+
+@pytest.fixture
+def image_run(tmp_path: Path, source_url: str, target_image_url: str) -> Callable[..., Run]:
+    """``image_run(engine, **inputs)``: a Run of ``engine`` putting the source face into the
+    astronaut photo, in ``tmp_path/work``."""
+
+    def make(engine: FaceSwapEngineBase, **inputs: Any) -> Run:
+        task = face_swap_task(source_url=source_url, target_url=target_image_url, **inputs)
+        return Run(engine, task, tmp_path / "work")
+
+    return make
+
+
+@pytest.fixture
+def video_run(tmp_path: Path, source_url: str, target_video_url: str) -> Callable[..., Run]:
+    """``video_run(engine, **inputs)``: the same into the astronaut clip."""
+
+    def make(engine: FaceSwapEngineBase, **inputs: Any) -> Run:
+        task = face_swap_task(source_url=source_url, target_url=target_video_url, **inputs)
+        return Run(engine, task, tmp_path / "work")
+
+    return make
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,13 @@ def test_a_video_result_is_stored_as_mp4(
 
 
 def test_5xx_answers_are_retried_with_exponential_backoff(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     set_knobs(api_server, fail_times=2)
 
-    result = Run(
-        engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work"
-    )()
+    result = image_run(engine)()
 
     assert result.outputs
     arrivals = [call["at"] for call in received(api_server)]
@@ -126,33 +123,28 @@ def test_5xx_answers_are_retried_with_exponential_backoff(
 
 
 def test_a_timed_out_attempt_is_retried(
+    image_run: Callable[..., Run],
     tmp_path: Path,
     fetcher: SafeFetcher,
     api_server: ServerProcess,
     shared_dir: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     engine = make_engine(tmp_path, fetcher, api_server.url, shared_dir, face_swap_timeout=0.5)
     set_knobs(api_server, slow_times=1, delay_s=3)
 
-    result = Run(
-        engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work"
-    )()
+    result = image_run(engine)()
 
     assert result.outputs
     assert len(received(api_server)) == 2
 
 
 def test_exhausted_retries_are_upstream_unavailable_and_retryable(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     set_knobs(api_server, fail_times=10)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -165,18 +157,17 @@ def test_exhausted_retries_are_upstream_unavailable_and_retryable(
 
 
 def test_timeouts_on_every_attempt_are_upstream_unavailable(
+    image_run: Callable[..., Run],
     tmp_path: Path,
     fetcher: SafeFetcher,
     api_server: ServerProcess,
     shared_dir: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     engine = make_engine(
         tmp_path, fetcher, api_server.url, shared_dir, face_swap_timeout=0.3, face_swap_retry_count=2
     )
     set_knobs(api_server, slow_times=5, delay_s=3)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -193,17 +184,15 @@ def test_timeouts_on_every_attempt_are_upstream_unavailable(
     ],
 )
 def test_status_failed_is_a_failed_job_with_the_services_error(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
     upstream_error: str,
     code: str,
 ) -> None:
     """A missing face gets the code the CPU and FaceFusion engines give it."""
     set_knobs(api_server, result_status="failed", result_error=upstream_error)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(JobFailed) as failure:
         run()
@@ -219,12 +208,11 @@ def test_status_failed_is_a_failed_job_with_the_services_error(
     ["/../../../../etc/hostname", "outputs/../../escape.jpg", "/etc/hostname", "/outputs/escape-link.jpg"],
 )
 def test_an_output_path_outside_the_shared_dir_is_refused(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
     shared_dir: Path,
     tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
     output_path: str,
 ) -> None:
     outside = tmp_path / "outside.jpg"
@@ -234,7 +222,7 @@ def test_an_output_path_outside_the_shared_dir_is_refused(
     link.unlink(missing_ok=True)
     link.symlink_to(outside)
     set_knobs(api_server, output_path=output_path)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(JobFailed) as failure:
         run()
@@ -245,14 +233,12 @@ def test_an_output_path_outside_the_shared_dir_is_refused(
 
 
 def test_health_down_is_upstream_unavailable_before_any_swap(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     set_knobs(api_server, health_down=True)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -271,10 +257,13 @@ def test_health_reports_the_services_answer(engine: FaceFusionApiEngine) -> None
 
 
 def test_a_service_that_is_not_listening_is_upstream_unavailable(
-    tmp_path: Path, fetcher: SafeFetcher, shared_dir: Path, source_url: str, target_image_url: str
+    image_run: Callable[..., Run],
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    shared_dir: Path,
 ) -> None:
     engine = make_engine(tmp_path, fetcher, f"http://127.0.0.1:{free_port()}", shared_dir)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -283,14 +272,12 @@ def test_a_service_that_is_not_listening_is_upstream_unavailable(
 
 
 def test_cancel_stops_waiting_for_the_service(
+    image_run: Callable[..., Run],
     engine: FaceFusionApiEngine,
     api_server: ServerProcess,
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     set_knobs(api_server, slow_times=1, delay_s=3)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     async def cancel_during_the_call() -> float:
         job = asyncio.ensure_future(run.prepare_and_run())

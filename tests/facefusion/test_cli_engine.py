@@ -9,11 +9,14 @@ to FaceFusion's options is asserted on what a real FaceFusion would have receive
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import io
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pytest
 from PIL import Image
 
 from gpu_runner.engines.facefusion import FaceFusionEngine, FaceFusionProgressParser
-from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
+from shared.errors import ComfySwapError, JobCancelled, JobFailed, UpstreamUnavailable
 from shared.safe_fetch import SafeFetcher
 from shared.settings import Settings
 from shared.tasks import Progress
@@ -51,10 +54,30 @@ def make_engine(tmp_path: Path, fetcher: SafeFetcher, command: str, **overrides:
 
 
 @pytest.fixture
+def cli_engine(
+    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str
+) -> Callable[..., FaceFusionEngine]:
+    """``cli_engine(**settings)``: an engine on the stand-in CLI (make_engine's defaults)."""
+    return functools.partial(make_engine, tmp_path, fetcher, fake_cli_command)
+
+
+@pytest.fixture
 def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "facefusion-record.json"
     monkeypatch.setenv("FAKE_FACEFUSION_RECORD", str(path))
     return path
+
+
+@pytest.fixture
+def hanging_facefusion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in (and the child it starts) sleeps a minute instead of swapping."""
+    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
+
+
+def assert_no_facefusion_left(record_path: Path) -> None:
+    """FaceFusion and its child, as the stand-in recorded them, are gone within 5 s."""
+    record = json.loads(record_path.read_text())
+    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
 
 
 def options(argv: list[str]) -> dict[str, list[str]]:
@@ -79,16 +102,14 @@ def gone(pid: int) -> bool:
 
 
 def test_image_swap_maps_the_request_to_headless_run_arguments(
+    image_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
-    source_url: str,
-    target_image_url: str,
     astronaut_png: Path,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    engine = cli_engine()
+    run = image_run(engine)
 
     result = run()
 
@@ -129,14 +150,13 @@ def test_image_swap_maps_the_request_to_headless_run_arguments(
 
 
 def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
     source_url: str,
     target_video_url: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command, facefusion_execution_providers="tensorrt, cuda")
+    engine = cli_engine(facefusion_execution_providers="tensorrt, cuda")
     task = face_swap_task(
         source_url=source_url,
         target_url=target_video_url,
@@ -176,15 +196,14 @@ def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
 
 
 def test_resolution_is_the_output_size_and_pixel_boost_its_own_parameter(
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
     source_url: str,
     target_image_url: str,
     target_video_url: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
     image_task = face_swap_task(
         source_url=source_url, target_url=target_image_url, resolution="256x200", pixel_boost="512x512"
     )
@@ -208,14 +227,13 @@ def test_resolution_is_the_output_size_and_pixel_boost_its_own_parameter(
 
 
 def test_a_reference_index_selects_that_face_as_reference(
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
     source_url: str,
     target_image_url: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
     task = face_swap_task(
         source_url=source_url, target_url=target_image_url, face_selector=2, resolution="200x200"
     )
@@ -229,120 +247,103 @@ def test_a_reference_index_selects_that_face_as_reference(
     assert given["--face-swapper-pixel-boost"] == ["128x128"]
 
 
-@pytest.mark.parametrize(
-    ("knob", "expected_line", "last_progress"),
-    [
-        (
-            "midway",
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """How a FaceFusion failure must reach the task: the error, its code and retryability,
+    a part of its message, details it must carry, a part of FaceFusion's last output line."""
+
+    error: type[ComfySwapError]
+    code: str
+    message: str = ""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_line: str = ""
+
+
+# Case -> (the stand-in's FAKE_FACEFUSION_FAIL knob, settings, a video target?, the failure).
+FAILURES: dict[str, tuple[str, dict[str, Any], bool, Failure]] = {
+    "exit 1 mid-video: FaceFusion's last lines and progress": (
+        "midway",
+        {},
+        True,
+        Failure(
+            JobFailed,
+            "facefusion_failed",
             "processing to video failed",
-            {"value": CLIP_FRAMES // 2, "max": CLIP_FRAMES, "stage": "processing"},
+            {
+                "exit_code": 1,
+                "last_progress": {"value": CLIP_FRAMES // 2, "max": CLIP_FRAMES, "stage": "processing"},
+            },
         ),
-    ],
-)
-def test_exit_1_is_a_failed_job_with_facefusions_last_lines(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
+    ),
+    "no source face: the CPU engine's code": (
+        "no_source_face",
+        {},
+        False,
+        Failure(JobFailed, "no_face_in_source", last_line="no source face detected"),
+    ),
+    "exit 2: a failed precheck": (
+        "precheck",
+        {},
+        False,
+        Failure(JobFailed, "facefusion_precheck_failed", "ffmpeg is not installed", {"exit_code": 2}),
+    ),
+    "an option FaceFusion refuses: a failed precheck naming it": (
+        "",
+        {"facefusion_execution_providers": "quantum"},
+        False,
+        Failure(JobFailed, "facefusion_precheck_failed", "invalid choice: 'quantum'"),
+    ),
+    "exit 0 without an output file: a failed job": (
+        "no_output",
+        {},
+        False,
+        Failure(JobFailed, "facefusion_no_output"),
+    ),
+    "a hash failure FaceFusion reports: models missing, not the user's fault": (
+        "hash",
+        {},
+        False,
+        Failure(UpstreamUnavailable, "models_missing", details={"models": ["nsfw_1"]}),
+    ),
+}
+
+
+@pytest.mark.parametrize(("knob", "settings", "video", "expected"), FAILURES.values(), ids=FAILURES.keys())
+def test_facefusion_failures_reach_the_task_as_what_they_are(
+    image_run: Callable[..., Run],
+    video_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_video_url: str,
     knob: str,
-    expected_line: str,
-    last_progress: dict[str, Any] | None,
+    settings: dict[str, Any],
+    video: bool,
+    expected: Failure,
 ) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", knob)
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_video_url), tmp_path / "work")
+    if knob:
+        monkeypatch.setenv("FAKE_FACEFUSION_FAIL", knob)
+    run = (video_run if video else image_run)(cli_engine(**settings))
 
-    with pytest.raises(JobFailed) as failure:
+    with pytest.raises(ComfySwapError) as failure:
         run()
 
-    assert failure.value.code == "facefusion_failed"
-    assert failure.value.retryable is False
-    assert expected_line in failure.value.message
-    assert failure.value.details["exit_code"] == 1
-    assert failure.value.details.get("last_progress") == last_progress
-
-
-def test_no_source_face_has_the_cpu_engines_code(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
-) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "no_source_face")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-
-    with pytest.raises(JobFailed) as failure:
-        Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")()
-
-    assert failure.value.code == "no_face_in_source"
-    assert failure.value.retryable is False
-    assert "no source face detected" in failure.value.details["output_tail"][-1]
-
-
-def test_exit_2_is_a_failed_precheck(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
-) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "precheck")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
-
-    with pytest.raises(JobFailed) as failure:
-        run()
-
-    assert failure.value.code == "facefusion_precheck_failed"
-    assert "ffmpeg is not installed" in failure.value.message
-    assert failure.value.details["exit_code"] == 2
-
-
-def test_an_option_facefusion_refuses_is_a_failed_precheck_naming_it(
-    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str, source_url: str, target_image_url: str
-) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command, facefusion_execution_providers="quantum")
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
-
-    with pytest.raises(JobFailed) as failure:
-        run()
-
-    assert failure.value.code == "facefusion_precheck_failed"
-    assert "invalid choice: 'quantum'" in failure.value.message
-
-
-def test_exit_0_without_an_output_file_is_a_failed_job(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
-) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "no_output")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
-
-    with pytest.raises(JobFailed) as failure:
-        run()
-
-    assert failure.value.code == "facefusion_no_output"
+    error = failure.value
+    assert type(error) is expected.error, error
+    assert error.code == expected.code
+    assert error.retryable is (expected.error is UpstreamUnavailable)
+    assert expected.message in error.message
+    assert {key: error.details.get(key) for key in expected.details} == expected.details
+    if expected.last_line:
+        assert expected.last_line in error.details["output_tail"][-1]
 
 
 def test_a_model_facefusion_does_not_have_fails_before_starting_it(
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
     source_url: str,
     target_image_url: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
     task = face_swap_task(source_url=source_url, target_url=target_image_url, model="simswap_512")
 
     with pytest.raises(JobFailed) as failure:
@@ -354,15 +355,13 @@ def test_a_model_facefusion_does_not_have_fails_before_starting_it(
 
 @pytest.mark.parametrize("fault", ["missing", "corrupt"])
 def test_missing_or_corrupt_models_are_a_deployment_fault_before_facefusion_starts(
+    image_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
     record_path: Path,
-    source_url: str,
-    target_image_url: str,
     fault: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
     models = tmp_path / "models"
     if fault == "missing":
         (models / "yoloface_8n.onnx").unlink()
@@ -372,7 +371,7 @@ def test_missing_or_corrupt_models_are_a_deployment_fault_before_facefusion_star
             model.write(b"truncated download")
         (models / "inswapper_128_fp16.hash").write_text("00000000")
     asyncio.run(engine.start())
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -393,9 +392,12 @@ def test_missing_or_corrupt_models_are_a_deployment_fault_before_facefusion_star
 
 
 def test_a_missing_swapper_alone_fails_only_its_tasks(
-    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str, source_url: str, target_image_url: str
+    cli_engine: Callable[..., FaceFusionEngine],
+    tmp_path: Path,
+    source_url: str,
+    target_image_url: str,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
     (tmp_path / "models" / "crossface_simswap.onnx").unlink()
 
     health = asyncio.run(engine.health())
@@ -411,18 +413,15 @@ def test_a_missing_swapper_alone_fails_only_its_tasks(
 
 
 def test_a_hash_failure_facefusion_reports_is_models_missing_not_the_users_fault(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
+    image_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
 ) -> None:
     monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "hash")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
+    engine = cli_engine()
 
     with pytest.raises(UpstreamUnavailable) as failure:
-        Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")()
+        image_run(engine)()
 
     assert failure.value.code == "models_missing"
     assert failure.value.details["models"] == ["nsfw_1"]
@@ -440,17 +439,13 @@ def test_facefusion_cannot_download_models(tmp_path: Path) -> None:
 
 
 def test_timeout_kills_facefusion_and_its_children(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
+    image_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     record_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
+    hanging_facefusion: None,
 ) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command, task_timeout_s=1.5)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    engine = cli_engine(task_timeout_s=1.5)
+    run = image_run(engine)
     started = time.monotonic()
 
     with pytest.raises(JobFailed) as failure:
@@ -458,22 +453,17 @@ def test_timeout_kills_facefusion_and_its_children(
 
     assert failure.value.code == "task_timeout"
     assert time.monotonic() - started < 10
-    record = json.loads(record_path.read_text())
-    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+    assert_no_facefusion_left(record_path)
 
 
 def test_cancel_stops_facefusion_mid_run_and_leaves_no_process(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
+    video_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     record_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_video_url: str,
+    hanging_facefusion: None,
 ) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_video_url), tmp_path / "work")
+    engine = cli_engine()
+    run = video_run(engine)
 
     async def cancel_once_processing() -> None:
         job = asyncio.ensure_future(run.prepare_and_run())
@@ -490,24 +480,19 @@ def test_cancel_stops_facefusion_mid_run_and_leaves_no_process(
 
     asyncio.run(cancel_once_processing())
 
-    record = json.loads(record_path.read_text())
-    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+    assert_no_facefusion_left(record_path)
     assert any(item.stage == "processing" for item in run.progress), "progress was read before the cancel"
 
 
 def test_when_the_worker_abandons_the_run_facefusion_is_killed(
-    tmp_path: Path,
-    fetcher: SafeFetcher,
-    fake_cli_command: str,
+    image_run: Callable[..., Run],
+    cli_engine: Callable[..., FaceFusionEngine],
     record_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    source_url: str,
-    target_image_url: str,
+    hanging_facefusion: None,
 ) -> None:
     """The worker's own TASK_TIMEOUT_S cancels ``run``: the process must not outlive it."""
-    monkeypatch.setenv("FAKE_FACEFUSION_SLEEP_S", "60")
-    engine = make_engine(tmp_path, fetcher, fake_cli_command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    engine = cli_engine()
+    run = image_run(engine)
 
     async def abandon() -> None:
         job = await engine.prepare(run.task, run.workdir)
@@ -516,18 +501,20 @@ def test_when_the_worker_abandons_the_run_facefusion_is_killed(
 
     asyncio.run(abandon())
 
-    record = json.loads(record_path.read_text())
-    wait_until(lambda: gone(record["pid"]) and gone(record["child_pid"]), timeout_s=5, what="no process left")
+    assert_no_facefusion_left(record_path)
 
 
 @pytest.mark.parametrize(
     "command", ["/nonexistent/bin/facefusion", f"{sys.executable} /nonexistent/facefusion.py"]
 )
 def test_a_missing_facefusion_is_upstream_unavailable(
-    tmp_path: Path, fetcher: SafeFetcher, source_url: str, target_image_url: str, command: str
+    image_run: Callable[..., Run],
+    tmp_path: Path,
+    fetcher: SafeFetcher,
+    command: str,
 ) -> None:
     engine = make_engine(tmp_path, fetcher, command)
-    run = Run(engine, face_swap_task(source_url=source_url, target_url=target_image_url), tmp_path / "work")
+    run = image_run(engine)
 
     with pytest.raises(UpstreamUnavailable) as failure:
         run()
@@ -537,10 +524,8 @@ def test_a_missing_facefusion_is_upstream_unavailable(
     assert asyncio.run(engine.health())["status"] == "unavailable"
 
 
-def test_health_reports_an_installed_facefusion(
-    tmp_path: Path, fetcher: SafeFetcher, fake_cli_command: str
-) -> None:
-    health = asyncio.run(make_engine(tmp_path, fetcher, fake_cli_command).health())
+def test_health_reports_an_installed_facefusion(cli_engine: Callable[..., FaceFusionEngine]) -> None:
+    health = asyncio.run(cli_engine().health())
 
     assert health["status"] == "available"
     assert health["execution_providers"] == ["cuda"]
@@ -588,7 +573,7 @@ def test_bars_never_fill_the_error_tail_and_3_3s_capitals_are_read() -> None:
     assert parser.failed_hashes == ["yoloface_8n"]
 
 
-def test_the_stand_in_refuses_unknown_processors_and_models_as_facefusion_does(tmp_path: Path) -> None:
+def test_the_stand_in_refuses_unknown_processors_and_models_as_facefusion_does() -> None:
     for bad in (["--processors", "face_melter"], ["--face-swapper-model", "simswap_512"]):
         completed = subprocess.run(
             [sys.executable, str(FAKE_CLI), "headless-run", *bad],

@@ -13,7 +13,7 @@ import io
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,24 +47,24 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
-@pytest.fixture(scope="session")
-def fake_gcs(server_logs: Path) -> Iterator[EmulatorProcess]:
+def _emulator(start: Callable[[Path], EmulatorProcess], logs: Path) -> Iterator[EmulatorProcess]:
+    """An emulator for the session, stopped at its end; the tests are skipped without it."""
     try:
-        server = start_fake_gcs_server(server_logs)
+        server = start(logs)
     except EmulatorUnavailable as exc:
         pytest.skip(str(exc))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(server_logs: Path) -> Iterator[EmulatorProcess]:
+    yield from _emulator(start_fake_gcs_server, server_logs)
 
 
 @pytest.fixture(scope="session")
 def moto_s3(server_logs: Path) -> Iterator[EmulatorProcess]:
-    try:
-        server = start_moto_server(server_logs)
-    except EmulatorUnavailable as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.stop()
+    yield from _emulator(start_moto_server, server_logs)
 
 
 @pytest.fixture(scope="session")

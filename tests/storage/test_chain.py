@@ -176,19 +176,21 @@ def test_unknown_provider_name_is_refused(tmp_path: Path) -> None:
         make_provider("s3", storage_settings(data_dir=tmp_path))
 
 
-def test_importing_storage_does_not_import_cloud_sdks() -> None:
-    code = (
+# Each checked in a fresh interpreter: what importing storage (or building a provider) loads.
+LAZY_SDKS = {
+    "importing storage imports no cloud SDK": (
         "import sys, shared.storage, shared.storage.chain;"
         "heavy = [m for m in ('boto3', 'botocore', 'google.cloud.storage') if m in sys.modules];"
         "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=60)
-
-
-def test_building_r2_provider_defers_boto3_until_first_use() -> None:
-    code = (
+    ),
+    "building the R2 provider defers boto3 until first use": (
         "import sys; from shared.settings import Settings; from shared.storage import make_provider;"
         "make_provider('r2', Settings(r2_bucket_name='b', r2_account_id='a'));"
         "assert 'boto3' not in sys.modules"
-    )
+    ),
+}
+
+
+@pytest.mark.parametrize("code", LAZY_SDKS.values(), ids=LAZY_SDKS.keys())
+def test_cloud_sdks_load_only_when_used(code: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=60)
