@@ -148,15 +148,16 @@ def create_phase_costs(workdir: Path, body: bytes, *, count: int = 400) -> str:
     principal = authenticate({}, service.settings)
     request = service.parse_create(parse_json(body))
     task = service.build_task(request, principal)
+    _, serialized = service._check_document_size(task)
 
     def store_write() -> None:
         task.taskId = f"task_{uuid.uuid4().hex}"
-        service.store.create(task)
+        service.store.create(task, serialized=serialized)
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("JSON and pydantic validation", lambda: service.parse_create(parse_json(body))),
         ("workflow and URL checks", lambda: service.build_task(request, principal)),
-        ("document size check", lambda: service._check_document_size(task)),
+        ("serialisation and document size check", lambda: service._check_document_size(task)),
         ("store write (one SQLite commit)", store_write),
         ("response body", lambda: json.dumps(service.task_view(task), default=str)),
         (

@@ -71,6 +71,9 @@ class CreateTaskRequest(BaseModel):
 class CreateResult:
     task: Task
     created: bool  # False when an Idempotency-Key replay returned the original task
+    # The stored form of a new task (Task.to_document), so the answer reuses it rather than
+    # serialising the task again; None for a replay.
+    document: dict[str, Any] | None = None
 
 
 def _request_fingerprint(body: dict[str, Any]) -> str:
@@ -187,8 +190,10 @@ class TaskService:
                 return self._replay(existing, task)
         stored_inputs = self._store_data_inputs(task)
         try:
-            self._check_document_size(task)
-            self.store.create(task)
+            # Serialised once: the size check's JSON is the row the store writes, and the
+            # document is the answer's body.
+            document, serialized = self._check_document_size(task)
+            self.store.create(task, serialized=serialized)
         except Conflict as exc:
             self._drop_inputs(task, stored_inputs)
             if exc.code != "idempotency_key_reused":
@@ -209,7 +214,7 @@ class TaskService:
             owner=task.owner,
         )
         self.dispatch_task(task)
-        return CreateResult(task, created=True)
+        return CreateResult(task, created=True, document=document)
 
     @functools.cached_property
     def input_store(self) -> InputStore:
@@ -253,10 +258,13 @@ class TaskService:
             drop_task_inputs(self.input_store, task)
 
     @staticmethod
-    def _check_document_size(task: Task) -> None:
+    def _check_document_size(task: Task) -> tuple[dict[str, Any], str]:
         """The same ceiling on every backend: Firestore refuses a document over 1 MiB, so
-        SQLite refuses it too, and both answer 413 rather than 500."""
-        size = len(json.dumps(task.to_document(), separators=(",", ":")).encode())
+        SQLite refuses it too, and both answer 413 rather than 500. Returns the document
+        and its compact JSON, which is what the size means."""
+        document = task.to_document()
+        serialized = json.dumps(document, separators=(",", ":"))
+        size = len(serialized)  # json.dumps escapes to ASCII: one byte per character
         if size > MAX_TASK_DOCUMENT_BYTES:
             raise PayloadTooLarge(
                 f"the task would be {size} bytes, over the {MAX_TASK_DOCUMENT_BYTES}-byte limit of a "
@@ -264,6 +272,7 @@ class TaskService:
                 code="task_too_large",
                 details={"field": "task_data", "size_bytes": size, "limit_bytes": MAX_TASK_DOCUMENT_BYTES},
             )
+        return document, serialized
 
     def _replay(self, existing: Task, attempted: Task) -> CreateResult:
         if existing.request_fingerprint != attempted.request_fingerprint:
@@ -329,10 +338,13 @@ class TaskService:
         return task
 
     @staticmethod
-    def task_view(task: Task, *, with_inputs: bool = True) -> dict[str, Any]:
+    def task_view(
+        task: Task, *, with_inputs: bool = True, document: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The seed's ``{task, status, result}`` shape; ``with_inputs=False`` withholds the
-        input URLs (lists, finished tasks: see ``shared.tasks.without_input_media``)."""
-        document = task.to_document()
+        input URLs (lists, finished tasks: see ``shared.tasks.without_input_media``).
+        ``document`` is ``task.to_document()`` when the caller has it already."""
+        document = dict(document) if document is not None else task.to_document()
         document.pop("request_fingerprint", None)
         if not with_inputs:
             document = without_input_media(document)

@@ -32,7 +32,7 @@ def _created(ctx: RequestContext, *, face_swap_shortcut: bool) -> flask.Response
         "taskId": task.taskId,
         "task_id": task.taskId,
         "status": task.status.value,
-        "task": ctx.service.task_view(task)["task"],
+        "task": ctx.service.task_view(task, document=result.document)["task"],
         "message": "Task created successfully"
         if result.created
         else "Task already created with this Idempotency-Key",

@@ -58,9 +58,11 @@ class TaskStore(abc.ABC):
 
     # --- backend primitives ------------------------------------------------------------
     @abc.abstractmethod
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, *, serialized: str | None = None) -> Task:
         """Store a new task. Raises Conflict(code=idempotency_key_reused) carrying the
-        existing task in ``details['task_id']`` if (owner, idempotency_key) is taken."""
+        existing task in ``details['task_id']`` if (owner, idempotency_key) is taken.
+        ``serialized`` is ``json.dumps(task.to_document())`` when the caller has it already
+        (a backend that stores JSON text writes it as it is)."""
 
     @abc.abstractmethod
     def get(self, task_id: str) -> Task | None: ...

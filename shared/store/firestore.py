@@ -265,7 +265,8 @@ class FirestoreTaskStore(TaskStore):
         ) from last_error
 
     # --- primitives -------------------------------------------------------------------
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, *, serialized: str | None = None) -> Task:
+        # ``serialized`` is not used: a Firestore document is a map of typed fields.
         batch = self._client.batch()
         batch.create(self._tasks.document(task.taskId), encode_task(task, self.expire_at(task)))
         if task.idempotency_key:

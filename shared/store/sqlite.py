@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -66,6 +67,12 @@ class SQLiteTaskStore(TaskStore):
         # retry BEGIN IMMEDIATE with sleeps between, which costs CPU and latency under
         # concurrent requests. Other processes still serialise on the busy timeout.
         self._write_lock = threading.RLock()
+        # Every write of this process goes through one connection, under that lock: its
+        # page cache holds the index pages an insert touches. With a connection per thread,
+        # a write often landed on a connection whose cache another thread's commit had just
+        # made stale, and read those pages again (8 threads creating: about 10% more CPU).
+        self._writer: sqlite3.Connection | None = None
+        self._writer_pid = 0
         # Every commit is published to the waiters of this file in every process
         # (shared.store.notify explains the mechanism).
         self._changes = ChangeBus(str(self.path.resolve()))
@@ -78,21 +85,35 @@ class SQLiteTaskStore(TaskStore):
             conn.execute(_EXPIRE_INDEX)
 
     # --- connections ------------------------------------------------------------------
+    def _open(self, *, check_same_thread: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+        return conn
+
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, for reads."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=True
-            )
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
-            self._local.conn = conn
+            conn = self._local.conn = self._open(check_same_thread=True)
         return conn
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The process's one writing connection; only used with ``_write_lock`` held."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            # A forked child (gunicorn's worker) must not share its parent's connection.
+            self._writer, self._writer_pid = self._open(check_same_thread=False), os.getpid()
+        return self._writer
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connection()
         with self._write_lock:
+            conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -106,10 +127,14 @@ class SQLiteTaskStore(TaskStore):
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._write_lock:
+            if self._writer is not None and self._writer_pid == os.getpid():
+                self._writer.close()
+            self._writer = None
         self._changes.close()
 
     # --- rows -------------------------------------------------------------------------
-    def _row_values(self, task: Task) -> tuple[object, ...]:
+    def _row_values(self, task: Task, serialized: str | None = None) -> tuple[object, ...]:
         expire_at = self.expire_at(task)
         return (
             task.status.value,
@@ -120,7 +145,7 @@ class SQLiteTaskStore(TaskStore):
             _ts(task.lease.expires_at) if task.lease else None,
             task.owner,
             task.idempotency_key,
-            json.dumps(task.to_document()),
+            serialized if serialized is not None else json.dumps(task.to_document()),
             _ts(expire_at) if expire_at else None,
             task.taskId,
         )
@@ -148,13 +173,12 @@ class SQLiteTaskStore(TaskStore):
         )
 
     # --- primitives -------------------------------------------------------------------
-    def create(self, task: Task) -> Task:
-        values = self._row_values(task)
-        conn = self._connection()
+    def create(self, task: Task, *, serialized: str | None = None) -> Task:
+        values = self._row_values(task, serialized)
         try:
             # One statement is its own transaction (autocommit): no BEGIN/COMMIT round trips.
             with self._write_lock:
-                conn.execute(
+                self._writer_connection().execute(
                     "INSERT INTO tasks (status, environment, priority, available_at, created_at, "
                     "lease_expires_at, owner, idempotency_key, document, expire_at, task_id) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -285,7 +309,7 @@ class SQLiteTaskStore(TaskStore):
 
     def delete(self, task_id: str) -> bool:
         with self._write_lock:
-            cursor = self._connection().execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
+            cursor = self._writer_connection().execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
         return cursor.rowcount > 0
 
     # --- change notifications -----------------------------------------------------------

@@ -67,9 +67,12 @@ def _finished(process: subprocess.Popen[str]) -> None:
 
 
 def _count_statements(store: SQLiteTaskStore) -> list[str]:
-    """Every SQL statement this thread's connection runs from now on."""
+    """Every SQL statement this thread's connection and the store's writing connection run
+    from now on."""
     statements: list[str] = []
     store._connection().set_trace_callback(statements.append)
+    with store._write_lock:
+        store._writer_connection().set_trace_callback(statements.append)
     return statements
 
 
@@ -195,3 +198,24 @@ def test_closing_the_last_waiting_store_ends_its_receiver_and_removes_its_folder
         time.sleep(0.01)
     assert not all(thread.is_alive() for thread in receivers)
     assert not folder.exists()
+
+
+def test_writes_from_every_thread_go_through_one_connection(store):
+    """issue 15: with a connection per thread, each served create wrote on a connection
+    whose page cache another thread's commit had just made stale; one writing connection
+    (under the store's write lock) keeps the pages an insert touches cached."""
+    statements: list[str] = []
+    with store._write_lock:
+        store._writer_connection().set_trace_callback(statements.append)
+
+    def create() -> None:
+        store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len([sql for sql in statements if sql.startswith("INSERT")]) == 4
+    assert store.queue_stats().pending == 4

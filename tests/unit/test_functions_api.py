@@ -40,6 +40,28 @@ def test_create_face_swap_returns_seed_shape_and_stores_unified_format(api):
     assert task["created_at"].endswith("Z")  # ISO-8601 UTC
 
 
+def test_a_created_task_is_serialised_once_and_answered_as_stored(api, monkeypatch):
+    """issue 15: the size check's JSON is the stored row and the answer reuses its document
+    (create_task serialised the task three times: size check, row, answer)."""
+    from shared.tasks import Task
+
+    serialised: list[str] = []
+    to_document = Task.to_document
+
+    def counting(task: Task) -> dict[str, Any]:
+        serialised.append(task.taskId)
+        return to_document(task)
+
+    monkeypatch.setattr(Task, "to_document", counting)
+    response = api.create(GOOD_FACE_SWAP)
+    assert response.status_code == 200
+    assert len(serialised) == 1
+    monkeypatch.undo()
+
+    answered = response.get_json()["task"]
+    assert api.get(answered["taskId"]).get_json()["task"] == answered
+
+
 def test_get_task_answers_task_status_result(api):
     task_id = api.create(GOOD_FACE_SWAP).get_json()["taskId"]
 
