@@ -149,23 +149,24 @@ async def _concurrently(kind: str, url: str, colours: _Colours, total: int) -> f
 
 # --- processes ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _comfyui(workdir: Path, real: bool) -> Iterator[ServerProcess]:
+def _comfyui(workdir: Path, real: bool) -> Iterator[tuple[ServerProcess, Path]]:
     """The real ComfyUI or the double, each from its one launcher (the peer tier's and the
-    fast tiers'), so the benchmark measures the program the tests run."""
+    fast tiers'), so the benchmark measures the program the tests run; with the folder
+    holding its input/ and output/."""
+    root = workdir / ("base" if real else "double")
     server = (
-        start_real_comfyui(workdir / "base", log_dir=workdir)
-        if real
-        else comfyui_double.start(workdir / "double", log_dir=workdir)
+        start_real_comfyui(root, log_dir=workdir) if real else comfyui_double.start(root, log_dir=workdir)
     )
     try:
-        yield server
+        yield server, root
     finally:
         server.stop()
 
 
 @contextlib.contextmanager
-def _comfyswap(workdir: Path, comfyui_url: str) -> Iterator[tuple[str, list[int]]]:
-    """``comfyswap api`` and ``python -m gpu_runner`` on the embedded store."""
+def _comfyswap(workdir: Path, comfyui_url: str, comfyui_root: Path) -> Iterator[tuple[str, list[int]]]:
+    """``comfyswap api`` and ``python -m gpu_runner`` on the embedded store, ComfyUI on the
+    same machine as the container co-locates it (its folders known to the runner)."""
     api_port, runner_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     env = {
@@ -174,6 +175,8 @@ def _comfyswap(workdir: Path, comfyui_url: str) -> Iterator[tuple[str, list[int]
         "RUNNER_PORT": str(runner_port),
         "TASK_API_URL": f"{api_url}/api",
         "COMFYUI_URL": comfyui_url,
+        "COMFYUI_INPUT_DIR": str(comfyui_root / "input"),
+        "COMFYUI_OUTPUT_DIR": str(comfyui_root / "output"),
         "RUNNER_ENVIRONMENTS": "comm",
         "ENGINE_SLOTS": str(CONCURRENCY),
         "LOG_LEVEL": "WARNING",
@@ -226,7 +229,10 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
     figure = f"8. ComfyUI path vs direct client ({label}, 64x64 EmptyImage -> ImageInvert -> SaveImage)"
     workdir.mkdir(parents=True, exist_ok=True)
     colours = _Colours()
-    with _comfyui(workdir / "comfyui", real) as comfyui, _comfyswap(workdir / "stack", comfyui.url) as stack:
+    with (
+        _comfyui(workdir / "comfyui", real) as (comfyui, comfyui_root),
+        _comfyswap(workdir / "stack", comfyui.url, comfyui_root) as stack,
+    ):
         api_url, pids = stack
         asyncio.run(_direct_jobs(comfyui.url, colours, 3))  # warm-up: first prompts load node code
         asyncio.run(_wrapper_jobs(api_url, colours, 3))

@@ -18,14 +18,17 @@ from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import flask
 import httpx
 from functions_framework import create_app
+from werkzeug.utils import send_file
 
 from shared.errors import ComfySwapError, ValidationFailed
 from shared.request_guard import body_too_large, normalise_path
 from shared.settings import Settings
+from shared.storage.local import RESULT_HEADERS, LocalStorage
 
 __all__ = ["FUNCTION_NAMES", "RouteTable", "build_app", "guard_requests", "route_table", "serve"]
 
@@ -34,6 +37,7 @@ FUNCTIONS_DIR = ROOT / "functions"
 # In the order a path served by several functions is looked up (health, status: get_task).
 FUNCTION_NAMES = ("get_task", "create_task", "fetch_task")
 
+RESULTS_PREFIX = "/results/"
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 
 
@@ -135,9 +139,25 @@ def build_app(settings: Settings) -> flask.Flask:
     fallback.add_url_rule("/", "nf", lambda: not_found("/"), methods=["GET", "POST", "PUT", "DELETE", "HEAD"])
     fallback.add_url_rule("/<path:path>", "nf2", not_found, methods=["GET", "POST", "PUT", "DELETE", "HEAD"])
     forwarder = app.wsgi_app
+    local_results = LocalStorage.from_settings(settings)
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        owner = table.owner(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        if method in ("GET", "HEAD") and path.startswith(RESULTS_PREFIX):
+            # A signed `local` result on this disk (one machine, one DATA_DIR) is sent from
+            # here: no hop through the runner. Anything else (unsigned, expired, a runner on
+            # another machine) is the runner's to answer.
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            found = local_results.signed_file(
+                path.removeprefix(RESULTS_PREFIX),
+                next(iter(query.get("expires", [])), None),
+                next(iter(query.get("signature", [])), None),
+            )
+            if found is not None:
+                response = send_file(found, environ, conditional=True)
+                response.headers.update(RESULT_HEADERS)
+                return response(environ, start_response)
+        owner = table.owner(method, path)
         if owner == "runner":
             return forwarder(environ, start_response)
         target = functions[owner].wsgi_app if owner else fallback.wsgi_app

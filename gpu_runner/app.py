@@ -52,7 +52,7 @@ from shared.ratelimit import RateLimiter
 from shared.request_guard import body_too_large, normalise_path
 from shared.settings import Settings
 from shared.storage.base import StoredObject
-from shared.storage.local import LocalStorage
+from shared.storage.local import RESULT_HEADERS, LocalStorage
 from shared.store import TaskStore, make_task_store
 from shared.tasks import Task, utcnow
 
@@ -286,16 +286,17 @@ async def results(request: Request) -> Response:
     runner = runner_of(request)
     key = request.path_params["key"]
     params = request.query_params
-    if not runner.local_results.signature_valid(key, params.get("expires"), params.get("signature")):
+    path = runner.local_results.signed_file(key, params.get("expires"), params.get("signature"))
+    if path is None:
         principal = await caller(request)
         runner.rate_limiter.check(principal)
         task = await asyncio.to_thread(runner.store.get, key.split("/", 1)[0])
         if task is None or not principal.can_see(task.owner):
             raise NotFound("no such result", code="result_not_found")
-    path = runner.local_results.path_for("results/" + key)
-    if not path.is_file():
-        raise NotFound("no such result", code="result_not_found")
-    return FileResponse(path, headers={"Cache-Control": "private, no-store"})
+        path = runner.local_results.path_for("results/" + key)
+        if not path.is_file():
+            raise NotFound("no such result", code="result_not_found")
+    return FileResponse(path, headers=RESULT_HEADERS)
 
 
 async def face_swap_process(request: Request) -> Response:

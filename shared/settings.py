@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         "inputs are deleted from it when the task ends (ComfyUI has no route for that); empty = the one "
         "COMFYUI_COMMAND's ComfyUI uses, else kept.",
     )
+    comfyui_output_dir: str = Field(
+        "",
+        description="COMFYUI_OUTPUT_DIR: ComfyUI's output folder, when on this machine: a prompt's saved "
+        "files are taken from it (a hard link, or a copy) instead of downloaded through GET /view; empty = "
+        "the one COMFYUI_COMMAND's ComfyUI uses, else every output is downloaded.",
+    )
     comfyui_restart_wait_s: float = Field(
         120.0,
         ge=0,

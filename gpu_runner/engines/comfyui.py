@@ -20,8 +20,10 @@ import copy
 import itertools
 import logging
 import mimetypes
+import os
 import re
 import shlex
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Final
@@ -90,6 +92,7 @@ class ComfyUIEngine(Engine):
         self.fetcher = fetcher
         self._client = client
         self._client_id = client_id
+        self._output_dir = comfyui_output_dir(settings)
 
     @property
     def configured(self) -> bool:
@@ -246,6 +249,12 @@ class ComfyUIEngine(Engine):
         outputs: list[EngineOutput] = []
         for index, output in enumerate(result.files()):
             dest = outdir / f"{index:03}_{output.node_id}_{_SAFE_NAME.sub('_', output.filename)}"
+            if output.type == "output" and self._output_dir is not None:
+                # ComfyUI on this machine (the co-located deployment): no HTTP round trip.
+                taken = await asyncio.to_thread(_take_local_output, self._output_dir, output, dest)
+                if taken is not None:
+                    outputs.append(taken)
+                    continue
             await client.download(output, dest)
             outputs.append(await asyncio.to_thread(_describe, dest, output.node_id, output.description()))
         for node_id, images in result.websocket_images.items():
@@ -331,19 +340,46 @@ def _describe(path: Path, node_id: str, extra: dict[str, Any]) -> EngineOutput:
 def comfyui_input_dir(settings: Settings) -> Path | None:
     """COMFYUI_INPUT_DIR, else the input folder of the ComfyUI that COMFYUI_COMMAND starts
     (``--input-directory``, ``--base-directory``/input, or input/ beside its main.py)."""
-    if settings.comfyui_input_dir.strip():
-        return Path(settings.comfyui_input_dir)
+    return _comfyui_folder(settings.comfyui_input_dir, settings.comfyui_command, "input")
+
+
+def comfyui_output_dir(settings: Settings) -> Path | None:
+    """COMFYUI_OUTPUT_DIR, else the output folder of the ComfyUI that COMFYUI_COMMAND starts
+    (``--output-directory``, ``--base-directory``/output, or output/ beside its main.py)."""
+    return _comfyui_folder(settings.comfyui_output_dir, settings.comfyui_command, "output")
+
+
+def _comfyui_folder(explicit: str, command: str, folder: str) -> Path | None:
+    if explicit.strip():
+        return Path(explicit)
     try:
-        argv = shlex.split(settings.comfyui_command)
+        argv = shlex.split(command)
     except ValueError:
         return None
     options = dict(itertools.pairwise(argv))
-    if "--input-directory" in options:
-        return Path(options["--input-directory"])
+    if f"--{folder}-directory" in options:
+        return Path(options[f"--{folder}-directory"])
     if "--base-directory" in options:
-        return Path(options["--base-directory"]) / "input"
+        return Path(options["--base-directory"]) / folder
     main = next((Path(arg) for arg in argv if arg.endswith("main.py")), None)
-    return main.parent / "input" if main is not None and main.is_absolute() else None
+    return main.parent / folder if main is not None and main.is_absolute() else None
+
+
+def _take_local_output(root: Path, output: OutputFile, dest: Path) -> EngineOutput | None:
+    """A saved output taken straight from ComfyUI's output folder on this machine: a hard
+    link (a copy across file systems) and its description, in one thread hop; None when the
+    file is not there (then it is downloaded, and a missing file fails as on /view)."""
+    root = root.resolve()
+    source = (root / output.subfolder / output.filename).resolve()
+    # Whatever ComfyUI reported (or a symlink in its folder), nothing outside the folder.
+    if not source.is_relative_to(root) or source == root or not source.is_file():
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+    return _describe(dest, output.node_id, output.description())
 
 
 def _write(path: Path, payload: bytes) -> None:

@@ -56,6 +56,9 @@ __all__ = ["ComfyUIClient"]
 
 logger = get_logger(__name__)
 
+# An output up to this size is read into memory whole; a larger one (a video) is streamed.
+SMALL_DOWNLOAD_BYTES = 8 << 20
+
 
 # --------------------------------------------------------------------------------------
 # The client
@@ -350,7 +353,6 @@ class ComfyUIClient:
     async def download(self, output: OutputFile, dest: Path) -> Path:
         """GET /view streamed to ``dest`` (a video is never held in memory)."""
         params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
-        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
         try:
             async with self._http.stream("GET", "/view", params=params) as response:
                 if response.status_code == 404:
@@ -362,6 +364,12 @@ class ComfyUIClient:
                     )
                 if response.status_code != 200:
                     raise self._unavailable(f"GET /view answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) <= SMALL_DOWNLOAD_BYTES:
+                    # Most outputs are a few images: read whole, written in one thread hop.
+                    await asyncio.to_thread(_write_file, dest, await response.aread())
+                    return dest
+                await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
                 file = await asyncio.to_thread(dest.open, "wb")
                 try:
                     async for chunk in response.aiter_bytes(1 << 20):
@@ -570,6 +578,11 @@ class ComfyUIClient:
                 details={"prompt_id": watch.prompt_id, "node_id": data.get("node_id")},
             )
         return PromptResult(watch.prompt_id, outputs, watch.cached, watch.websocket_images, via, drops)
+
+
+def _write_file(dest: Path, payload: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(payload)
 
 
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:

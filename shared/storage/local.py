@@ -27,7 +27,10 @@ from shared.storage.base import StorageProvider, StoredObject
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["LocalStorage"]
+__all__ = ["RESULT_HEADERS", "LocalStorage"]
+
+# A result is its owner's (or a signed URL holder's): never kept by a shared cache.
+RESULT_HEADERS = {"Cache-Control": "private, no-store"}
 
 
 class LocalStorage(StorageProvider):
@@ -84,6 +87,18 @@ class LocalStorage(StorageProvider):
         if int(expires) < time.time():
             return False
         return hmac.compare_digest(self._signature(relative, int(expires)), signature)
+
+    def signed_file(self, relative: str, expires: str | None, signature: str | None) -> Path | None:
+        """The file a signed, unexpired URL names (``relative``: the key without its prefix),
+        when it is on this disk; None when the URL is not valid, leaves the folder, or the
+        file is not here (whoever serves results then answers as for an unsigned URL)."""
+        if not self.signature_valid(relative, expires, signature):
+            return None
+        try:
+            path = self.path_for(self._key_prefix + relative)
+        except UnsafeInput:
+            return None
+        return path if path.is_file() else None
 
     def path_for(self, key: str) -> Path:
         """The file behind ``key``; refuses any key that would leave the root."""

@@ -17,7 +17,13 @@ import pytest
 from PIL import Image
 
 from gpu_runner.engines.base import EngineResult
-from gpu_runner.engines.comfyui import ComfyUIEngine, comfyui_input_dir
+from gpu_runner.engines.comfyui import (
+    ComfyUIEngine,
+    OutputFile,
+    _take_local_output,
+    comfyui_input_dir,
+    comfyui_output_dir,
+)
 from gpu_runner.engines.comfyui_errors import scrub_all
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.settings import Settings
@@ -503,18 +509,75 @@ def test_runner_route_helpers(comfyui_double):
 
 
 @pytest.mark.parametrize(
-    ("settings", "expected"),
+    ("settings", "expected_input", "expected_output"),
     [
-        ({"comfyui_input_dir": "/data/in"}, "/data/in"),
-        ({"comfyui_command": "python /opt/ComfyUI/main.py --input-directory /srv/in --port 8188"}, "/srv/in"),
-        ({"comfyui_command": "python /opt/ComfyUI/main.py --base-directory /srv/comfy"}, "/srv/comfy/input"),
-        ({"comfyui_command": "python /opt/ComfyUI/main.py --listen 127.0.0.1"}, "/opt/ComfyUI/input"),
-        ({"comfyui_command": "python main.py"}, None),
-        ({}, None),
+        ({"comfyui_input_dir": "/data/in", "comfyui_output_dir": "/data/out"}, "/data/in", "/data/out"),
+        (
+            {
+                "comfyui_command": "python /opt/ComfyUI/main.py --input-directory /srv/in "
+                "--output-directory /srv/out"
+            },
+            "/srv/in",
+            "/srv/out",
+        ),
+        (
+            {"comfyui_command": "python /opt/ComfyUI/main.py --base-directory /srv/comfy"},
+            "/srv/comfy/input",
+            "/srv/comfy/output",
+        ),
+        (
+            {"comfyui_command": "python /opt/ComfyUI/main.py --listen 127.0.0.1"},
+            "/opt/ComfyUI/input",
+            "/opt/ComfyUI/output",
+        ),
+        ({"comfyui_command": "python main.py"}, None, None),
+        ({}, None, None),
     ],
 )
-def test_uploads_are_removed_from_the_input_folder_of_the_supervised_comfyui(settings, expected):
-    # The container sets COMFYUI_COMMAND only: the folder its ComfyUI reads inputs from.
-    found = comfyui_input_dir(Settings(**settings))
+def test_the_folders_of_the_supervised_comfyui_come_from_the_settings_or_its_command(
+    settings, expected_input, expected_output
+):
+    # The container sets COMFYUI_COMMAND only: the folders its ComfyUI reads inputs from
+    # (a task's uploads are removed there) and saves outputs to (taken from there).
+    found = [comfyui_input_dir(Settings(**settings)), comfyui_output_dir(Settings(**settings))]
 
-    assert (str(found) if found is not None else None) == expected
+    assert [str(path) if path is not None else None for path in found] == [expected_input, expected_output]
+
+
+def test_outputs_of_a_comfyui_on_this_machine_are_taken_from_its_folder_not_downloaded(tmp_path):
+    # Co-located (the container's case): the saved file is hard-linked from ComfyUI's output
+    # folder, the same inode, where a download through GET /view would write a new file.
+    double = start_double(tmp_path, name="local-outputs")
+    try:
+        output_dir = tmp_path / "local-outputs-root" / "output"
+        settings = Settings(comfyui_url=double.url, comfyui_output_dir=str(output_dir))
+        engine = ComfyUIEngine(settings, None, client=make_client(double.url))
+        task = make_task({"wf_json": load_workflow("empty_save")})
+
+        result = run_job(engine, task, tmp_path / "work")
+    finally:
+        double.stop()
+
+    [output] = result.outputs
+    source = output_dir / output.extra["subfolder"] / output.extra["filename"]
+    assert output.path.stat().st_ino == source.stat().st_ino
+    assert (output.content_type, output.kind, output.node_id) == ("image/png", "image", "2")
+    assert (output.width, output.height) == Image.open(source).size
+
+
+def test_an_output_outside_the_local_folder_is_never_taken_from_disk(tmp_path):
+    # Whatever ComfyUI reports (a subfolder of "..", a symlink in its folder), only files
+    # inside its output folder are read; anything else goes through /view (and fails there).
+    root = tmp_path / "output"
+    root.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes(4, 4, (9, 9, 9)))
+    (root / "link.png").symlink_to(secret)
+
+    escaped = _take_local_output(
+        root, OutputFile("9", "images", "secret.png", "..", "output"), tmp_path / "a"
+    )
+    linked = _take_local_output(root, OutputFile("9", "images", "link.png", "", "output"), tmp_path / "b")
+
+    assert escaped is None and linked is None
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
