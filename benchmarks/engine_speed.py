@@ -34,6 +34,8 @@ __all__ = ["comfyui_overhead", "cpu_swap_rows"]
 
 COMFYUI_OVERHEAD_TARGET_S = 0.020
 RSS_GROWTH_TARGET = 1.2
+# issue 15: the CPU swap of a 720p clip at 0.8x the fps of decoding and re-encoding it alone.
+VIDEO_RATIO_TARGET = 0.8
 
 
 # --- measurements run in a subprocess ------------------------------------------------------
@@ -118,21 +120,27 @@ def _transcode(source: Path, destination: Path) -> int:
 
 def _measure_video(clip: Path, workdir: Path, mode: str) -> dict[str, Any]:
     if mode == "transcode":
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         frames = _transcode(clip, workdir / f"transcoded-{uuid.uuid4().hex}.mp4")
-        return {"frames": frames, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+        return {
+            "frames": frames,
+            "seconds": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu_started,
+            "peak_rss_mb": peak_rss_mb(),
+        }
     from gpu_runner.engines.cpu_swap import FaceSwapper, swap_video
     from tests.faceswap.media import grace_hopper_bgr
 
     swapper = FaceSwapper()
     source = swapper.prepare_source(grace_hopper_bgr())
     rss_before = peak_rss_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     info = swap_video(swapper, source, clip, workdir / f"swapped-{uuid.uuid4().hex}.mp4")
     return {
         "frames": info.frames,
         "swapped": info.frames_swapped,
         "seconds": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
         "rss_before_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -228,16 +236,28 @@ def cpu_swap_rows(workdir: Path, *, video_frames: tuple[int, int] = (25, 75)) ->
         results[frames] = (swap, transcode)
     short_swap, _ = results[video_frames[0]]
     long_swap, long_transcode = results[video_frames[1]]
-    fps = (theirs or {}).get("fps") or long_swap["frames"] / long_swap["seconds"]
+    # The same clip and encoder settings, one after the other in this run.
+    fps = long_swap["frames"] / long_swap["seconds"]
     transcode_fps = long_transcode["frames"] / long_transcode["seconds"]
+    ratio = fps / transcode_fps
+    swap_cpu_ms = long_swap["cpu_s"] / long_swap["frames"] * 1000
+    transcode_cpu_ms = long_transcode["cpu_s"] / long_transcode["frames"] * 1000
+    theirs_note = (
+        f"; {_BENCH_MODULE} on its own clip (with audio): {theirs['fps']:.1f} fps"
+        if theirs and "fps" in theirs
+        else ""
+    )
     rows.append(
         Row(
             f"5. CPU face swap, 720p video fps ({video_frames[1]} frames)",
-            f"{fps:.1f} fps",
-            "none set in issue 8",
+            f"{fps:.1f} fps = {ratio:.2f}x",
+            f">= {VIDEO_RATIO_TARGET}x decode + re-encode (issue 15)",
             f"decode + re-encode only: {transcode_fps:.1f} fps",
-            "info",
-            f"measured by {source}",
+            verdict(ratio >= VIDEO_RATIO_TARGET),
+            f"CPU per frame, every thread: swap {swap_cpu_ms:.1f} ms, decode + re-encode "
+            f"{transcode_cpu_ms:.1f} ms. The swap overlaps decode, tracking and encode with a pool of "
+            "swap threads, so its wall time depends on the cores the codecs leave idle: on a machine "
+            "busy with other work there are none, and the fps ratio falls toward the CPU ratio" + theirs_note,
         )
     )
     growth = long_swap["peak_rss_mb"] / short_swap["peak_rss_mb"]

@@ -237,3 +237,37 @@ def test_a_video_with_no_face_at_all_raises_no_face_in_target(
         swapper.swap_video(source_face, target_path, output_path)
 
     assert not output_path.exists()
+
+
+def test_faces_are_tracked_between_detections_and_swapped_on_pool_threads(
+    tmp_path: Path, swapper: FaceSwapper, source_face: SourceFace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15: detection every frame and a swap on the decoding thread left the cores the
+    codecs do not use idle. Now detection runs every _DETECT_EVERY frames while the face is
+    tracked, and frames are swapped on a pool while the caller decodes and encodes."""
+    import threading
+
+    from gpu_runner.engines.cpu_swap.video import _DETECT_EVERY
+
+    target_path, output_path = tmp_path / "target.mp4", tmp_path / "swapped.mp4"
+    write_clip(target_path, frame_count=CLIP_FRAMES, fps=CLIP_FPS)
+    detections = 0
+    swap_threads: set[str] = set()
+    detect_boxes, swap_onto = swapper.detect_boxes, swapper.swap_onto
+
+    def counting_detect(*args: object, **kwargs: object) -> object:
+        nonlocal detections
+        detections += 1
+        return detect_boxes(*args, **kwargs)  # type: ignore[arg-type]
+
+    def recording_swap(*args: object, **kwargs: object) -> object:
+        swap_threads.add(threading.current_thread().name)
+        return swap_onto(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(swapper, "detect_boxes", counting_detect)
+    monkeypatch.setattr(swapper, "swap_onto", recording_swap)
+    info = swapper.swap_video(source_face, target_path, output_path)
+
+    assert info.frames == info.frames_swapped == CLIP_FRAMES
+    assert detections <= CLIP_FRAMES // _DETECT_EVERY + 1, detections
+    assert swap_threads and all(name.startswith("cpu-swap-frame") for name in swap_threads), swap_threads

@@ -19,10 +19,22 @@
   (OpenCV, BT.601); the rest keeps its decoded YUV values exactly, so no colour drifts.
 * Frames where the selector finds no face pass through unchanged; a video with no face
   in any frame is a NoFaceInTarget (an unchanged copy is not what the user asked for).
+* Overlapped: the calling thread decodes, finds the faces and encodes, in frame order
+  (tracking needs the previous frame; the muxer one writer); the swap itself (warp,
+  colour, Poisson clone, write-back: most of a frame's CPU) runs on a small pool of
+  threads, several frames at once. OpenCV, the LiteRT models and the codecs release the
+  GIL, so this uses the cores the codecs leave idle. At most ``2 x workers`` frames are
+  in flight, so memory stays flat.
+* Detection runs every ``_DETECT_EVERY`` frames, and at once when a tracked face is lost
+  (the landmark model rejects its crop), on a scene cut, or while no face is tracked;
+  between detections each face's landmarks follow it from its own last points, so the
+  face swapped stays the face that was detected (identity is kept by construction).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -53,6 +65,14 @@ StopCheck = Callable[[], bool]
 
 # Mean absolute change of a 32x18 grey thumbnail (0-255) above which a frame is a new shot.
 _SCENE_CUT_THRESHOLD = 40.0
+# The thumbnail is taken from the luma plane (16-235): scaled to 0-255 like a grey image.
+_LUMA_TO_GREY = 255.0 / 219.0
+# Faces are detected afresh at least this often (frames); tracked in between. At 25 fps a
+# face that enters the picture is picked up within a fifth of a second.
+_DETECT_EVERY = 5
+# Threads that swap frames (the calling thread decodes, tracks and encodes meanwhile).
+_SWAP_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_MAX_IN_FLIGHT = 2 * _SWAP_WORKERS
 # Landmark motion (median point displacement / face width) above which a track restarts.
 _JUMP_FRACTION = 0.25
 # Adaptive EMA: weight of the new landmarks = clip(base + gain * motion, base, 1).
@@ -139,10 +159,15 @@ class LandmarkSmoother:
         """Drop the tracks not seen in this frame (a face that left must start afresh)."""
         self._tracks = [track for track in self._tracks if any(track is kept for kept in tracks)]
 
+    @property
+    def tracks(self) -> list[_Track]:
+        return list(self._tracks)
 
-def _thumbnail(frame: ByteImage) -> npt.NDArray[np.float32]:
-    grey = cv2.cvtColor(cv2.resize(frame, (32, 18), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
-    thumbnail: npt.NDArray[np.float32] = grey.astype(np.float32)
+
+def _thumbnail(luma: ByteImage) -> npt.NDArray[np.float32]:
+    """A 32x18 grey thumbnail (0-255) of a frame's luma plane, for scene-cut detection."""
+    small = cv2.resize(luma, (32, 18), interpolation=cv2.INTER_AREA)
+    thumbnail: npt.NDArray[np.float32] = small.astype(np.float32) * np.float32(_LUMA_TO_GREY)
     return thumbnail
 
 
@@ -199,24 +224,46 @@ def _expected_frames(container: av.container.InputContainer, stream: av.video.st
     return max(0, round(seconds * float(_frame_rate(stream))))
 
 
-class _FrameSwapper:
-    """Swaps one decoded frame at a time, carrying the landmark tracks between frames."""
+class _FaceTracker:
+    """Where to swap in each frame, frame after frame: the smoothed landmarks of each face
+    the selector picks. Runs in frame order (each frame's tracks start from the last's)."""
 
-    def __init__(self, swapper: FaceSwapper, source: SourceFace, face_selector: FaceSelector) -> None:
+    def __init__(self, swapper: FaceSwapper, face_selector: FaceSelector) -> None:
         self._swapper = swapper
-        self._source = source
         self._face_selector = face_selector
         self._smoother = LandmarkSmoother()
         self._previous_thumbnail: npt.NDArray[np.float32] | None = None
+        self._since_detection = 0
 
-    def swap(self, frame: ByteImage) -> list[FaceBox]:
-        """Swap in place; returns the boxes that changed (none: the selector found no face)."""
-        thumbnail = _thumbnail(frame)
+    def faces(self, frame: ByteImage, luma: ByteImage) -> list[FloatArray]:
+        """The landmarks to swap onto in ``frame`` (none: the selector found no face)."""
+        thumbnail = _thumbnail(luma)
         previous = self._previous_thumbnail
-        if previous is not None and float(np.abs(thumbnail - previous).mean()) > _SCENE_CUT_THRESHOLD:
+        scene_cut = previous is not None and float(np.abs(thumbnail - previous).mean()) > _SCENE_CUT_THRESHOLD
+        if scene_cut:
             self._smoother.reset()
         self._previous_thumbnail = thumbnail
 
+        self._since_detection += 1
+        tracks = self._smoother.tracks
+        if tracks and self._since_detection < _DETECT_EVERY:
+            followed = self._follow(frame, tracks)
+            if followed is not None:
+                return followed
+        self._since_detection = 0
+        return self._detect(frame)
+
+    def _follow(self, frame: ByteImage, tracks: list[_Track]) -> list[FloatArray] | None:
+        """Every tracked face, each from its own last landmarks; None when one is lost."""
+        followed = []
+        for track in tracks:
+            points = self._swapper.track_landmarks(frame, track.raw)
+            if points is None:
+                return None  # the face left or turned away: detect afresh, this frame
+            followed.append((track, points))
+        return [self._smoother.update(track, points).smoothed for track, points in followed]
+
+    def _detect(self, frame: ByteImage) -> list[FloatArray]:
         detections = self._swapper.detect_boxes(frame, thorough=self._face_selector != "largest")
         try:
             selected = select_faces(detections, self._face_selector)
@@ -234,7 +281,26 @@ class _FrameSwapper:
             track = self._smoother.update(track, points)
             seen.append(track)
         self._smoother.keep_only(seen)
-        return [self._swapper.swap_onto(self._source, frame, track.smoothed) for track in seen]
+        return [track.smoothed for track in seen]
+
+
+def _swap_frame(
+    swapper: FaceSwapper, source: SourceFace, image: ByteImage, planes: ByteImage, faces: list[FloatArray]
+) -> None:
+    """Swap ``source`` onto each face of ``image`` and write the changed boxes into ``planes``
+    (a pool thread's job: the arrays are this frame's own)."""
+    boxes = [swapper.swap_onto(source, image, points) for points in faces]
+    for box in boxes:
+        _write_back(image, box, planes)
+
+
+@dataclasses.dataclass
+class _PendingFrame:
+    """A frame on its way to the encoder: its planes, timestamp and swap (None: no face)."""
+
+    planes: ByteImage
+    pts: int
+    swap: concurrent.futures.Future[None] | None
 
 
 def swap_video(
@@ -290,7 +356,7 @@ def _swap_video_to(
         fps = _frame_rate(input_video)
         size = fit_within(input_video.width, input_video.height, output_size, even=True)
         expected_frames = _expected_frames(input_container, input_video)
-        frame_swapper = _FrameSwapper(swapper, source, face_selector)
+        tracker = _FaceTracker(swapper, face_selector)
 
         with av.open(str(output_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as output:
             output_video = output.add_stream("libx264", rate=fps, options=dict(_X264_OPTIONS))
@@ -314,44 +380,70 @@ def _swap_video_to(
                     audio_mode = "reencoded"
 
             streams = [input_video] if input_audio is None else [input_video, input_audio]
-            frames_done = frames_swapped = 0
+            frames_taken = frames_done = frames_swapped = 0
             last_reported = 0
             next_pts = first_pts = last_pts = 0
-            for packet in input_container.demux(streams):
-                if packet.stream is input_audio and output_audio is not None:
-                    if audio_mode == "copied":
-                        if packet.dts is not None:
-                            packet.stream = output_audio
-                            output.mux(packet)
-                    else:
-                        for audio_frame in input_audio.decode(packet):
-                            output.mux(output_audio.encode(audio_frame))
-                    continue
-                for video_frame in input_video.decode(packet):
-                    if should_stop is not None and should_stop():
-                        raise SwapCancelled(details={"frames_done": frames_done})
-                    planes = _yuv420p_planes(video_frame, size)
-                    image = np.asarray(cv2.cvtColor(planes, cv2.COLOR_YUV2BGR_I420), dtype=np.uint8)
-                    changed_boxes = frame_swapper.swap(image)
-                    for box in changed_boxes:
-                        _write_back(image, box, planes)
-                    frames_swapped += bool(changed_boxes)
-                    # Keep the input's timestamps; invent them only when the input has none.
-                    pts = video_frame.pts if video_frame.pts is not None else next_pts
-                    if frames_done == 0:
-                        first_pts = pts
-                    else:
-                        pts = max(pts, last_pts + 1)
-                    out_frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-                    out_frame.pts = pts
-                    out_frame.time_base = video_time_base
-                    output.mux(output_video.encode(out_frame))
-                    last_pts = pts
-                    next_pts = pts + max(1, round(1 / (fps * video_time_base)))
-                    frames_done += 1
-                    if progress is not None and frames_done - last_reported >= max(1, expected_frames // 100):
-                        progress(frames_done, max(expected_frames, frames_done))
-                        last_reported = frames_done
+            in_flight: collections.deque[_PendingFrame] = collections.deque()
+
+            def encode_oldest() -> None:
+                """Encode the oldest frame in flight (waiting for its swap) and report progress."""
+                nonlocal frames_done, frames_swapped, last_reported
+                pending = in_flight.popleft()
+                if pending.swap is not None:
+                    pending.swap.result()  # a swap's error surfaces here, in the calling thread
+                    frames_swapped += 1
+                out_frame = av.VideoFrame.from_ndarray(pending.planes, format="yuv420p")
+                out_frame.pts = pending.pts
+                out_frame.time_base = video_time_base
+                output.mux(output_video.encode(out_frame))
+                frames_done += 1
+                if progress is not None and frames_done - last_reported >= max(1, expected_frames // 100):
+                    progress(frames_done, max(expected_frames, frames_done))
+                    last_reported = frames_done
+
+            pool = concurrent.futures.ThreadPoolExecutor(_SWAP_WORKERS, thread_name_prefix="cpu-swap-frame")
+            try:
+                for packet in input_container.demux(streams):
+                    if packet.stream is input_audio and output_audio is not None:
+                        if audio_mode == "copied":
+                            if packet.dts is not None:
+                                packet.stream = output_audio
+                                output.mux(packet)
+                        else:
+                            for audio_frame in input_audio.decode(packet):
+                                output.mux(output_audio.encode(audio_frame))
+                        continue
+                    for video_frame in input_video.decode(packet):
+                        if should_stop is not None and should_stop():
+                            raise SwapCancelled(details={"frames_done": frames_taken})
+                        planes = _yuv420p_planes(video_frame, size)
+                        image = np.asarray(cv2.cvtColor(planes, cv2.COLOR_YUV2BGR_I420), dtype=np.uint8)
+                        faces = tracker.faces(image, planes[: size.height])
+                        swap = (
+                            pool.submit(_swap_frame, swapper, source, image, planes, faces) if faces else None
+                        )
+                        # Keep the input's timestamps; invent them only when the input has none.
+                        pts = video_frame.pts if video_frame.pts is not None else next_pts
+                        if frames_taken == 0:
+                            first_pts = pts
+                        else:
+                            pts = max(pts, last_pts + 1)
+                        in_flight.append(_PendingFrame(planes, pts, swap))
+                        last_pts = pts
+                        next_pts = pts + max(1, round(1 / (fps * video_time_base)))
+                        frames_taken += 1
+                        # Encode in order whatever is ready; wait only when too much is in flight.
+                        while in_flight and (
+                            len(in_flight) >= _MAX_IN_FLIGHT
+                            or in_flight[0].swap is None
+                            or in_flight[0].swap.done()
+                        ):
+                            encode_oldest()
+                while in_flight:
+                    encode_oldest()
+            finally:
+                # A cancel or an error: no pool thread may still be writing into a frame.
+                pool.shutdown(wait=True, cancel_futures=True)
             output.mux(output_video.encode(None))
             if output_audio is not None and audio_mode == "reencoded":
                 output.mux(output_audio.encode(None))
