@@ -15,9 +15,11 @@ picks from a hash of the task's environment and id: stable, so every re-dispatch
 lands in the queue that already holds its earlier names, and uniform, so each queue takes
 about 1/N of the rate.
 
-Transient gRPC failures are retried a few times with backoff; a final failure raises
-UpstreamUnavailable (``dispatch_failed``). The caller keeps the task PENDING, and
-:func:`shared.dispatch.redispatch_stale_pending` enqueues it again later.
+Transient gRPC failures are retried by the client under a ``google.api_core.retry.Retry``
+(exponential backoff with jitter, within one deadline for the whole enqueue, as the GCS
+provider does); a final failure raises UpstreamUnavailable (``dispatch_failed``). The caller
+keeps the task PENDING, and :func:`shared.dispatch.redispatch_stale_pending` enqueues it
+again later.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry, if_exception_type
 from google.cloud import tasks_v2
 
 from shared.dispatch.base import Dispatcher
@@ -63,7 +65,6 @@ _TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     gexc.ResourceExhausted,
     gexc.Aborted,
     gexc.Unknown,
-    gexc.RetryError,
 )
 
 
@@ -119,11 +120,12 @@ class CloudTasksDispatcher(Dispatcher):
         invoker_email: str = "",
         audience: str = "",
         dispatch_deadline_s: int = 1800,
-        attempts: int = 4,
+        retry_deadline_s: float = 10.0,
         backoff_s: float = 0.5,
-        request_timeout_s: float = 10.0,
-        sleep: Callable[[float], None] = time.sleep,
+        backoff_max_s: float = 4.0,
     ) -> None:
+        """``retry_deadline_s`` bounds one enqueue, its retries included: past it the task
+        stays PENDING for the re-dispatch sweep rather than hold the caller's request."""
         self._client = client
         self.queue_paths = [queue_path] if isinstance(queue_path, str) else list(queue_path)
         if not self.queue_paths:
@@ -134,10 +136,9 @@ class CloudTasksDispatcher(Dispatcher):
         self.invoker_email = invoker_email
         self.audience = audience or target_url
         self.dispatch_deadline_s = dispatch_deadline_s
-        self._attempts = attempts
+        self.retry_deadline_s = retry_deadline_s
         self._backoff_s = backoff_s
-        self._request_timeout_s = request_timeout_s
-        self._sleep = sleep
+        self._backoff_max_s = backoff_max_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CloudTasksDispatcher:
@@ -182,35 +183,45 @@ class CloudTasksDispatcher(Dispatcher):
 
     def dispatch(self, task: Task) -> None:
         cloud_task = self.build_cloud_task(task)
-        parent = self.queue_path_for(task)
-        last_error: Exception | None = None
-        for attempt in range(1, self._attempts + 1):
-            try:
-                # retry=None: this loop is the only retry, so the attempt count is ours.
-                self._client.create_task(
-                    parent=parent, task=cloud_task, retry=None, timeout=self._request_timeout_s
-                )
-            except gexc.AlreadyExists:
-                log_event(logger, "dispatch_duplicate", task_id=task.taskId, cloud_task=cloud_task.name)
-                return
-            except _TRANSIENT_ERRORS as exc:
-                last_error = exc
-                if attempt < self._attempts:
-                    self._sleep(self._backoff_s * 2 ** (attempt - 1))
-                continue
-            except gexc.GoogleAPICallError as exc:
-                # Permission, a missing queue, a bad request: retrying now cannot help.
-                raise self._failure(task, exc, attempt) from exc
-            log_event(
-                logger, "task_dispatched", task_id=task.taskId, cloud_task=cloud_task.name, attempt=attempt
+        transient: list[Exception] = []
+        retry = Retry(
+            predicate=if_exception_type(*_TRANSIENT_ERRORS),
+            initial=self._backoff_s,
+            maximum=self._backoff_max_s,
+            multiplier=2.0,
+            timeout=self.retry_deadline_s,
+            on_error=transient.append,
+        )
+        try:
+            # The client runs each attempt with the time left of ``timeout`` and retries
+            # transient errors under ``retry`` until that same deadline.
+            self._client.create_task(
+                parent=self.queue_path_for(task), task=cloud_task, retry=retry, timeout=self.retry_deadline_s
             )
+        except gexc.AlreadyExists:
+            log_event(logger, "dispatch_duplicate", task_id=task.taskId, cloud_task=cloud_task.name)
             return
-        assert last_error is not None
-        raise self._failure(task, last_error, self._attempts) from last_error
+        except gexc.RetryError as exc:  # still failing when the deadline came
+            raise self._failure(task, exc.cause or exc, len(transient)) from exc
+        except gexc.GoogleAPICallError as exc:
+            # Permission, a missing queue, a bad request: retrying cannot help.
+            raise self._failure(task, exc, len(transient) + 1) from exc
+        log_event(
+            logger,
+            "task_dispatched",
+            task_id=task.taskId,
+            cloud_task=cloud_task.name,
+            attempt=len(transient) + 1,
+        )
 
     def _failure(self, task: Task, exc: Exception, attempts: int) -> UpstreamUnavailable:
         return UpstreamUnavailable(
             f"could not enqueue task {task.taskId} on Cloud Tasks after {attempts} attempt(s): {exc}",
             code="dispatch_failed",
-            details={"task_id": task.taskId, "queue": self.queue_path_for(task), "error": type(exc).__name__},
+            details={
+                "task_id": task.taskId,
+                "queue": self.queue_path_for(task),
+                "error": type(exc).__name__,
+                "attempts": attempts,
+            },
         )

@@ -2,16 +2,22 @@
 the documented API (a recording client) where it is not.
 
 The emulator (gcloud-tasks-emulator 0.6.2, in its own venv: scripts/install_cloud_tasks_emulator.sh)
-really creates the queue and the task and POSTs to a real HTTP server on 127.0.0.1. It
-does not de-duplicate task names, send OIDC tokens, or fail on demand, so ALREADY_EXISTS,
-retries and the OIDC fields are checked against ``CloudTasksClient.create_task``'s
-documented contract with a recording client instead.
+really creates the queue and the task and POSTs to a real HTTP server on 127.0.0.1.
+Transient failures are real too: the client dials the emulator through a port that
+refuses connections until the test opens it (gRPC UNAVAILABLE, then an answer). The
+emulator does not de-duplicate task names or send OIDC tokens, so ALREADY_EXISTS and the
+OIDC fields are checked against ``CloudTasksClient.create_task``'s documented contract
+with a recording client instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +25,7 @@ from typing import Any
 
 import pytest
 from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
 from google.cloud import tasks_v2
 
 from comfyswap.emulators import EmulatorUnavailable, start_cloud_tasks_emulator
@@ -27,13 +34,14 @@ from shared.dispatch.cloud_tasks import (
     RUNNER_PUSH_PATH,
     CloudTasksDispatcher,
     cloud_task_id,
+    make_cloud_tasks_client,
     queue_ids,
     queue_index,
 )
 from shared.errors import UpstreamUnavailable
 from shared.settings import Settings
 from shared.tasks import Task
-from tests.servers import wait_until
+from tests.servers import free_port, wait_until
 
 PROJECT = "comfyswap-test"
 LOCATION = "us-central1"
@@ -218,7 +226,109 @@ def test_dispatch_to_a_missing_queue_fails_as_dispatch_failed(cloud_tasks_emulat
 
     assert raised.value.code == "dispatch_failed"
     assert raised.value.details["error"] == "FailedPrecondition"
+    assert raised.value.details["attempts"] == 1, "a permanent error is not retried"
     assert runner_target.requests == []
+
+
+class LateListener:
+    """A loopback port that refuses connections until ``open()``, then relays each one to
+    ``target`` (host:port): a Cloud Tasks endpoint that is down, then back."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self._target, timeout=10)
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in [*self._sockets, *([self._listener] if self._listener else [])]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.mark.emulator
+def test_transient_errors_are_retried_until_cloud_tasks_answers(
+    cloud_tasks_emulator, runner_target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cloud Tasks unreachable at first (UNAVAILABLE): the enqueue retries with backoff
+    (google.api_core.retry) and the task is delivered once the endpoint answers."""
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    admin = make_cloud_tasks_client(_settings(cloud_tasks_emulator, queue, runner_target.url))
+    late = LateListener(cloud_tasks_emulator)
+    dispatcher = make_dispatcher(_settings(late.host, queue, runner_target.url))
+    assert isinstance(dispatcher, CloudTasksDispatcher)
+    admin.create_queue(
+        parent=f"projects/{PROJECT}/locations/{LOCATION}", queue=tasks_v2.Queue(name=dispatcher.queue_path)
+    )
+    task = make_task()
+    opening = threading.Timer(1.0, late.open)
+    opening.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="shared.dispatch.cloud_tasks"):
+            dispatcher.dispatch(task)
+        wait_until(lambda: len(runner_target.requests) >= 1, timeout_s=20, what="the emulator's POST")
+    finally:
+        opening.cancel()
+        late.close()
+
+    [dispatched] = [record for record in caplog.records if record.getMessage() == "task_dispatched"]
+    assert dispatched.attempt >= 2, "the first attempt met a closed port"  # type: ignore[attr-defined]
+    assert json.loads(runner_target.requests[0]["body"]) == {"task_id": task.taskId}
+
+
+def test_cloud_tasks_unreachable_past_the_deadline_is_dispatch_failed() -> None:
+    """Nothing listens: every attempt is UNAVAILABLE, retried until the retry deadline, and
+    the enqueue then fails as dispatch_failed (retryable) instead of holding the request."""
+    settings = _settings(f"127.0.0.1:{free_port()}", "runner", "https://runner.example.com")
+    client = make_cloud_tasks_client(settings)
+    queue_path = client.queue_path(PROJECT, LOCATION, "runner")
+    dispatcher = CloudTasksDispatcher(
+        client, queue_path=queue_path, target_url="https://runner.example.com", retry_deadline_s=2.0
+    )
+    task = make_task()
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(task)
+
+    assert raised.value.code == "dispatch_failed"
+    assert raised.value.retryable is True
+    assert raised.value.details["task_id"] == task.taskId
+    assert raised.value.details["error"] == "ServiceUnavailable"
+    assert raised.value.details["attempts"] >= 2, "transient errors are retried"
+    assert time.monotonic() - started < 2.0 + 10.0, "the retry deadline bounds the enqueue"
 
 
 # --- the documented API, where the emulator is not faithful -----------------------------
@@ -240,23 +350,19 @@ class RecordingClient:
 QUEUE_PATH = f"projects/{PROJECT}/locations/{LOCATION}/queues/runner"
 
 
-def recording_dispatcher(
-    client: RecordingClient, **overrides: Any
-) -> tuple[CloudTasksDispatcher, list[float]]:
-    sleeps: list[float] = []
+def recording_dispatcher(client: RecordingClient, **overrides: Any) -> CloudTasksDispatcher:
     options: dict[str, Any] = {
         "queue_path": QUEUE_PATH,
         "target_url": "https://runner.example.com" + RUNNER_PUSH_PATH,
         "invoker_email": INVOKER,
         "audience": "https://runner.example.com",
-        "sleep": sleeps.append,
         **overrides,
     }
-    return CloudTasksDispatcher(client, **options), sleeps
+    return CloudTasksDispatcher(client, **options)
 
 
 def test_the_cloud_task_carries_ids_only_an_oidc_token_and_the_deadline() -> None:
-    dispatcher, _ = recording_dispatcher(RecordingClient(), dispatch_deadline_s=900)
+    dispatcher = recording_dispatcher(RecordingClient(), dispatch_deadline_s=900)
     task = make_task(params={"input_data": {"wf_json": {"1": {"inputs": {"text": "x" * 50_000}}}}})
 
     cloud_task = dispatcher.build_cloud_task(task)
@@ -272,7 +378,7 @@ def test_the_cloud_task_carries_ids_only_an_oidc_token_and_the_deadline() -> Non
 
 
 def test_without_an_invoker_email_no_oidc_token_is_requested() -> None:
-    dispatcher, _ = recording_dispatcher(RecordingClient(), invoker_email="")
+    dispatcher = recording_dispatcher(RecordingClient(), invoker_email="")
 
     cloud_task = dispatcher.build_cloud_task(make_task())
 
@@ -295,50 +401,14 @@ def test_already_exists_counts_as_dispatched() -> None:
     """The emulator never answers ALREADY_EXISTS (it does not de-duplicate names), so the
     documented answer to a repeated task name is simulated here."""
     client = RecordingClient(gexc.AlreadyExists("task already exists"))
-    dispatcher, sleeps = recording_dispatcher(client)
+    dispatcher = recording_dispatcher(client)
 
     dispatcher.dispatch(make_task())
 
-    assert len(client.calls) == 1
-    assert sleeps == []
-
-
-def test_transient_errors_are_retried_with_backoff() -> None:
-    client = RecordingClient(gexc.ServiceUnavailable("down"), gexc.DeadlineExceeded("slow"), None)
-    dispatcher, sleeps = recording_dispatcher(client)
-
-    dispatcher.dispatch(make_task())
-
-    assert len(client.calls) == 3
-    assert sleeps == [0.5, 1.0]
-    assert all(call["retry"] is None and call["parent"] == QUEUE_PATH for call in client.calls)
-
-
-def test_persistent_transient_errors_end_in_dispatch_failed() -> None:
-    client = RecordingClient(*[gexc.ServiceUnavailable("down")] * 10)
-    dispatcher, sleeps = recording_dispatcher(client, attempts=3)
-    task = make_task()
-
-    with pytest.raises(UpstreamUnavailable) as raised:
-        dispatcher.dispatch(task)
-
-    assert raised.value.code == "dispatch_failed"
-    assert raised.value.retryable is True
-    assert raised.value.details["task_id"] == task.taskId
-    assert len(client.calls) == 3
-    assert sleeps == [0.5, 1.0]
-
-
-def test_permanent_errors_are_not_retried() -> None:
-    client = RecordingClient(gexc.PermissionDenied("cloudtasks.tasks.create denied"))
-    dispatcher, sleeps = recording_dispatcher(client)
-
-    with pytest.raises(UpstreamUnavailable) as raised:
-        dispatcher.dispatch(make_task())
-
-    assert raised.value.details["error"] == "PermissionDenied"
-    assert len(client.calls) == 1
-    assert sleeps == []
+    [call] = client.calls
+    assert call["parent"] == QUEUE_PATH
+    assert isinstance(call["retry"], Retry), "transient errors are the client's to retry"
+    assert call["timeout"] == dispatcher.retry_deadline_s
 
 
 def test_make_dispatcher_follows_dispatch_mode() -> None:
