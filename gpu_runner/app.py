@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -517,7 +518,7 @@ def create_app(settings: Settings, *, state: RunnerState | None = None) -> Starl
 async def _run_direct(runner: RunnerState, engine: Engine, task: Task) -> dict[str, Any]:
     """The direct route: prepare, run under the engine slot, upload; no task document."""
     workdir = runner.settings.data_dir / "work" / task.taskId
-    workdir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     try:
         job = await engine.prepare(task, workdir)
         async with runner.worker.slots["face_swap"]:
@@ -536,6 +537,6 @@ async def _run_direct(runner: RunnerState, engine: Engine, task: Task) -> dict[s
             "duration": output.duration,
         }
     finally:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
+        # A video job leaves thousands of frames: removing them takes seconds, off the loop
+        # (as the worker does), or every held task's heartbeat waits for it.
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True))

@@ -188,7 +188,8 @@ class SafeFetcher:
         try:
             if _is_data_url(url):
                 source_url = final_url = url[: url.find(",") + 1] + "..."
-                size = self._write_data_url(url, part_path, field)
+                # Decoding and writing up to FETCH_MAX_BYTES is seconds of work: off the loop.
+                size = await asyncio.to_thread(self._write_data_url, url, part_path, field)
             elif is_input_ref(url):
                 source_url = final_url = url
                 size = await self._write_stored_input(url, part_path, field)
