@@ -251,12 +251,7 @@ class FaceFusionEngine(FaceSwapEngineBase):
     # --- a job ------------------------------------------------------------------------------
     async def run(self, job: PreparedJob, progress: ProgressCallback, cancel: asyncio.Event) -> EngineResult:
         request: FaceSwapInput = job.metadata["request"]
-        if request.model not in self.supported_models:
-            raise JobFailed(
-                f"model {request.model!r} cannot run on FaceFusion; available: "
-                f"{', '.join(sorted(self.supported_models))}",
-                code="model_not_supported",
-            )
+        self.require_model(request, self.supported_models, "FaceFusion")
         command = self._command()
         self._check_installed(command)
         await asyncio.to_thread(self._raise_if_models_bad, request.model)

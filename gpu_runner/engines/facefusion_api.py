@@ -193,12 +193,7 @@ class FaceFusionApiEngine(FaceSwapEngineBase):
 
     async def run(self, job: PreparedJob, progress: ProgressCallback, cancel: asyncio.Event) -> EngineResult:
         request: FaceSwapInput = job.metadata["request"]
-        if request.model not in self.supported_models:
-            raise JobFailed(
-                f"model {request.model!r} cannot run on the FaceFusion service; available: "
-                f"{', '.join(sorted(self.supported_models))}",
-                code="model_not_supported",
-            )
+        self.require_model(request, self.supported_models, "the FaceFusion service")
         if request.face_selector != "largest":
             raise JobFailed(
                 "the FaceFusion service swaps the largest face only (face_selector)",

@@ -39,6 +39,15 @@ class FaceSwapEngineBase(Engine):
         except ValueError as exc:
             raise JobFailed(f"bad face-swap input: {exc}", code="bad_input") from None
 
+    @staticmethod
+    def require_model(request: FaceSwapInput, models: frozenset[str], where: str) -> None:
+        """Refuse a model the engine cannot run (``model_not_supported``), naming those it can."""
+        if request.model not in models:
+            raise JobFailed(
+                f"model {request.model!r} cannot run on {where}; available: {', '.join(sorted(models))}",
+                code="model_not_supported",
+            )
+
     async def prepare(self, task: Task, workdir: Path) -> PreparedJob:
         request = self.parse_input(task)
         source, target = await asyncio.gather(

@@ -14,11 +14,24 @@ import mimetypes
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from shared.errors import ComfySwapError, NotFound
 
-__all__ = ["StorageProvider", "StoredObject", "result_key"]
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["StorageProvider", "StoredObject", "bucket_options", "result_key"]
+
+
+def bucket_options(settings: Settings) -> dict[str, Any]:
+    """The options every bucket provider (GCS, R2) reads from settings alike: signed URLs
+    and their lifetime, and one retry deadline per operation."""
+    return {
+        "signed_urls": settings.signed_urls,
+        "signed_url_ttl_s": settings.signed_url_ttl_s,
+        "retry_deadline_s": settings.storage_retry_deadline_s,
+    }
 
 
 ClientT = TypeVar("ClientT")

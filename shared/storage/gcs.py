@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from shared.errors import ComfySwapError
 from shared.storage import upstream_error
-from shared.storage.base import LazyClient, StorageProvider, StoredObject
+from shared.storage.base import LazyClient, StorageProvider, StoredObject, bucket_options
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -79,10 +79,8 @@ class GCSStorage(StorageProvider):
             project=settings.google_cloud_project,
             emulator_host=settings.storage_emulator_host,
             credentials_file=settings.google_application_credentials,
-            signed_urls=settings.signed_urls,
-            signed_url_ttl_s=settings.signed_url_ttl_s,
-            retry_deadline_s=settings.storage_retry_deadline_s,
             bucket_region=settings.gcs_bucket_region,
+            **bucket_options(settings),
         )
 
     # --- client -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from shared.errors import ComfySwapError
 from shared.storage import require_configured, upstream_error
-from shared.storage.base import LazyClient, StorageProvider, StoredObject, missing_settings
+from shared.storage.base import LazyClient, StorageProvider, StoredObject, bucket_options, missing_settings
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -79,9 +79,7 @@ class R2Storage(StorageProvider):
             secret_key=settings.r2_secret_key,
             endpoint_url=settings.r2_endpoint_url,
             public_domain=settings.r2_public_domain,
-            signed_urls=settings.signed_urls,
-            signed_url_ttl_s=settings.signed_url_ttl_s,
-            retry_deadline_s=settings.storage_retry_deadline_s,
+            **bucket_options(settings),
         )
 
     @staticmethod

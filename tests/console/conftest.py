@@ -63,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"{hash_api_key(KEYS['runner'])}:runner-fleet:runner",
         ]
     )
-    running = start_stack(
+    with start_stack(
         tmp_path_factory.mktemp("console-stack"),
         {
             "API_KEYS": entries,
@@ -73,21 +73,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             # shows mid-video in the page well before it ends.
             "PROGRESS_INTERVAL_S": "0.5",
         },
-    )
-    yield running
-    running.client.close()
-    running.runner.stop()
-    running.api.stop()
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def open_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`make run` as it comes: no API_KEYS, the API open to whoever reaches 127.0.0.1."""
-    running = start_stack(tmp_path_factory.mktemp("console-open-stack"))
-    yield running
-    running.client.close()
-    running.runner.stop()
-    running.api.stop()
+    with start_stack(tmp_path_factory.mktemp("console-open-stack")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 from collections.abc import Iterator
@@ -23,8 +24,26 @@ class Stack:
         self.data_dir = data_dir
         self.client = httpx.Client(base_url=api.url, timeout=30.0)
 
+    def close(self) -> None:
+        """Stop the runner and the API (the stack's fixture does, at the end of its scope)."""
+        self.client.close()
+        self.runner.stop()
+        self.api.stop()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def create(self, body: dict[str, Any]) -> httpx.Response:
         return self.client.post("/api/tasks/create", json=body)
+
+    def create_face_swap(self, source_url: str, target_url: str) -> httpx.Response:
+        """A face_swap task: the face of ``source_url`` into ``target_url``."""
+        return self.create(
+            {"workflow": "face_swap", "task_data": {"source_url": source_url, "target_url": target_url}}
+        )
 
     def wait(self, task_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -34,6 +53,11 @@ class Stack:
                 return view
             time.sleep(0.05)
         raise TimeoutError(f"{task_id} not finished after {timeout_s}s: {view}\n{self.runner.log()[-3000:]}")
+
+
+def data_url(path: Path, content_type: str) -> str:
+    """The file as a base64 ``data:`` URL (an input the API keeps in its input store)."""
+    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def start_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
@@ -75,11 +99,8 @@ def start_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("stack"))
-    yield running
-    running.client.close()
-    running.runner.stop()
-    running.api.stop()
+    with start_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ pytestmark = pytest.mark.e2e
 def comfy_stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfy")
     double = comfyui_double.start(tmp / "comfy", log_dir=tmp / "logs")
-    stack = start_stack(tmp, {"COMFYUI_URL": double.url})
-    yield stack, double
-    stack.client.close()
-    stack.runner.stop()
-    stack.api.stop()
-    double.stop()
+    try:
+        with start_stack(tmp, {"COMFYUI_URL": double.url}) as stack:
+            yield stack, double
+    finally:
+        double.stop()
 
 
 def test_text_to_image_template_completes_with_progress_and_outputs(comfy_stack):

@@ -3,26 +3,22 @@ face-swap routes (the dev server forwards them to the runner)."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 import av
 import pytest
 from PIL import Image
 
+from tests.e2e.conftest import data_url
 from tests.faceswap.media import write_clip
 
 pytestmark = pytest.mark.e2e
 
 
-def _data_url(path, content_type):
-    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
 def test_direct_process_route_answers_with_the_result(stack, grace_hopper_path, astronaut_png):
     body = {
-        "source_url": _data_url(grace_hopper_path, "image/jpeg"),
-        "target_url": _data_url(astronaut_png, "image/png"),
+        "source_url": data_url(grace_hopper_path, "image/jpeg"),
+        "target_url": data_url(astronaut_png, "image/png"),
     }
 
     response = stack.client.post("/api/face-swap/process", json=body, timeout=120)
@@ -48,15 +44,7 @@ def test_video_task_keeps_frames_fps_and_audio(stack, media_server, grace_hopper
     write_clip(clip, frame_count=20, size=256, fps=25)
     files["/clip.mp4"] = ("video/mp4", clip.read_bytes())
 
-    created = stack.create(
-        {
-            "workflow": "face_swap",
-            "task_data": {
-                "source_url": _data_url(grace_hopper_path, "image/jpeg"),
-                "target_url": f"{base_url}/clip.mp4",
-            },
-        }
-    )
+    created = stack.create_face_swap(data_url(grace_hopper_path, "image/jpeg"), f"{base_url}/clip.mp4")
     view = stack.wait(created.json()["taskId"], timeout_s=120)
 
     assert view["status"] == "COMPLETED", view["task"].get("error")

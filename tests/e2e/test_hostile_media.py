@@ -3,19 +3,15 @@ create), never a crash, a retry loop, or a file outside the task's folders."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
 from PIL import Image
 
+from tests.e2e.conftest import data_url
 from tests.faceswap.media import write_clip
 
 pytestmark = pytest.mark.e2e
-
-
-def _data_url(path, content_type):
-    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def _bomb_png() -> bytes:
@@ -41,15 +37,7 @@ def test_hostile_target_ends_failed_with_a_code(stack, media_server, grace_hoppe
     files[f"/{case}"] = payloads[case]
     before = {path for path in stack.data_dir.rglob("*") if path.is_file()}
 
-    created = stack.create(
-        {
-            "workflow": "face_swap",
-            "task_data": {
-                "source_url": _data_url(grace_hopper_path, "image/jpeg"),
-                "target_url": f"{base_url}/{case}",
-            },
-        }
-    )
+    created = stack.create_face_swap(data_url(grace_hopper_path, "image/jpeg"), f"{base_url}/{case}")
     view = stack.wait(created.json()["taskId"], timeout_s=90)
 
     assert view["status"] == "FAILED", view["task"]

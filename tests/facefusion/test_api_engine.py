@@ -7,6 +7,7 @@ over HTTP and reads back the calls it received.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -51,10 +52,16 @@ def make_engine(
 
 
 @pytest.fixture
-def engine(
+def api_engine(
     tmp_path: Path, fetcher: SafeFetcher, api_server: ServerProcess, shared_dir: Path
-) -> FaceFusionApiEngine:
-    return make_engine(tmp_path, fetcher, api_server.url, shared_dir)
+) -> Callable[..., FaceFusionApiEngine]:
+    """``api_engine(**settings)``: an engine on the stand-in service (make_engine's defaults)."""
+    return functools.partial(make_engine, tmp_path, fetcher, api_server.url, shared_dir)
+
+
+@pytest.fixture
+def engine(api_engine: Callable[..., FaceFusionApiEngine]) -> FaceFusionApiEngine:
+    return api_engine()
 
 
 def test_image_swap_sends_the_seed_request_and_takes_the_result_from_the_shared_dir(
@@ -123,13 +130,11 @@ def test_5xx_answers_are_retried_with_exponential_backoff(
 
 
 def test_a_timed_out_attempt_is_retried(
+    api_engine: Callable[..., FaceFusionApiEngine],
     image_run: Callable[..., Run],
-    tmp_path: Path,
-    fetcher: SafeFetcher,
     api_server: ServerProcess,
-    shared_dir: Path,
 ) -> None:
-    engine = make_engine(tmp_path, fetcher, api_server.url, shared_dir, face_swap_timeout=0.5)
+    engine = api_engine(face_swap_timeout=0.5)
     set_knobs(api_server, slow_times=1, delay_s=3)
 
     result = image_run(engine)()
@@ -157,15 +162,11 @@ def test_exhausted_retries_are_upstream_unavailable_and_retryable(
 
 
 def test_timeouts_on_every_attempt_are_upstream_unavailable(
+    api_engine: Callable[..., FaceFusionApiEngine],
     image_run: Callable[..., Run],
-    tmp_path: Path,
-    fetcher: SafeFetcher,
     api_server: ServerProcess,
-    shared_dir: Path,
 ) -> None:
-    engine = make_engine(
-        tmp_path, fetcher, api_server.url, shared_dir, face_swap_timeout=0.3, face_swap_retry_count=2
-    )
+    engine = api_engine(face_swap_timeout=0.3, face_swap_retry_count=2)
     set_knobs(api_server, slow_times=5, delay_s=3)
     run = image_run(engine)
 

@@ -40,7 +40,7 @@ TASK_TIMEOUT_S = 30
 
 @pytest.fixture(scope="module")
 def stack(real_comfyui: RealComfyUI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(
+    with start_stack(
         tmp_path_factory.mktemp("peer-stack"),
         {
             "COMFYUI_URL": real_comfyui.url,
@@ -49,11 +49,8 @@ def stack(real_comfyui: RealComfyUI, tmp_path_factory: pytest.TempPathFactory) -
             "TASK_TIMEOUT_S": str(TASK_TIMEOUT_S),
             "MAX_ATTEMPTS": "1",
         },
-    )
-    yield running
-    running.client.close()
-    running.runner.stop()
-    running.api.stop()
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
