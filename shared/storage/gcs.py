@@ -130,17 +130,13 @@ class GCSStorage(StorageProvider):
     # --- interface --------------------------------------------------------------------
     def upload_file(self, local_path: Path, key: str, content_type: str) -> StoredObject:
         size = local_path.stat().st_size
-        try:
+        with self._service_errors(key):
             blob = self._bucket().blob(key, chunk_size=self.chunk_size)
             # Retrying an unconditional upload is safe here because a key always holds the
             # same task output: a repeat only overwrites. The deadline is ours (not the
             # library's 120 s) so a dead primary hands over to the fallback quickly.
             blob.upload_from_filename(str(local_path), content_type=content_type, **self._within_deadline())
             url = self._url_for(blob)
-        except ComfySwapError:
-            raise
-        except Exception as exc:
-            raise self._wrap(exc, key) from exc
         return StoredObject(
             provider=self.name,
             key=key,

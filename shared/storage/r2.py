@@ -132,7 +132,7 @@ class R2Storage(StorageProvider):
     # --- interface --------------------------------------------------------------------
     def upload_file(self, local_path: Path, key: str, content_type: str) -> StoredObject:
         size = local_path.stat().st_size
-        try:
+        with self._service_errors(key):
             from boto3.s3.transfer import TransferConfig
 
             transfer = TransferConfig(
@@ -151,10 +151,6 @@ class R2Storage(StorageProvider):
                 Config=transfer,
             )
             url = self.url_for(key)
-        except ComfySwapError:
-            raise
-        except Exception as exc:
-            raise self._wrap(exc, key) from exc
         return StoredObject(
             provider=self.name,
             key=key,

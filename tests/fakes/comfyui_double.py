@@ -1231,21 +1231,13 @@ class Validator:
                 continue
             if name in custom_validated:
                 continue
-            if "min" in extra and value < extra["min"]:
+            out_of_range = _out_of_range(value, extra)
+            if out_of_range is not None:
+                error_type, how = out_of_range
                 errors.append(
                     {
-                        "type": "value_smaller_than_min",
-                        "message": f"Value {value} smaller than min of {extra['min']}",
-                        "details": name,
-                        "extra_info": {"input_name": name, "input_config": config, "received_value": value},
-                    }
-                )
-                continue
-            if "max" in extra and value > extra["max"]:
-                errors.append(
-                    {
-                        "type": "value_bigger_than_max",
-                        "message": f"Value {value} bigger than max of {extra['max']}",
+                        "type": error_type,
+                        "message": f"Value {value} {how}",
                         "details": name,
                         "extra_info": {"input_name": name, "input_config": config, "received_value": value},
                     }
@@ -1607,6 +1599,15 @@ if TYPE_CHECKING:
     from tests.servers import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _out_of_range(value: Any, extra: dict[str, Any]) -> tuple[str, str] | None:
+    """ComfyUI's min/max check of a number input: (error type, how it is out), or None."""
+    if "min" in extra and value < extra["min"]:
+        return "value_smaller_than_min", f"smaller than min of {extra['min']}"
+    if "max" in extra and value > extra["max"]:
+        return "value_bigger_than_max", f"bigger than max of {extra['max']}"
+    return None
 
 
 def command(port: int, root: Path) -> list[str]:

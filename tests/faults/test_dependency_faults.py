@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -85,10 +87,23 @@ SLOW_GRAPH: dict[str, Any] = {
 }
 
 
-def _start_double(tmp: Path, port: int, generation: int) -> ServerProcess:
-    return comfyui_double.start(
-        tmp / "comfy", port=port, name=f"comfyui-double-{generation}", log_dir=tmp / "logs"
-    )
+@pytest.fixture
+def comfyui(tmp_path: Path) -> Iterator[Callable[[], ServerProcess]]:
+    """``comfyui()``: a ComfyUI double on this test's one port, a new one each call (ComfyUI
+    back after a crash); every one is stopped when the test ends."""
+    port = free_port()
+    started: list[ServerProcess] = []
+
+    def start() -> ServerProcess:
+        name = f"comfyui-double-{len(started) + 1}"
+        started.append(
+            comfyui_double.start(tmp_path / "comfy", port=port, name=name, log_dir=tmp_path / "logs")
+        )
+        return started[-1]
+
+    yield start
+    for double in started:
+        double.stop()
 
 
 def _slow_nodes(double: ServerProcess, seconds: float) -> None:
@@ -127,47 +142,42 @@ def _wait_for_comfyui_socket(stack: FaultStack) -> None:
     ids=["not-back-in-time-fails-with-reason", "held-until-comfyui-is-back"],
 )
 def test_comfyui_killed_mid_run_is_held_or_failed_and_the_runner_keeps_working(
-    make_stack, tmp_path, restart_wait_s, outcome
+    make_stack, comfyui, restart_wait_s, outcome
 ):
     # A crash holds the task up to COMFYUI_RESTART_WAIT_S (a real restart takes 12-40 s)
     # instead of spending its attempts; MAX_ATTEMPTS=1 shows no attempt is spent.
-    port = free_port()
-    doubles = [_start_double(tmp_path, port, 1)]
-    try:
-        stack = make_stack(
-            {
-                "COMFYUI_URL": doubles[0].url,
-                "RUNNER_ENVIRONMENTS": "comm",
-                "MAX_ATTEMPTS": "1",
-                "COMFYUI_RESTART_WAIT_S": restart_wait_s,
-            }
-        )
-        _slow_nodes(doubles[0], 5.0)
-        task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+    first = comfyui()
+    stack = make_stack(
+        {
+            "COMFYUI_URL": first.url,
+            "RUNNER_ENVIRONMENTS": "comm",
+            "MAX_ATTEMPTS": "1",
+            "COMFYUI_RESTART_WAIT_S": restart_wait_s,
+        }
+    )
+    _slow_nodes(first, 5.0)
+    task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
 
-        _kill_double_mid_prompt(stack, doubles[0], task_id)
-        if outcome == "FAILED":
-            view = stack.wait_terminal(task_id, timeout_s=90)
-            doubles.append(_start_double(tmp_path, port, 2))
-        else:
-            doubles.append(_start_double(tmp_path, port, 2))
-            view = stack.wait_terminal(task_id, timeout_s=90)
+    _kill_double_mid_prompt(stack, first, task_id)
+    if outcome == "FAILED":
+        view = stack.wait_terminal(task_id, timeout_s=90)
+        comfyui()
+    else:
+        comfyui()
+        view = stack.wait_terminal(task_id, timeout_s=90)
 
-        task = view["task"]
-        assert view["status"] == outcome, task["error"]
-        if outcome == "FAILED":
-            assert task["error"]["code"] == "comfyui_unavailable" and task["error"]["message"]
-        else:
-            assert task["attempts"] == 1
-            assert len(task["output_data"]["outputs"]) == 1
-        assert stack.runner.alive()
-        _wait_for_comfyui_socket(stack)
-        follow_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
-        after = stack.wait_terminal(follow_up, timeout_s=90)
-        assert after["status"] == "COMPLETED", after["task"]["error"]
-    finally:
-        for double in doubles:
-            double.stop()
+    task = view["task"]
+    assert view["status"] == outcome, task["error"]
+    if outcome == "FAILED":
+        assert task["error"]["code"] == "comfyui_unavailable" and task["error"]["message"]
+    else:
+        assert task["attempts"] == 1
+        assert len(task["output_data"]["outputs"]) == 1
+    assert stack.runner.alive()
+    _wait_for_comfyui_socket(stack)
+    follow_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+    after = stack.wait_terminal(follow_up, timeout_s=90)
+    assert after["status"] == "COMPLETED", after["task"]["error"]
 
 
 def _wait_for_reconnect_backoff_ceiling(port: int, *, gap_s: float = 4.0, timeout_s: float = 40.0) -> None:
@@ -194,24 +204,17 @@ def _wait_for_reconnect_backoff_ceiling(port: int, *, gap_s: float = 4.0, timeou
         listener.close()
 
 
-def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, tmp_path):
-    port = free_port()
-    doubles = [_start_double(tmp_path, port, 1)]
-    try:
-        stack = make_stack(
-            {"COMFYUI_URL": doubles[0].url, "RUNNER_ENVIRONMENTS": "comm", "MAX_ATTEMPTS": "1"}
-        )
-        _slow_nodes(doubles[0], 0.0)
-        warm_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
-        assert stack.wait_terminal(warm_up, timeout_s=60)["status"] == "COMPLETED"
-        doubles[0].kill()
-        _wait_for_reconnect_backoff_ceiling(port)
-        doubles.append(_start_double(tmp_path, port, 2))
+def test_task_right_after_comfyui_restart_completes_without_a_retry(make_stack, comfyui):
+    first = comfyui()
+    stack = make_stack({"COMFYUI_URL": first.url, "RUNNER_ENVIRONMENTS": "comm", "MAX_ATTEMPTS": "1"})
+    _slow_nodes(first, 0.0)
+    warm_up = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+    assert stack.wait_terminal(warm_up, timeout_s=60)["status"] == "COMPLETED"
+    first.kill()
+    _wait_for_reconnect_backoff_ceiling(urlsplit(first.url).port or 0)
+    comfyui()
 
-        task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
-        view = stack.wait_terminal(task_id, timeout_s=60)
+    task_id = stack.create({"workflow": "custom", "task_data": {"wf_json": SLOW_GRAPH}})
+    view = stack.wait_terminal(task_id, timeout_s=60)
 
-        assert view["status"] == "COMPLETED", view["task"]["error"]
-    finally:
-        for double in doubles:
-            double.stop()
+    assert view["status"] == "COMPLETED", view["task"]["error"]
