@@ -37,7 +37,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpu_runner.engines.base import Engine
-from gpu_runner.worker import HttpTaskSource, Worker
+from gpu_runner.sources import HttpTaskSource, StoreTaskSource, TaskSource
+from gpu_runner.worker import Worker
 from shared.auth import Principal, authenticate, keys_need_io
 from shared.dispatch.base import NoopDispatcher
 from shared.errors import (
@@ -62,6 +63,15 @@ __all__ = ["EXCEPTION_HANDLERS", "ROUTES", "RunnerState", "create_app"]
 logger = get_logger(__name__)
 
 
+def task_source(settings: Settings, store: TaskStore) -> TaskSource:
+    """Where this runner pulls from (PULL_SOURCE): the store it writes to when that is the
+    embedded SQLite one (the API is a hop with nothing to add), else the task API."""
+    embedded = settings.task_store == "sqlite"
+    if settings.pull_source == "store" or (settings.pull_source == "auto" and embedded):
+        return StoreTaskSource(store, settings)
+    return HttpTaskSource(settings.task_api_url, api_key=settings.runner_api_key)
+
+
 class RunnerState:
     """Everything the routes share: settings, store, engines, storage, the worker."""
 
@@ -81,7 +91,7 @@ class RunnerState:
         self.storage = make_storage_chain(settings)
         self.local_results = LocalStorage.from_settings(settings)
         self.pull = settings.dispatch_mode == "pull" if pull is None else pull
-        source = HttpTaskSource(settings.task_api_url, api_key=settings.runner_api_key) if self.pull else None
+        source = task_source(settings, self.store) if self.pull else None
         from shared.webhooks import WebhookNotifier
 
         self.rate_limiter = RateLimiter.from_settings(settings)

@@ -49,12 +49,13 @@ async def drain(worker: Worker, grace_s: float) -> None:
             job.cancel()
         if stuck:
             await asyncio.wait(stuck, timeout=STOP_WAIT_S)
-    if worker.fetching:
-        # The API claims for a fetch in flight whether or not we still listen (it may
-        # even re-claim a task released above): let the fetch return so the pull loop
-        # releases what it got, instead of leaving it leased to a runner that is gone.
+    if worker.fetch is not None:
+        # A long poll in flight is stopped, not waited for (it could hold shutdown for its
+        # whole wait): its source gives back or never makes a claim landing meanwhile, and
+        # the pull loop gives back one it already got.
+        worker.fetch.cancel()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.pull_stopped.wait(), timeout=worker.pull_wait_s + 20.0)
+            await asyncio.wait_for(worker.pull_stopped.wait(), timeout=STOP_WAIT_S)
     if still_running:
         # Background work (webhooks) gets a moment, not the platform's whole kill window.
         await asyncio.wait(still_running, timeout=1.0)

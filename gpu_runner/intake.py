@@ -59,13 +59,20 @@ async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float)
 
 
 async def _fetch(worker: Worker, source: TaskSource, environments: list[str], wait_s: float) -> Task | None:
-    # While set, drain lets the fetch return before releasing and closing: a fetch in
-    # flight may still claim a task for this runner.
-    worker.fetching = True
+    """The next task, or None; a long poll that drain cancels (no task then)."""
+    fetch = asyncio.ensure_future(
+        source.next_task(worker_id=worker.worker_id, environments=environments, wait_s=wait_s)
+    )
+    worker.fetch = fetch
     try:
-        return await source.next_task(worker_id=worker.worker_id, environments=environments, wait_s=wait_s)
+        return await fetch
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if fetch.cancelled() and worker.draining and not (current and current.cancelling()):
+            return None  # drain stopped the long poll, not someone stopping the pull loop
+        raise
     finally:
-        worker.fetching = False
+        worker.fetch = None
 
 
 async def run_pushed(worker: Worker, task_id: str) -> tuple[int, dict[str, Any]]:

@@ -1,16 +1,24 @@
 """Where a pull-mode runner gets its next task: the fetch_task function over HTTP, or the
-store itself (tests, and a runner co-located with its store)."""
+store itself (a runner co-located with its store, and tests).
+
+A fetch is a long poll, and shutdown cancels it rather than wait for its end: each source
+makes that safe (the store source gives back a claim that lands meanwhile; the task API
+claims nothing for a runner that hung up, see shared.http.caller_gone)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import httpx
 
 from shared.errors import UpstreamUnavailable
+from shared.service import claim_for_runner
+from shared.settings import Settings
 from shared.store.base import TaskStore
 from shared.store.notify import TaskChange
 from shared.tasks import Task, utcnow
@@ -49,11 +57,12 @@ class HttpTaskSource:
 
 
 class StoreTaskSource:
-    """Claims straight from the store (tests, and a runner co-located with its store)."""
+    """Claims straight from the store: a runner on the machine of its store (the embedded
+    SQLite one: no hop through the task API), and tests. The same claim as fetch_task's."""
 
-    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
+    def __init__(self, store: TaskStore, settings: Settings) -> None:
         self._store = store
-        self._lease_seconds = lease_seconds
+        self._settings = settings
 
     async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
         loop = asyncio.get_running_loop()
@@ -63,17 +72,15 @@ class StoreTaskSource:
             with contextlib.suppress(RuntimeError):  # the loop closed under a late change
                 loop.call_soon_threadsafe(published.set)
 
+        claim = functools.partial(
+            claim_for_runner, self._store, self._settings, worker_id=worker_id, environments=environments
+        )
         deadline = time.monotonic() + wait_s
         unsubscribe = await asyncio.to_thread(self._store.subscribe_work, environments, on_work)
         try:
             while True:
                 published.clear()
-                task = await asyncio.to_thread(
-                    self._store.claim_next,
-                    worker_id=worker_id,
-                    environments=environments,
-                    lease_seconds=self._lease_seconds,
-                )
+                task = await self._claim_or_give_back(claim, worker_id)
                 remaining = deadline - time.monotonic()
                 if task is not None or remaining <= 0:
                     return task
@@ -85,6 +92,22 @@ class StoreTaskSource:
                     await asyncio.wait_for(published.wait(), timeout=remaining)
         finally:
             unsubscribe()
+
+    async def _claim_or_give_back(self, claim: Callable[[], Task | None], worker_id: str) -> Task | None:
+        """The claim runs on in its thread when the fetch is cancelled (shutdown): what it
+        takes then is given back at once, not left leased to a runner that stopped looking."""
+        claiming = asyncio.ensure_future(asyncio.to_thread(claim))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                late = await claiming
+                if late is not None:
+                    release = functools.partial(
+                        self._store.release, late.taskId, worker_id=worker_id, reason="shutdown"
+                    )
+                    await asyncio.to_thread(release)
+            raise
 
     async def close(self) -> None:
         return None

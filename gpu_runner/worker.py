@@ -95,10 +95,8 @@ class Worker:
         # Tasks this worker started (pulled jobs, input clean-up, webhooks): drain waits for them.
         self.spawned: set[asyncio.Task[Any]] = set()
         self.draining = False
-        # Set while the pull loop waits on fetch_task: a fetch in flight may still claim a
-        # task for this runner, so drain lets it return before releasing and closing.
-        self.fetching = False
-        self.pull_wait_s = 0.0
+        # The pull loop's long poll in flight, which drain cancels.
+        self.fetch: asyncio.Future[Task | None] | None = None
         self.pull_stopped = asyncio.Event()
         self._on_finished = on_finished
         # Push mode: enqueue a task this runner put back to PENDING (released, or retried
@@ -161,7 +159,6 @@ class Worker:
         # A fetch outliving this runner (killed -9) can still claim a task; keeping the wait
         # under half a lease bounds what such an orphaned claim costs.
         wait_s = min(wait_s, self.settings.lease_seconds / 2)
-        self.pull_wait_s = wait_s
         try:
             await intake.pull_until_draining(self, self.source, wait_s)
         finally:

@@ -25,6 +25,7 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
             "task_store",
             "firestore_",
             "dispatch_mode",
+            "pull_source",
             "cloud_tasks_",
             "google_cloud_project",
             "lease_seconds",

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from shared.request_guard import body_too_large, parse_json
 from shared.service import TaskService
 from shared.settings import Settings, get_settings
 
-__all__ = ["Route", "dispatch_request", "json_response", "rate_limiter", "service"]
+__all__ = ["Route", "caller_gone", "dispatch_request", "json_response", "rate_limiter", "service"]
 
 logger = get_logger(__name__)
 
@@ -190,3 +191,23 @@ def health_response(ctx: RequestContext) -> flask.Response:
 
 def status_response(ctx: RequestContext) -> flask.Response:
     return json_response(ctx.service.status(ctx.principal))
+
+
+def caller_gone(request: flask.Request) -> Callable[[], bool]:
+    """Whether the caller of a long poll has hung up: its connection is closed (gunicorn,
+    the local server, hands the client's socket in the WSGI environ; a peek that reads
+    end-of-file says so). Where the connection cannot be seen (Cloud Functions, behind
+    Google's front end) never: the lease then bounds what a claim for nobody costs."""
+    client: socket.socket | None = request.environ.get("gunicorn.socket")
+    if client is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # open, nothing sent: still waiting for our answer
+            return False
+        except OSError:  # reset or closed under us
+            return True
+
+    return gone

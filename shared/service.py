@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -382,9 +383,19 @@ class TaskService:
         return {"queue_length": stats.queue_length, **stats.model_dump()}
 
     # --- runner pull ------------------------------------------------------------------
-    def fetch_for_runner(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+    def fetch_for_runner(
+        self,
+        *,
+        worker_id: str,
+        environments: list[str],
+        wait_s: float,
+        caller_gone: Callable[[], bool] = lambda: False,
+    ) -> Task | None:
         """Claim the next task, holding the request up to ``wait_s`` for one to arrive
-        (a long poll: a pulling runner learns of new work at once, without a sleep loop)."""
+        (a long poll: a pulling runner learns of new work at once, without a sleep loop).
+
+        ``caller_gone`` is asked before every claim: a runner that hung up (it is shutting
+        down) gets nothing claimed in its name, which would stay leased to nobody."""
         from shared.workflows import ENVIRONMENTS
 
         unknown = [name for name in environments if name not in ENVIRONMENTS]
@@ -398,15 +409,13 @@ class TaskService:
         # (the only changes nobody publishes), or at the deadline.
         with self.store.watch_work(environments) as watch:
             while True:
-                self.store.reap_expired_leases()
-                task = self.store.claim_next(
-                    worker_id=worker_id,
-                    environments=environments,
-                    lease_seconds=self.settings.lease_seconds,
-                    max_running_per_owner=self.settings.max_running_per_tenant,
+                if caller_gone():
+                    log_event(logger, "fetch_abandoned", worker_id=worker_id)
+                    return None
+                task = claim_for_runner(
+                    self.store, self.settings, worker_id=worker_id, environments=environments
                 )
                 if task is not None:
-                    log_task_claimed(logger, task, worker_id=worker_id)
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -481,3 +490,21 @@ class TaskService:
             "queue_length": stats.queue_length,
             "queue": stats.model_dump(),
         }
+
+
+def claim_for_runner(
+    store: TaskStore, settings: Settings, *, worker_id: str, environments: list[str]
+) -> Task | None:
+    """One claim of a pulling runner, through fetch_task or straight from a store on the
+    same machine: tasks whose lease ran out go back first, then the next task with
+    tenants taking turns (MAX_RUNNING_PER_TENANT)."""
+    store.reap_expired_leases()
+    task = store.claim_next(
+        worker_id=worker_id,
+        environments=environments,
+        lease_seconds=settings.lease_seconds,
+        max_running_per_owner=settings.max_running_per_tenant,
+    )
+    if task is not None:
+        log_task_claimed(logger, task, worker_id=worker_id)
+    return task

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     )
 
     # --- new names --------------------------------------------------------------------
+    pull_source: Literal["auto", "api", "store"] = Field(
+        "auto",
+        description="PULL_SOURCE: where a pull-mode runner claims its tasks: `api` (fetch_task at "
+        "TASK_API_URL), `store` (the task store it writes statuses to anyway); `auto` = `store` for the "
+        "embedded SQLite store (API and runner on one machine: no hop through the API), else `api`.",
+    )
     task_store: Literal["sqlite", "firestore"] = Field(
         "sqlite", description="TASK_STORE: task store backend."
     )

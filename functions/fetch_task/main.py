@@ -11,7 +11,15 @@ from __future__ import annotations
 import flask
 import functions_framework
 
-from shared.http import RequestContext, Route, dispatch_request, health_response, json_response, query_float
+from shared.http import (
+    RequestContext,
+    Route,
+    caller_gone,
+    dispatch_request,
+    health_response,
+    json_response,
+    query_float,
+)
 
 
 def fetch(ctx: RequestContext) -> flask.Response:
@@ -27,7 +35,10 @@ def fetch(ctx: RequestContext) -> flask.Response:
         or f"consumer:{ctx.principal.owner}@{ctx.request.remote_addr or 'unknown'}"
     )
     task = ctx.service.fetch_for_runner(
-        worker_id=worker_id, environments=environments, wait_s=query_float(ctx.request, "wait", 0.0)
+        worker_id=worker_id,
+        environments=environments,
+        wait_s=query_float(ctx.request, "wait", 0.0),
+        caller_gone=caller_gone(ctx.request),
     )
     if task is None:
         return json_response({"code": 204, "success": True, "data": None, "message": "No task available"})

@@ -45,7 +45,7 @@ def test_the_worker_claims_no_face_swap_while_models_are_missing(
         store,
         {"face_swap": engine},
         lambda path, key, content_type: pytest.fail("nothing may be uploaded"),
-        source=StoreTaskSource(store, settings.lease_seconds),
+        source=StoreTaskSource(store, settings),
     )
 
     async def scenario() -> tuple[TaskStatus, int, TaskStatus]:

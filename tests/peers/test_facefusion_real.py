@@ -301,7 +301,7 @@ def test_progress_from_the_real_output_reaches_the_task_and_the_result_is_stored
         store,
         {"face_swap": engine},
         results.upload_file,
-        source=StoreTaskSource(store, engine.settings.lease_seconds),
+        source=StoreTaskSource(store, engine.settings),
     )
     task = store.create(face_swap_task(source_url=source_url, target_url=data_url(longer_clip, "video/mp4")))
     seen: list[tuple[TaskStatus, Any]] = []

@@ -37,7 +37,7 @@ def _worker(
 def _pulling_worker(
     settings: Settings, store: SQLiteTaskStore, engine: SteeredEngine, results: LocalStorage
 ) -> Worker:
-    source = StoreTaskSource(store, settings.lease_seconds)
+    source = StoreTaskSource(store, settings)
     return Worker(settings, store, {"face_swap": engine}, results.upload_file, source=source, prefetch=0)
 
 
