@@ -185,3 +185,37 @@ def test_one_swapper_shared_by_threads_gives_the_same_results_as_one_thread(
     for index, result in enumerate(results):
         assert result is not None, f"thread {index} did not finish"
         assert np.array_equal(result, expected[index]), f"thread {index} differs"
+
+
+def test_the_poisson_clone_solves_what_opencv_solves_on_a_real_face(
+    swapper: FaceSwapper, source_face: SourceFace, target_image: ByteImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15: cv2.seamlessClone was the largest cost of a video frame; blend.poisson_clone
+    solves its equations (NORMAL_CLONE) with a sine transform. On OpenCV's own rectangle (the
+    mask's box) the result is OpenCV's; on the rectangle grown to a fast size, the boundary
+    moves a few pixels out and the result stays within a few levels of it."""
+    from gpu_runner.engines.cpu_swap import blend
+    from gpu_runner.engines.cpu_swap.warp import warp_face
+
+    points = swapper.detect_faces(target_image)[0].landmarks
+    warped = warp_face(
+        source_face.image, source_face.landmarks, source_face.triangles, points, target_image.shape
+    )
+    box = warped.box
+    patch = np.ascontiguousarray(target_image[box.y0 : box.y1, box.x0 : box.x1])
+    mask = blend.face_mask(points, warped)
+    recoloured = blend.reinhard_colour_transfer(warped.pixels, patch, mask)
+    ys, xs = np.nonzero(mask)
+    centre = ((int(xs.min()) + int(xs.max()) + 1) // 2, (int(ys.min()) + int(ys.max()) + 1) // 2)
+    # seamlessClone erodes the mask it is given in place: it gets a copy.
+    opencv = cv2.seamlessClone(recoloured, patch, mask.copy(), centre, cv2.NORMAL_CLONE).astype(np.int16)
+
+    grown = blend.poisson_clone(recoloured, patch, mask)
+    monkeypatch.setattr(blend, "_fast_side", lambda low, high, room: (low, high))
+    same_rectangle = blend.poisson_clone(recoloured, patch, mask)
+
+    assert int(np.abs(same_rectangle - opencv).max()) <= 1
+    assert float(np.abs(same_rectangle - opencv).mean()) < 0.05
+    assert float(np.abs(grown - opencv).mean()) < 1.5
+    assert float(np.percentile(np.abs(grown - opencv), 99)) <= 6
+    assert float(np.abs(grown.astype(np.int16) - patch).mean()) > 5  # the face did change

@@ -6,9 +6,15 @@
   mouth looks wrong).
 * Colour: Reinhard transfer in LAB (match the per-channel mean and spread of the warped
   face to the target face under the mask), so lighting and skin tone follow the target.
-* Clone: ``cv2.seamlessClone`` NORMAL_CLONE solves a Poisson equation that keeps the
-  source's gradients (its features) and the target's boundary values, hiding the seam.
-  It runs on the face box only, never on the whole frame.
+* Clone: a Poisson equation that keeps the source's gradients (its features) and the
+  target's boundary values, hiding the seam: the equations of ``cv2.seamlessClone``
+  NORMAL_CLONE (guidance field: the source's gradients under the mask eroded by 3 px, the
+  target's elsewhere; the target's values on the rectangle's border), solved exactly
+  with a 2-D discrete sine transform in numpy. OpenCV solves the same system with its
+  DFT over the mask's bounding rectangle, whatever its size: a side like 173 (a prime)
+  made it the largest cost of a video frame. Here the rectangle is grown, inside the
+  face box, to a side whose transform is fast (``_fast_side``). It runs on the face box
+  only, never on the whole frame.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy.typing as npt
 from .landmarks import INNER_LIPS
 from .warp import WarpedFace
 
-__all__ = ["blend_face", "face_mask", "reinhard_colour_transfer"]
+__all__ = ["blend_face", "face_mask", "poisson_clone", "reinhard_colour_transfer"]
 
 FloatArray = npt.NDArray[np.float32]
 ByteImage = npt.NDArray[np.uint8]
@@ -73,20 +79,98 @@ def reinhard_colour_transfer(source: ByteImage, target: ByteImage, mask: ByteIma
     return np.asarray(cv2.cvtColor(recoloured, cv2.COLOR_LAB2BGR), dtype=np.uint8)
 
 
+def _is_fast(length: int) -> bool:
+    """True when ``length`` has no prime factor above 7 (a fast FFT length)."""
+    for prime in (2, 3, 5, 7):
+        while length % prime == 0:
+            length //= prime
+    return length == 1
+
+
+def _fast_side(low: int, high: int, room: int) -> tuple[int, int]:
+    """``(start, end)`` of a span holding ``low..high`` within ``0..room`` whose sine
+    transform is fast (its FFT has length 2 x (side - 1)); the span itself if none fits."""
+    needed = high - low
+    for side in range(needed, min(room, needed + 32) + 1):
+        if _is_fast(side - 1):
+            start = max(0, min(low - (side - needed) // 2, room - side))
+            return start, start + side
+    return low, high
+
+
+def _dst1(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Type-I discrete sine transform along the last axis,
+    X[k] = sum_n x[n] sin(pi (n + 1) (k + 1) / (N + 1)), through a real FFT of the odd extension."""
+    n = values.shape[-1]
+    extended = np.zeros((*values.shape[:-1], 2 * (n + 1)), dtype=np.float64)
+    extended[..., 1 : n + 1] = values
+    extended[..., n + 2 :] = -values[..., ::-1]
+    transformed: npt.NDArray[np.float64] = np.fft.rfft(extended, axis=-1)[..., 1 : n + 1].imag * -0.5
+    return transformed
+
+
+def _dst2(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The 2-D type-I sine transform over the last two axes."""
+    rows = _dst1(values)
+    return _dst1(np.ascontiguousarray(rows.swapaxes(-1, -2))).swapaxes(-1, -2)
+
+
+def poisson_clone(source: ByteImage, target: ByteImage, mask: ByteImage) -> ByteImage:
+    """``source`` cloned into ``target`` (same size) under ``mask``: what
+    ``cv2.seamlessClone(source, target, mask, centre of the mask's box, NORMAL_CLONE)``
+    computes, within a level or two (it rounds in float32; this solves in float64), on a
+    rectangle grown to a fast transform size. Pixels outside that rectangle keep ``target``."""
+    mask = mask.copy()
+    mask[[0, -1], :] = 0
+    mask[:, [0, -1]] = 0
+    result = target.copy()
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return result
+    height, width = mask.shape
+    y0, y1 = _fast_side(int(ys.min()), int(ys.max()) + 1, height)
+    x0, x1 = _fast_side(int(xs.min()), int(xs.max()) + 1, width)
+    if y1 - y0 < 3 or x1 - x0 < 3:
+        return result
+    # Channels first: each transform runs along a contiguous last axis.
+    fixed = np.moveaxis(target[y0:y1, x0:x1], -1, 0).astype(np.float64)
+    # As OpenCV: the source counts only where the mask is set (zero elsewhere).
+    inside = mask[y0:y1, x0:x1] > 0
+    cloned = np.moveaxis(source[y0:y1, x0:x1] * inside[..., np.newaxis], -1, 0).astype(np.float64)
+    # Eroded over the whole mask (OpenCV erodes a view into it, so the zeros round the
+    # rectangle erode it too), then cut to the rectangle.
+    eroded = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=3)
+    weight = eroded[y0:y1, x0:x1].astype(np.float64) / 255.0
+    rest = 1.0 - weight
+    # Guidance field: forward differences, the source's under the eroded mask.
+    field_x = np.diff(cloned, axis=2) * weight[:, :-1] + np.diff(fixed, axis=2) * rest[:, :-1]
+    field_y = np.diff(cloned, axis=1) * weight[:-1] + np.diff(fixed, axis=1) * rest[:-1]
+    # Its divergence (backward differences) at the interior; the border's known values
+    # move to the right-hand side of the 5-point Laplacian.
+    rhs = (field_x[:, 1:-1, 1:] - field_x[:, 1:-1, :-1]) + (field_y[:, 1:, 1:-1] - field_y[:, :-1, 1:-1])
+    rhs[:, 0] -= fixed[:, 0, 1:-1]
+    rhs[:, -1] -= fixed[:, -1, 1:-1]
+    rhs[:, :, 0] -= fixed[:, 1:-1, 0]
+    rhs[:, :, -1] -= fixed[:, 1:-1, -1]
+    rows, columns = rhs.shape[1:]
+    eigen_y = 2.0 * np.cos(np.pi * np.arange(1, rows + 1) / (rows + 1)) - 2.0
+    eigen_x = 2.0 * np.cos(np.pi * np.arange(1, columns + 1) / (columns + 1)) - 2.0
+    # The transform is its own inverse up to 2 / (N + 1) per axis.
+    scale = (4.0 / ((rows + 1) * (columns + 1))) / (eigen_y[:, np.newaxis] + eigen_x[np.newaxis, :])
+    solved = _dst2(_dst2(rhs) * scale)
+    # Clamped, then truncated, as OpenCV writes its solution.
+    result[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = np.moveaxis(np.clip(solved, 0, 255), 0, -1).astype(np.uint8)
+    return result
+
+
 def blend_face(target_image: ByteImage, target_points: FloatArray, warped: WarpedFace) -> None:
     """Blend ``warped`` into ``target_image`` in place (only the face box changes)."""
     box = warped.box
     if box.width < 8 or box.height < 8:
         return
     mask = face_mask(target_points, warped)
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 16:
+    if cv2.countNonZero(mask) < 16:
         return
     target_patch = target_image[box.y0 : box.y1, box.x0 : box.x1]
     recoloured = reinhard_colour_transfer(warped.pixels, target_patch, mask)
-    # seamlessClone centres the mask's bounding rectangle on ``centre``; this centre puts
-    # the patch back exactly where it came from.
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-    centre = (x0 + (x1 - x0) // 2, y0 + (y1 - y0) // 2)
-    cloned = cv2.seamlessClone(recoloured, np.ascontiguousarray(target_patch), mask, centre, cv2.NORMAL_CLONE)
-    target_patch[:] = cloned
+    target_patch[:] = poisson_clone(recoloured, np.ascontiguousarray(target_patch), mask)
