@@ -29,6 +29,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import enum
 import importlib
 import logging
@@ -82,45 +83,34 @@ class ProcessState(enum.StrEnum):
     FAILED = "failed"  # too many crashes in the window, or never became ready
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class ManagedProcess:
     """One supervised child process. Use ``start()`` then ``supervise()`` (a task), ``stop()``."""
 
-    def __init__(
-        self,
-        name: str,
-        command: Sequence[str],
-        *,
-        health_url: str | None = None,
-        cwd: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        log_path: Path | None = None,
-        ready_timeout_s: float = 120.0,
-        poll_interval_s: float = 0.5,
-        max_restarts: int = 5,
-        restart_window_s: float = 300.0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 30.0,
-        stop_timeout_s: float = 10.0,
-    ) -> None:
-        if not command:
-            raise ValueError(f"{name}: empty command")
-        self.name = name
-        self.command = list(command)
-        self.health_url = health_url
-        self.cwd = cwd
-        self.env = dict(env) if env is not None else None
-        self.log_path = log_path
-        self.ready_timeout_s = ready_timeout_s
-        self.poll_interval_s = poll_interval_s
-        self.max_restarts = max_restarts
-        self.restart_window_s = restart_window_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.stop_timeout_s = stop_timeout_s
-        self.state = ProcessState.STOPPED
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        self.last_exit_code: int | None = None
+    name: str
+    command: Sequence[str]
+    _: dataclasses.KW_ONLY
+    health_url: str | None = None
+    cwd: Path | None = None
+    env: Mapping[str, str] | None = None
+    log_path: Path | None = None
+    ready_timeout_s: float = 120.0
+    poll_interval_s: float = 0.5
+    max_restarts: int = 5
+    restart_window_s: float = 300.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    stop_timeout_s: float = 10.0
+    state: ProcessState = dataclasses.field(default=ProcessState.STOPPED, init=False)
+    process: subprocess.Popen[bytes] | None = dataclasses.field(default=None, init=False)
+    restarts: int = dataclasses.field(default=0, init=False)
+    last_exit_code: int | None = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError(f"{self.name}: empty command")
+        self.command = list(self.command)
+        self.env = dict(self.env) if self.env is not None else None
         self._restart_times: collections.deque[float] = collections.deque()
         self._stopping = False
 

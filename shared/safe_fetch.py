@@ -106,6 +106,7 @@ class FetchedInput:
     final_url: str  # after redirects; equals source_url when there were none
 
 
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
 class SafeFetcher:
     """Downloads task inputs with the SSRF, size, time and content checks of DESIGN.md §8.
 
@@ -114,43 +115,31 @@ class SafeFetcher:
     name resolved to and passed the checks for this download: a pool only ever dials
     those addresses (through the guard), and a download whose name now resolves to any
     other set gets another pool. The names are still resolved and checked every time.
+
+    ``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
+    outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
+    resolver, a guard refusing non-public addresses, httpcore's certifi context.
     """
 
-    def __init__(
-        self,
-        *,
-        max_bytes: int,
-        timeout_s: float,
-        max_image_pixels: int,
-        allow_loopback: bool = False,
-        max_redirects: int = 5,
-        resolver: Resolver | None = None,
-        connection_guard: ConnectionGuard | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        input_store: Callable[[], InputStore] | None = None,
-        max_video_frames: int = 18_000,
-        max_video_duration_s: float = 600.0,
-        check_video: VideoCheck | None = None,
-    ) -> None:
-        """``resolver`` and ``connection_guard`` are injected by tests (no real DNS, no dial
-        outside loopback); ``ssl_context`` lets them trust a test CA. Defaults: the system
-        resolver, a guard refusing non-public addresses, httpcore's certifi context."""
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.max_image_pixels = max_image_pixels
-        self.max_video_frames = max_video_frames
-        self.max_video_duration_s = max_video_duration_s
-        # shared.video.check_video on the runner (PyAV); None where no video is ever fetched.
-        self._check_video = check_video
-        self.allow_loopback = allow_loopback
-        self.max_redirects = max_redirects
-        self._resolver = resolver or resolve_host
-        self._guard = connection_guard or public_only_guard(allow_loopback=allow_loopback)
-        self._ssl_context = ssl_context
-        self._pools = PinnedPools(guard=self._guard, ssl_context=ssl_context)
-        # Where ``input:`` references (data: inputs kept out of the task) are read; built
-        # on first use, so a fetcher that never meets one never opens a storage client.
-        self._input_store_factory = input_store
+    max_bytes: int
+    timeout_s: float
+    max_image_pixels: int
+    allow_loopback: bool = False
+    max_redirects: int = 5
+    resolver: Resolver = resolve_host
+    connection_guard: ConnectionGuard | None = None
+    ssl_context: ssl.SSLContext | None = None
+    # Where ``input:`` references (data: inputs kept out of the task) are read; built on
+    # first use, so a fetcher that never meets one never opens a storage client.
+    input_store: Callable[[], InputStore] | None = None
+    max_video_frames: int = 18_000
+    max_video_duration_s: float = 600.0
+    # shared.video.check_video on the runner (PyAV); None where no video is ever fetched.
+    check_video: VideoCheck | None = None
+
+    def __post_init__(self) -> None:
+        self._guard = self.connection_guard or public_only_guard(allow_loopback=self.allow_loopback)
+        self._pools = PinnedPools(guard=self._guard, ssl_context=self.ssl_context)
         self._input_store: InputStore | None = None
 
     @classmethod
@@ -226,7 +215,7 @@ class SafeFetcher:
             async with (
                 asyncio.timeout(self.timeout_s),
                 httpcore.AsyncConnectionPool(
-                    ssl_context=self._ssl_context, max_connections=1, retries=0, network_backend=backend
+                    ssl_context=self.ssl_context, max_connections=1, retries=0, network_backend=backend
                 ) as pool,
                 pool.stream(
                     b"POST",
@@ -268,9 +257,9 @@ class SafeFetcher:
             if ref.size > self.max_bytes:
                 raise UnsafeInput(f"input is larger than {self.max_bytes} bytes", code="input_too_large")
             if self._input_store is None:
-                if self._input_store_factory is None:
+                if self.input_store is None:
                     raise UnsafeInput("this fetcher reads no stored inputs", code="unsafe_url")
-                self._input_store = self._input_store_factory()
+                self._input_store = self.input_store()
             payload = await asyncio.to_thread(self._input_store.read, ref)
         except UnsafeInput as exc:
             raise UnsafeInput(
@@ -317,7 +306,7 @@ class SafeFetcher:
         if target.address is not None:
             return [str(target.address)]
         try:
-            answers = await self._resolver(target.host, target.port)
+            answers = await self.resolver(target.host, target.port)
         except socket.gaierror as exc:
             raise_resolution_failure(target.host, field, exc)
         if not answers:
@@ -415,11 +404,11 @@ class SafeFetcher:
             if kind == "image":
                 # A full decode is CPU-bound; keep it off the event loop.
                 width, height = await asyncio.to_thread(check_image, part_path, self.max_image_pixels)
-            elif kind == "video" and self._check_video is not None:
+            elif kind == "video" and self.check_video is not None:
                 # Frame size, count and duration from the container's metadata, before any
                 # engine decodes a frame (a one-frame 16000x16000 clip, a 100k-frame clip).
                 width, height = await asyncio.to_thread(
-                    self._check_video,
+                    self.check_video,
                     part_path,
                     max_pixels=self.max_image_pixels,
                     max_frames=self.max_video_frames,
