@@ -287,8 +287,14 @@ def test_transient_errors_are_retried_until_cloud_tasks_answers(
     queue = f"runner-{uuid.uuid4().hex[:8]}"
     admin = make_cloud_tasks_client(_settings(cloud_tasks_emulator, queue, runner_target.url))
     late = LateListener(cloud_tasks_emulator)
-    dispatcher = make_dispatcher(_settings(late.host, queue, runner_target.url))
-    assert isinstance(dispatcher, CloudTasksDispatcher)
+    client = make_cloud_tasks_client(_settings(late.host, queue, runner_target.url))
+    # A deadline with room for gRPC's own reconnect backoff (1 s, then x1.6) on a busy machine.
+    dispatcher = CloudTasksDispatcher(
+        client,
+        queue_path=client.queue_path(PROJECT, LOCATION, queue),
+        target_url=runner_target.url + RUNNER_PUSH_PATH,
+        retry_deadline_s=30.0,
+    )
     admin.create_queue(
         parent=f"projects/{PROJECT}/locations/{LOCATION}", queue=tasks_v2.Queue(name=dispatcher.queue_path)
     )
