@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import time
 from collections.abc import Callable
@@ -58,42 +59,59 @@ class HttpTaskSource:
 
 class StoreTaskSource:
     """Claims straight from the store: a runner on the machine of its store (the embedded
-    SQLite one: no hop through the task API), and tests. The same claim as fetch_task's."""
+    SQLite one: no hop through the task API), and tests. The same claim as fetch_task's.
+
+    One subscription to the store's work changes serves every fetch (not one per fetch),
+    and a claim that finds nothing looks up when to look again in the same thread hop."""
 
     def __init__(self, store: TaskStore, settings: Settings) -> None:
         self._store = store
         self._settings = settings
+        self._published = asyncio.Event()
+        self._subscribed: tuple[frozenset[str], asyncio.AbstractEventLoop, Callable[[], None]] | None = None
 
-    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+    async def _subscribe(self, environments: list[str]) -> None:
+        wanted = frozenset(environments)
         loop = asyncio.get_running_loop()
-        published = asyncio.Event()
+        if self._subscribed is not None and self._subscribed[:2] == (wanted, loop):
+            return
+        await self.close()
+        self._published = published = asyncio.Event()
 
         def on_work(change: TaskChange) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed under a late change
                 loop.call_soon_threadsafe(published.set)
 
-        claim = functools.partial(
-            claim_for_runner, self._store, self._settings, worker_id=worker_id, environments=environments
-        )
-        deadline = time.monotonic() + wait_s
         unsubscribe = await asyncio.to_thread(self._store.subscribe_work, environments, on_work)
-        try:
-            while True:
-                published.clear()
-                task = await self._claim_or_give_back(claim, worker_id)
-                remaining = deadline - time.monotonic()
-                if task is not None or remaining <= 0:
-                    return task
-                now = utcnow()
-                wake_at = await asyncio.to_thread(self._store.next_wake_at, environments, now)
-                if wake_at is not None:
-                    remaining = min(remaining, max(0.0, (wake_at - now).total_seconds()) + 0.001)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(published.wait(), timeout=remaining)
-        finally:
-            unsubscribe()
+        self._subscribed = (wanted, loop, unsubscribe)
 
-    async def _claim_or_give_back(self, claim: Callable[[], Task | None], worker_id: str) -> Task | None:
+    async def next_task(self, *, worker_id: str, environments: list[str], wait_s: float) -> Task | None:
+        deadline = time.monotonic() + wait_s
+        # Subscribed before the first claim, so work published in between is not missed.
+        await self._subscribe(environments)
+
+        def claim() -> tuple[Task | None, dt.datetime | None]:
+            task = claim_for_runner(
+                self._store, self._settings, worker_id=worker_id, environments=environments
+            )
+            if task is not None:
+                return task, None
+            return None, self._store.next_wake_at(environments, utcnow())
+
+        while True:
+            self._published.clear()
+            task, wake_at = await self._claim_or_give_back(claim, worker_id)
+            remaining = deadline - time.monotonic()
+            if task is not None or remaining <= 0:
+                return task
+            if wake_at is not None:
+                remaining = min(remaining, max(0.0, (wake_at - utcnow()).total_seconds()) + 0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._published.wait(), timeout=remaining)
+
+    async def _claim_or_give_back(
+        self, claim: Callable[[], tuple[Task | None, dt.datetime | None]], worker_id: str
+    ) -> tuple[Task | None, dt.datetime | None]:
         """The claim runs on in its thread when the fetch is cancelled (shutdown): what it
         takes then is given back at once, not left leased to a runner that stopped looking."""
         claiming = asyncio.ensure_future(asyncio.to_thread(claim))
@@ -101,7 +119,7 @@ class StoreTaskSource:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                late = await claiming
+                late, _ = await claiming
                 if late is not None:
                     release = functools.partial(
                         self._store.release, late.taskId, worker_id=worker_id, reason="shutdown"
@@ -110,4 +128,7 @@ class StoreTaskSource:
             raise
 
     async def close(self) -> None:
-        return None
+        if self._subscribed is not None:
+            unsubscribe = self._subscribed[2]
+            self._subscribed = None
+            unsubscribe()

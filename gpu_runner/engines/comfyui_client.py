@@ -167,8 +167,14 @@ class ComfyUIClient:
             self._connect_attempts += 1
             self._reconnect_now.clear()
             try:
+                # No permessage-deflate: over loopback (ComfyUI beside the runner) inflating
+                # ten small messages per prompt costs CPU and saves nothing.
                 async with websockets.connect(
-                    self._ws_url, open_timeout=self.connect_timeout_s, max_size=None, ping_interval=20
+                    self._ws_url,
+                    open_timeout=self.connect_timeout_s,
+                    max_size=None,
+                    ping_interval=20,
+                    compression=None,
                 ) as socket:
                     await socket.send(
                         json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
