@@ -140,6 +140,8 @@ locals {
   firestore_indexes_file = "${path.module}/../firestore_indexes.json"
   firestore_indexes_fallback = [
     [["status", "ASCENDING"], ["environment", "ASCENDING"], ["priority", "DESCENDING"], ["available_at", "ASCENDING"]],
+    [["status", "ASCENDING"], ["environment", "ASCENDING"], ["shard", "ASCENDING"], ["priority", "DESCENDING"], ["available_at", "ASCENDING"]],
+    [["status", "ASCENDING"], ["environment", "ASCENDING"], ["owner", "ASCENDING"]],
     [["status", "ASCENDING"], ["available_at", "ASCENDING"]],
     [["status", "ASCENDING"], ["lease_expires_at", "ASCENDING"]],
     [["owner", "ASCENDING"], ["created_at", "DESCENDING"]],

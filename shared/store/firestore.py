@@ -4,7 +4,9 @@ Document id = ``taskId``; the document is ``Task.to_document()`` with the fields
 queue queries (``created_at``, ``available_at``, ``updated_at``, ``started_at``,
 ``finished_at`` and a top-level ``lease_expires_at``) stored as native Firestore
 timestamps, so range filters and ordering compare instants, not strings. ``status``,
-``environment``, ``priority``, ``owner`` and ``idempotency_key`` are top-level already.
+``environment``, ``priority``, ``owner`` and ``idempotency_key`` are top-level already;
+``shard`` (0..63, a hash of the id) lets a fleet of claimers read different parts of the
+queue (``claim_next``).
 
 Two kinds of compare-and-set. ``update()`` (every life-cycle step in
 :mod:`shared.store.base`) is a read-write transaction: it locks what it reads and
@@ -48,7 +50,15 @@ from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["REQUIRED_INDEXES", "FirestoreTaskStore", "IndexSpec", "indexes_as_json", "spread_claims"]
+__all__ = [
+    "CLAIM_SHARDS",
+    "REQUIRED_INDEXES",
+    "FirestoreTaskStore",
+    "IndexSpec",
+    "claim_shard",
+    "indexes_as_json",
+    "spread_claims",
+]
 
 _T = TypeVar("_T")
 
@@ -77,6 +87,20 @@ REQUIRED_INDEXES: tuple[IndexSpec, ...] = (
             ("available_at", "ASCENDING"),
         ),
     ),
+    # claim_next under contention: the same order within one claim shard.
+    IndexSpec(
+        "tasks",
+        (
+            ("status", "ASCENDING"),
+            ("environment", "ASCENDING"),
+            ("shard", "ASCENDING"),
+            ("priority", "DESCENDING"),
+            ("available_at", "ASCENDING"),
+        ),
+    ),
+    # claim_next's fair-share probe: a PENDING task of an environment whose owner is not
+    # among those already read (owner not-in [...]).
+    IndexSpec("tasks", (("status", "ASCENDING"), ("environment", "ASCENDING"), ("owner", "ASCENDING"))),
     # pending_ids_available_before: status == PENDING by available_at.
     IndexSpec("tasks", (("status", "ASCENDING"), ("available_at", "ASCENDING"))),
     # expired_lease_ids: status in [FETCHED, PROCESSING], lease_expires_at < now.
@@ -109,12 +133,25 @@ def indexes_as_json(collection: str = "tasks") -> dict[str, Any]:
 _TIMESTAMP_FIELDS = ("created_at", "available_at", "updated_at", "started_at", "finished_at")
 _LEASE_EXPIRES_AT = "lease_expires_at"
 _EXPIRE_AT = "expire_at"
+_SHARD = "shard"
+# Claim shards: every task document carries ``shard`` (0..CLAIM_SHARDS-1, a hash of its
+# id), so claimers that contend can each read a different 64th of the queue.
+CLAIM_SHARDS = 64
+# How long a claimer keeps claiming from random shards after it lost a race: a fleet
+# that contends once keeps contending; a lone claimer never enters this mode.
+_SPREAD_S = 30.0
+# Random shards a claimer of a fleet reads before the whole queue's head.
+_SHARD_DRAWS = 3
+# Firestore's limit on the values of a not-in filter.
+_NOT_IN_MAX = 10
 # Firestore refuses an array directly inside an array (ComfyUI widgets can hold one);
 # such a top-level field is stored as a JSON string under "<field>__json".
 _JSON_SUFFIX = "__json"
 # How many PENDING tasks a claim reads per page while skipping ones in retry backoff,
 # and the most it reads in one claim.
 _CLAIM_PAGE_SIZE = 10
+# The page a claimer of a fleet reads of the whole queue when its shards were empty.
+_SPREAD_FALLBACK_PAGE = 50
 # A read inside a transaction that loses a lock is aborted before the commit, where the
 # client's own retry does not reach; retried this often, with jittered backoff.
 _ABORTED_READ_RETRIES = 5
@@ -146,6 +183,7 @@ def encode_task(task: Task, expire_at: dt.datetime | None = None) -> dict[str, A
     for name in _TIMESTAMP_FIELDS:
         document[name] = getattr(task, name)
     document[_LEASE_EXPIRES_AT] = task.lease.expires_at if task.lease else None
+    document[_SHARD] = claim_shard(task.taskId)
     for name in [name for name, value in document.items() if _has_nested_array(value)]:
         document[name + _JSON_SUFFIX] = json.dumps(document.pop(name))
     return document
@@ -156,6 +194,7 @@ def decode_task(document: dict[str, Any]) -> Task:
     data = dict(document)
     data.pop(_LEASE_EXPIRES_AT, None)
     data.pop(_EXPIRE_AT, None)
+    data.pop(_SHARD, None)
     for name in [name for name in data if name.endswith(_JSON_SUFFIX)]:
         data[name.removesuffix(_JSON_SUFFIX)] = json.loads(data.pop(name))
     for name in _TIMESTAMP_FIELDS:
@@ -163,6 +202,11 @@ def decode_task(document: dict[str, Any]) -> Task:
         if isinstance(value, dt.datetime):
             data[name] = _plain_utc(value)
     return Task.from_document(data)
+
+
+def claim_shard(task_id: str) -> int:
+    """The claim shard of a task: stable (a hash of the id), uniform over CLAIM_SHARDS."""
+    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") % CLAIM_SHARDS
 
 
 def _replacement(previous: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +245,8 @@ class FirestoreTaskStore(TaskStore):
         # only matters under pathological contention.
         self._transaction_attempts = transaction_attempts
         self._rng = random.Random()  # noqa: S311  # spreads claimers, not a secret
+        self._spread_until = 0.0  # monotonic time until which claims read a random shard
+        self.claim_conflicts = 0  # claims lost to another claimer (a metric; the bench reads it)
         self._work_lock = threading.Lock()
         self._work_feeds: dict[frozenset[str], _WorkFeed] = {}
 
@@ -319,89 +365,160 @@ class FirestoreTaskStore(TaskStore):
         resolves such a collision only by a 2 s lock timeout. A write conditioned on the
         document's ``update_time`` (as read by the query) is the same compare-and-set
         without locks: of two claimers of one task exactly one write succeeds, the other
-        gets FAILED_PRECONDITION at once and moves on. A claimer that lost goes on from a
-        random one of the oldest tasks of the best priority (``spread_claims``), not the
-        next in line, so many runners do not all race for the same document again; with
-        no contention the order stays strictly best priority, then oldest.
+        gets FAILED_PRECONDITION at once and moves on.
+
+        Many claimers (issue 14): a claimer that never lost a race takes the head of the
+        whole queue (strictly best priority, then oldest: a lone runner's order). One
+        that lost a race in the last _SPREAD_S seconds is one of a fleet: it reads a
+        random claim shard (a 64th of the queue, by task id; up to _SHARD_DRAWS draws
+        when shards are empty, then a larger page of the whole queue) and takes a random
+        one of the candidates equal to the first in turn (same owner, same priority).
+        Claimers then spread over up to CLAIM_SHARDS x _CLAIM_PAGE_SIZE tasks instead of
+        all writing the oldest. Priorities and owners' turns hold within the candidates
+        read (a shard); FIFO loosens to the shards' first pages: the oldest task waits
+        until a claimer draws its shard and picks it (on average at most 64 x 10 claims
+        of the fleet). A lost race is retried at once from another random shard.
         """
         now = now or utcnow()
         envs = list(dict.fromkeys(environments))
         if not envs:
             return None
         for _ in range(self._transaction_attempts):
-            running = self._running_per_owner()
-            snapshots = self._claim_candidates(envs, now, running)
-            if not snapshots:
-                return None
-            by_id = {snapshot.id: snapshot for snapshot in snapshots}
-            turns = fair_pick(
-                [decode_task(snapshot.to_dict() or {}) for snapshot in snapshots],
-                running,
-                max_running_per_owner,
-            )
-            if not turns:
-                return None  # every owner waiting is at its cap
-            candidates = [by_id[task.taskId] for task in turns]
-            while candidates:
-                snapshot = candidates.pop(0)
-                document = snapshot.to_dict() or {}
-                claimed = leased_copy(decode_task(document), worker_id, lease_seconds, now)
-                try:
-                    snapshot.reference.update(
-                        _replacement(document, encode_task(claimed)),
-                        option=self._client.write_option(last_update_time=snapshot.update_time),
+            spread = time.monotonic() < self._spread_until
+            turns: list[Any] = []
+            if spread:
+                # Several draws: a shard drained near the end of a backlog sends a claimer
+                # to another one before the whole queue's head, where the others would be.
+                for shard in self._rng.sample(range(CLAIM_SHARDS), _SHARD_DRAWS):
+                    turns = spread_claims(
+                        self._claim_turns(envs, now, max_running_per_owner, shard), self._rng
                     )
-                except (gexc.FailedPrecondition, gexc.NotFound):
-                    # Another runner claimed (or someone changed) it first: others are racing
-                    # for the same page, so try the rest from a random one of the oldest.
-                    candidates = spread_claims(candidates, self._rng)
-                    continue
-                return claimed
+                    if turns:
+                        break
+            if not turns:
+                if spread:
+                    # Near the end of a backlog: read more of the head, so the claimers
+                    # left spread over all that remains instead of its first page.
+                    turns = spread_claims(
+                        self._claim_turns(envs, now, max_running_per_owner, None, _SPREAD_FALLBACK_PAGE),
+                        self._rng,
+                    )
+                else:
+                    turns = self._claim_turns(envs, now, max_running_per_owner, None)
+            if not turns:
+                return None  # nothing available, or every owner waiting is at its cap
+            snapshot = turns[0]
+            document = snapshot.to_dict() or {}
+            claimed = leased_copy(decode_task(document), worker_id, lease_seconds, now)
+            try:
+                snapshot.reference.update(
+                    _replacement(document, encode_task(claimed)),
+                    option=self._client.write_option(last_update_time=snapshot.update_time),
+                )
+            except (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted):
+                # Another runner claimed (or someone changed) it first, or (the emulator,
+                # under load) the write timed out on its lock: this claimer is one of
+                # several, so it reads a random shard from now on (see above).
+                self.claim_conflicts += 1
+                self._spread_until = time.monotonic() + _SPREAD_S
+                continue
+            return claimed
         raise TransientError(
             "the task queue is busy (too much contention); try again",
             code="store_contention",
             details={"attempts": self._transaction_attempts},
         )
 
-    def _running_per_owner(self) -> dict[str, int]:
-        """Claimed tasks per owner (a runner fleet's capacity: a short list)."""
-        running = self._tasks.where(
-            filter=FieldFilter("status", "in", [status.value for status in RUNNING_STATUSES])
-        ).select(["owner"])
+    def _claim_turns(
+        self,
+        envs: list[str],
+        now: dt.datetime,
+        cap: int,
+        shard: int | None,
+        page_size: int = _CLAIM_PAGE_SIZE,
+    ) -> list[Any]:
+        """Claimable PENDING snapshots of ``envs`` (of one claim shard, if given), in the
+        order owners take turns (fair_pick), best first; [] if none."""
         counts: dict[str, int] = {}
-        for snapshot in running.stream():
-            owner = str(snapshot.get("owner") or "")
-            counts[owner] = counts.get(owner, 0) + 1
-        return counts
+        available = self._claim_candidates(envs, now, shard, counts, page_size)
+        if not available:
+            return []
+        owners = {str(snapshot.get("owner") or "") for snapshot in available}
+        if cap or len(owners) > 1:
+            for owner in owners - counts.keys():
+                counts[owner] = self._running_count(owner)
+        by_id = {snapshot.id: snapshot for snapshot in available}
+        turns = fair_pick([decode_task(snapshot.to_dict() or {}) for snapshot in available], counts, cap)
+        return [by_id[task.taskId] for task in turns]
 
-    def _claim_candidates(self, envs: list[str], now: dt.datetime, running: dict[str, int]) -> list[Any]:
-        """PENDING snapshots of ``envs`` available at ``now``, best first.
+    def _running_count(self, owner: str) -> int:
+        """The owner's claimed (FETCHED or PROCESSING) tasks: a count aggregation, billed
+        one read per 1,000 entries, instead of reading every running task of the fleet."""
+        aggregation: Any = (
+            self._tasks.where(filter=FieldFilter("owner", "==", owner))
+            .where(filter=FieldFilter("status", "in", [status.value for status in RUNNING_STATUSES]))
+            .count(alias="n")
+        )
+        results = aggregation.get()
+        return int(results[0][0].value) if results else 0
+
+    def _other_owner_waiting(self, envs: list[str], owners: set[str]) -> bool:
+        """Whether a PENDING task of ``envs`` belongs to an owner not in ``owners`` (one
+        query of at most one document per environment; True when it cannot tell)."""
+        if len(owners) > _NOT_IN_MAX:
+            return True
+        for env in envs:
+            probe = (
+                self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+                .where(filter=FieldFilter("environment", "==", env))
+                .where(filter=FieldFilter("owner", "not-in", sorted(owners)))
+                .limit(1)
+            )
+            if list(probe.stream()):
+                return True
+        return False
+
+    def _claim_candidates(
+        self, envs: list[str], now: dt.datetime, shard: int | None, counts: dict[str, int], page_size: int
+    ) -> list[Any]:
+        """PENDING snapshots of ``envs`` (of ``shard``, if given) available at ``now``,
+        best first; ``counts`` collects the running counts it had to read.
 
         Firestore cannot filter available_at <= now while ordering by priority first,
         so tasks in retry backoff are skipped here; within a priority the available ones
         sort first (available_at ascending), so skipping rarely needs a second page. Pages
         are read on while every candidate so far belongs to an owner with claimed tasks
-        (another owner, with none, may be waiting further down: it goes first).
+        and another owner has PENDING tasks (it may be waiting further down, with none
+        claimed: it goes first). With one owner waiting, that costs one probe, no count.
         """
+        queue = self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value)).where(
+            filter=FieldFilter("environment", "in", envs)
+        )
+        if shard is not None:
+            queue = queue.where(filter=FieldFilter(_SHARD, "==", shard))
         queue = (
-            self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
-            .where(filter=FieldFilter("environment", "in", envs))
-            .order_by("priority", direction=firestore.Query.DESCENDING)
+            queue.order_by("priority", direction=firestore.Query.DESCENDING)
             .order_by("available_at", direction=firestore.Query.ASCENDING)
-            .limit(_CLAIM_PAGE_SIZE)
+            .limit(page_size)
         )
         page = queue
         scanned = 0
         available: list[Any] = []
+        seen: set[str] = set()
         while scanned < _CLAIM_SCAN_LIMIT:
             snapshots = list(page.stream())
             available += [
                 snapshot for snapshot in snapshots if _plain_utc(snapshot.get("available_at")) <= now
             ]
-            idle_owner_found = any(
-                not running.get(str(snapshot.get("owner") or "")) for snapshot in available
-            )
-            if idle_owner_found or len(snapshots) < _CLAIM_PAGE_SIZE:
+            if len(snapshots) < page_size:
+                break
+            seen |= {str(snapshot.get("owner") or "") for snapshot in snapshots}
+            if available and not self._other_owner_waiting(envs, seen):
+                break
+            waiting = {str(snapshot.get("owner") or "") for snapshot in available}
+            for owner in waiting - counts.keys():
+                counts[owner] = self._running_count(owner)
+            if any(counts[owner] == 0 for owner in waiting):
                 break
             scanned += len(snapshots)
             page = queue.start_after(snapshots[-1])
@@ -550,19 +667,22 @@ class FirestoreTaskStore(TaskStore):
 
 
 def spread_claims(candidates: list[Any], rng: random.Random) -> list[Any]:
-    """``candidates`` (best first) in the order a claimer that lost a race tries them: the
-    leading ones of the best priority rotated by a random offset, the rest after them.
+    """``candidates`` (in turn order, best first) in the order a claimer of a fleet tries
+    them: the leading ones of the head's owner and priority rotated by a random offset,
+    the rest after them.
 
-    Every runner's query returns the same page; going on in order would make the losers
-    all write the next document at once and all but one lose again (issue 14: conflicts
-    per claim would grow with the runner count). A random start among the oldest few
-    keeps priorities strict and FIFO within a priority to about one page (10 tasks)."""
+    Every runner's query returns the same page; going on in order would make them all
+    write the same document at once and all but one lose (issue 14: conflicts per claim
+    grew with the runner count). A random start among the head's equals keeps priorities
+    and owners' turns strict and FIFO within a priority to about one page (10 tasks)."""
     if len(candidates) < 2:
         return candidates
-    best = candidates[0].get("priority")
-    same = next(
-        (i for i, snapshot in enumerate(candidates) if snapshot.get("priority") != best), len(candidates)
-    )
+
+    def standing(snapshot: Any) -> tuple[Any, Any]:
+        return snapshot.get("owner"), snapshot.get("priority")
+
+    head = standing(candidates[0])
+    same = next((i for i, snapshot in enumerate(candidates) if standing(snapshot) != head), len(candidates))
     start = rng.randrange(same)
     return candidates[start:same] + candidates[:start] + candidates[same:]
 
