@@ -70,8 +70,18 @@ _LUMA_TO_GREY = 255.0 / 219.0
 # Faces are detected afresh at least this often (frames); tracked in between. At 25 fps a
 # face that enters the picture is picked up within a fifth of a second.
 _DETECT_EVERY = 5
-# Threads that swap frames (the calling thread decodes, tracks and encodes meanwhile).
-_SWAP_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# Threads that swap frames (the calling thread decodes, tracks and encodes meanwhile);
+# each frame in flight holds its BGR image and YUV planes, so the pool stays small.
+_SWAP_WORKERS = max(1, min(4, _usable_cores()))
 _MAX_IN_FLIGHT = 2 * _SWAP_WORKERS
 # Landmark motion (median point displacement / face width) above which a track restarts.
 _JUMP_FRACTION = 0.25
