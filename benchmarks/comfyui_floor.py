@@ -10,7 +10,8 @@ caches identical prompts) against the same ComfyUI, interleaved in the same run:
 * the real ComfyUI (``make peers`` installs it under .tools/comfyui, run on CPU), when
   installed, and the recorded-protocol double (tests/fakes/comfyui_double.py);
 * overhead per job: median of ComfySwap minus median of the floor (sequential jobs);
-* throughput with 8 concurrent clients (each its own socket for the floor);
+* throughput with 8 concurrent clients (each its own socket for the floor), the best of 3
+  interleaved rounds on each side;
 * wrapper CPU per job: CPU time of the API and runner processes over the sequential jobs;
 * CPU at idle: the API and the runner over 10 s with nothing to do.
 
@@ -45,6 +46,7 @@ THROUGHPUT_TARGET = 0.8
 CPU_PER_JOB_TARGET_S = 0.015
 IDLE_TARGET_MS_PER_S = 2.0
 CONCURRENCY = 8
+CONCURRENT_ROUNDS = 3
 
 
 def _graph(colour: int) -> dict[str, Any]:
@@ -204,6 +206,10 @@ def _comfyswap(workdir: Path, comfyui_url: str, comfyui_root: Path) -> Iterator[
         api.stop()
 
 
+def _rates(rates: list[float]) -> str:
+    return " / ".join(f"{rate:.1f}" for rate in rates)
+
+
 def _cpu_s(pids: list[int]) -> float:
     return sum(process_tree_cpu_s(pid) for pid in pids)
 
@@ -245,8 +251,15 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
             cpu_before = _cpu_s(pids)
             wrapped += asyncio.run(_wrapper_jobs(api_url, colours, count // 3))
             wrapper_cpu += _cpu_s(pids) - cpu_before
-        direct_rate = asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs))
-        wrapped_rate = asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs))
+        # Interleaved rounds, the best of each side: on a shared machine a round can lose
+        # half its rate to someone else's burst (the real ComfyUI's 8-client rate was seen
+        # at 5 and at 95 jobs/s minutes apart); the best round is what each side can do.
+        direct_rates: list[float] = []
+        wrapped_rates: list[float] = []
+        for _ in range(CONCURRENT_ROUNDS):
+            direct_rates.append(asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs)))
+            wrapped_rates.append(asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs)))
+        direct_rate, wrapped_rate = max(direct_rates), max(wrapped_rates)
         time.sleep(2.0)  # the last answers and log lines settle
         idle_before = _on_cpu_ns(pids)
         time.sleep(10.0)
@@ -263,10 +276,11 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
             "meets" if overhead <= OVERHEAD_TARGET_S else "MISSES",
         ),
         Row(
-            f"{figure}: throughput, {CONCURRENCY} concurrent clients, {concurrent_jobs} jobs",
-            f"{wrapped_rate:.1f} jobs/s = {ratio:.2f}x direct",
+            f"{figure}: throughput, {CONCURRENCY} concurrent clients, {concurrent_jobs} jobs, "
+            f"best of {CONCURRENT_ROUNDS} interleaved rounds",
+            f"{wrapped_rate:.1f} jobs/s = {ratio:.2f}x direct (rounds: {_rates(wrapped_rates)})",
             f">= {THROUGHPUT_TARGET}x direct",
-            f"direct client: {direct_rate:.1f} jobs/s",
+            f"direct client: {direct_rate:.1f} jobs/s (rounds: {_rates(direct_rates)})",
             "meets" if ratio >= THROUGHPUT_TARGET else "MISSES",
         ),
         Row(
