@@ -80,7 +80,7 @@ async def _direct_jobs(base_url: str, colours: _Colours, count: int) -> list[flo
     async with (
         httpx.AsyncClient(base_url=base_url, timeout=60) as http,
         websockets.connect(
-            f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}", max_size=None
+            f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}", max_size=None, compression=None
         ) as socket,
     ):
         for _ in range(count):

@@ -42,6 +42,7 @@ from gpu_runner.engines.comfyui_errors import (
     terminal_from_history,
     validation_error,
 )
+from gpu_runner.engines.comfyui_post import PromptPoster
 from gpu_runner.engines.comfyui_watch import (
     OutputFile,
     PromptProgress,
@@ -97,6 +98,12 @@ class ComfyUIClient:
         self.unreachable_after_s = unreachable_after_s
         self.cancel_grace_s = cancel_grace_s
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=http_timeout_s, transport=transport)
+        # Every job's POST /prompt goes the lean way (comfyui_post.py) to a plain-http ComfyUI.
+        self._poster = (
+            PromptPoster(self.base_url, timeout_s=http_timeout_s)
+            if transport is None and self.base_url.startswith("http://")
+            else None
+        )
         scheme = "wss" if self.base_url.startswith("https") else "ws"
         self._ws_url = f"{scheme}://{self.base_url.split('://', 1)[1]}/ws?clientId={self.client_id}"
         self._watches: dict[str, PromptWatch] = {}
@@ -119,6 +126,8 @@ class ComfyUIClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._socket_task
             self._socket_task = None
+        if self._poster is not None:
+            await self._poster.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> ComfyUIClient:
@@ -289,7 +298,13 @@ class ComfyUIClient:
     async def queue_prompt(self, prompt: dict[str, Any], *, prompt_id: str) -> dict[str, Any]:
         """POST /prompt with our client id and a prompt_id chosen by us (so a retry can find it)."""
         body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
-        response = await self._request("POST", "/prompt", json=body)
+        if self._poster is None:
+            response = await self._request("POST", "/prompt", json=body)
+        else:
+            try:
+                response = await self._poster.post_json("/prompt", json.dumps(body).encode())
+            except httpx.TransportError as exc:
+                raise self._unavailable(f"POST /prompt failed: {exc!r}") from exc
         if response.status_code == 400:
             raise validation_error(json_or_text(response), response.status_code)
         if response.status_code >= 500:
