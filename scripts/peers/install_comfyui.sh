@@ -22,15 +22,11 @@ STAMP="$TOOLS/comfyui/.installed"
 PYTHON_FOR_PEER="${COMFYUI_PYTHON:-python3.11}"
 RECIPE="torch==2.14.1 torchvision==0.29.1 transformers==4.57.6 requests"
 
-if [ -f "$COMFYUI_SOURCE" ]; then
-  source_id="tarball:$(sha256sum "$COMFYUI_SOURCE" | cut -d' ' -f1)"
-else
-  source_id="git:$COMFYUI_SOURCE@$COMFYUI_REF"
-fi
+source scripts/peers/stamp.sh
+source_id="$(peer_source_id "$COMFYUI_SOURCE" "$COMFYUI_REF")"
 want="$source_id|$RECIPE"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ] \
-   && [ -f "$SRC_DIR/main.py" ]; then
+if peer_installed "$STAMP" "$want" "$VENV" "$SRC_DIR/main.py"; then
   echo "comfyui: already installed ($source_id)"
   exit 0
 fi

@@ -33,15 +33,11 @@ if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null || ! comman
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg curl >/dev/null
 fi
 
-if [ -f "$FACEFUSION_SOURCE" ]; then
-  source_id="tarball:$(sha256sum "$FACEFUSION_SOURCE" | cut -d' ' -f1)"
-else
-  source_id="git:$FACEFUSION_SOURCE@$FACEFUSION_VERSION"
-fi
+source scripts/peers/stamp.sh
+source_id="$(peer_source_id "$FACEFUSION_SOURCE" "$FACEFUSION_VERSION")"
 want="$source_id|$RECIPE"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ] \
-   && [ -f "$SRC_DIR/facefusion.py" ]; then
+if peer_installed "$STAMP" "$want" "$VENV" "$SRC_DIR/facefusion.py"; then
   echo "facefusion: already installed ($source_id)"
 else
   echo "facefusion: installing $FACEFUSION_VERSION from $FACEFUSION_SOURCE into $TOOLS"
