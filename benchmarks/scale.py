@@ -46,9 +46,16 @@ CONFLICT_TARGET = 0.2
 def _conflict_interceptor(counter: collections.Counter[str], lock: threading.Lock) -> Any:
     import grpc  # type: ignore[import-untyped]  # grpcio ships no type hints
 
-    class Counting(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]  # untyped base
+    class Counting(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]  # untyped bases
+        def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+            with lock:
+                counter["requests"] += 1  # RunQuery, BatchGetDocuments
+            return continuation(details, request)
+
         def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
             call = continuation(details, request)
+            with lock:
+                counter["requests"] += 1
             if str(details.method).endswith("/Commit"):
                 error = call.exception()
                 with lock:
@@ -103,7 +110,24 @@ def counting_stores(
             store.close()
 
 
-def _one_count(project: str, runners: int) -> dict[str, Any]:
+def _process_group_cpu_s(group: int) -> float:
+    """CPU seconds used so far by the processes of one group (the emulator: a launcher
+    and its JVM), from /proc; 0.0 where /proc is not there."""
+    import os
+
+    total = 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / ticks
+
+
+def _one_count(project: str, runners: int, emulator_group: int = 0) -> dict[str, Any]:
     from google.cloud import firestore
 
     from shared.store.firestore import FirestoreTaskStore
@@ -117,7 +141,13 @@ def _one_count(project: str, runners: int) -> dict[str, Any]:
         setup.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(total)
     ]
     with counting_stores(project, collection, runners) as (stores, counter):
+        emulator_cpu_s, client_cpu_s = _process_group_cpu_s(emulator_group), time.process_time()
         result = _run_runners(stores, lock)
+        # What the simulation (figure 10) is built from: requests per claim, and each
+        # request's CPU on the emulator and in this process (the runners' client side).
+        result["emulator_cpu_s"] = _process_group_cpu_s(emulator_group) - emulator_cpu_s
+        result["client_cpu_s"] = time.process_time() - client_cpu_s
+        result["requests"] = counter["requests"]
         result["conflicts"], result["aborted"] = counter["conflicts"], counter["aborted"]
     final = [setup.get(task_id) for task_id in task_ids]
     setup.close()
@@ -195,8 +225,11 @@ def scale_rows(workdir: Path, results: list[dict[str, Any]] | None = None) -> li
     os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
     rows: list[Row] = []
     try:
+        # A first pass, not reported: the emulator's JVM compiles its hot paths during the
+        # first few hundred requests, which would slow whichever count ran first.
+        _one_count(emulator.project, 8, emulator.server.pid)
         for runners in RUNNER_COUNTS:
-            result = _one_count(emulator.project, runners)
+            result = _one_count(emulator.project, runners, emulator.server.pid)
             if results is not None:
                 results.append(result)
             lost_races = result["conflicts"] + result["aborted"]

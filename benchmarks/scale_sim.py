@@ -7,12 +7,15 @@ shared/dispatch/cloud_tasks.py does); queues dispatch at most ``queue_dispatch_p
 (Cloud Tasks' 500/s); GPU slots run one task at a time and crash at a given rate (the task
 waits for its lease to expire, then runs again; the slot comes back after a restart).
 Every task costs the Firestore requests figure 7 counts (create, claim, completion,
-progress writes of a video); the store is a pool of ``store_servers`` servers with a
-per-request service time (1 server = the emulator, which answers one request at a
-time; None = Firestore, treated as parallel with a latency). In pull mode a runner
-queries the head of the queue and claims with a compare-and-set: a claim that lost to
-another runner (the task was claimed between its query and its write) is a conflict and
-the runner tries the next candidate, as ``FirestoreTaskStore.claim_next`` does.
+progress writes of a video). A request takes the client's CPU (``client_cpu_s``; with
+``client_servers`` = 1, figure 9's runner threads sharing one Python interpreter), the
+store's (``store_request_s`` on ``store_servers`` servers: the emulator's CPU; None =
+Firestore, parallel) and a latency nobody queues for (``client_request_s``). In pull mode
+a runner claims as ``FirestoreTaskStore.claim_next`` does: until it first loses a race it
+queries the head of the whole queue and writes the head with a compare-and-set; after
+that it reads a random claim shard (up to ``shard_draws``, then a ``fallback_page`` of
+the whole queue) and writes a random one of what it read. A write that finds the task
+claimed since its query is a conflict, and the claim starts again with a new query.
 
 Printed: queue wait p50/p99, GPU utilisation, claims/s, conflicts per claim, and the first
 published limit the traffic crosses (Firestore writes to a collection with a sequential
@@ -33,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Result", "Scenario", "simulate"]
+__all__ = ["EmulatorCosts", "Result", "Scenario", "simulate"]
 
 # Published limits (docs/scale.md cites each).
 QUEUE_DISPATCH_PER_S = 500.0  # Cloud Tasks RateLimits.max_dispatches_per_second maximum
@@ -67,13 +70,16 @@ class Scenario:
     # Firestore requests per task (figure 7): create, claim, complete (+ progress for video).
     image_writes: int = 3
     video_writes: int = 38
-    store_servers: int | None = None  # None: parallel (Firestore); 1: the emulator
-    store_request_s: float = 0.02
-    client_request_s: float = 0.0  # client-side time per request, not serialised by the store
-    claim_queries: int = 2  # pull: reads before the compare-and-set (running per owner, the page)
-    conflict_cost: float = 1.0  # a lost compare-and-set's server time, as a share of a request's
+    store_servers: int | None = None  # None: parallel (Firestore); figure 9: the emulator's cores
+    store_request_s: float = 0.02  # the store's time per request
+    client_request_s: float = 0.0  # latency per request that nobody queues for
+    client_servers: int | None = None  # None: each runner its own CPU; 1: one interpreter
+    client_cpu_s: float = 0.0  # the client's CPU per request (queued when client_servers is set)
+    completion_requests: int = 1  # pull: requests of the completion (a transaction: begin, get, commit)
     claim_page: int = 10  # pull: the candidates one claim query returns (_CLAIM_PAGE_SIZE)
-    spread_first: bool = False  # pull: the first try is a random one of the page, not its head
+    claim_shards: int = 64  # pull: CLAIM_SHARDS
+    shard_draws: int = 3  # pull: _SHARD_DRAWS
+    fallback_page: int = 50  # pull: _SPREAD_FALLBACK_PAGE
     crashes_per_slot_hour: float = 0.0
     lease_s: float = 60.0
     restart_s: float = 60.0
@@ -112,23 +118,35 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-class _Store:
-    """A pool of servers answering requests FIFO, each taking ``service_s``."""
+class _Pool:
+    """``servers`` servers answering FIFO (None: as many as there are requests)."""
 
-    def __init__(self, servers: int | None, service_s: float, client_s: float, rng: random.Random) -> None:
+    def __init__(self, servers: int | None) -> None:
         self._free_at = [0.0] * servers if servers else None
-        self._service_s = service_s
-        self._client_s = client_s
+
+    def serve(self, now: float, service_s: float) -> float:
+        if self._free_at is None:
+            return now + service_s
+        start = max(now, heapq.heappop(self._free_at))
+        heapq.heappush(self._free_at, start + service_s)
+        return start + service_s
+
+
+class _Store:
+    """A request: the client's CPU, then the store's, then a latency nobody queues for."""
+
+    def __init__(self, scenario: Scenario, rng: random.Random) -> None:
+        self._client = _Pool(scenario.client_servers)
+        self._server = _Pool(scenario.store_servers)
+        self._scenario = scenario
         self._rng = rng
 
-    def request(self, now: float, cost: float = 1.0) -> float:
+    def request(self, now: float) -> float:
         """When a request sent at ``now`` is answered (jitter +-20%, seeded)."""
-        service = cost * self._service_s * self._rng.uniform(0.8, 1.2)
-        if self._free_at is None:
-            return now + self._client_s + service
-        start = max(now, heapq.heappop(self._free_at))
-        heapq.heappush(self._free_at, start + service)
-        return start + service + self._client_s
+        jitter = self._rng.uniform(0.8, 1.2)
+        sent = self._client.serve(now, self._scenario.client_cpu_s * jitter)
+        served = self._server.serve(sent, self._scenario.store_request_s * jitter)
+        return served + self._scenario.client_request_s * jitter
 
 
 class _Limits:
@@ -156,14 +174,6 @@ class _Limits:
         )
 
 
-def _spread(page: list[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
-    """shared.store.firestore.spread_claims: the page rotated by a random offset."""
-    if len(page) < 2:
-        return page
-    start = rng.randrange(len(page))
-    return page[start:] + page[:start]
-
-
 def _queue_of(task_id: int, queues: int) -> int:
     digest = hashlib.sha256(f"face_swap/task_{task_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % queues
@@ -171,7 +181,7 @@ def _queue_of(task_id: int, queues: int) -> int:
 
 def simulate(scenario: Scenario) -> Result:  # one event loop, read top to bottom
     rng = random.Random(scenario.seed)  # noqa: S311  # a seeded simulation, not a secret
-    store = _Store(scenario.store_servers, scenario.store_request_s, scenario.client_request_s, rng)
+    store = _Store(scenario, rng)
     limits = _Limits(scenario)
     events: list[tuple[float, int, str, Any]] = []
     sequence = itertools.count()
@@ -265,40 +275,58 @@ def simulate(scenario: Scenario) -> Result:  # one event loop, read top to botto
             at(store.request(now), "claimed", (region, task, next(slot_ids)))
 
     idle_claimers: dict[str, int] = dict.fromkeys(region_names, 0)
+    spreading: set[int] = set()  # pull: runners (slots) that lost a race: they read shards
+
+    def requests(now: float, count: int) -> float:
+        """When ``count`` requests sent one after another from ``now`` are all answered."""
+        for _ in range(count):
+            now = store.request(now)
+        return now
 
     def pull_claim(now: float, region: str, slot: int, attempt: int = 0) -> None:
-        """A runner's claim: its queries (one request each, in turn), then compare-and-set writes."""
-        answered = now
-        for _ in range(max(1, scenario.claim_queries)):
-            answered = store.request(answered)
-        at(answered, "queried", (region, slot, attempt))
-
-    def on_queried(now: float, region: str, slot: int, attempt: int) -> None:
+        """A runner's claim: its queries one after another, then one compare-and-set."""
         queue = pending[region]
-        if not queue:
+        shard: int | None = None  # None: the head of the whole queue (a lone claimer's order)
+        reads = 1
+        if slot in spreading:
+            shards = scenario.claim_shards
+            draws = rng.sample(range(shards), min(scenario.shard_draws, shards))
+            found = next((draw for draw in draws if any(task % shards == draw for task in queue)), None)
+            shard = -1 if found is None else found  # -1: every draw empty, the fallback page
+            reads = draws.index(found) + 1 if found is not None else len(draws) + 1
+        page = _page(queue, shard)
+        reads += 1 if len(page) >= scenario.claim_page else 0  # the fair-share probe
+        at(requests(now, reads), "queried", (region, slot, attempt, shard))
+
+    def _page(queue: list[int], shard: int | None) -> list[int]:
+        if shard is None:
+            return queue[: scenario.claim_page]
+        if shard < 0:
+            return queue[: scenario.fallback_page]
+        return [task for task in queue if task % scenario.claim_shards == shard][: scenario.claim_page]
+
+    def on_queried(now: float, region: str, slot: int, attempt: int, shard: int | None) -> None:
+        queue = pending[region]
+        page = _page(queue, shard) or queue[: scenario.fallback_page]
+        if not page:
             idle_claimers[region] += 1
             free_slots[region] += 1
             return
-        # The page the query returned, with what each document looked like (its claim count
-        # stands for its update time: a compare-and-set fails if it changed since).
-        page = [(task, len(claimed_by.get(task, []))) for task in queue[: scenario.claim_page]]
-        if scenario.spread_first:
-            page = _spread(page, rng)
-        at(store.request(now), "cas", (region, slot, attempt, page))
+        # The task written, with what its document looked like (its claim count stands
+        # for its update time: a compare-and-set fails if it changed since).
+        task = page[0] if shard is None else rng.choice(page)
+        at(store.request(now), "cas", (region, slot, attempt, task, len(claimed_by.get(task, []))))
 
-    def on_cas(now: float, region: str, slot: int, attempt: int, page: list[tuple[int, int]]) -> None:
+    def on_cas(now: float, region: str, slot: int, attempt: int, task: int, seen_claims: int) -> None:
         nonlocal conflicts
-        task, seen_claims = page[0]
         if status.get(task) == "PENDING" and len(claimed_by.get(task, [])) == seen_claims:
             pending[region].remove(task)
             limits.writes(now)
             start_run(now, region, task, slot)
             return
         conflicts += 1
-        rest = _spread(page[1:], rng)  # as FirestoreTaskStore.claim_next: a random one next
-        if rest:
-            at(store.request(now, scenario.conflict_cost), "cas", (region, slot, attempt, rest))
-        elif attempt < 8:
+        spreading.add(slot)
+        if attempt < 30:
             pull_claim(now, region, slot, attempt + 1)
         else:
             free_slots[region] += 1  # gives up this round (store_contention) and waits
@@ -357,7 +385,7 @@ def simulate(scenario: Scenario) -> Result:  # one event loop, read top to botto
                 limits.writes(now, writes - 2)  # claim and create counted already
                 if kind_of[task] == "video":
                     limits.count("one document > 1 write/s sustained", now, 60 * DOCUMENT_WRITES_PER_S)
-                at(store.request(now), "completed", (region, task, slot))
+                at(requests(now, scenario.completion_requests), "completed", (region, task, slot))
             else:
                 status[task] = "LEASED_BY_DEAD_RUNNER"
                 at(now + scenario.lease_s, "expired", task)
@@ -421,16 +449,40 @@ def _slot_free(
 
 # --- make bench figure 10 ------------------------------------------------------------------
 
-# The emulator's share of one request's time (the rest is the client's own, overlapping
-# between runners) and a lost compare-and-set's server cost: fitted once on the
-# 2026-12-02 02:10 UTC run of figure 9 (1 and 8 runners), then kept fixed.
-EMULATOR_SHARE = 0.74
-EMULATOR_CONFLICT_COST = 0.1
 MATCH_WITHIN = 0.25
+# The completion's requests: a transaction (BeginTransaction, BatchGetDocuments, Commit).
+COMPLETION_REQUESTS = 3
 
 
-def emulator_scenario(runners: int, tasks: int, engine_s: float, per_request_s: float) -> Scenario:
-    """Figure 9's setting: a backlog, ``runners`` pull-mode runners, one emulator."""
+@dataclasses.dataclass(frozen=True)
+class EmulatorCosts:
+    """Per-request costs measured in figure 9's run at one runner count: the runners'
+    client CPU (one Python interpreter: its threads take turns), the emulator's CPU, and
+    the rest of a request's latency at one runner (nobody queues for it)."""
+
+    client_cpu_s: float
+    emulator_cpu_s: float
+    latency_s: float
+
+    @classmethod
+    def measured(cls, result: dict[str, Any], one_runner: dict[str, Any], engine_s: float) -> EmulatorCosts:
+        requests, one_requests = max(1, result["requests"]), max(1, one_runner["requests"])
+        # One runner's cycle is its requests one after another, then the engine.
+        per_request_s = (one_runner["elapsed"] - one_runner["claims"] * engine_s) / one_requests
+        one_cpu_s = (one_runner["client_cpu_s"] + one_runner["emulator_cpu_s"]) / one_requests
+        return cls(
+            client_cpu_s=result["client_cpu_s"] / requests,
+            emulator_cpu_s=result["emulator_cpu_s"] / requests,
+            latency_s=max(0.0, per_request_s - one_cpu_s),
+        )
+
+
+def emulator_scenario(runners: int, tasks: int, engine_s: float, costs: EmulatorCosts) -> Scenario:
+    """Figure 9's setting: a backlog, ``runners`` pull-mode runners (threads of one
+    process), one emulator (its CPU one server: os.cpu_count() - 1 cores, the other the
+    interpreter's)."""
+    import os
+
     return Scenario(
         arrivals_per_s=0.0,
         duration_s=0.0,
@@ -440,10 +492,12 @@ def emulator_scenario(runners: int, tasks: int, engine_s: float, per_request_s: 
         regions=(("emulator", runners, 1.0),),
         image_fraction=1.0,
         image_gpu_s=engine_s,
-        store_servers=1,
-        store_request_s=per_request_s * EMULATOR_SHARE,
-        client_request_s=per_request_s * (1 - EMULATOR_SHARE),
-        conflict_cost=EMULATOR_CONFLICT_COST,
+        store_servers=max(1, (os.cpu_count() or 2) - 1),
+        store_request_s=costs.emulator_cpu_s,
+        client_servers=1,
+        client_cpu_s=costs.client_cpu_s,
+        client_request_s=costs.latency_s,
+        completion_requests=COMPLETION_REQUESTS,
     )
 
 
@@ -455,19 +509,18 @@ def fleet_scenario(**overrides: Any) -> Scenario:
 
 def sim_rows(measured: list[dict[str, Any]], engine_s: float) -> list[Any]:
     """Figure 10: the simulation against figure 9's measurements, then at 1,000 tasks/s."""
-    from benchmarks.common import Row
+    from benchmarks.common import Row, not_measured
 
     rows: list[Row] = []
     one = next((result for result in measured if result["runners"] == 1 and result["claims_per_s"] > 0), None)
-    if one is not None:
-        # One runner's cycle: claim queries + the compare-and-set + the completion, and the engine.
-        per_request_s = (1.0 / one["claims_per_s"] - engine_s) / (Scenario.claim_queries + 2)
+    if one is not None and not one.get("emulator_cpu_s"):
+        rows.append(not_measured("10. simulation vs figure 9", "no emulator CPU figure (/proc not readable)"))
+    elif one is not None:
         for result in measured:
-            simulated = simulate(
-                emulator_scenario(result["runners"], result["tasks"], engine_s, per_request_s)
-            )
+            costs = EmulatorCosts.measured(result, one, engine_s)
+            simulated = simulate(emulator_scenario(result["runners"], result["tasks"], engine_s, costs))
             ratio = simulated.claims_per_s / result["claims_per_s"] if result["claims_per_s"] else 0.0
-            measured_conflicts = result["conflicts"] / max(1, result["claims"])
+            measured_conflicts = (result["conflicts"] + result["aborted"]) / max(1, result["claims"])
             rows.append(
                 Row(
                     f"10. simulation vs figure 9: {result['runners']} runner(s), pull, emulator model",
@@ -478,7 +531,9 @@ def sim_rows(measured: list[dict[str, Any]], engine_s: float) -> list[Any]:
                     f"measured {result['claims_per_s']:.1f} claims/s, "
                     f"{measured_conflicts:.2f} conflicts per claim",
                     "meets" if abs(ratio - 1) <= MATCH_WITHIN else "MISSES",
-                    note=f"per request {per_request_s * 1000:.0f} ms from the 1-runner row",
+                    note=f"per request, measured in this count's run: client CPU "
+                    f"{costs.client_cpu_s * 1000:.1f} ms, emulator CPU {costs.emulator_cpu_s * 1000:.1f} ms; "
+                    f"latency beyond them at 1 runner {costs.latency_s * 1000:.1f} ms",
                 )
             )
     for label, scenario in (("3 regions (40/30/30%), 2 queues each", fleet_scenario()),):
