@@ -36,6 +36,7 @@ COMFYUI_OVERHEAD_TARGET_S = 0.020
 RSS_GROWTH_TARGET = 1.2
 # issue 15: the CPU swap of a 720p clip at 0.8x the fps of decoding and re-encoding it alone.
 VIDEO_RATIO_TARGET = 0.8
+VIDEO_ROUNDS = 3
 
 
 # --- measurements run in a subprocess ------------------------------------------------------
@@ -231,17 +232,23 @@ def cpu_swap_rows(workdir: Path, *, video_frames: tuple[int, int] = (25, 75)) ->
             timeout_s=240,
         )
         common = ["-m", "benchmarks.engine_speed", "video", "--clip", str(clip), "--workdir", str(workdir)]
-        swap = run_json_subprocess(common, timeout_s=600)
-        transcode = run_json_subprocess([*common, "--mode", "transcode"], timeout_s=240)
-        results[frames] = (swap, transcode)
-    short_swap, _ = results[video_frames[0]]
-    long_swap, long_transcode = results[video_frames[1]]
-    # The same clip and encoder settings, one after the other in this run.
-    fps = long_swap["frames"] / long_swap["seconds"]
-    transcode_fps = long_transcode["frames"] / long_transcode["seconds"]
+        # The long clip in alternating rounds (swap, decode + re-encode, swap, ...): load from
+        # elsewhere on a shared machine lands on both alike; each figure is the median round.
+        rounds = VIDEO_ROUNDS if frames == video_frames[1] else 1
+        swaps, transcodes = [], []
+        for _ in range(rounds):
+            swaps.append(run_json_subprocess(common, timeout_s=600))
+            transcodes.append(run_json_subprocess([*common, "--mode", "transcode"], timeout_s=240))
+        results[frames] = (swaps, transcodes)
+    short_swap = results[video_frames[0]][0][0]
+    long_swaps, long_transcodes = results[video_frames[1]]
+    long_swap, long_transcode = long_swaps[-1], long_transcodes[-1]
+    # The same clip and encoder settings, in the same rounds of this run.
+    fps = median([run["frames"] / run["seconds"] for run in long_swaps])
+    transcode_fps = median([run["frames"] / run["seconds"] for run in long_transcodes])
     ratio = fps / transcode_fps
-    swap_cpu_ms = long_swap["cpu_s"] / long_swap["frames"] * 1000
-    transcode_cpu_ms = long_transcode["cpu_s"] / long_transcode["frames"] * 1000
+    swap_cpu_ms = median([run["cpu_s"] / run["frames"] * 1000 for run in long_swaps])
+    transcode_cpu_ms = median([run["cpu_s"] / run["frames"] * 1000 for run in long_transcodes])
     theirs_note = (
         f"; {_BENCH_MODULE} on its own clip (with audio): {theirs['fps']:.1f} fps"
         if theirs and "fps" in theirs
@@ -250,7 +257,7 @@ def cpu_swap_rows(workdir: Path, *, video_frames: tuple[int, int] = (25, 75)) ->
     rows.append(
         Row(
             f"5. CPU face swap, 720p video fps ({video_frames[1]} frames)",
-            f"{fps:.1f} fps = {ratio:.2f}x",
+            f"{fps:.1f} fps = {ratio:.2f}x (median of {VIDEO_ROUNDS} alternating rounds)",
             f">= {VIDEO_RATIO_TARGET}x decode + re-encode (issue 15)",
             f"decode + re-encode only: {transcode_fps:.1f} fps",
             verdict(ratio >= VIDEO_RATIO_TARGET),
