@@ -37,27 +37,40 @@ def test_downloads_a_real_jpeg_judged_by_its_bytes(
     assert fetched.source_url == fetched.final_url == url
 
 
-def test_downloads_a_png(
-    fetcher: SafeFetcher, http_server: LocalHttpServer, dest_dir: Path, png_bytes: bytes
+# Media judged by its bytes, whatever the server calls it: fixture, served type, and what
+# the fetch finds (kind, content type, width, height, file suffix).
+DOWNLOADS = {
+    "a png": ("png_bytes", "image/png", ("image", "image/png", 512, 512, ".png")),
+    # This fetcher has no check_video: a video is typed by its bytes, not decoded.
+    "a video, without decoding it": (
+        "mp4_bytes",
+        "application/octet-stream",
+        ("video", "video/mp4", None, None, ".mp4"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("media", "served_as", "expected"), DOWNLOADS.values(), ids=DOWNLOADS.keys())
+def test_downloads_media_of_each_kind(
+    fetcher: SafeFetcher,
+    http_server: LocalHttpServer,
+    dest_dir: Path,
+    request: pytest.FixtureRequest,
+    media: str,
+    served_as: str,
+    expected: tuple[str, str, int | None, int | None, str],
 ) -> None:
-    url = http_server.serve("/astronaut", png_bytes, content_type="image/png")
+    url = http_server.serve("/media", request.getfixturevalue(media), content_type=served_as)
 
     fetched = run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
 
-    assert (fetched.content_type, fetched.width, fetched.height) == ("image/png", 512, 512)
-    assert fetched.path.suffix == ".png"
-
-
-def test_downloads_a_video_without_decoding_it(
-    fetcher: SafeFetcher, http_server: LocalHttpServer, dest_dir: Path, mp4_bytes: bytes
-) -> None:
-    url = http_server.serve("/clip", mp4_bytes)
-
-    fetched = run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
-
-    assert (fetched.kind, fetched.content_type) == ("video", "video/mp4")
-    assert (fetched.width, fetched.height) == (None, None)  # this fetcher has no check_video
-    assert fetched.path.suffix == ".mp4"
+    assert (
+        fetched.kind,
+        fetched.content_type,
+        fetched.width,
+        fetched.height,
+        fetched.path.suffix,
+    ) == expected
 
 
 def test_file_names_are_generated_never_taken_from_the_url(
@@ -98,16 +111,6 @@ def test_refuses_more_redirects_than_allowed(
 
     assert caught.value.code == "too_many_redirects"
     assert http_server.hits("/loop") == 3
-
-
-def test_a_redirect_without_location_fails(
-    fetcher: SafeFetcher, http_server: LocalHttpServer, dest_dir: Path
-) -> None:
-    url = http_server.serve("/moved", b"", status=302)
-
-    with pytest.raises(JobFailed) as caught:
-        run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
-    assert caught.value.code == "input_not_found"
 
 
 def test_refuses_html_named_like_a_jpeg(
@@ -182,16 +185,55 @@ def test_refuses_an_image_over_the_pixel_cap(
     assert caught.value.details["width"] == 512
 
 
-def test_refuses_a_declared_content_length_over_the_cap_without_reading(
-    make_fetcher: Callable[..., SafeFetcher], http_server: LocalHttpServer, dest_dir: Path
-) -> None:
-    def claims_a_gigabyte(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(10**9))
-        handler.end_headers()
-        handler.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
+def _declares_a_gigabyte(handler: BaseHTTPRequestHandler, server: LocalHttpServer, png: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10**9))
+    handler.end_headers()
+    handler.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
 
-    url = http_server.handle("/huge.jpg", claims_a_gigabyte)
+
+def _chunked_forever(handler: BaseHTTPRequestHandler, server: LocalHttpServer, png: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    chunk = png[:16_384]
+    for _ in range(200):  # 3 MB in all, far past the cap
+        if server.stopping.is_set():
+            return
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    handler.wfile.write(b"0\r\n\r\n")
+
+
+def _until_close(handler: BaseHTTPRequestHandler, server: LocalHttpServer, png: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    handler.close_connection = True
+    for _ in range(50):
+        if server.stopping.is_set():
+            return
+        handler.wfile.write(png[:16_384])
+
+
+# How a body gets past MAX_INPUT_BYTES: declared up front (refused without reading), or
+# only found out while reading (chunked, or no length until the connection closes).
+OVER_THE_CAP = {
+    "declared content-length, refused without reading": ("/huge.jpg", _declares_a_gigabyte),
+    "chunked body running past the cap": ("/stream.png", _chunked_forever),
+    "body without length running past the cap": ("/no-length.png", _until_close),
+}
+
+
+@pytest.mark.parametrize(("path", "body"), OVER_THE_CAP.values(), ids=OVER_THE_CAP.keys())
+def test_refuses_a_body_over_the_cap(
+    make_fetcher: Callable[..., SafeFetcher],
+    http_server: LocalHttpServer,
+    dest_dir: Path,
+    png_bytes: bytes,
+    path: str,
+    body: Callable[[BaseHTTPRequestHandler, LocalHttpServer, bytes], None],
+) -> None:
+    url = http_server.handle(path, lambda handler: body(handler, http_server, png_bytes))
     fetcher = make_fetcher(allow_loopback=True, max_bytes=100_000)
 
     with pytest.raises(UnsafeInput) as caught:
@@ -199,51 +241,6 @@ def test_refuses_a_declared_content_length_over_the_cap_without_reading(
 
     assert caught.value.code == "input_too_large"
     assert list(dest_dir.iterdir()) == []
-
-
-def test_refuses_a_chunked_body_that_runs_past_the_cap(
-    make_fetcher: Callable[..., SafeFetcher], http_server: LocalHttpServer, dest_dir: Path, png_bytes: bytes
-) -> None:
-    def chunked_forever(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        chunk = png_bytes[:16_384]
-        for _ in range(200):  # 3 MB in all, far past the cap
-            if http_server.stopping.is_set():
-                return
-            handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        handler.wfile.write(b"0\r\n\r\n")
-
-    url = http_server.handle("/stream.png", chunked_forever)
-    fetcher = make_fetcher(allow_loopback=True, max_bytes=100_000)
-
-    with pytest.raises(UnsafeInput) as caught:
-        run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
-
-    assert caught.value.code == "input_too_large"
-    assert list(dest_dir.iterdir()) == []
-
-
-def test_refuses_a_body_without_length_that_runs_past_the_cap(
-    make_fetcher: Callable[..., SafeFetcher], http_server: LocalHttpServer, dest_dir: Path, png_bytes: bytes
-) -> None:
-    def until_close(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.close_connection = True
-        for _ in range(50):
-            if http_server.stopping.is_set():
-                return
-            handler.wfile.write(png_bytes[:16_384])
-
-    url = http_server.handle("/no-length.png", until_close)
-    fetcher = make_fetcher(allow_loopback=True, max_bytes=100_000)
-
-    with pytest.raises(UnsafeInput) as caught:
-        run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
-    assert caught.value.code == "input_too_large"
 
 
 def test_a_content_length_that_understates_the_body_is_not_overread(
@@ -264,51 +261,56 @@ def test_a_content_length_that_understates_the_body_is_not_overread(
     assert caught.value.code == "corrupt_media"
 
 
-def test_a_stalled_server_times_out_quickly_and_retryably(
-    make_fetcher: Callable[..., SafeFetcher], http_server: LocalHttpServer, dest_dir: Path
-) -> None:
-    def stalls(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Length", "1000")
-        handler.end_headers()
-        handler.wfile.flush()
-        http_server.stopping.wait(5)
+def _stalls(handler: BaseHTTPRequestHandler, server: LocalHttpServer) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.flush()
+    server.stopping.wait(5)
 
-    url = http_server.handle("/stall.jpg", stalls)
-    fetcher = make_fetcher(allow_loopback=True, timeout_s=0.5)
+
+def _drips(handler: BaseHTTPRequestHandler, server: LocalHttpServer) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    for _ in range(1000):
+        handler.wfile.write(b"\0")
+        handler.wfile.flush()
+        if server.stopping.wait(0.1):
+            return
+
+
+# A server too slow: the body, the fetcher's timeout, what the message must say, and how
+# soon the fetch must give up.
+TOO_SLOW = {
+    "a stalled server times out quickly": (_stalls, 0.5, "", 2.0),
+    # Each read arrives within the per-read timeout; only the overall deadline stops it.
+    "a slow drip is cut by the overall deadline": (_drips, 0.8, "did not finish within", 2.5),
+}
+
+
+@pytest.mark.parametrize(("body", "timeout_s", "message", "within_s"), TOO_SLOW.values(), ids=TOO_SLOW.keys())
+def test_a_server_too_slow_is_retryably_unreachable(
+    make_fetcher: Callable[..., SafeFetcher],
+    http_server: LocalHttpServer,
+    dest_dir: Path,
+    body: Callable[[BaseHTTPRequestHandler, LocalHttpServer], None],
+    timeout_s: float,
+    message: str,
+    within_s: float,
+) -> None:
+    url = http_server.handle("/slow.jpg", lambda handler: body(handler, http_server))
+    fetcher = make_fetcher(allow_loopback=True, timeout_s=timeout_s)
 
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable) as caught:
         run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
 
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < within_s
+    assert message in caught.value.message
     assert caught.value.code == "input_unreachable"
     assert caught.value.retryable is True
     assert list(dest_dir.iterdir()) == []
-
-
-def test_a_slow_drip_is_cut_by_the_overall_deadline(
-    make_fetcher: Callable[..., SafeFetcher], http_server: LocalHttpServer, dest_dir: Path
-) -> None:
-    """Each read arrives within the per-read timeout; only the overall deadline stops it."""
-
-    def drips(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Length", "1000")
-        handler.end_headers()
-        for _ in range(1000):
-            handler.wfile.write(b"\0")
-            handler.wfile.flush()
-            if http_server.stopping.wait(0.1):
-                return
-
-    url = http_server.handle("/drip.jpg", drips)
-    fetcher = make_fetcher(allow_loopback=True, timeout_s=0.8)
-
-    started = time.monotonic()
-    with pytest.raises(UpstreamUnavailable, match="did not finish within"):
-        run(fetcher.fetch_to_file(url, dest_dir, field=FIELD))
-    assert time.monotonic() - started < 2.5
 
 
 @pytest.mark.parametrize(
@@ -318,6 +320,7 @@ def test_a_slow_drip_is_cut_by_the_overall_deadline(
         (403, JobFailed, "input_not_found", False),
         (410, JobFailed, "input_not_found", False),
         (204, JobFailed, "input_not_found", False),
+        (302, JobFailed, "input_not_found", False),  # a redirect without Location
         (429, UpstreamUnavailable, "input_unreachable", True),
         (500, UpstreamUnavailable, "input_unreachable", True),
         (503, UpstreamUnavailable, "input_unreachable", True),
