@@ -4,8 +4,9 @@ Parts run one after another, each bounded in time, in one temp dir that is remov
 the end: cold start (4) first, while nothing else of ours runs; the engines (5) and
 storage (6) next; the operations each task causes on the managed services (7, on the
 emulators: issue 14), the ComfyUI path against a direct ComfyUI client (8: issue 18) and
-many runners claiming from one Firestore queue (9: issue 14) and the capacity model's
-simulation checked against it, then at 1,000 tasks/s (10: issue 14, docs/scale.md);
+many runners claiming from one Firestore queue, then fed by a push dispatcher (9: issue
+14), and the capacity model's simulation checked against the pull runs, then at 1,000
+tasks/s (10: issue 14, docs/scale.md);
 then the embedded stack is started once for the orchestration
 overhead (2), the runner's efficiency (1) and the API cost (3, last: it leaves thousands
 of PENDING tasks behind). A part that fails or lacks a dependency prints ``not measured:
@@ -69,11 +70,12 @@ def _comfyui_floor(workdir: Path) -> list[Row]:
 
 
 def _many_runners(workdir: Path) -> list[Row]:
-    from benchmarks.scale import ENGINE_S, scale_rows
+    from benchmarks.scale import ENGINE_S, push_rows, scale_rows
     from benchmarks.scale_sim import sim_rows
 
     measured: list[dict[str, object]] = []
     rows = scale_rows(workdir, measured)
+    rows += _guarded("9. many runners, push mode", lambda: push_rows(workdir))
     return rows + _guarded("10. simulation", lambda: sim_rows(measured, ENGINE_S))
 
 

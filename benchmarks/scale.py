@@ -15,7 +15,8 @@ each first claim takes the head of the queue), and the checks: every task COMPLE
 most 0.2 conflicts per claim. Eight tasks per runner: a run long enough that the first
 claims' races are not most of it.
 
-Not done here: the same through a push dispatcher. And read the claims per second with
+``push_rows``: the same runner counts through the push dispatcher (Cloud Tasks emulator).
+Read the claims per second with
 the emulator in mind: it is one process sharing this machine's cores with the runners'
 threads, so it, not the runners, sets the pace; while it is saturated, the time between a
 claimer's query and its write holds other runners' requests queued before it, so more
@@ -258,5 +259,162 @@ def scale_rows(workdir: Path, results: list[dict[str, Any]] | None = None) -> li
             os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
         else:
             os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+        emulator.stop()
+    return rows
+
+
+# --- the push half: one delivery per task through Cloud Tasks (issue 14, item 2) ------------
+
+
+def _push_count(project: str, cloud_tasks: Any, runners: int, emulator_group: int) -> dict[str, Any]:
+    """``runners`` runner slots behind one push endpoint, fed by the product's dispatcher
+    through the Cloud Tasks emulator; each delivery is claimed by name (``store.claim``:
+    the push claim's transaction), held ENGINE_S, completed, and answered 200.
+
+    The emulator delivers one task at a time per queue, so the dispatcher gets one queue
+    per runner (``queue_index`` spreads the tasks over them), as Cloud Tasks' concurrent
+    dispatches would feed every runner. A busy endpoint makes the delivery wait for a
+    free slot (Cloud Run queues a request for a busy instance briefly)."""
+    import http.server
+    import json
+    import queue as queues
+    import uuid
+
+    from google.cloud import firestore
+
+    from shared.dispatch.cloud_tasks import CloudTasksDispatcher
+    from shared.errors import Conflict
+    from shared.store.firestore import FirestoreTaskStore
+    from shared.tasks import Task, TaskStatus
+
+    collection = f"push_{runners}_{int(time.time() * 1000)}"
+    setup = FirestoreTaskStore(firestore.Client(project=project), collection=collection)
+    total = max(MIN_TASKS, TASKS_PER_RUNNER * runners)
+    claimed_by: dict[str, list[str]] = collections.defaultdict(list)
+    deliveries: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    with counting_stores(project, collection, runners) as (stores, counter):
+        free: queues.Queue[tuple[int, Any]] = queues.Queue()
+        for index, store in enumerate(stores):
+            free.put((index, store))
+
+        class Endpoint(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # the http.server hook's name
+                task_id = str(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["task_id"])
+                index, store = free.get()
+                worker_id = f"runner-{index}"
+                try:
+                    store.claim(task_id, worker_id=worker_id, lease_seconds=120)
+                    with lock:
+                        claimed_by[task_id].append(worker_id)
+                    time.sleep(ENGINE_S)
+                    store.complete(
+                        task_id, worker_id=worker_id, output_data={"url": "https://example.com/r.png"}
+                    )
+                    outcome = "claimed"
+                except Conflict:
+                    outcome = "duplicate delivery"  # at least once: the task was claimed already
+                finally:
+                    free.put((index, store))
+                with lock:
+                    deliveries[outcome] += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # the hook's signature
+                return None
+
+        endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+        threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+        names = [
+            cloud_tasks.create_queue(f"push-{uuid.uuid4().hex[:8]}", project=project) for _ in range(runners)
+        ]
+        dispatcher = CloudTasksDispatcher(
+            cloud_tasks.client, queue_path=names, target_url=f"http://127.0.0.1:{endpoint.server_port}/push"
+        )
+        tasks = [setup.create(Task(workflow="face_swap", environment="face_swap")) for _ in range(total)]
+        emulator_cpu_s, client_cpu_s = _process_group_cpu_s(emulator_group), time.process_time()
+        started = time.perf_counter()
+        for task in tasks:
+            dispatcher.dispatch(task)
+        deadline = time.monotonic() + 600
+        while sum(len(owners) for owners in claimed_by.values()) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while deliveries.total() < sum(len(owners) for owners in claimed_by.values()):
+            time.sleep(0.01)  # the last completions are being answered
+        elapsed = time.perf_counter() - started
+        result = {
+            "elapsed": elapsed,
+            "emulator_cpu_s": _process_group_cpu_s(emulator_group) - emulator_cpu_s,
+            "client_cpu_s": time.process_time() - client_cpu_s,
+            "requests": counter["requests"],
+            "conflicts": counter["conflicts"],
+            "aborted": counter["aborted"],
+        }
+        endpoint.shutdown()
+        endpoint.server_close()
+    final = [setup.get(task.taskId) for task in tasks]
+    setup.close()
+    claims = sum(len(owners) for owners in claimed_by.values())
+    return {
+        **result,
+        "runners": runners,
+        "tasks": total,
+        "claims": claims,
+        "claims_per_s": claims / elapsed if elapsed > 0 else 0.0,
+        "duplicate_deliveries": deliveries["duplicate delivery"],
+        "duplicates": sum(1 for owners in claimed_by.values() if len(owners) > 1),
+        "lost": sum(
+            1 for task in final if task is None or task.status != TaskStatus.COMPLETED or task.attempts != 1
+        ),
+    }
+
+
+def push_rows(workdir: Path) -> list[Row]:
+    """Figure 9's push rows: the same runner counts through a push dispatcher."""
+    import os
+
+    from comfyswap.emulators import EmulatorUnavailable, start_cloud_tasks_emulator, start_firestore_emulator
+
+    try:
+        emulator = start_firestore_emulator(workdir)
+    except EmulatorUnavailable as exc:
+        return [not_measured("9. many runners, push mode", str(exc))]
+    try:
+        cloud_tasks = start_cloud_tasks_emulator(workdir, max_retries=3)
+    except EmulatorUnavailable as exc:
+        emulator.stop()
+        return [not_measured("9. many runners, push mode", str(exc))]
+    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
+    rows: list[Row] = []
+    try:
+        for runners in RUNNER_COUNTS:
+            result = _push_count(emulator.project, cloud_tasks, runners, emulator.server.pid)
+            per_claim = (result["conflicts"] + result["aborted"]) / max(1, result["claims"])
+            meets = not result["duplicates"] and not result["lost"]
+            rows.append(
+                Row(
+                    f"9. many runners, push mode (Cloud Tasks emulator, one queue per runner): {runners} "
+                    f"runner(s), {result['tasks']} tasks of {ENGINE_S * 1000:.0f} ms",
+                    f"{result['claims_per_s']:.1f} claims/s; {per_claim:.2f} conflicts per claim "
+                    f"({result['conflicts']} lost compare-and-sets + {result['aborted']} aborted commits); "
+                    f"{result['duplicate_deliveries']} duplicate deliveries refused; "
+                    f"{result['duplicates']} claimed twice, {result['lost']} lost",
+                    "no duplicate, none lost",
+                    "",
+                    "meets" if meets else "MISSES",
+                    note="each delivery names its task: no runner races another for it. Timed from the "
+                    "first enqueue (the product's dispatcher) to the last completion; the emulator "
+                    "delivers one task at a time per queue and polls each queue every 0.1 s",
+                )
+            )
+    finally:
+        if saved is None:
+            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
+        else:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+        cloud_tasks.stop()
         emulator.stop()
     return rows
