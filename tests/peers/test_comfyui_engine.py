@@ -57,6 +57,17 @@ def blur_chain(links: int, *, size: int = 512, radius: int = 8) -> dict[str, Any
     return graph
 
 
+def invert_own_image(image_url: str, *, prefix: str = "custom") -> dict[str, Any]:
+    """The `custom` workflow's task_data for a raw graph that brings its own input image:
+    LoadImage (given image_url, fetched and uploaded by the runner) -> ImageInvert -> SaveImage."""
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+    return {"wf_json": graph, "image_inputs": [{"node": "1", "input": "image", "url": image_url}]}
+
+
 def near(pixel: Any, expected: tuple[int, int, int]) -> bool:
     """ComfyUI inverts in float32 (1 - x) and rounds down when it saves: off by one at most."""
     return all(abs(int(a) - b) <= 1 for a, b in zip(pixel, expected, strict=True))
@@ -374,16 +385,7 @@ def test_invert_image_template_fetches_uploads_and_wires_the_input(comfyui_idle,
 
 def test_custom_graph_brings_its_own_input_image(comfyui_idle, media, tmp_path):
     url = media.add(f"/{uuid.uuid4().hex}.png", "image/png", png_bytes(30, 20, (200, 100, 0)))
-    graph = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "custom"}},
-    }
-    input_data = build_input_data(
-        "custom",
-        {"wf_json": graph, "image_inputs": [{"node": "1", "input": "image", "url": url}]},
-        allow_raw=True,
-    )
+    input_data = build_input_data("custom", invert_own_image(url), allow_raw=True)
 
     result = run_job(engine_for(comfyui_idle), make_task(input_data), tmp_path)
 

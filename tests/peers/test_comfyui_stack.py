@@ -20,7 +20,7 @@ import pytest
 from tests.comfyui.conftest import png_bytes
 from tests.e2e.conftest import Stack, start_stack
 from tests.peers.conftest import RealComfyUI
-from tests.peers.test_comfyui_engine import blur_chain, fresh, queue
+from tests.peers.test_comfyui_engine import blur_chain, fresh, invert_own_image, queue
 from tests.servers import MediaServer, wait_until
 
 
@@ -95,13 +95,7 @@ def test_each_output_keeps_its_storage_key(stack, comfyui_idle):
 
 def test_custom_graph_input_image_is_fetched_used_and_removed_from_comfyui(stack, comfyui_idle, media):
     url = media.add(f"/{uuid.uuid4().hex}.png", "image/png", png_bytes(30, 20, (200, 100, 0)))
-    graph = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "custom"}},
-    }
-    body = {"wf_json": graph, "image_inputs": [{"node": "1", "input": "image", "url": url}]}
-    task_id = create(stack, {"workflow": "custom", "task_data": body})
+    task_id = create(stack, {"workflow": "custom", "task_data": invert_own_image(url)})
 
     view = stack.wait(task_id, timeout_s=120)
 

@@ -23,7 +23,7 @@ import pytest
 from tests.comfyui.conftest import png_bytes
 from tests.peers import comfyui_peer
 from tests.peers.conftest import require_peer
-from tests.peers.test_comfyui_engine import blur_chain
+from tests.peers.test_comfyui_engine import blur_chain, invert_own_image
 from tests.servers import MediaServer, free_port, wait_until
 
 pytestmark = pytest.mark.real_peer("comfyui")
@@ -128,17 +128,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def test_make_run_starts_the_real_comfyui_and_runs_a_task_on_it(run):
     assert len(run.comfyui_processes()) == 1
-    graph = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "run"}},
-    }
     with MediaServer().running() as media:
         url = media.add("/in.png", "image/png", png_bytes(24, 16, (1, 2, 3)))
-        inputs = [{"node": "1", "input": "image", "url": url}]
         created = run.api.post(
             "/api/tasks/create",
-            json={"workflow": "custom", "task_data": {"wf_json": graph, "image_inputs": inputs}},
+            json={"workflow": "custom", "task_data": invert_own_image(url, prefix="run")},
         )
         assert created.status_code == 200, created.text
 
