@@ -32,6 +32,7 @@ __all__ = [
     "REPO",
     "BenchStack",
     "Row",
+    "environment",
     "fmt_ms",
     "median",
     "not_measured",
@@ -46,6 +47,21 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in os.environ for the block, the previous values back after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Row, not_measured
+from benchmarks.common import Row, environment, not_measured
 
 __all__ = ["operation_rows"]
 
@@ -426,7 +426,7 @@ def operation_rows(workdir: Path) -> list[Row]:
         counter = OpCounter()
         storage_host = fake_gcs.url.split("://", 1)[1]
         rows: list[Row] = []
-        with _environment(env), counted_clients(counter, storage_host):
+        with environment(env), counted_clients(counter, storage_host):
             for mode in ("push", "pull"):
                 measured = _measure_mode(workdir, mode, counter)
                 rows += [_row(mode, kind, result) for kind, result in measured.items()]
@@ -434,22 +434,6 @@ def operation_rows(workdir: Path) -> list[Row]:
     finally:
         for server in reversed(started):
             server.stop()
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    import os
-
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _row(mode: str, kind: str, result: dict[str, Any]) -> Row:

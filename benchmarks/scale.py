@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Row, not_measured
+from benchmarks.common import Row, environment, not_measured
 
 __all__ = ["scale_rows"]
 
@@ -211,54 +211,49 @@ def _run_runners(stores: list[Any], lock: threading.Lock) -> dict[str, Any]:
     }
 
 
+def _pull_row(runners: int, result: dict[str, Any]) -> Row:
+    lost_races = result["conflicts"] + result["aborted"]
+    per_claim = lost_races / max(1, result["claims"])
+    checks_ok = not result["duplicates"] and not result["lost"] and not result["errors"]
+    meets = checks_ok and (runners < 64 or per_claim <= CONFLICT_TARGET)
+    return Row(
+        f"9. many runners, pull mode on the Firestore emulator: {runners} runner(s), "
+        f"{result['tasks']} tasks of {ENGINE_S * 1000:.0f} ms",
+        f"{result['claims_per_s']:.1f} claims/s; {per_claim:.2f} conflicts per claim "
+        f"({result['conflicts']} lost compare-and-sets + {result['aborted']} aborted commits; "
+        f"{result['cold_start_conflicts']} of the lost claims in the runners' first claims); "
+        f"{result['duplicates']} claimed twice, {result['lost']} lost"
+        + (f"; errors: {result['errors']}" if result["errors"] else ""),
+        f"no duplicate, none lost{'; <= 0.2 conflicts per claim' if runners == 64 else ''}",
+        "",
+        "meets" if meets else "MISSES",
+        note="the emulator (one process on this machine) sets the claim rate. Every runner "
+        "starts at once with no history, so each first claim takes the head (a lone "
+        "claimer's order); one lost race puts a runner on random claim shards",
+    )
+
+
 def scale_rows(workdir: Path, results: list[dict[str, Any]] | None = None) -> list[Row]:
     """Figure 9's rows; each runner count's raw figures are appended to ``results``
     (figure 10, the simulation, is checked against them)."""
-    import os
-
     from comfyswap.emulators import EmulatorUnavailable, start_firestore_emulator
 
     try:
         emulator = start_firestore_emulator(workdir)
     except EmulatorUnavailable as exc:
         return [not_measured("9. many runners, pull mode", str(exc))]
-    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
-    os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
     rows: list[Row] = []
     try:
-        # A first pass, not reported: the emulator's JVM compiles its hot paths during the
-        # first few hundred requests, which would slow whichever count ran first.
-        _one_count(emulator.project, 8, emulator.server.pid)
-        for runners in RUNNER_COUNTS:
-            result = _one_count(emulator.project, runners, emulator.server.pid)
-            if results is not None:
-                results.append(result)
-            lost_races = result["conflicts"] + result["aborted"]
-            per_claim = lost_races / max(1, result["claims"])
-            checks_ok = not result["duplicates"] and not result["lost"] and not result["errors"]
-            meets = checks_ok and (runners < 64 or per_claim <= CONFLICT_TARGET)
-            rows.append(
-                Row(
-                    f"9. many runners, pull mode on the Firestore emulator: {runners} runner(s), "
-                    f"{result['tasks']} tasks of {ENGINE_S * 1000:.0f} ms",
-                    f"{result['claims_per_s']:.1f} claims/s; {per_claim:.2f} conflicts per claim "
-                    f"({result['conflicts']} lost compare-and-sets + {result['aborted']} aborted commits; "
-                    f"{result['cold_start_conflicts']} of the lost claims in the runners' first claims); "
-                    f"{result['duplicates']} claimed twice, {result['lost']} lost"
-                    + (f"; errors: {result['errors']}" if result["errors"] else ""),
-                    f"no duplicate, none lost{'; <= 0.2 conflicts per claim' if runners == 64 else ''}",
-                    "",
-                    "meets" if meets else "MISSES",
-                    note="the emulator (one process on this machine) sets the claim rate. Every runner "
-                    "starts at once with no history, so each first claim takes the head (a lone "
-                    "claimer's order); one lost race puts a runner on random claim shards",
-                )
-            )
+        with environment({"FIRESTORE_EMULATOR_HOST": emulator.host}):
+            # A first pass, not reported: the emulator's JVM compiles its hot paths during the
+            # first few hundred requests, which would slow whichever count ran first.
+            _one_count(emulator.project, 8, emulator.server.pid)
+            for runners in RUNNER_COUNTS:
+                result = _one_count(emulator.project, runners, emulator.server.pid)
+                if results is not None:
+                    results.append(result)
+                rows.append(_pull_row(runners, result))
     finally:
-        if saved is None:
-            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
-        else:
-            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
         emulator.stop()
     return rows
 
@@ -371,10 +366,26 @@ def _push_count(project: str, cloud_tasks: Any, runners: int, emulator_group: in
     }
 
 
+def _push_row(runners: int, result: dict[str, Any]) -> Row:
+    per_claim = (result["conflicts"] + result["aborted"]) / max(1, result["claims"])
+    return Row(
+        f"9. many runners, push mode (Cloud Tasks emulator, one queue per runner): {runners} "
+        f"runner(s), {result['tasks']} tasks of {ENGINE_S * 1000:.0f} ms",
+        f"{result['claims_per_s']:.1f} claims/s; {per_claim:.2f} conflicts per claim "
+        f"({result['conflicts']} lost compare-and-sets + {result['aborted']} aborted commits); "
+        f"{result['duplicate_deliveries']} duplicate deliveries refused; "
+        f"{result['duplicates']} claimed twice, {result['lost']} lost",
+        "no duplicate, none lost",
+        "",
+        "meets" if not result["duplicates"] and not result["lost"] else "MISSES",
+        note="each delivery names its task: no runner races another for it. Timed from the "
+        "first enqueue (the product's dispatcher) to the last completion; the emulator "
+        "delivers one task at a time per queue and polls each queue every 0.1 s",
+    )
+
+
 def push_rows(workdir: Path) -> list[Row]:
     """Figure 9's push rows: the same runner counts through a push dispatcher."""
-    import os
-
     from comfyswap.emulators import EmulatorUnavailable, start_cloud_tasks_emulator, start_firestore_emulator
 
     try:
@@ -386,35 +397,13 @@ def push_rows(workdir: Path) -> list[Row]:
     except EmulatorUnavailable as exc:
         emulator.stop()
         return [not_measured("9. many runners, push mode", str(exc))]
-    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
-    os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
     rows: list[Row] = []
     try:
-        for runners in RUNNER_COUNTS:
-            result = _push_count(emulator.project, cloud_tasks, runners, emulator.server.pid)
-            per_claim = (result["conflicts"] + result["aborted"]) / max(1, result["claims"])
-            meets = not result["duplicates"] and not result["lost"]
-            rows.append(
-                Row(
-                    f"9. many runners, push mode (Cloud Tasks emulator, one queue per runner): {runners} "
-                    f"runner(s), {result['tasks']} tasks of {ENGINE_S * 1000:.0f} ms",
-                    f"{result['claims_per_s']:.1f} claims/s; {per_claim:.2f} conflicts per claim "
-                    f"({result['conflicts']} lost compare-and-sets + {result['aborted']} aborted commits); "
-                    f"{result['duplicate_deliveries']} duplicate deliveries refused; "
-                    f"{result['duplicates']} claimed twice, {result['lost']} lost",
-                    "no duplicate, none lost",
-                    "",
-                    "meets" if meets else "MISSES",
-                    note="each delivery names its task: no runner races another for it. Timed from the "
-                    "first enqueue (the product's dispatcher) to the last completion; the emulator "
-                    "delivers one task at a time per queue and polls each queue every 0.1 s",
-                )
-            )
+        with environment({"FIRESTORE_EMULATOR_HOST": emulator.host}):
+            for runners in RUNNER_COUNTS:
+                result = _push_count(emulator.project, cloud_tasks, runners, emulator.server.pid)
+                rows.append(_push_row(runners, result))
     finally:
-        if saved is None:
-            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
-        else:
-            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
         cloud_tasks.stop()
         emulator.stop()
     return rows
