@@ -18,7 +18,7 @@ import pytest
 from gpu_runner.supervisor import ManagedProcess, PortTaken, ProcessState
 from tests.comfyui.conftest import REPO, start_double
 from tests.fakes.comfyui_double import command as double_command
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, start_server, wait_until
 
 
 def double_process(tmp_path: Path, **options: object) -> ManagedProcess:
@@ -201,7 +201,6 @@ def test_runner_entry_point_stops_its_comfyui_on_a_signal(tmp_path, stop_signal)
     # (The real ComfyUI does the same in tests/peers/test_comfyui_supervised.py.)
     runner_port, comfyui_port = free_port(), free_port()
     env = {
-        **os.environ,
         "DATA_DIR": str(tmp_path / "data"),
         "RUNNER_PORT": str(runner_port),
         "RUNNER_ENVIRONMENTS": "comm",
@@ -209,13 +208,15 @@ def test_runner_entry_point_stops_its_comfyui_on_a_signal(tmp_path, stop_signal)
         "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}",
         "COMFYUI_COMMAND": shlex.join(double_command(comfyui_port, tmp_path / "r")),
     }
-    runner = subprocess.Popen(
+    runner = start_server(
+        "runner",
         [sys.executable, "-m", "gpu_runner"],
-        cwd=REPO,
+        url=f"http://127.0.0.1:{runner_port}",
+        health_path="/api/health",
+        log_dir=tmp_path,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        cwd=REPO,
+        timeout_s=120,
     )
     try:
         wait_until(
@@ -223,19 +224,12 @@ def test_runner_entry_point_stops_its_comfyui_on_a_signal(tmp_path, stop_signal)
             timeout_s=60,
             what="the supervised ComfyUI double",
         )
-        wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{runner_port}/api/health", timeout=1).status_code == 200,
-            timeout_s=60,
-            what="the runner",
-        )
 
-        runner.send_signal(stop_signal)
-        runner.wait(timeout=60)
+        runner.process.send_signal(stop_signal)
+        runner.process.wait(timeout=60)
 
         for port in (comfyui_port, runner_port):
             with socket.socket() as probe:
                 assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
     finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait(timeout=10)
+        runner.kill()
