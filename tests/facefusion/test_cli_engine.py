@@ -150,21 +150,13 @@ def test_image_swap_maps_the_request_to_headless_run_arguments(
 
 
 def test_video_swap_keeps_fps_and_audio_and_reports_frame_progress(
+    video_run: Callable[..., Run],
     cli_engine: Callable[..., FaceFusionEngine],
     tmp_path: Path,
     record_path: Path,
-    source_url: str,
-    target_video_url: str,
 ) -> None:
     engine = cli_engine(facefusion_execution_providers="tensorrt, cuda")
-    task = face_swap_task(
-        source_url=source_url,
-        target_url=target_video_url,
-        resolution="640x480",
-        model="simswap_256",
-        face_selector="all",
-    )
-    run = Run(engine, task, tmp_path / "work")
+    run = video_run(engine, resolution="640x480", model="simswap_256", face_selector="all")
 
     result = run()
 
@@ -227,18 +219,9 @@ def test_resolution_is_the_output_size_and_pixel_boost_its_own_parameter(
 
 
 def test_a_reference_index_selects_that_face_as_reference(
-    cli_engine: Callable[..., FaceFusionEngine],
-    tmp_path: Path,
-    record_path: Path,
-    source_url: str,
-    target_image_url: str,
+    image_run: Callable[..., Run], cli_engine: Callable[..., FaceFusionEngine], record_path: Path
 ) -> None:
-    engine = cli_engine()
-    task = face_swap_task(
-        source_url=source_url, target_url=target_image_url, face_selector=2, resolution="200x200"
-    )
-
-    Run(engine, task, tmp_path / "work")()
+    image_run(cli_engine(), face_selector=2, resolution="200x200")()
 
     given = options(json.loads(record_path.read_text())["argv"])
     assert given["--face-selector-mode"] == ["reference"]
@@ -337,17 +320,10 @@ def test_facefusion_failures_reach_the_task_as_what_they_are(
 
 
 def test_a_model_facefusion_does_not_have_fails_before_starting_it(
-    cli_engine: Callable[..., FaceFusionEngine],
-    tmp_path: Path,
-    record_path: Path,
-    source_url: str,
-    target_image_url: str,
+    image_run: Callable[..., Run], cli_engine: Callable[..., FaceFusionEngine], record_path: Path
 ) -> None:
-    engine = cli_engine()
-    task = face_swap_task(source_url=source_url, target_url=target_image_url, model="simswap_512")
-
     with pytest.raises(JobFailed) as failure:
-        Run(engine, task, tmp_path / "work")()
+        image_run(cli_engine(), model="simswap_512")()
 
     assert failure.value.code == "model_not_supported"
     assert not record_path.exists()
@@ -392,10 +368,7 @@ def test_missing_or_corrupt_models_are_a_deployment_fault_before_facefusion_star
 
 
 def test_a_missing_swapper_alone_fails_only_its_tasks(
-    cli_engine: Callable[..., FaceFusionEngine],
-    tmp_path: Path,
-    source_url: str,
-    target_image_url: str,
+    image_run: Callable[..., Run], cli_engine: Callable[..., FaceFusionEngine], tmp_path: Path
 ) -> None:
     engine = cli_engine()
     (tmp_path / "models" / "crossface_simswap.onnx").unlink()
@@ -406,25 +379,9 @@ def test_a_missing_swapper_alone_fails_only_its_tasks(
     assert health["models_missing"] == ["crossface_simswap"]
     assert "simswap_256" not in health["models"] and "inswapper_128_fp16" in health["models"]
     assert engine.accepting_work is True
-    task = face_swap_task(source_url=source_url, target_url=target_image_url, model="simswap_256")
     with pytest.raises(UpstreamUnavailable) as failure:
-        Run(engine, task, tmp_path / "work")()
+        image_run(engine, model="simswap_256")()
     assert failure.value.details["models"] == ["crossface_simswap"]
-
-
-def test_a_hash_failure_facefusion_reports_is_models_missing_not_the_users_fault(
-    image_run: Callable[..., Run],
-    cli_engine: Callable[..., FaceFusionEngine],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("FAKE_FACEFUSION_FAIL", "hash")
-    engine = cli_engine()
-
-    with pytest.raises(UpstreamUnavailable) as failure:
-        image_run(engine)()
-
-    assert failure.value.code == "models_missing"
-    assert failure.value.details["models"] == ["nsfw_1"]
 
 
 def test_facefusion_cannot_download_models(tmp_path: Path) -> None:
