@@ -264,42 +264,40 @@ def test_a_dead_address_falls_through_to_the_next_checked_address(
     assert dial_guard.attempts == [("127.0.0.2", http_server.port), ("127.0.0.1", http_server.port)]
 
 
-def test_a_name_that_does_not_exist_is_a_permanent_failure(
-    make_fetcher: Callable[..., SafeFetcher], resolver: ScriptedResolver, dest_dir: Path
+# What the resolver answers -> the error (not UnsafeInput: the URL was fine) and whether
+# it is retried.
+DNS_FAILURES = {
+    "a name that does not exist is permanent": (
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        JobFailed,
+        False,
+    ),
+    "a temporary resolver failure is retryable": (
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        UpstreamUnavailable,
+        True,
+    ),
+    "an empty answer is permanent": ([], JobFailed, False),
+}
+
+
+@pytest.mark.parametrize(("answer", "error", "retryable"), DNS_FAILURES.values(), ids=DNS_FAILURES.keys())
+def test_dns_failures_are_unreachable_inputs(
+    make_fetcher: Callable[..., SafeFetcher],
+    resolver: ScriptedResolver,
+    dest_dir: Path,
+    answer: list[str] | BaseException,
+    error: type[Exception],
+    retryable: bool,
 ) -> None:
-    resolver.add("nowhere.example.test", socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    resolver.add("failing.example.test", answer)
 
-    with pytest.raises(JobFailed) as caught:
-        run(make_fetcher().fetch_to_file("http://nowhere.example.test/a.jpg", dest_dir, field=FIELD))
+    with pytest.raises(error) as caught:
+        run(make_fetcher().fetch_to_file("http://failing.example.test/a.jpg", dest_dir, field=FIELD))
 
-    assert caught.value.code == "input_unreachable"
-    assert caught.value.retryable is False
+    assert getattr(caught.value, "code", None) == "input_unreachable"
+    assert getattr(caught.value, "retryable", None) is retryable
     assert not isinstance(caught.value, UnsafeInput)
-
-
-def test_a_temporary_resolver_failure_is_retryable(
-    make_fetcher: Callable[..., SafeFetcher], resolver: ScriptedResolver, dest_dir: Path
-) -> None:
-    resolver.add(
-        "flaky.example.test", socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-    )
-
-    with pytest.raises(UpstreamUnavailable) as caught:
-        run(make_fetcher().fetch_to_file("http://flaky.example.test/a.jpg", dest_dir, field=FIELD))
-
-    assert caught.value.code == "input_unreachable"
-    assert caught.value.retryable is True
-
-
-def test_an_empty_dns_answer_is_a_permanent_failure(
-    make_fetcher: Callable[..., SafeFetcher], resolver: ScriptedResolver, dest_dir: Path
-) -> None:
-    resolver.add("empty.example.test", [])
-
-    with pytest.raises(JobFailed) as caught:
-        run(make_fetcher().fetch_to_file("http://empty.example.test/", dest_dir, field=FIELD))
-
-    assert caught.value.code == "input_unreachable"
 
 
 def test_the_system_resolver_returns_literal_addresses_without_a_lookup() -> None:
