@@ -72,23 +72,29 @@ class _Colours:
 
 
 # --- the floor: a direct client ----------------------------------------------------------
-async def _direct_jobs(base_url: str, colours: _Colours, count: int) -> list[float]:
+Span = tuple[float, float]  # one job's start and end (perf_counter)
+
+
+async def _direct_jobs(base_url: str, colours: _Colours, count: int) -> list[Span]:
     import websockets
 
     client_id = f"floor-{uuid.uuid4().hex[:8]}"
-    durations: list[float] = []
+    spans: list[Span] = []
     async with (
         httpx.AsyncClient(base_url=base_url, timeout=60) as http,
         websockets.connect(
-            f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}", max_size=None, compression=None
+            f"ws{base_url.removeprefix('http')}/ws?clientId={client_id}",
+            max_size=None,
+            compression=None,
+            close_timeout=1,
         ) as socket,
     ):
         for _ in range(count):
             started = time.perf_counter()
             for image in await run_direct_prompt(http, socket, client_id, _graph(colours.take())):
                 (await http.get("/view", params=image)).raise_for_status()
-            durations.append(time.perf_counter() - started)
-    return durations
+            spans.append((started, time.perf_counter()))
+    return spans
 
 
 async def run_direct_prompt(
@@ -116,8 +122,8 @@ async def run_direct_prompt(
 
 
 # --- ComfySwap, as a client sees it ---------------------------------------------------------
-async def _wrapper_jobs(api_url: str, colours: _Colours, count: int) -> list[float]:
-    durations: list[float] = []
+async def _wrapper_jobs(api_url: str, colours: _Colours, count: int) -> list[Span]:
+    spans: list[Span] = []
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
         for _ in range(count):
             started = time.perf_counter()
@@ -136,17 +142,26 @@ async def _wrapper_jobs(api_url: str, colours: _Colours, count: int) -> list[flo
             if view["status"] != "COMPLETED":
                 raise RuntimeError(f"task {task_id} ended {view['status']}: {view.get('error')}")
             (await http.get(view["result"]["url"])).raise_for_status()
-            durations.append(time.perf_counter() - started)
-    return durations
+            spans.append((started, time.perf_counter()))
+    return spans
+
+
+def _durations(spans: list[Span]) -> list[float]:
+    return [end - start for start, end in spans]
 
 
 async def _concurrently(kind: str, url: str, colours: _Colours, total: int) -> float:
-    """Jobs per second with CONCURRENCY clients sharing ``total`` jobs."""
+    """Jobs per second with CONCURRENCY clients sharing ``total`` jobs, from the first job's
+    start to the last one's end: the clients' connects and closes are not jobs (a websocket
+    close waiting out its close timeout once cost the floor 10 s of a 1 s round)."""
     each = total // CONCURRENCY
     run = _direct_jobs if kind == "direct" else _wrapper_jobs
-    started = time.perf_counter()
-    await asyncio.gather(*(run(url, colours, each) for _ in range(CONCURRENCY)))
-    return each * CONCURRENCY / (time.perf_counter() - started)
+    spans = [
+        span
+        for client in await asyncio.gather(*(run(url, colours, each) for _ in range(CONCURRENCY)))
+        for span in client
+    ]
+    return len(spans) / (max(end for _, end in spans) - min(start for start, _ in spans))
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -247,13 +262,12 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
         wrapper_cpu = 0.0
         # Interleaved batches: drift on a busy machine lands on both sides.
         for _ in range(3):
-            direct += asyncio.run(_direct_jobs(comfyui.url, colours, count // 3))
+            direct += _durations(asyncio.run(_direct_jobs(comfyui.url, colours, count // 3)))
             cpu_before = _cpu_s(pids)
-            wrapped += asyncio.run(_wrapper_jobs(api_url, colours, count // 3))
+            wrapped += _durations(asyncio.run(_wrapper_jobs(api_url, colours, count // 3)))
             wrapper_cpu += _cpu_s(pids) - cpu_before
         # Interleaved rounds, the best of each side: on a shared machine a round can lose
-        # half its rate to someone else's burst (the real ComfyUI's 8-client rate was seen
-        # at 5 and at 95 jobs/s minutes apart); the best round is what each side can do.
+        # half its rate to someone else's burst; the best round is what each side can do.
         direct_rates: list[float] = []
         wrapped_rates: list[float] = []
         for _ in range(CONCURRENT_ROUNDS):
