@@ -201,13 +201,24 @@ def _metric_events(graph: Graph) -> dict[str, str]:
 
 
 def _alert_conditions(graph: Graph) -> list[tuple[str, str, Any]]:
+    """(alert address, condition kind, filter) of every alert condition. An alert made
+    for_each over a local map of definitions (filter = each.value.filter) gives one
+    condition per definition, with that definition's filter."""
     found = []
     for address, body in graph.nodes.items():
         if address.startswith("google_monitoring_alert_policy."):
             for condition in body["conditions"]:
                 for kind in ("condition_threshold", "condition_absent"):
                     for spec in condition.get(kind, []):
-                        found.append((address, kind, spec["filter"]))
+                        if spec["filter"] != "${each.value.filter}":
+                            found.append((address, kind, spec["filter"]))
+                            continue
+                        table = re.fullmatch(r"\$\{local\.([a-z_]+)\}", str(body.get("for_each", "")))
+                        assert table, f"{address}: each.value.filter without a for_each over a local map"
+                        definitions = graph.body(f"local.{table.group(1)}")
+                        found.extend(
+                            (address, kind, definition["filter"]) for definition in definitions.values()
+                        )
     assert found
     return found
 

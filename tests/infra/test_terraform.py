@@ -215,7 +215,18 @@ def test_every_local_reference_is_declared(parsed: dict[str, dict[str, Any]]) ->
 def test_every_resource_reference_is_declared(parsed: dict[str, dict[str, Any]]) -> None:
     resources = set(_resources(parsed))
     data_sources = set(_resources(parsed, "data"))
-    text = _all_expressions(parsed)
+    # A moved block's `from` names an address that no longer exists: that is its point.
+    text = _all_expressions(
+        {
+            name: {
+                kind: [{key: value for key, value in block.items() if key != "from"} for block in blocks]
+                if kind == "moved"
+                else blocks
+                for kind, blocks in tree.items()
+            }
+            for name, tree in parsed.items()
+        }
+    )
     # Strip quoted literals inside expressions: they hold role names, filters, hosts.
     for type_name, name in re.findall(
         r"(?<![\w.\"/-])([a-z][a-z0-9]*_[a-z0-9_]+)\.([a-z_][a-z0-9_-]*)", text
@@ -463,7 +474,27 @@ def test_monitoring_has_metrics_dashboard_and_alerts(parsed: dict[str, dict[str,
     assert "engine_s" in metrics["engine_time"]["value_extractor"]
     assert ("google_monitoring_dashboard", "comfyswap") in resources
     alerts = {name for (type_name, name) in resources if type_name == "google_monitoring_alert_policy"}
-    assert {"failure_rate", "backlog_age", "runner_down"} <= alerts
+    assert "runner_down" in alerts
+    # The threshold alerts are one resource made for_each over their definitions.
+    assert (
+        resources[("google_monitoring_alert_policy", "threshold")]["for_each"] == "${local.threshold_alerts}"
+    )
+    threshold_alerts = next(
+        block["threshold_alerts"]
+        for tree in parsed.values()
+        for block in tree.get("locals", [])
+        if "threshold_alerts" in block
+    )
+    assert {"failure_rate", "backlog_age"} <= set(threshold_alerts)
+    # ...and the two that were resources of their own keep their state (moved, not re-created).
+    moved = {(str(block["from"]), str(block["to"])) for block in parsed["monitoring.tf"].get("moved", [])}
+    assert moved == {
+        (
+            f"${{google_monitoring_alert_policy.{name}}}",
+            f'${{google_monitoring_alert_policy.threshold["{name}"]}}',
+        )
+        for name in ("failure_rate", "backlog_age")
+    }
 
 
 def test_firestore_indexes_match_the_store(parsed: dict[str, dict[str, Any]]) -> None:
