@@ -151,24 +151,18 @@ def poisson_clone(source: ByteImage, target: ByteImage, mask: ByteImage) -> Byte
     eroded = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=3)
     weight = eroded[y0:y1, x0:x1].astype(np.float32)
     weight *= np.float32(1 / 255)
-    # Guidance field, forward differences: the source's gradient under the eroded mask, the
-    # target's elsewhere; w * grad(source) + (1 - w) * grad(target) as
-    # grad(target) + w * grad(source - target), two products fewer.
+    # OpenCV's guidance field is w grad(source) + (1 - w) grad(target) (forward differences,
+    # w the eroded mask) and the target's values hold on the border. Written as the target
+    # plus a correction, the target's own Laplacian and border cancel: the correction has
+    # the divergence of w grad(source - target) and zero on the border.
     field_x = np.diff(delta, axis=2)
     field_x *= weight[:, :-1]
-    field_x += np.diff(fixed, axis=2)
     field_y = np.diff(delta, axis=1)
     field_y *= weight[:-1]
-    field_y += np.diff(fixed, axis=1)
-    # Its divergence (backward differences) at the interior; the border's known values
-    # move to the right-hand side of the 5-point Laplacian.
+    # Its divergence (backward differences) at the interior.
     rhs = field_x[:, 1:-1, 1:] - field_x[:, 1:-1, :-1]
     rhs += field_y[:, 1:, 1:-1]
     rhs -= field_y[:, :-1, 1:-1]
-    rhs[:, 0] -= fixed[:, 0, 1:-1]
-    rhs[:, -1] -= fixed[:, -1, 1:-1]
-    rhs[:, :, 0] -= fixed[:, 1:-1, 0]
-    rhs[:, :, -1] -= fixed[:, 1:-1, -1]
     rows, columns = rhs.shape[1:]
     eigen_y = 2.0 * np.cos(np.pi * np.arange(1, rows + 1) / (rows + 1)) - 2.0
     eigen_x = 2.0 * np.cos(np.pi * np.arange(1, columns + 1) / (columns + 1)) - 2.0
@@ -178,6 +172,7 @@ def poisson_clone(source: ByteImage, target: ByteImage, mask: ByteImage) -> Byte
     spectrum = _dst2(rhs)
     spectrum *= scale.astype(np.float32)
     solved = _dst2(spectrum)
+    solved += fixed[:, 1:-1, 1:-1]
     # Clamped, then truncated, as OpenCV writes its solution.
     np.clip(solved, 0, 255, out=solved)
     result[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = np.moveaxis(solved, 0, -1).astype(np.uint8)
