@@ -285,11 +285,7 @@ class ComfyUIClient:
             "POST", "/upload/image", files={"image": (filename, payload, content_type)}, data=data
         )
         if response.status_code != 200:
-            raise JobFailed(
-                f"ComfyUI refused the upload of {filename!r} (HTTP {response.status_code})",
-                code="comfyui_upload_failed",
-                details={"upstream_status": response.status_code, "upstream_body": response.text[:2000]},
-            )
+            raise refused(response, f"the upload of {filename!r}", code="comfyui_upload_failed")
         body = response.json()
         return UploadedImage(
             str(body["name"]), str(body.get("subfolder") or ""), str(body.get("type") or "input")
@@ -314,11 +310,7 @@ class ComfyUIClient:
                 upstream_body=response.text[:2000],
             )
         if response.status_code != 200:
-            raise JobFailed(
-                f"ComfyUI refused the workflow (HTTP {response.status_code}): {response.text[:300]}",
-                code="comfyui_rejected",
-                details={"upstream_status": response.status_code, "upstream_body": response.text[:2000]},
-            )
+            raise refused(response, "the workflow", code="comfyui_rejected", quote=True)
         answer = response.json()
         if answer.get("node_errors"):
             # Queued anyway with only the valid outputs: stop it before it runs half a workflow.
@@ -609,3 +601,17 @@ def _write_file(dest: Path, payload: bytes) -> None:
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
     await source.wait()
     target.set()
+
+
+def refused(response: httpx.Response, what: str, *, code: str, quote: bool = False) -> JobFailed:
+    """ComfyUI answered a request with a 4xx other than a validation error: not retried, the
+    upstream status and body kept for the operator (``quote`` shows the body's start to the
+    client too)."""
+    message = f"ComfyUI refused {what} (HTTP {response.status_code})"
+    if quote:
+        message += f": {response.text[:300]}"
+    return JobFailed(
+        message,
+        code=code,
+        details={"upstream_status": response.status_code, "upstream_body": response.text[:2000]},
+    )
