@@ -246,6 +246,7 @@ class FirestoreTaskStore(TaskStore):
         self._transaction_attempts = transaction_attempts
         self._rng = random.Random()  # noqa: S311  # spreads claimers, not a secret
         self._spread_until = 0.0  # monotonic time until which claims read a random shard
+        self._shard_owners: set[str] = set()  # the owners the last shard read held
         self.claim_conflicts = 0  # claims lost to another claimer (a metric; the bench reads it)
         self._work_lock = threading.Lock()
         self._work_feeds: dict[frozenset[str], _WorkFeed] = {}
@@ -374,10 +375,12 @@ class FirestoreTaskStore(TaskStore):
         when shards are empty, then a larger page of the whole queue) and takes a random
         one of the candidates equal to the first in turn (same owner, same priority).
         Claimers then spread over up to CLAIM_SHARDS x _CLAIM_PAGE_SIZE tasks instead of
-        all writing the oldest. Priorities and owners' turns hold within the candidates
-        read (a shard); FIFO loosens to the shards' first pages: the oldest task waits
-        until a claimer draws its shard and picks it (on average at most 64 x 10 claims
-        of the fleet). A lost race is retried at once from another random shard.
+        all writing the oldest. Owners' turns hold across shards: when every owner in
+        the shard read has claimed tasks and another owner waits (a not-in probe), the
+        claimer reads the whole queue instead. Priorities hold within a shard, and FIFO
+        loosens to the shards' first pages: the oldest task waits until a claimer draws
+        its shard and picks it (on average at most 64 x 10 claims of the fleet). A lost
+        race is retried at once from another random shard.
         """
         now = now or utcnow()
         envs = list(dict.fromkeys(environments))
@@ -390,9 +393,10 @@ class FirestoreTaskStore(TaskStore):
                 # Several draws: a shard drained near the end of a backlog sends a claimer
                 # to another one before the whole queue's head, where the others would be.
                 for shard in self._rng.sample(range(CLAIM_SHARDS), _SHARD_DRAWS):
-                    turns = spread_claims(
-                        self._claim_turns(envs, now, max_running_per_owner, shard), self._rng
-                    )
+                    in_shard = self._claim_turns(envs, now, max_running_per_owner, shard)
+                    if in_shard is None:
+                        break  # another owner's turn may be in another shard: the whole queue
+                    turns = spread_claims(in_shard, self._rng)
                     if turns:
                         break
             if not turns:
@@ -400,11 +404,12 @@ class FirestoreTaskStore(TaskStore):
                     # Near the end of a backlog: read more of the head, so the claimers
                     # left spread over all that remains instead of its first page.
                     turns = spread_claims(
-                        self._claim_turns(envs, now, max_running_per_owner, None, _SPREAD_FALLBACK_PAGE),
+                        self._claim_turns(envs, now, max_running_per_owner, None, _SPREAD_FALLBACK_PAGE)
+                        or [],
                         self._rng,
                     )
                 else:
-                    turns = self._claim_turns(envs, now, max_running_per_owner, None)
+                    turns = self._claim_turns(envs, now, max_running_per_owner, None) or []
             if not turns:
                 return None  # nothing available, or every owner waiting is at its cap
             snapshot = turns[0]
@@ -436,11 +441,15 @@ class FirestoreTaskStore(TaskStore):
         cap: int,
         shard: int | None,
         page_size: int = _CLAIM_PAGE_SIZE,
-    ) -> list[Any]:
+    ) -> list[Any] | None:
         """Claimable PENDING snapshots of ``envs`` (of one claim shard, if given), in the
-        order owners take turns (fair_pick), best first; [] if none."""
+        order owners take turns (fair_pick), best first; [] if none; None if the shard's
+        owners all have claimed tasks while another owner waits (maybe in another shard,
+        with none claimed: its turn comes first, so the caller reads the whole queue)."""
         counts: dict[str, int] = {}
         available = self._claim_candidates(envs, now, shard, counts, page_size)
+        if available is None:
+            return None
         if not available:
             return []
         owners = {str(snapshot.get("owner") or "") for snapshot in available}
@@ -480,7 +489,7 @@ class FirestoreTaskStore(TaskStore):
 
     def _claim_candidates(
         self, envs: list[str], now: dt.datetime, shard: int | None, counts: dict[str, int], page_size: int
-    ) -> list[Any]:
+    ) -> list[Any] | None:
         """PENDING snapshots of ``envs`` (of ``shard``, if given) available at ``now``,
         best first; ``counts`` collects the running counts it had to read.
 
@@ -501,9 +510,30 @@ class FirestoreTaskStore(TaskStore):
             .order_by("available_at", direction=firestore.Query.ASCENDING)
             .limit(page_size)
         )
+        if shard is not None:
+            # The probe for other owners goes before the page when the owners it will hold
+            # are known from the last claim (one tenant's fleet: always): a request between
+            # reading the page and writing its task would give other claimers more time
+            # to take that task first.
+            expected = self._shard_owners
+            other_waiting = self._other_owner_waiting(envs, expected) if expected else None
+            available = [
+                snapshot for snapshot in queue.stream() if _plain_utc(snapshot.get("available_at")) <= now
+            ]
+            owners = {str(snapshot.get("owner") or "") for snapshot in available}
+            if owners:
+                self._shard_owners = owners
+            if other_waiting is None or owners != expected:
+                other_waiting = bool(available) and self._other_owner_waiting(envs, owners)
+            if available and other_waiting:
+                for owner in owners - counts.keys():
+                    counts[owner] = self._running_count(owner)
+                if all(counts[owner] > 0 for owner in owners):
+                    return None
+            return available
         page = queue
         scanned = 0
-        available: list[Any] = []
+        available = []
         seen: set[str] = set()
         while scanned < _CLAIM_SCAN_LIMIT:
             snapshots = list(page.stream())

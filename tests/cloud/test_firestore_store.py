@@ -229,3 +229,28 @@ def test_a_fair_claim_does_not_read_every_running_task(
         assert documents_read <= 25, f"{documents_read} documents read for one claim"
     finally:
         store.close()
+
+
+@pytest.mark.emulator
+def test_a_claimer_of_a_fleet_still_gives_a_waiting_tenant_its_turn(emulator: FirestoreEmulator) -> None:
+    """Claim shards must not cost fair share: a claimer that reads one shard (it lost a
+    race, so it is one of a fleet) and finds only a tenant with claimed tasks there reads
+    the whole queue when another tenant waits, whose turn comes first (TaskStore.claim_next)."""
+    import random
+    import time
+
+    store = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    try:
+        for _ in range(40):
+            store.create(Task(workflow="face_swap", environment="face_swap", owner="tenant-a", priority=10))
+        first = store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
+        assert first is not None and first.owner == "tenant-a"
+        waiting = store.create(Task(workflow="face_swap", environment="face_swap", owner="tenant-b"))
+        store._spread_until = time.monotonic() + 60  # as after a lost race: claims read claim shards
+        store._rng = random.Random(14)
+        claimed = store.claim_next(worker_id="runner-1", environments=["face_swap"], lease_seconds=60)
+
+        assert claimed is not None
+        assert claimed.taskId == waiting.taskId  # tenant-a has a task claimed, tenant-b none
+    finally:
+        store.close()

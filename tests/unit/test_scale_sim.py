@@ -87,3 +87,23 @@ def test_at_1000_tasks_a_second_the_sequential_index_binds_first() -> None:
 
     assert result.first_limit == "Firestore sequential-index writes > 500/s"
     assert result.first_limit_at_s is not None and result.first_limit_at_s < 1.0
+
+
+def test_request_costs_come_from_figure_9s_figures_and_the_machines_other_load() -> None:
+    """CPU per request of the count itself; a request never slower than one measured alone
+    (1 runner); CPU seconds stretched by the cores other processes took meanwhile."""
+    import os
+
+    one = {"elapsed": 2.0, "claims": 10, "requests": 50, "client_cpu_s": 0.5, "emulator_cpu_s": 2.5}
+    alone_s = (2.0 - 10 * ENGINE_S) / 50  # 30 ms per request at 1 runner
+    quiet = {"elapsed": 4.0, "claims": 80, "requests": 400, "client_cpu_s": 0.8, "emulator_cpu_s": 1.2}
+    cores = os.cpu_count() or 2
+    busy = {**quiet, "others_cpu_s": 4.0 * cores / 2}  # others held half the cores
+
+    at_one = EmulatorCosts.measured(one, one, ENGINE_S)
+    at_many = EmulatorCosts.measured(quiet, one, ENGINE_S)
+    loaded = EmulatorCosts.measured(busy, one, ENGINE_S)
+
+    assert at_one.client_cpu_s + at_one.emulator_cpu_s == pytest.approx(alone_s)  # 60 ms of CPU, 30 ms alone
+    assert (at_many.client_cpu_s, at_many.emulator_cpu_s) == pytest.approx((0.002, 0.003))
+    assert (loaded.client_cpu_s, loaded.emulator_cpu_s) == pytest.approx((0.004, 0.006))
