@@ -471,21 +471,27 @@ class EmulatorCosts:
         and no request is modelled slower than one took with nobody else queuing (at one
         runner the emulator's JVM spends more CPU per request than the request lasts, on
         several threads at once)."""
-        import os
-
-        cores = float(os.cpu_count() or 2)
-        others = result.get("others_cpu_s", 0.0) / result["elapsed"] if result["elapsed"] > 0 else 0.0
-        slowdown = cores / max(0.25 * cores, cores - others)
-        requests, one_requests = max(1, result["requests"]), max(1, one_runner["requests"])
-        client_s = result["client_cpu_s"] / requests * slowdown
-        emulator_s = result["emulator_cpu_s"] / requests * slowdown
+        client_s, emulator_s = _cpu_per_request(result)
+        one_client_s, one_emulator_s = _cpu_per_request(one_runner)
         # One runner's cycle is its requests one after another, then the engine.
-        alone_s = (one_runner["elapsed"] - one_runner["claims"] * engine_s) / one_requests
+        alone_s = (one_runner["elapsed"] - one_runner["claims"] * engine_s) / max(1, one_runner["requests"])
         if client_s + emulator_s > alone_s > 0:
             scale = alone_s / (client_s + emulator_s)
             client_s, emulator_s = client_s * scale, emulator_s * scale
-        one_cpu_s = (one_runner["client_cpu_s"] + one_runner["emulator_cpu_s"]) / one_requests
-        return cls(client_cpu_s=client_s, emulator_cpu_s=emulator_s, latency_s=max(0.0, alone_s - one_cpu_s))
+        latency_s = max(0.0, alone_s - one_client_s - one_emulator_s)
+        return cls(client_cpu_s=client_s, emulator_cpu_s=emulator_s, latency_s=latency_s)
+
+
+def _cpu_per_request(result: dict[str, Any]) -> tuple[float, float]:
+    """(client, emulator) CPU seconds per request of one figure 9 count, stretched by the
+    share of the cores other processes held meanwhile."""
+    import os
+
+    cores = float(os.cpu_count() or 2)
+    others = result.get("others_cpu_s", 0.0) / result["elapsed"] if result["elapsed"] > 0 else 0.0
+    slowdown = cores / max(0.25 * cores, cores - others)
+    requests = max(1, result["requests"])
+    return result["client_cpu_s"] / requests * slowdown, result["emulator_cpu_s"] / requests * slowdown
 
 
 def emulator_scenario(runners: int, tasks: int, engine_s: float, costs: EmulatorCosts) -> Scenario:
