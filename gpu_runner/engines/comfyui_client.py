@@ -315,8 +315,7 @@ class ComfyUIClient:
         if answer.get("node_errors"):
             # Queued anyway with only the valid outputs: stop it before it runs half a workflow.
             with contextlib.suppress(UpstreamUnavailable):
-                await self.delete_pending([prompt_id])
-                await self.interrupt(prompt_id)
+                await self.stop_prompt(prompt_id, within_s=self.cancel_grace_s)
             raise validation_error(answer, response.status_code)
         return dict(answer)
 
@@ -362,6 +361,28 @@ class ComfyUIClient:
 
     async def delete_pending(self, prompt_ids: list[str]) -> None:
         await self._request("POST", "/queue", json={"delete": prompt_ids})
+
+    async def stop_prompt(self, prompt_id: str, *, within_s: float) -> bool:
+        """Delete the prompt if pending, interrupt it if running, and go on interrupting
+        while it still runs, until ComfyUI holds it no more (True) or ``within_s`` passed.
+
+        One interrupt is not enough: ComfyUI clears its flag when a prompt starts executing
+        (``PromptExecutor.execute_async``), so an interrupt sent after the prompt left the
+        queue but before it started is lost and the prompt runs to its end. The interrupt
+        names the prompt, so a repeat never touches another job's."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        await self.delete_pending([prompt_id])
+        while True:
+            await self.interrupt(prompt_id)
+            queue = await self.queue_status()
+            if prompt_id not in queue["running"] and prompt_id not in queue["pending"]:
+                return True
+            if loop.time() >= deadline:
+                return False
+            if prompt_id in queue["pending"]:
+                await self.delete_pending([prompt_id])
+            await asyncio.sleep(0.2)
 
     async def download(self, output: OutputFile, dest: Path) -> Path:
         """GET /view streamed to ``dest`` (a video is never held in memory)."""
@@ -451,8 +472,7 @@ class ComfyUIClient:
             raise
 
     async def _abandon(self, prompt_id: str) -> None:
-        await self.delete_pending([prompt_id])
-        await self.interrupt(prompt_id)
+        await self.stop_prompt(prompt_id, within_s=4.0)
         log_event(logger, "comfyui_prompt_abandoned", level=logging.WARNING, prompt_id=prompt_id)
 
     async def _wait_for_end(self, watch: PromptWatch, cancel: asyncio.Event | None, timeout_s: float) -> None:
@@ -473,8 +493,7 @@ class ComfyUIClient:
                 now = loop.time()
                 if now >= deadline:
                     with contextlib.suppress(UpstreamUnavailable):
-                        await self.delete_pending([watch.prompt_id])
-                        await self.interrupt(watch.prompt_id)
+                        await self.stop_prompt(watch.prompt_id, within_s=self.cancel_grace_s)
                     raise JobFailed(
                         f"the workflow did not finish within {timeout_s:g}s (TASK_TIMEOUT_S); "
                         "it was interrupted",
@@ -544,20 +563,10 @@ class ComfyUIClient:
         return None
 
     async def _cancel(self, watch: PromptWatch) -> None:
-        """Delete it if pending (a no-op when running), interrupt it if running (a no-op when
-        pending): in this order the two calls cover a prompt that starts in between."""
+        """Stop the prompt (deleted if pending, interrupted while it runs) and wait, bounded,
+        until ComfyUI is done with it, so the next job starts on an idle queue."""
         with contextlib.suppress(UpstreamUnavailable):
-            await self.delete_pending([watch.prompt_id])
-            await self.interrupt(watch.prompt_id)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.cancel_grace_s
-            # Wait (bounded) until ComfyUI is done with it, so the next job starts on an idle queue.
-            while not watch.finished and loop.time() < deadline:
-                if watch.started is False and watch.prompt_id not in (await self.queue_status())["running"]:
-                    break
-                watch.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.wake.wait(), timeout=min(0.5, self.history_poll_interval_s))
+            await self.stop_prompt(watch.prompt_id, within_s=self.cancel_grace_s)
         log_event(logger, "comfyui_prompt_cancelled", prompt_id=watch.prompt_id)
         raise JobCancelled(
             "the task was cancelled; the ComfyUI prompt was interrupted",

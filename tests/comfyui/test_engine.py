@@ -280,6 +280,57 @@ def test_cancel_interrupts_the_running_prompt_and_the_next_one_runs(comfyui_doub
     assert len(follow_up.outputs) == 1
 
 
+@pytest.mark.parametrize("stop", ["cancel", "timeout", "validation"])
+def test_a_prompt_stopped_as_it_starts_does_not_run_to_its_end(comfyui_double, tmp_path, stop):
+    """ComfyUI clears its interrupt flag when a prompt starts executing: an interrupt sent
+    after the prompt left the queue but before it started is lost, and the prompt would run
+    to its end (and save its outputs) for a job that already failed or was cancelled."""
+    hook(comfyui_double, "start_delay", seconds=1.0)
+    hook(comfyui_double, "node_delay", class_type="ImageBlur", seconds=0.3)
+    hook(comfyui_double, "node_delay", class_type="ImageInvert", seconds=0.3)
+    cancel = asyncio.Event()
+
+    async def cancel_once_running() -> None:
+        while not (await asyncio.to_thread(httpx.get, comfyui_double.url + "/queue", timeout=5)).json()[
+            "queue_running"
+        ]:
+            await asyncio.sleep(0.02)
+        cancel.set()  # inside the 1 s between leaving the queue and starting
+
+    async def scenario() -> None:
+        if stop == "validation":
+            recorded = json.loads(
+                (WORKFLOWS / "invalid" / "valid_output_node_one_broken_output_node.json").read_text()
+            )
+            await _run_prompt(comfyui_double.url, recorded["request_body"]["prompt"])
+            return
+        engine = make_engine(comfyui_double.url, task_timeout_s=0.5 if stop == "timeout" else 30.0)
+        canceller = asyncio.create_task(cancel_once_running()) if stop == "cancel" else None
+        try:
+            await _run_job(
+                engine, make_task({"wf_json": load_workflow("slow_blur")}), tmp_path, cancel=cancel
+            )
+        finally:
+            if canceller is not None:
+                canceller.cancel()
+
+    with pytest.raises((JobCancelled, JobFailed)):
+        asyncio.run(scenario())
+
+    deadline = time.monotonic() + 30
+    history: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        queue = httpx.get(comfyui_double.url + "/queue", timeout=5).json()
+        history = httpx.get(comfyui_double.url + "/history", timeout=5).json()
+        if history and not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        time.sleep(0.05)
+    statuses = [entry["status"]["status_str"] for entry in history.values()]
+    assert statuses == ["error"], statuses  # interrupted, never run to success
+    messages = [entry["status"]["messages"][-1][0] for entry in history.values()]
+    assert messages == ["execution_interrupted"], messages
+
+
 def test_cancel_while_pending_deletes_it_from_the_queue(comfyui_double, tmp_path):
     hook(comfyui_double, "node_delay", class_type="ImageBlur", seconds=0.5)
     blocker = httpx.post(

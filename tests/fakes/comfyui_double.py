@@ -45,6 +45,9 @@ Test hooks (not in ComfyUI) live under ``/__double__/``:
 * ``POST /__double__/crash`` ``{"at_node": "4"?}``: exit the process (``os._exit``) now or
   when that node starts; in a thread it stops the server instead.
 * ``POST /__double__/fail_queue`` ``{"status": 500}``: ``GET /queue`` answers that status.
+* ``POST /__double__/start_delay`` ``{"seconds": 1.0}``: a prompt taken off the queue (it
+  shows as running) waits this long before it starts, the window in which ComfyUI loses an
+  interrupt (``PromptExecutor.execute_async`` clears the flag when it starts).
 * ``GET /__double__/state``: connected client ids, running prompt, queue length.
 
 Run it: ``python -m tests.fakes.comfyui_double --port 8188 [--root DIR]``, or in-process
@@ -166,6 +169,7 @@ class Hooks:
     stall_history_s: float = 0.0
     crash_at_node: str | None = None
     queue_status: int = 0  # GET /queue answers this status (a broken ComfyUI) when set
+    start_delay_s: float = 0.0  # between taking a prompt off the queue and starting it
 
 
 class NodeContext:
@@ -318,6 +322,7 @@ class ComfyUIDouble:
             Route("/__double__/stall_history", self.hook_stall_history, methods=["POST"]),
             Route("/__double__/crash", self.hook_crash, methods=["POST"]),
             Route("/__double__/fail_queue", self.hook_fail_queue, methods=["POST"]),
+            Route("/__double__/start_delay", self.hook_start_delay, methods=["POST"]),
             Route("/__double__/state", self.hook_state, methods=["GET"]),
         ]
 
@@ -612,6 +617,10 @@ class ComfyUIDouble:
         self.interrupt_requested = self.running is not None
         return _json({"ok": True})
 
+    async def hook_start_delay(self, request: Request) -> Response:
+        self.hooks.start_delay_s = float((await _json_body(request))["seconds"])
+        return _json({"ok": True})
+
     async def hook_node_delay(self, request: Request) -> Response:
         body = await _json_body(request)
         self.node_delays[str(body["class_type"])] = float(body["seconds"])
@@ -666,6 +675,10 @@ class ComfyUIDouble:
             item = self.pending.pop(0)
             self.running = item
             await self.broadcast_status()
+            if self.hooks.start_delay_s:
+                # ComfyUI's prompt_worker between PromptQueue.get() and execute(): running
+                # already, and an interrupt sent now is cleared when execution starts.
+                await asyncio.sleep(self.hooks.start_delay_s)
             try:
                 entry = await self.execute(item)
             except Exception as exc:  # a bug in the double must not kill its worker
