@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,18 @@ Mutation = Callable[[Task], Task]
 
 # How long a finished task is kept (TASK_RETENTION_DAYS); make_task_store passes the setting.
 DEFAULT_RETENTION = dt.timedelta(days=30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One claim_next request as the backends get it: environments distinct and never
+    empty, ``now`` always set."""
+
+    worker_id: str
+    environments: tuple[str, ...]
+    lease_seconds: float
+    now: dt.datetime
+    max_running_per_owner: int
 
 
 class TaskStore(abc.ABC):
@@ -71,7 +84,6 @@ class TaskStore(abc.ABC):
     def update(self, task_id: str, mutate: Mutation) -> Task:
         """Atomically replace the task by ``mutate(task)``; NotFound if absent."""
 
-    @abc.abstractmethod
     def claim_next(
         self,
         *,
@@ -88,6 +100,14 @@ class TaskStore(abc.ABC):
         tasks only, so one tenant's priority-10 burst cannot starve another's. An owner
         with ``max_running_per_owner`` (0 = no cap) claimed tasks gets no more until one ends.
         """
+        envs = tuple(dict.fromkeys(environments))
+        if not envs:
+            return None
+        return self._claim(Claim(worker_id, envs, lease_seconds, now or utcnow(), max_running_per_owner))
+
+    @abc.abstractmethod
+    def _claim(self, claim: Claim) -> Task | None:
+        """claim_next for one backend, its request normalised (see Claim)."""
 
     @abc.abstractmethod
     def list_tasks(

@@ -43,7 +43,15 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from shared.errors import ComfySwapError, NotFound, TransientError
-from shared.store.base import DEFAULT_RETENTION, RUNNING_STATUSES, Mutation, TaskStore, fair_pick, leased_copy
+from shared.store.base import (
+    DEFAULT_RETENTION,
+    RUNNING_STATUSES,
+    Claim,
+    Mutation,
+    TaskStore,
+    fair_pick,
+    leased_copy,
+)
 from shared.store.notify import Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -346,15 +354,7 @@ class FirestoreTaskStore(TaskStore):
 
         return self._run_transaction(body)
 
-    def claim_next(
-        self,
-        *,
-        worker_id: str,
-        environments: Iterable[str],
-        lease_seconds: float,
-        now: dt.datetime | None = None,
-        max_running_per_owner: int = 0,
-    ) -> Task | None:
+    def _claim(self, claim: Claim) -> Task | None:
         """Lease the best available PENDING task with a compare-and-set on its update time.
 
         Fair between owners (TaskStore.claim_next) within the candidates one claim reads
@@ -382,10 +382,7 @@ class FirestoreTaskStore(TaskStore):
         its shard and picks it (on average at most 64 x 10 claims of the fleet). A lost
         race is retried at once from another random shard.
         """
-        now = now or utcnow()
-        envs = list(dict.fromkeys(environments))
-        if not envs:
-            return None
+        envs, now, max_running_per_owner = list(claim.environments), claim.now, claim.max_running_per_owner
         for _ in range(self._transaction_attempts):
             spread = time.monotonic() < self._spread_until
             turns: list[Any] = []
@@ -414,7 +411,7 @@ class FirestoreTaskStore(TaskStore):
                 return None  # nothing available, or every owner waiting is at its cap
             snapshot = turns[0]
             document = snapshot.to_dict() or {}
-            claimed = leased_copy(decode_task(document), worker_id, lease_seconds, now)
+            claimed = leased_copy(decode_task(document), claim.worker_id, claim.lease_seconds, now)
             try:
                 snapshot.reference.update(
                     _replacement(document, encode_task(claimed)),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shared.errors import NotFound
-from shared.store.base import DEFAULT_RETENTION, Mutation, TaskStore, leased_copy
+from shared.store.base import DEFAULT_RETENTION, Claim, Mutation, TaskStore, leased_copy
 from shared.store.notify import ChangeBus, Listener, TaskChange
 from shared.tasks import LEASED_STATUSES, QueueStats, Task, TaskStatus, utcnow
 
@@ -205,19 +205,8 @@ class SQLiteTaskStore(TaskStore):
         self._publish(updated)
         return updated
 
-    def claim_next(
-        self,
-        *,
-        worker_id: str,
-        environments: Iterable[str],
-        lease_seconds: float,
-        now: dt.datetime | None = None,
-        max_running_per_owner: int = 0,
-    ) -> Task | None:
-        now = now or utcnow()
-        envs = list(environments)
-        if not envs:
-            return None
+    def _claim(self, claim: Claim) -> Task | None:
+        envs, now, cap = claim.environments, claim.now, claim.max_running_per_owner
         marks = ",".join("?" * len(envs))
         with self._write() as conn:
             # Each owner's best task (priority, then age), then owners in turn: fewest
@@ -234,11 +223,11 @@ class SQLiteTaskStore(TaskStore):
             )
             row = conn.execute(
                 fair_head,
-                (*envs, _ts(now), max_running_per_owner, max_running_per_owner),
+                (*envs, _ts(now), cap, cap),
             ).fetchone()
             if row is None:
                 return None
-            claimed = leased_copy(self._load(row[0]), worker_id, lease_seconds, now)
+            claimed = leased_copy(self._load(row[0]), claim.worker_id, claim.lease_seconds, now)
             self._write_row(conn, claimed)
         self._publish(claimed)
         return claimed
@@ -285,27 +274,27 @@ class SQLiteTaskStore(TaskStore):
 
     def expired_lease_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
         leased = tuple(status.value for status in LEASED_STATUSES)
-        rows = self._connection().execute(
+        return self._ids(
             "SELECT task_id FROM tasks WHERE status IN (?, ?) AND lease_expires_at < ? LIMIT ?",
             (*leased, _ts(now), limit),
         )
-        return [row[0] for row in rows]
 
     def pending_ids_available_before(self, cutoff: dt.datetime, limit: int = 100) -> list[str]:
-        rows = self._connection().execute(
+        return self._ids(
             "SELECT task_id FROM tasks WHERE status='PENDING' AND available_at < ? "
             "ORDER BY available_at LIMIT ?",
             (_ts(cutoff), limit),
         )
-        return [row[0] for row in rows]
 
     def expired_task_ids(self, now: dt.datetime, limit: int = 100) -> list[str]:
-        rows = self._connection().execute(
+        return self._ids(
             "SELECT task_id FROM tasks WHERE expire_at IS NOT NULL AND expire_at <= ? "
             "ORDER BY expire_at LIMIT ?",
             (_ts(now), limit),
         )
-        return [row[0] for row in rows]
+
+    def _ids(self, query: str, args: tuple[object, ...]) -> list[str]:
+        return [row[0] for row in self._connection().execute(query, args)]
 
     def delete(self, task_id: str) -> bool:
         with self._write_lock:

@@ -967,6 +967,12 @@ def _progress_entry(
     }
 
 
+def _validation_exception(kind: str, message: str, exc: Exception, **extra_info: Any) -> dict[str, Any]:
+    """A validation reason for a validator that raised (execution.py's two shapes: the
+    output node's own, and a linked input's, which carries more extra_info)."""
+    return {"type": kind, "message": message, "details": str(exc), "extra_info": extra_info}
+
+
 def _full_type_name(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
@@ -1090,15 +1096,13 @@ class Validator:
             except Exception as exc:
                 valid = False
                 reasons = [
-                    {
-                        "type": "exception_during_validation",
-                        "message": "Exception when validating node",
-                        "details": str(exc),
-                        "extra_info": {
-                            "exception_type": _full_type_name(type(exc)),
-                            "traceback": _outer_traceback(exc),
-                        },
-                    }
+                    _validation_exception(
+                        "exception_during_validation",
+                        "Exception when validating node",
+                        exc,
+                        exception_type=_full_type_name(type(exc)),
+                        traceback=_outer_traceback(exc),
+                    )
                 ]
                 self.validated[output] = (False, reasons, output)
             if valid:
@@ -1208,19 +1212,17 @@ class Validator:
                 except Exception as exc:
                     valid = False
                     reasons = [
-                        {
-                            "type": "exception_during_inner_validation",
-                            "message": "Exception when validating inner node",
-                            "details": str(exc),
-                            "extra_info": {
-                                "input_name": name,
-                                "input_config": config,
-                                "exception_message": str(exc),
-                                "exception_type": _full_type_name(type(exc)),
-                                "traceback": _inner_traceback(exc),
-                                "linked_node": value,
-                            },
-                        }
+                        _validation_exception(
+                            "exception_during_inner_validation",
+                            "Exception when validating inner node",
+                            exc,
+                            input_name=name,
+                            input_config=config,
+                            exception_message=str(exc),
+                            exception_type=_full_type_name(type(exc)),
+                            traceback=_inner_traceback(exc),
+                            linked_node=value,
+                        )
                     ]
                     self.validated[str(linked_id)] = (False, reasons, str(linked_id))
                     continue
