@@ -37,9 +37,8 @@ import websockets
 
 from gpu_runner.engines.comfyui_errors import (
     TERMINAL_EVENTS,
-    execution_error,
     json_or_text,
-    terminal_from_history,
+    refused,
     validation_error,
 )
 from gpu_runner.engines.comfyui_post import PromptPoster
@@ -50,7 +49,7 @@ from gpu_runner.engines.comfyui_watch import (
     PromptWatch,
     UploadedImage,
 )
-from shared.errors import JobCancelled, JobFailed, TransientError, UpstreamUnavailable
+from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
 
 __all__ = ["ComfyUIClient"]
@@ -574,32 +573,12 @@ class ComfyUIClient:
         )
 
     def _outcome(self, watch: PromptWatch, drops: int) -> PromptResult:
-        terminal = watch.terminal
-        outputs = dict(watch.outputs)
-        via = "websocket"
-        if watch.history_entry is not None:
-            via = "history" if terminal is None or drops > 0 else "websocket"
-            history_outputs = watch.history_entry.get("outputs") or {}
-            # Keep the websocket's execution order, add what only the history knows.
-            for node_id, output in history_outputs.items():
-                outputs[str(node_id)] = output
-            if terminal is None:
-                terminal = terminal_from_history(watch.history_entry)
-        if terminal is None:
+        result = watch.outcome(drops)
+        if result is None:
             raise self._unavailable(
                 f"prompt {watch.prompt_id} ended without an outcome", prompt_id=watch.prompt_id
             )
-        event, data = terminal
-        if event == "execution_error":
-            raise execution_error(data, watch.prompt_id)
-        if event == "execution_interrupted":
-            raise TransientError(
-                f"the ComfyUI prompt was interrupted by someone else at node {data.get('node_id')} "
-                f"({data.get('node_type')}); it will be retried",
-                code="comfyui_interrupted",
-                details={"prompt_id": watch.prompt_id, "node_id": data.get("node_id")},
-            )
-        return PromptResult(watch.prompt_id, outputs, watch.cached, watch.websocket_images, via, drops)
+        return result
 
 
 def _write_file(dest: Path, payload: bytes) -> None:
@@ -610,17 +589,3 @@ def _write_file(dest: Path, payload: bytes) -> None:
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
     await source.wait()
     target.set()
-
-
-def refused(response: httpx.Response, what: str, *, code: str, quote: bool = False) -> JobFailed:
-    """ComfyUI answered a request with a 4xx other than a validation error: not retried, the
-    upstream status and body kept for the operator (``quote`` shows the body's start to the
-    client too)."""
-    message = f"ComfyUI refused {what} (HTTP {response.status_code})"
-    if quote:
-        message += f": {response.text[:300]}"
-    return JobFailed(
-        message,
-        code=code,
-        details={"upstream_status": response.status_code, "upstream_body": response.text[:2000]},
-    )

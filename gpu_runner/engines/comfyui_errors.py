@@ -201,3 +201,17 @@ def _hide_file_choices(error: dict[str, Any]) -> dict[str, Any]:
     if isinstance(extra, dict):
         hidden["extra_info"] = {key: item for key, item in extra.items() if key != "input_config"}
     return hidden
+
+
+def refused(response: httpx.Response, what: str, *, code: str, quote: bool = False) -> JobFailed:
+    """ComfyUI answered a request with a 4xx other than a validation error: not retried, the
+    upstream status and body kept for the operator (``quote`` shows the body's start to the
+    client too)."""
+    message = f"ComfyUI refused {what} (HTTP {response.status_code})"
+    if quote:
+        message += f": {response.text[:300]}"
+    return JobFailed(
+        message,
+        code=code,
+        details={"upstream_status": response.status_code, "upstream_body": response.text[:2000]},
+    )

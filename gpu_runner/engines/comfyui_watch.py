@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from gpu_runner.engines.comfyui_errors import TERMINAL_EVENTS
+from gpu_runner.engines.comfyui_errors import TERMINAL_EVENTS, execution_error, terminal_from_history
+from shared.errors import TransientError
 
 __all__ = [
     "OUTPUT_FILE_KEYS",
@@ -213,6 +214,33 @@ class PromptWatch:
                 self._report()
         elif event in TERMINAL_EVENTS:
             self.terminal = (event, data)
+
+    def outcome(self, drops: int) -> PromptResult | None:
+        """The prompt's result from what the socket and /history told; an execution error or
+        someone else's interrupt raised; None if neither knows how it ended."""
+        terminal = self.terminal
+        outputs = dict(self.outputs)
+        via = "websocket"
+        if self.history_entry is not None:
+            via = "history" if terminal is None or drops > 0 else "websocket"
+            # Keep the websocket's execution order, add what only the history knows.
+            for node_id, output in (self.history_entry.get("outputs") or {}).items():
+                outputs[str(node_id)] = output
+            if terminal is None:
+                terminal = terminal_from_history(self.history_entry)
+        if terminal is None:
+            return None
+        event, data = terminal
+        if event == "execution_error":
+            raise execution_error(data, self.prompt_id)
+        if event == "execution_interrupted":
+            raise TransientError(
+                f"the ComfyUI prompt was interrupted by someone else at node {data.get('node_id')} "
+                f"({data.get('node_type')}); it will be retried",
+                code="comfyui_interrupted",
+                details={"prompt_id": self.prompt_id, "node_id": data.get("node_id")},
+            )
+        return PromptResult(self.prompt_id, outputs, self.cached, self.websocket_images, via, drops)
 
     def handle_image(self, node_id: str, image_type: str, payload: bytes) -> None:
         if self.node_types.get(node_id) == "SaveImageWebsocket":
