@@ -291,9 +291,11 @@ def test_progress_from_the_real_output_reaches_the_task_and_the_result_is_stored
     from shared.store.sqlite import SQLiteTaskStore
     from shared.tasks import TaskStatus
 
+    # On a quiet machine FaceFusion swapped 60 frames inside the default 2 s progress
+    # interval, so no progress was ever written: a longer clip, progress every 0.2 s.
     longer_clip = tmp_path / "clip.mp4"
-    write_clip(longer_clip, frame_count=60, size=160, fps=CLIP_FPS)
-    engine = make_engine(tmp_path, fetcher)
+    write_clip(longer_clip, frame_count=240, size=160, fps=CLIP_FPS)
+    engine = make_engine(tmp_path, fetcher, progress_interval_s=0.2)
     store = SQLiteTaskStore(tmp_path / "tasks.db")
     results = LocalStorage(tmp_path / "results", "http://127.0.0.1:9/results")
     worker = Worker(
