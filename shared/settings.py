@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.pools import RunnerPool, parse_runner_pools
+
 __all__ = ["Settings", "get_settings", "reset_settings_cache"]
 
 StorageProviderName = Literal["local", "gcs", "r2", "cf_images"]
@@ -33,6 +35,8 @@ def _comma_separated(value: object) -> object:
 # A comma-separated environment variable read as a tuple of checked names (NoDecode: not JSON).
 CommaSeparated = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated)]
 ProviderNames = Annotated[tuple[StorageProviderName, ...], NoDecode, BeforeValidator(_comma_separated)]
+# RUNNER_POOLS: a JSON list read by shared.pools (NoDecode: its own messages name the pool at fault).
+RunnerPools = Annotated[tuple[RunnerPool, ...], NoDecode, BeforeValidator(parse_runner_pools)]
 
 
 class Settings(BaseSettings):
@@ -200,6 +204,18 @@ class Settings(BaseSettings):
             "CLOUD_TASKS_QUEUES: comma-separated queue ids of one region, past one queue's 500 "
             "dispatches/s; a task goes to the queue a hash of its environment and id picks "
             "(shared/dispatch/cloud_tasks.py). Empty = CLOUD_TASKS_QUEUE alone."
+        ),
+    )
+    runner_pools: RunnerPools = Field(
+        (),
+        description=(
+            "RUNNER_POOLS: push dispatch across regions: a JSON list of pools, each "
+            '{"name", "location", "queues": [...], "runner_url", "audience", "invoker_email", "weight", '
+            '"environments": [...]} (Terraform writes it from var.runner_pools). A task goes to the pools '
+            "serving its environment, first the one a weighted hash of its id picks, the others in turn when "
+            "that region's queue cannot take it (shared/pools.py). Empty = one pool from "
+            "CLOUD_TASKS_LOCATION, CLOUD_TASKS_QUEUE(S), RUNNER_URL, RUNNER_OIDC_AUDIENCE and "
+            "CLOUD_TASKS_INVOKER_EMAIL."
         ),
     )
     cloud_tasks_invoker_email: str = Field(

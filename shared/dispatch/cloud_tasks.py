@@ -15,6 +15,19 @@ picks from a hash of the task's environment and id: stable, so every re-dispatch
 lands in the queue that already holds its earlier names, and uniform, so each queue takes
 about 1/N of the rate.
 
+Past one region, the dispatcher is given runner pools (RUNNER_POOLS, shared/pools.py): each a
+region's runner with its own queues, target URL and OIDC audience and identity. A task tries
+the pools in :func:`shared.pools.pool_order` (those serving its environment, first the one a
+weighted hash of its id picks); when a pool's enqueue fails after its retries (the region is
+unreachable, the queue is missing or paused, permission is refused) the next pool gets the
+same delivery. The Cloud Task keeps its name in every queue, and Cloud Tasks de-duplicates a
+name only within one queue: if a "failed" enqueue had in fact been stored (a deadline that
+passed after the server wrote it), the task is delivered once per pool. That is the duplicate
+delivery every push already tolerates: the runner claims the task (PENDING -> FETCHED, a
+compare-and-set) before it runs anything, and the second claim finds it taken and is
+dropped. Only when every pool fails does dispatch fail, and the task stays PENDING for the
+re-dispatch sweep: nothing is lost.
+
 Transient gRPC failures are retried by the client under a ``google.api_core.retry.Retry``
 (exponential backoff with jitter, within one deadline for the whole enqueue, as the GCS
 provider does); a final failure raises UpstreamUnavailable (``dispatch_failed``). The caller
@@ -27,7 +40,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
@@ -37,6 +52,7 @@ from google.cloud import tasks_v2
 from shared.dispatch.base import Dispatcher
 from shared.errors import UpstreamUnavailable
 from shared.logs import get_logger, log_event
+from shared.pools import RunnerPool, pool_order
 from shared.tasks import Task
 
 if TYPE_CHECKING:
@@ -45,8 +61,10 @@ if TYPE_CHECKING:
 __all__ = [
     "RUNNER_PUSH_PATH",
     "CloudTasksDispatcher",
+    "PoolRoute",
     "cloud_task_id",
     "make_cloud_tasks_client",
+    "pools_from_settings",
     "queue_ids",
     "queue_index",
 ]
@@ -96,6 +114,49 @@ def queue_ids(settings: Settings) -> list[str]:
     return listed or [settings.cloud_tasks_queue]
 
 
+def pools_from_settings(settings: Settings) -> list[RunnerPool]:
+    """RUNNER_POOLS, else the one pool the single-region settings describe."""
+    if settings.runner_pools:
+        return list(settings.runner_pools)
+    return [
+        RunnerPool.model_construct(
+            name="default",
+            location=settings.cloud_tasks_location,
+            queues=tuple(queue_ids(settings)),
+            runner_url=settings.effective_runner_url,
+            audience=settings.runner_oidc_audience,
+            invoker_email=settings.cloud_tasks_invoker_email,
+            weight=1.0,
+            environments=(),
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class PoolRoute:
+    """Where one pool's deliveries go: its queues (full paths, in hash order), the push
+    target and the OIDC token's identity and audience."""
+
+    pool: RunnerPool
+    queue_paths: tuple[str, ...]
+    target_url: str
+    invoker_email: str
+    audience: str
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+    def queue_path_for(self, task: Task) -> str:
+        return self.queue_paths[queue_index(task, len(self.queue_paths))]
+
+
+class _PoolFailed(Exception):
+    def __init__(self, route: PoolRoute, cause: Exception, attempts: int) -> None:
+        super().__init__(str(cause))
+        self.route, self.cause, self.attempts = route, cause, attempts
+
+
 def make_cloud_tasks_client(settings: Settings) -> tasks_v2.CloudTasksClient:
     """The client, on an insecure channel to CLOUD_TASKS_EMULATOR_HOST when one is set
     (TLS with anonymous credentials fails the emulator's handshake)."""
@@ -109,32 +170,52 @@ def make_cloud_tasks_client(settings: Settings) -> tasks_v2.CloudTasksClient:
 
 
 class CloudTasksDispatcher(Dispatcher):
-    """Enqueue each task as an HTTP Cloud Task targeting the runner's push endpoint."""
+    """Enqueue each task as an HTTP Cloud Task targeting a runner's push endpoint, in the
+    first runner pool that takes it."""
 
     def __init__(
         self,
         client: Any,
         *,
-        queue_path: str | Sequence[str],
-        target_url: str,
+        queue_path: str | Sequence[str] = (),
+        target_url: str = "",
         invoker_email: str = "",
         audience: str = "",
+        routes: Sequence[PoolRoute] = (),
         dispatch_deadline_s: int = 1800,
         retry_deadline_s: float = 10.0,
         backoff_s: float = 0.5,
         backoff_max_s: float = 4.0,
     ) -> None:
-        """``retry_deadline_s`` bounds one enqueue, its retries included: past it the task
+        """Either ``routes`` (runner pools) or one pool's ``queue_path`` (one path or several of
+        one region) and ``target_url``. ``retry_deadline_s`` bounds one dispatch, its retries
+        and its fallbacks included (each pool tried gets an equal share): past it the task
         stays PENDING for the re-dispatch sweep rather than hold the caller's request."""
         self._client = client
-        self.queue_paths = [queue_path] if isinstance(queue_path, str) else list(queue_path)
-        if not self.queue_paths:
-            raise ValueError("at least one queue path is needed")
-        # The first queue: what a single-queue deployment and its logs call "the queue".
-        self.queue_path = self.queue_paths[0]
-        self.target_url = target_url
-        self.invoker_email = invoker_email
-        self.audience = audience or target_url
+        if not routes:
+            paths = (queue_path,) if isinstance(queue_path, str) else tuple(queue_path)
+            if not paths:
+                raise ValueError("at least one queue path is needed")
+            location = paths[0].split("/locations/", 1)[-1].split("/", 1)[0]
+            pool = RunnerPool.model_construct(
+                name="default",
+                location=location,
+                queues=tuple(path.rsplit("/", 1)[-1] for path in paths),
+                runner_url=target_url,
+                audience=audience,
+                invoker_email=invoker_email,
+                weight=1.0,
+                environments=(),
+            )
+            routes = (PoolRoute(pool, paths, target_url, invoker_email, audience or target_url),)
+        self.routes = tuple(routes)
+        self.queue_paths = [path for route in self.routes for path in route.queue_paths]
+        # The first pool's: what a single-pool deployment and its logs call "the queue".
+        first = self.routes[0]
+        self.queue_path = first.queue_paths[0]
+        self.target_url = first.target_url
+        self.invoker_email = first.invoker_email
+        self.audience = first.audience
         self.dispatch_deadline_s = dispatch_deadline_s
         self.retry_deadline_s = retry_deadline_s
         self._backoff_s = backoff_s
@@ -143,36 +224,48 @@ class CloudTasksDispatcher(Dispatcher):
     @classmethod
     def from_settings(cls, settings: Settings) -> CloudTasksDispatcher:
         client = make_cloud_tasks_client(settings)
-        return cls(
-            client,
-            queue_path=[
-                client.queue_path(settings.google_cloud_project, settings.cloud_tasks_location, queue)
-                for queue in queue_ids(settings)
-            ],
-            target_url=settings.effective_runner_url + RUNNER_PUSH_PATH,
-            invoker_email=settings.cloud_tasks_invoker_email,
-            audience=settings.runner_oidc_audience or settings.effective_runner_url,
-            dispatch_deadline_s=settings.cloud_tasks_dispatch_deadline_s,
-        )
+        project = settings.google_cloud_project
+        routes = [
+            PoolRoute(
+                pool,
+                tuple(client.queue_path(project, pool.location, queue) for queue in pool.queues),
+                target_url=pool.runner_url.rstrip("/") + RUNNER_PUSH_PATH,
+                invoker_email=pool.invoker_email,
+                audience=pool.effective_audience,
+            )
+            for pool in pools_from_settings(settings)
+        ]
+        return cls(client, routes=routes, dispatch_deadline_s=settings.cloud_tasks_dispatch_deadline_s)
+
+    def routes_for(self, task: Task) -> list[PoolRoute]:
+        """The pools to try for ``task``, first choice first (shared.pools.pool_order)."""
+        by_name = {route.name: route for route in self.routes}
+        order = pool_order([route.pool for route in self.routes], task.taskId, task.environment)
+        return [by_name[pool.name] for pool in order]
 
     def queue_path_for(self, task: Task) -> str:
-        """The queue this task's deliveries go to (one of ``queue_paths``, by :func:`queue_index`)."""
-        return self.queue_paths[queue_index(task, len(self.queue_paths))]
+        """The queue of the task's first-choice pool (by :func:`queue_index` within it)."""
+        routes = self.routes_for(task)
+        return (routes[0] if routes else self.routes[0]).queue_path_for(task)
 
-    def build_cloud_task(self, task: Task) -> tasks_v2.Task:
-        """The typed Cloud Task for one delivery of ``task``: ids only, never its data."""
+    def build_cloud_task(self, task: Task, route: PoolRoute | None = None) -> tasks_v2.Task:
+        """The typed Cloud Task for one delivery of ``task`` through ``route`` (default: its
+        first-choice pool): ids only, never its data."""
+        if route is None:
+            routes = self.routes_for(task)
+            route = routes[0] if routes else self.routes[0]
         http_request = tasks_v2.HttpRequest(
-            url=self.target_url,
+            url=route.target_url,
             http_method=tasks_v2.HttpMethod.POST,
             headers={"Content-Type": "application/json"},
             body=json.dumps({"task_id": task.taskId}).encode(),
         )
-        if self.invoker_email:
+        if route.invoker_email:
             http_request.oidc_token = tasks_v2.OidcToken(
-                service_account_email=self.invoker_email, audience=self.audience
+                service_account_email=route.invoker_email, audience=route.audience
             )
         cloud_task = tasks_v2.Task(
-            name=f"{self.queue_path_for(task)}/tasks/{cloud_task_id(task)}",
+            name=f"{route.queue_path_for(task)}/tasks/{cloud_task_id(task)}",
             http_request=http_request,
             dispatch_deadline=dt.timedelta(seconds=self.dispatch_deadline_s),
         )
@@ -182,46 +275,94 @@ class CloudTasksDispatcher(Dispatcher):
         return cloud_task
 
     def dispatch(self, task: Task) -> None:
-        cloud_task = self.build_cloud_task(task)
+        routes = self.routes_for(task)
+        if not routes:
+            raise UpstreamUnavailable(
+                f"no runner pool serves environment {task.environment!r} (RUNNER_POOLS environments)",
+                code="no_runner_pool",
+                retryable=False,
+                details={"task_id": task.taskId, "environment": task.environment},
+            )
+        # Each pool gets an equal share of the deadline: a region that is down must not use
+        # up the time the next region needs.
+        share_s = self.retry_deadline_s / len(routes)
+        failures: list[_PoolFailed] = []
+        for route in routes:
+            try:
+                self._enqueue(task, route, share_s, failed_over=[failure.route.name for failure in failures])
+                return
+            except _PoolFailed as failure:
+                failures.append(failure)
+                if len(failures) < len(routes):
+                    log_event(
+                        logger,
+                        "dispatch_pool_failed",
+                        level=logging.WARNING,
+                        task_id=task.taskId,
+                        error=f"{type(failure.cause).__name__}: {failure.cause}",
+                        pool=route.name,
+                        queue=route.queue_path_for(task),
+                        attempts=failure.attempts,
+                    )
+        raise self._failure(task, failures)
+
+    def _enqueue(self, task: Task, route: PoolRoute, deadline_s: float, *, failed_over: list[str]) -> None:
+        cloud_task = self.build_cloud_task(task, route)
         transient: list[Exception] = []
         retry = Retry(
             predicate=if_exception_type(*_TRANSIENT_ERRORS),
             initial=self._backoff_s,
             maximum=self._backoff_max_s,
             multiplier=2.0,
-            timeout=self.retry_deadline_s,
+            timeout=deadline_s,
             on_error=transient.append,
         )
         try:
             # The client runs each attempt with the time left of ``timeout`` and retries
             # transient errors under ``retry`` until that same deadline.
             self._client.create_task(
-                parent=self.queue_path_for(task), task=cloud_task, retry=retry, timeout=self.retry_deadline_s
+                parent=route.queue_path_for(task), task=cloud_task, retry=retry, timeout=deadline_s
             )
         except gexc.AlreadyExists:
             log_event(logger, "dispatch_duplicate", task_id=task.taskId, cloud_task=cloud_task.name)
             return
         except gexc.RetryError as exc:  # still failing when the deadline came
-            raise self._failure(task, exc.cause or exc, len(transient)) from exc
+            raise _PoolFailed(route, exc.cause or exc, len(transient)) from exc
         except gexc.GoogleAPICallError as exc:
-            # Permission, a missing queue, a bad request: retrying cannot help.
-            raise self._failure(task, exc, len(transient) + 1) from exc
+            # Permission, a missing or paused queue, a bad request: retrying this queue
+            # cannot help; another region's may.
+            raise _PoolFailed(route, exc, len(transient) + 1) from exc
         log_event(
             logger,
             "task_dispatched",
             task_id=task.taskId,
             cloud_task=cloud_task.name,
+            pool=route.name,
             attempt=len(transient) + 1,
+            failed_over_from=",".join(failed_over),
         )
 
-    def _failure(self, task: Task, exc: Exception, attempts: int) -> UpstreamUnavailable:
+    def _failure(self, task: Task, failures: list[_PoolFailed]) -> UpstreamUnavailable:
+        first = failures[0]
+        attempts = sum(failure.attempts for failure in failures)
+        tried = ", ".join(f"{failure.route.name}: {failure.cause}" for failure in failures)
         return UpstreamUnavailable(
-            f"could not enqueue task {task.taskId} on Cloud Tasks after {attempts} attempt(s): {exc}",
+            f"could not enqueue task {task.taskId} on Cloud Tasks after {attempts} attempt(s) "
+            f"in {len(failures)} pool(s): {tried}",
             code="dispatch_failed",
             details={
                 "task_id": task.taskId,
-                "queue": self.queue_path_for(task),
-                "error": type(exc).__name__,
+                "queue": first.route.queue_path_for(task),
+                "error": type(first.cause).__name__,
                 "attempts": attempts,
+                "pools": [
+                    {
+                        "pool": failure.route.name,
+                        "queue": failure.route.queue_path_for(task),
+                        "error": type(failure.cause).__name__,
+                        "attempts": failure.attempts,
+                    }
+                    for failure in failures
+                ],
             },
         )

@@ -33,12 +33,14 @@ from shared.dispatch import NoopDispatcher, make_dispatcher
 from shared.dispatch.cloud_tasks import (
     RUNNER_PUSH_PATH,
     CloudTasksDispatcher,
+    PoolRoute,
     cloud_task_id,
     make_cloud_tasks_client,
     queue_ids,
     queue_index,
 )
 from shared.errors import UpstreamUnavailable
+from shared.pools import RunnerPool
 from shared.settings import Settings
 from shared.tasks import Task
 from tests.servers import free_port, wait_until
@@ -436,3 +438,239 @@ def test_make_dispatcher_follows_dispatch_mode() -> None:
     assert push.queue_path == "projects/p/locations/europe-west4/queues/q"
     assert push.target_url == "https://runner.example.com" + RUNNER_PUSH_PATH
     assert push.audience == "https://runner.example.com"
+
+
+# --- runner pools across regions (RUNNER_POOLS) ----------------------------------------
+EU = "europe-west4"
+
+
+def _pools_settings(emulator_host: str, pools: list[dict[str, Any]]) -> Settings:
+    return Settings(
+        dispatch_mode="push",
+        cloud_tasks_emulator_host=emulator_host,
+        google_cloud_project=PROJECT,
+        runner_pools=json.dumps(pools),
+    )
+
+
+def _create_queues(dispatcher: CloudTasksDispatcher, *, skip: frozenset[str] = frozenset()) -> None:
+    for route in dispatcher.routes:
+        if route.name in skip:
+            continue
+        for path in route.queue_paths:
+            parent = path.split("/queues/", 1)[0]
+            dispatcher._client.create_queue(parent=parent, queue=tasks_v2.Queue(name=path))
+
+
+def _delivered(target: RecordingTarget) -> dict[str, list[str]]:
+    """task id -> the queues (X-CloudTasks-QueueName) it was delivered from."""
+    seen: dict[str, list[str]] = {}
+    for delivered in list(target.requests):
+        headers = {name.lower(): value for name, value in delivered["headers"].items()}
+        seen.setdefault(json.loads(delivered["body"])["task_id"], []).append(
+            headers["x-cloudtasks-queuename"]
+        )
+    return seen
+
+
+@pytest.fixture
+def eu_target() -> Iterator[RecordingTarget]:
+    target = RecordingTarget()
+    yield target
+    target.close()
+
+
+def _two_pools(us_url: str, eu_url: str, tag: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "us",
+            "location": LOCATION,
+            "queues": [f"{tag}-us-0", f"{tag}-us-1"],
+            "runner_url": us_url,
+            "invoker_email": "invoker-us@comfyswap-test.iam.gserviceaccount.com",
+        },
+        {
+            "name": "eu",
+            "location": EU,
+            "queues": [f"{tag}-eu"],
+            "runner_url": eu_url,
+            "invoker_email": "invoker-eu@comfyswap-test.iam.gserviceaccount.com",
+        },
+    ]
+
+
+@pytest.mark.emulator
+def test_each_task_goes_to_the_queue_and_runner_of_the_pool_its_hash_picks(
+    cloud_tasks_emulator, runner_target, eu_target
+) -> None:
+    """Two regions, each its own queues and runner: every task is delivered once, by a
+    queue of its first-choice pool in that pool's location, to that pool's runner, with an
+    OIDC token for that pool's invoker and audience; both regions get some."""
+    tag = f"pool-{uuid.uuid4().hex[:8]}"
+    dispatcher = make_dispatcher(
+        _pools_settings(cloud_tasks_emulator, _two_pools(runner_target.url, eu_target.url, tag))
+    )
+    assert isinstance(dispatcher, CloudTasksDispatcher)
+    _create_queues(dispatcher)
+    tasks = [make_task(environment="face_swap" if n % 2 else "comm") for n in range(16)]
+
+    for task in tasks:
+        dispatcher.dispatch(task)
+    wait_until(
+        lambda: len(runner_target.requests) + len(eu_target.requests) >= len(tasks),
+        timeout_s=60,
+        what="the emulator's POSTs",
+    )
+
+    us, eu = _delivered(runner_target), _delivered(eu_target)
+    assert set(us) | set(eu) == {task.taskId for task in tasks} and not set(us) & set(eu)
+    assert us and eu, "16 tasks over two equal pools: each region gets some"
+    for task in tasks:
+        [first, *_] = dispatcher.routes_for(task)
+        [queue] = (us if first.name == "us" else eu)[task.taskId]
+        # The emulator names the full queue path: project, the pool's location, the shard.
+        assert queue.endswith(first.queue_path_for(task))
+        assert f"/locations/{first.pool.location}/" in queue
+        token = dispatcher.build_cloud_task(task).http_request.oidc_token
+        assert token.audience == first.pool.runner_url
+        assert token.service_account_email == first.pool.invoker_email
+
+
+@pytest.mark.emulator
+def test_a_region_whose_queue_refuses_the_enqueue_fails_over_to_the_next_pool(
+    cloud_tasks_emulator, runner_target, eu_target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The eu region's queue cannot take tasks (here: it does not exist, FAILED_PRECONDITION;
+    likewise PERMISSION_DENIED or UNAVAILABLE past the retries): tasks whose first choice is
+    eu are delivered once each through the us pool, and nothing is lost."""
+    tag = f"pool-{uuid.uuid4().hex[:8]}"
+    dispatcher = make_dispatcher(
+        _pools_settings(cloud_tasks_emulator, _two_pools(runner_target.url, eu_target.url, tag))
+    )
+    assert isinstance(dispatcher, CloudTasksDispatcher)
+    _create_queues(dispatcher, skip=frozenset({"eu"}))
+    tasks = [
+        task for task in (make_task() for _ in range(40)) if dispatcher.routes_for(task)[0].name == "eu"
+    ][:6]
+    assert len(tasks) == 6
+
+    with caplog.at_level(logging.INFO, logger="shared.dispatch.cloud_tasks"):
+        for task in tasks:
+            dispatcher.dispatch(task)
+    wait_until(lambda: len(runner_target.requests) >= len(tasks), timeout_s=60, what="the emulator's POSTs")
+
+    us = _delivered(runner_target)
+    assert set(us) == {task.taskId for task in tasks}
+    assert all(len(queues) == 1 for queues in us.values()), us
+    assert eu_target.requests == []
+    failed = [record for record in caplog.records if record.getMessage() == "dispatch_pool_failed"]
+    assert [record.pool for record in failed] == ["eu"] * len(tasks)  # type: ignore[attr-defined]
+    dispatched = [record for record in caplog.records if record.getMessage() == "task_dispatched"]
+    assert [(record.pool, record.failed_over_from) for record in dispatched] == [("us", "eu")] * len(tasks)  # type: ignore[attr-defined]
+
+
+class LostReplyClient:
+    """The real emulator client, except that ``lose_reply_in`` pools' enqueues are stored
+    and then reported as timed out: the answer of a create that succeeded never arrived
+    (the one way a dispatch can put a task in two pools' queues)."""
+
+    def __init__(self, client: Any, lose_reply_in: str) -> None:
+        self._client = client
+        self._lose_reply_in = lose_reply_in
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def create_task(self, *, parent: str, task: tasks_v2.Task, retry: Any, timeout: float) -> tasks_v2.Task:
+        created: tasks_v2.Task = self._client.create_task(
+            parent=parent, task=task, retry=retry, timeout=timeout
+        )
+        if f"/locations/{self._lose_reply_in}/" in parent:
+            raise gexc.RetryError("Timeout of 5.0s exceeded", cause=gexc.DeadlineExceeded("reply lost"))
+        return created
+
+
+@pytest.mark.emulator
+def test_a_task_in_two_regions_queues_runs_once_because_the_claim_is_the_fence(
+    cloud_tasks_emulator, runner_target, eu_target, tmp_path
+) -> None:
+    """Cloud Tasks de-duplicates a name within one queue only. A lost reply from the eu
+    queue makes the dispatcher fall over to us, so both regions deliver the task; each
+    runner claims it in the (real) task store before running anything, and exactly one
+    claim wins: one run, the other delivery is dropped."""
+    from shared.errors import Conflict
+    from shared.store.sqlite import SQLiteTaskStore
+
+    tag = f"pool-{uuid.uuid4().hex[:8]}"
+    settings = _pools_settings(cloud_tasks_emulator, _two_pools(runner_target.url, eu_target.url, tag))
+    real = make_dispatcher(settings)
+    assert isinstance(real, CloudTasksDispatcher)
+    _create_queues(real)
+    dispatcher = CloudTasksDispatcher(LostReplyClient(real._client, EU), routes=real.routes)
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    task = next(t for t in (make_task() for _ in range(40)) if dispatcher.routes_for(t)[0].name == "eu")
+    store.create(task)
+
+    dispatcher.dispatch(task)
+    wait_until(
+        lambda: len(runner_target.requests) >= 1 and len(eu_target.requests) >= 1,
+        timeout_s=60,
+        what="a delivery from each region",
+    )
+
+    outcomes = []
+    for worker_id in ("runner-eu", "runner-us"):
+        try:
+            store.claim(task.taskId, worker_id=worker_id, lease_seconds=60)
+            outcomes.append("claimed")
+        except Conflict:
+            outcomes.append("dropped")
+    assert sorted(outcomes) == ["claimed", "dropped"]
+    stored = store.get(task.taskId)
+    assert stored is not None and stored.lease is not None and stored.lease.owner == "runner-eu"
+
+
+def test_when_every_pool_fails_the_dispatch_fails_naming_each_and_the_task_stays_pending(tmp_path) -> None:
+    """Cloud Tasks unreachable in both regions: dispatch_failed (retryable) with each
+    pool's error, within the one retry deadline; the stored task is still PENDING for the
+    re-dispatch sweep."""
+    from shared.store.sqlite import SQLiteTaskStore
+    from shared.tasks import TaskStatus
+
+    settings = _pools_settings(
+        f"127.0.0.1:{free_port()}", _two_pools("https://us.example", "https://eu.example", "down")
+    )
+    routed = make_dispatcher(settings)
+    assert isinstance(routed, CloudTasksDispatcher)
+    dispatcher = CloudTasksDispatcher(routed._client, routes=routed.routes, retry_deadline_s=2.0)
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    task = store.create(make_task())
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(task)
+
+    assert raised.value.code == "dispatch_failed" and raised.value.retryable is True
+    pools = raised.value.details["pools"]
+    assert [entry["pool"] for entry in pools] == [route.name for route in dispatcher.routes_for(task)]
+    assert {entry["error"] for entry in pools} == {"ServiceUnavailable"}
+    assert time.monotonic() - started < 2.0 + 10.0, "the retry deadline bounds every pool together"
+    stored = store.get(task.taskId)
+    assert stored is not None and stored.status == TaskStatus.PENDING
+
+
+def test_a_task_no_pool_serves_is_refused_without_an_enqueue() -> None:
+    client = RecordingClient()
+    only_comm = RunnerPool(
+        name="comfy", location=EU, queues=("q",), runner_url="https://comfy.example", environments=("comm",)
+    )
+    route = PoolRoute(
+        only_comm, (f"projects/{PROJECT}/locations/{EU}/queues/q",), "https://comfy.example/x", "", ""
+    )
+    dispatcher = CloudTasksDispatcher(client, routes=[route])
+
+    with pytest.raises(UpstreamUnavailable) as raised:
+        dispatcher.dispatch(make_task(environment="face_swap"))
+
+    assert raised.value.code == "no_runner_pool" and raised.value.retryable is False
+    assert client.calls == []
