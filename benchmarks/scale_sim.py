@@ -11,8 +11,10 @@ progress writes of a video). A request takes the client's CPU (``client_cpu_s``;
 ``client_servers`` = 1, figure 9's runner threads sharing one Python interpreter), the
 store's (``store_request_s`` on ``store_servers`` servers: the emulator's CPU; None =
 Firestore, parallel) and a latency nobody queues for (``client_request_s``). In pull mode
-a runner claims as ``FirestoreTaskStore.claim_next`` does: until it first loses a race it
-queries the head of the whole queue and writes the head with a compare-and-set; after
+a runner claims as ``FirestoreTaskStore.claim_next`` does: it announces itself (a write)
+and counts the live announcements (a count) at its first claim and every
+``presence_refresh_s``; until it has seen another runner's announcement or lost a race
+it queries the head of the whole queue and writes the head with a compare-and-set; after
 that it reads a random claim shard (up to ``shard_draws``, then a ``fallback_page`` of
 the whole queue) and writes a random one of what it read. A write that finds the task
 claimed since its query is a conflict, and the claim starts again with a new query.
@@ -80,6 +82,8 @@ class Scenario:
     claim_shards: int = 64  # pull: CLAIM_SHARDS
     shard_draws: int = 3  # pull: _SHARD_DRAWS
     fallback_page: int = 50  # pull: _SPREAD_FALLBACK_PAGE
+    presence_s: float = 90.0  # pull: _PRESENCE_S (an announcement counts this long)
+    presence_refresh_s: float = 30.0  # pull: _PRESENCE_REFRESH_S
     crashes_per_slot_hour: float = 0.0
     lease_s: float = 60.0
     restart_s: float = 60.0
@@ -283,8 +287,25 @@ def simulate(scenario: Scenario) -> Result:  # one event loop, read top to botto
             now = store.request(now)
         return now
 
+    presence_due: dict[int, float] = {}  # pull: when a runner announces itself next
+    announced: dict[str, dict[int, float]] = {name: {} for name in region_names}
+
     def pull_claim(now: float, region: str, slot: int, attempt: int = 0) -> None:
-        """A runner's claim: its queries one after another, then one compare-and-set."""
+        """A runner's claim: its announcement and count when due, its queries one after
+        another, then one compare-and-set."""
+        if attempt == 0 and now >= presence_due.get(slot, 0.0):
+            presence_due[slot] = now + scenario.presence_refresh_s
+            at(store.request(now), "announced", (region, slot))
+            return
+        claim_queries(now, region, slot, attempt)
+
+    def on_counted(now: float, region: str, slot: int) -> None:
+        live = [since for since in announced[region].values() if now - scenario.presence_s <= since <= now]
+        if len(live) > 1:
+            spreading.add(slot)  # another runner announced itself: one of a fleet
+        claim_queries(now, region, slot, 0)
+
+    def claim_queries(now: float, region: str, slot: int, attempt: int) -> None:
         queue = pending[region]
         shard: int | None = None  # None: the head of the whole queue (a lone claimer's order)
         reads = 1
@@ -371,6 +392,12 @@ def simulate(scenario: Scenario) -> Result:  # one event loop, read top to botto
                 idle_claimers[region] -= 1
                 free_slots[region] -= 1
                 pull_claim(now, region, next(slot_ids))
+        elif kind == "announced":
+            region, slot = payload
+            announced[region][slot] = now
+            at(store.request(now), "counted", payload)
+        elif kind == "counted":
+            on_counted(now, *payload)
         elif kind == "queried":
             on_queried(now, *payload)
         elif kind == "cas":

@@ -82,3 +82,19 @@ resource "google_firestore_field" "expire_at" {
 
   index_config {}
 }
+
+# Pull-mode claimers announce themselves (shared/store/firestore.py, `_fleet_seen`) in
+# <collection>_fleet/{environment}/<collection>_claimers/{worker}; `expire_at` is
+# seen_at + 90 s, so this TTL policy removes the announcements of workers that stopped
+# claiming. The claim counts them on `seen_at` (its automatic single-field index), never
+# on expire_at: no index on it.
+resource "google_firestore_field" "claimers_expire_at" {
+  project    = var.project_id
+  database   = google_firestore_database.tasks.name
+  collection = "${var.firestore.collection}_claimers"
+  field      = "expire_at"
+
+  ttl_config {}
+
+  index_config {}
+}

@@ -8,6 +8,12 @@ timestamps, so range filters and ordering compare instants, not strings. ``statu
 ``shard`` (0..63, a hash of the id) lets a fleet of claimers read different parts of the
 queue (``claim_next``).
 
+Claimers announce themselves: ``<collection>_fleet/{environment}/<collection>_claimers/
+{sha256(worker id)}`` holds ``seen_at`` (rewritten every _PRESENCE_REFRESH_S while the
+worker claims) and ``expire_at`` (the TTL policy deletes it). A claimer that counts
+another live announcement for its environments is one of a fleet before it has lost a
+single race (``claim_next``).
+
 Two kinds of compare-and-set. ``update()`` (every life-cycle step in
 :mod:`shared.store.base`) is a read-write transaction: it locks what it reads and
 commits all or nothing, and two transactions on one document are serialised (one is
@@ -30,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import random
 import threading
 import time
@@ -43,6 +50,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from shared.errors import ComfySwapError, NotFound, TransientError
+from shared.logs import log_event
 from shared.store.base import (
     DEFAULT_RETENTION,
     RUNNING_STATUSES,
@@ -69,6 +77,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 Order = Literal["ASCENDING", "DESCENDING"]
 
@@ -148,6 +158,11 @@ CLAIM_SHARDS = 64
 # How long a claimer keeps claiming from random shards after it lost a race: a fleet
 # that contends once keeps contending; a lone claimer never enters this mode.
 _SPREAD_S = 30.0
+# Claimer announcements: how long one counts as live, and how often a claiming worker
+# rewrites its own (each costs one write per environment and one count per environment
+# and process: at 10,000 runners about 170 writes/s, spread over the environments).
+_PRESENCE_S = 90.0
+_PRESENCE_REFRESH_S = 30.0
 # Random shards a claimer of a fleet reads before the whole queue's head.
 _SHARD_DRAWS = 3
 # Firestore's limit on the values of a not-in filter.
@@ -254,6 +269,14 @@ class FirestoreTaskStore(TaskStore):
         self._transaction_attempts = transaction_attempts
         self._rng = random.Random()  # noqa: S311  # spreads claimers, not a secret
         self._spread_until = 0.0  # monotonic time until which claims read a random shard
+        self._fleet = client.collection(f"{collection}_fleet")
+        self._claimers_collection = f"{collection}_claimers"
+        self._fleet_lock = threading.Lock()
+        # (environment, worker id) -> monotonic time of this process's last announcement,
+        # and environment -> when this process last counted the announcements.
+        self._announced: dict[tuple[str, str], float] = {}
+        self._counted: dict[str, float] = {}
+        self._claiming = 0  # claims in progress in this process (fetch_task serves many)
         self._shard_owners: set[str] = set()  # the owners the last shard read held
         self.claim_conflicts = 0  # claims lost to another claimer (a metric; the bench reads it)
         self._work_lock = threading.Lock()
@@ -368,10 +391,14 @@ class FirestoreTaskStore(TaskStore):
         without locks: of two claimers of one task exactly one write succeeds, the other
         gets FAILED_PRECONDITION at once and moves on.
 
-        Many claimers (issue 14): a claimer that never lost a race takes the head of the
-        whole queue (strictly best priority, then oldest: a lone runner's order). One
-        that lost a race in the last _SPREAD_S seconds is one of a fleet: it reads a
-        random claim shard (a 64th of the queue, by task id; up to _SHARD_DRAWS draws
+        Many claimers (issue 14): a claimer with no evidence of others takes the head of
+        the whole queue (strictly best priority, then oldest: a lone runner's order).
+        One is of a fleet when another worker announced itself for its environments
+        within _PRESENCE_S (``_fleet_seen``: so a fleet that starts together does not
+        race for the head with its first claims), when another claim is in progress in
+        this process (a fetch_task instance serving many runners), or when it lost a
+        race in the last _SPREAD_S seconds. A claimer of a fleet reads a random claim
+        shard (a 64th of the queue, by task id; up to _SHARD_DRAWS draws
         when shards are empty, then a larger page of the whole queue) and takes a random
         one of the candidates equal to the first in turn (same owner, same priority).
         Claimers then spread over up to CLAIM_SHARDS x _CLAIM_PAGE_SIZE tasks instead of
@@ -382,7 +409,22 @@ class FirestoreTaskStore(TaskStore):
         its shard and picks it (on average at most 64 x 10 claims of the fleet). A lost
         race is retried at once from another random shard.
         """
-        envs, now, max_running_per_owner = list(claim.environments), claim.now, claim.max_running_per_owner
+        envs = list(claim.environments)
+        with self._fleet_lock:
+            self._claiming += 1
+            crowded = self._claiming > 1
+        try:
+            if self._fleet_seen(claim.worker_id, envs) or crowded:
+                self._spread_until = max(self._spread_until, time.monotonic() + _SPREAD_S)
+            return self._claim_as_one_of(claim, envs)
+        finally:
+            with self._fleet_lock:
+                self._claiming -= 1
+
+    def _claim_as_one_of(self, claim: Claim, envs: list[str]) -> Task | None:
+        """claim_next's loop: the head (alone) or random claim shards (one of a fleet)
+        until one compare-and-set wins."""
+        now, max_running_per_owner = claim.now, claim.max_running_per_owner
         for _ in range(self._transaction_attempts):
             spread = time.monotonic() < self._spread_until
             turns: list[Any] = []
@@ -430,6 +472,60 @@ class FirestoreTaskStore(TaskStore):
             code="store_contention",
             details={"attempts": self._transaction_attempts},
         )
+
+    def _fleet_seen(self, worker_id: str, envs: list[str]) -> bool:
+        """Whether another worker claiming ``envs`` announced itself in the last
+        _PRESENCE_S seconds. Announces ``worker_id`` first (a write per environment), then
+        counts (an aggregation per environment: one read per 1,000 claimers), each at
+        most every _PRESENCE_REFRESH_S per process; between counts the answer of the last
+        one holds (it set _spread_until). Announcing before counting matters when a
+        fleet starts together: of two claimers, the one that counts last sees both.
+
+        A hint, not a lock: when the store cannot answer, the claim goes on in a lone
+        claimer's order (a lost race still spreads it), rather than fail a claim."""
+        now_m = time.monotonic()
+        with self._fleet_lock:
+            announce = [env for env in envs if now_m >= self._announced.get((env, worker_id), 0.0)]
+            count = [env for env in envs if now_m >= self._counted.get(env, 0.0)]
+            if len(self._announced) > 4096:  # a fetch_task instance sees many workers come and go
+                self._announced = {key: due for key, due in self._announced.items() if due > now_m}
+            for env in announce:
+                self._announced[(env, worker_id)] = now_m + _PRESENCE_REFRESH_S
+            for env in count:
+                self._counted[env] = now_m + _PRESENCE_REFRESH_S
+        if not announce and not count:
+            return False
+        now = utcnow()
+        try:
+            if announce:
+                batch = self._client.batch()
+                for env in announce:
+                    batch.set(
+                        self._claimers(env).document(hashlib.sha256(worker_id.encode()).hexdigest()),
+                        {
+                            "worker_id": worker_id,
+                            "seen_at": now,
+                            _EXPIRE_AT: now + dt.timedelta(seconds=_PRESENCE_S),
+                        },
+                    )
+                batch.commit()
+            cutoff = now - dt.timedelta(seconds=_PRESENCE_S)
+            return any(self._live_claimers(env, cutoff) > 1 for env in count)
+        except gexc.GoogleAPICallError as exc:
+            log_event(logger, "claimer_presence_unavailable", level=logging.WARNING, error=str(exc))
+            return False
+
+    def _claimers(self, env: str) -> Any:
+        return self._fleet.document(env).collection(self._claimers_collection)
+
+    def _live_claimers(self, env: str, cutoff: dt.datetime) -> int:
+        """Workers of ``env`` that announced themselves since ``cutoff`` (a count
+        aggregation on seen_at's automatic single-field index: no composite index)."""
+        aggregation: Any = (
+            self._claimers(env).where(filter=FieldFilter("seen_at", ">=", cutoff)).count(alias="n")
+        )
+        results = aggregation.get()
+        return int(results[0][0].value) if results else 0
 
     def _claim_turns(
         self,

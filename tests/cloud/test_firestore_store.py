@@ -198,6 +198,80 @@ def test_sixteen_claimers_do_not_all_contend_on_the_oldest_task(emulator: Firest
 
 
 @pytest.mark.emulator
+def test_claimers_that_start_together_do_not_race_for_the_head(emulator: FirestoreEmulator) -> None:
+    """Issue 14: a fleet that starts together (a deploy, a scale-up) used to send every
+    first claim to the head of the queue, as a lone runner's would: all but one lost
+    (15 lost races of 16 first claims). Claimers announce themselves before they count
+    the others, so each knows it is one of a fleet before its first claim and reads a
+    random claim shard; only the first few to count (before the others' announcements
+    landed) take the head."""
+    import threading
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.scale import counting_stores
+
+    seeding = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    for _ in range(160):
+        seeding.create(Task(workflow="face_swap", environment="face_swap"))
+    seeding.close()
+    with counting_stores(emulator.project, "tasks", 16) as (claimers, counter):
+        start = threading.Barrier(len(claimers))
+
+        def first_claim(index: int) -> str:
+            start.wait(timeout=30)
+            task = claimers[index].claim_next(
+                worker_id=f"runner-{index}", environments=["face_swap"], lease_seconds=120
+            )
+            assert task is not None
+            return task.taskId
+
+        with ThreadPoolExecutor(len(claimers)) as pool:
+            claims = list(pool.map(first_claim, range(len(claimers))))
+        lost_races = counter["conflicts"] + counter["aborted"]
+
+    assert len(Counter(claims)) == len(claims) == 16
+    assert lost_races <= 4, f"{lost_races} lost races in 16 first claims"
+
+
+@pytest.mark.emulator
+def test_a_lone_claimer_that_announced_itself_keeps_strict_order(emulator: FirestoreEmulator) -> None:
+    """Its own announcement is no evidence of a fleet: it claims the oldest task, every time."""
+    store = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    try:
+        created = [
+            store.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(12)
+        ]
+        order = [
+            store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
+            for _ in range(12)
+        ]
+        assert [task.taskId if task else None for task in order] == created
+        assert store._spread_until == 0.0
+    finally:
+        store.close()
+
+
+@pytest.mark.emulator
+def test_a_claimer_that_sees_another_announced_worker_spreads(emulator: FirestoreEmulator) -> None:
+    """A worker that announced itself (claimed within the last _PRESENCE_S) on another
+    machine makes a new claimer one of a fleet before it lost any race."""
+    first = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    second = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    try:
+        for _ in range(4):
+            first.create(Task(workflow="face_swap", environment="face_swap"))
+        assert first.claim_next(worker_id="runner-a", environments=["face_swap"], lease_seconds=60)
+        assert first._spread_until == 0.0  # alone so far
+        assert second.claim_next(worker_id="runner-b", environments=["face_swap"], lease_seconds=60)
+        assert second._spread_until > 0.0
+        assert second.claim_next(worker_id="runner-b", environments=["comm"], lease_seconds=60) is None
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.emulator
 def test_a_fair_claim_does_not_read_every_running_task(
     emulator: FirestoreEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

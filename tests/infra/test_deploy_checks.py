@@ -593,6 +593,15 @@ def test_sequential_fields_are_exempt_from_single_field_indexes(graph: Graph) ->
     assert {"available_at", "lease_expires_at", "created_at"} <= composite_fields
 
 
+def test_claimer_announcements_expire(graph: Graph) -> None:
+    """Pull-mode claimers announce themselves in <collection>_claimers (a collection group
+    under <collection>_fleet); workers that stop claiming must not stay there for ever."""
+    field = graph.body("google_firestore_field.claimers_expire_at")
+    assert unquote(field["collection"]) == "${var.firestore.collection}_claimers"
+    assert unquote(field["field"]) == "expire_at"
+    assert "ttl_config" in field
+
+
 @needs_terraform
 def test_dispatch_deadline_outlasts_the_synchronous_push_handling(graph: Graph) -> None:
     deadline_expression = _env_expression(graph, "function_env", "CLOUD_TASKS_DISPATCH_DEADLINE_S")

@@ -56,6 +56,18 @@ def test_runners_that_all_write_the_head_lose_far_more_races() -> None:
     assert (at_the_head.duplicates, at_the_head.lost) == (0, 0)
 
 
+def test_runners_that_start_together_spread_from_their_first_claim() -> None:
+    """Runners announce themselves before their first claim (FirestoreTaskStore._fleet_seen):
+    a fleet that starts together no longer races for the head with its first claims.
+    presence_s=0 (no announcement is ever live) is the claim before that: 63 of the 64
+    first claims lost."""
+    announced = simulate(figure_9(64))
+    blind = simulate(figure_9(64, presence_s=0.0))
+
+    assert blind.conflicts - announced.conflicts >= 40
+    assert (announced.duplicates, announced.lost) == (0, 0)
+
+
 def test_one_interpreter_caps_the_claim_rate_whatever_the_runner_count() -> None:
     """figure 9's runners are threads of one process: its CPU per request bounds the rate."""
     scenario = figure_9(64, client_cpu_s=0.01, store_request_s=0.001)
