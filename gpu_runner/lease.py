@@ -25,6 +25,8 @@ __all__ = ["HeldTask", "keep_lease", "progress_reporter"]
 
 logger = get_logger(__name__)
 
+_LEASED_VALUES = frozenset(status.value for status in LEASED_STATUSES)
+
 
 @dataclasses.dataclass
 class HeldTask:
@@ -81,13 +83,19 @@ async def keep_lease(
     progress_every = progress_interval_s
 
     def on_change(change: TaskChange) -> None:
-        if change.status in {s.value for s in LEASED_STATUSES} and change.lease_owner == worker_id:
+        if held.finishing:
+            return  # our own final write (or a change racing it, which that write's fence settles)
+        if change.status in _LEASED_VALUES and change.lease_owner == worker_id:
             return  # our own FETCHED -> PROCESSING, progress or renewal
         held.taken = True
         with contextlib.suppress(RuntimeError):  # the loop closed under a late change
             loop.call_soon_threadsafe(held.wake.set)
 
-    unsubscribe = await asyncio.to_thread(store.subscribe_task, held.task_id, on_change)
+    if store.subscribes_in_process:
+        # Registering a callback in this process (the embedded store): no I/O, no thread hop.
+        unsubscribe = store.subscribe_task(held.task_id, on_change)
+    else:
+        unsubscribe = await asyncio.to_thread(store.subscribe_task, held.task_id, on_change)
     next_heartbeat = loop.time() + heartbeat_every
     next_progress = loop.time() + progress_every
     try:

@@ -1,11 +1,18 @@
-"""A finished job's outputs: uploaded, described in the task's output data, and removed
-again when no task will point at them (the lease was lost meanwhile)."""
+"""A finished job's outputs: uploaded, described in the task's output data, written as
+COMPLETED (fenced by the lease), and removed again when no task will point at them (the
+lease was lost meanwhile).
+
+The whole end of a job is one function run in one worker thread (``finish_job``): the
+uploads, the COMPLETED write and the removal of the job's work folder are all blocking
+I/O, and each thread hop costs the event loop a future, a wake-up and a hand-back, which
+on a short ComfyUI job was a fair part of the runner's CPU. Lease loss is still checked
+before and after each upload (the lease keeper sets ``held.lease_lost`` from the loop)."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,7 @@ from shared.storage.base import StoredObject, result_key
 from shared.store.base import TaskStore
 from shared.tasks import Task
 
-__all__ = ["Discarder", "Uploader", "complete_fenced", "discard_results", "upload_outputs"]
+__all__ = ["Discarder", "Uploader", "discard_results", "finish_job", "upload_outputs"]
 
 logger = get_logger(__name__)
 
@@ -27,35 +34,36 @@ Uploader = Callable[[Path, str, str], StoredObject]
 Discarder = Callable[[str], object]
 
 
-async def discard_results(discard: Discarder | None, keys: list[str]) -> None:
+def discard_results(discard: Discarder | None, keys: list[str]) -> None:
     """Remove result objects no task will point to (best effort; the orphan sweep is the
     backstop for what cannot be removed now)."""
     if discard is None:
         return
     for key in keys:
         try:
-            await asyncio.to_thread(discard, key)
+            discard(key)
         except Exception as exc:
             log_event(logger, "result_discard_failed", key=key, error=repr(exc), level=logging.WARNING)
             continue
         log_event(logger, "result_discarded", key=key)
 
 
-async def upload_outputs(
+def upload_outputs(
     task: Task, result: EngineResult, held: HeldTask, upload: Uploader, discard: Discarder | None
 ) -> dict[str, Any]:
     """Upload each output and return the task's output data; a lease lost before or
-    during an upload discards what was uploaded and stops with JobCancelled."""
+    during an upload discards what was uploaded and stops with JobCancelled. Blocking:
+    called in a worker thread."""
     outputs: list[dict[str, Any]] = []
     for index, output in enumerate(result.outputs):
         if held.lease_lost:
-            await discard_results(discard, [item["key"] for item in outputs])
+            discard_results(discard, [item["key"] for item in outputs])
             raise JobCancelled("lease lost before upload")
         key = result_key(task.taskId, index, output.content_type, suffix=output.path.suffix or None)
-        stored = await asyncio.to_thread(upload, output.path, key, output.content_type)
+        stored = upload(output.path, key, output.content_type)
         if held.lease_lost:
             # Cancelled while the upload hung: the object must not outlive the task's claim.
-            await discard_results(discard, [*(item["key"] for item in outputs), stored.key])
+            discard_results(discard, [*(item["key"] for item in outputs), stored.key])
             raise JobCancelled("lease lost during upload")
         outputs.append(
             {
@@ -89,22 +97,41 @@ async def upload_outputs(
     }
 
 
-async def complete_fenced(
+def finish_job(
     store: TaskStore,
-    task_id: str,
+    task: Task,
+    result: EngineResult,
+    held: HeldTask,
     *,
-    worker_id: str,
-    output_data: dict[str, Any],
-    timings: dict[str, float],
+    upload: Uploader,
     discard: Discarder | None,
+    worker_id: str,
+    timings: dict[str, float],
+    started: float,
+    workdir: Path,
 ) -> Task:
-    """COMPLETED, fenced by the lease; refused (cancelled or taken over while uploading),
-    the uploaded objects are deleted: no task will point at them."""
-    complete = functools.partial(
-        store.complete, task_id, worker_id=worker_id, output_data=output_data, timings=timings
-    )
+    """Upload the outputs, then write COMPLETED fenced by the lease (refused: cancelled or
+    taken over while uploading, the uploaded objects are deleted, no task will point at
+    them), then remove the job's work folder, whatever happened. Blocking: one thread hop.
+
+    ``timings`` gets ``upload_s`` and ``runner_total_s`` (``started`` is the job's
+    perf_counter start) before they are written with the task."""
     try:
-        return await asyncio.to_thread(complete)
-    except Conflict:
-        await discard_results(discard, [item["key"] for item in output_data["outputs"]])
-        raise
+        phase = time.perf_counter()
+        output_data = upload_outputs(task, result, held, upload, discard)
+        timings["upload_s"] = time.perf_counter() - phase
+        timings["runner_total_s"] = time.perf_counter() - started
+        held.finishing = True
+        try:
+            return store.complete(
+                task.taskId,
+                worker_id=worker_id,
+                output_data=output_data,
+                timings={key: round(value, 6) for key, value in timings.items()},
+            )
+        except Conflict:
+            discard_results(discard, [item["key"] for item in output_data["outputs"]])
+            raise
+    finally:
+        # A video job leaves thousands of frames: removed here, off the event loop.
+        shutil.rmtree(workdir, ignore_errors=True)

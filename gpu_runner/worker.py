@@ -34,7 +34,7 @@ from gpu_runner import intake
 from gpu_runner.drain import drain
 from gpu_runner.engines.base import Engine, EngineResult, PreparedJob
 from gpu_runner.lease import HeldTask, keep_lease, progress_reporter
-from gpu_runner.results import Discarder, Uploader, complete_fenced, upload_outputs
+from gpu_runner.results import Discarder, Uploader, finish_job
 from gpu_runner.sources import HttpTaskSource, StoreTaskSource, TaskSource
 from shared.errors import (
     ComfySwapError,
@@ -204,6 +204,7 @@ class Worker:
         workdir = self.work_root / task.taskId
         timings: dict[str, float] = {}
         hold_released = False
+        workdir_removed = False
         started = time.perf_counter()
         try:
             engine = self.engines.get(task.environment)
@@ -237,19 +238,22 @@ class Worker:
             # The slot is free; let the next task be claimed while this one uploads.
             self.release_hold()
             hold_released = True
-            phase = time.perf_counter()
-            output_data = await upload_outputs(task, result, held, self.upload, self.discard_result)
-            timings["upload_s"] = time.perf_counter() - phase
-            timings["runner_total_s"] = time.perf_counter() - started
-            held.finishing = True
-            final = await complete_fenced(
+            # Uploads, COMPLETED and the work folder's removal: one thread hop (results.py).
+            finishing = asyncio.to_thread(
+                finish_job,
                 self.store,
-                task.taskId,
-                worker_id=self.worker_id,
-                output_data=output_data,
-                timings=_rounded(timings),
+                task,
+                result,
+                held,
+                upload=self.upload,
                 discard=self.discard_result,
+                worker_id=self.worker_id,
+                timings=timings,
+                started=started,
+                workdir=workdir,
             )
+            workdir_removed = True  # by the hop, once awaited (next line), whatever happens
+            final = await finishing
             self.completed += 1
             self._log_finished(final)
         except JobCancelled:
@@ -281,8 +285,9 @@ class Worker:
             self.in_flight.pop(task.taskId, None)
             if not hold_released:
                 self.release_hold()
-            # A video job leaves thousands of frames: removing them takes seconds, off the loop.
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True))
+            if not workdir_removed:
+                # A video job leaves thousands of frames: removing them takes seconds, off the loop.
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True))
             unbind_task(token)
         if final.is_terminal and input_refs(task.params.input_data):
             # The task is over: its stored data: inputs (face images) go now.

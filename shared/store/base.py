@@ -61,6 +61,9 @@ class TaskStore(abc.ABC):
     """Where tasks live. Implementations: SQLiteTaskStore, FirestoreTaskStore."""
 
     retention: dt.timedelta = DEFAULT_RETENTION
+    # True when subscribe_task/subscribe_work only register a callback in this process (no
+    # network, no blocking): an event loop may then call them without a thread hop.
+    subscribes_in_process: bool = False
 
     def expire_at(self, task: Task) -> dt.datetime | None:
         """When a finished task may be deleted (stored as ``expire_at``: Firestore's TTL

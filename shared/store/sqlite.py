@@ -55,6 +55,9 @@ def _ts(value: dt.datetime) -> float:
 
 
 class SQLiteTaskStore(TaskStore):
+    # A subscription is a listener in this process's ChangeBus (the first one binds its socket).
+    subscribes_in_process = True
+
     def __init__(
         self, path: Path | str, *, busy_timeout_s: float = 30.0, retention: dt.timedelta = DEFAULT_RETENTION
     ) -> None:
