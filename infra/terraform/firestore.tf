@@ -39,15 +39,28 @@ resource "google_firestore_index" "tasks" {
 # one order a single-field query uses (the unfiltered list newest first; ended tasks by
 # finished_at). Their composite and kept indexes still grow sequentially: docs/scale.md
 # says what that means at 1,000 tasks/s.
+# redispatched_at (when the sweep last enqueued a task again) is a timestamp too.
 locals {
-  firestore_field_indexes = {
+  firestore_sequential_fields = {
     available_at     = []
     lease_expires_at = []
+    redispatched_at  = []
     started_at       = []
     updated_at       = []
     created_at       = ["DESCENDING"]
     finished_at      = ["DESCENDING"]
   }
+  # Maps and lists the store writes and never queries: Firestore indexes every subfield
+  # of a map and every element of a list by default, so a ComfyUI workflow in params
+  # (hundreds of node inputs) or params__json (the same as a string, when it holds an
+  # array in an array) would cost hundreds of index writes per status change, and
+  # lease.expires_at, webhook_delivery.at and attempt_history's times are sequential
+  # values again. Queries read top-level fields only (lease_expires_at, not lease).
+  firestore_unqueried_fields = toset([
+    "attempt_history", "error", "lease", "output_data", "params", "params__json", "progress", "timings", "webhook_delivery",
+  ])
+  # Field -> the automatic indexes it keeps (none for most).
+  firestore_field_indexes = merge(local.firestore_sequential_fields, { for field in local.firestore_unqueried_fields : field => [] })
 }
 
 resource "google_firestore_field" "sequential" {

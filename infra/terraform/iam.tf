@@ -22,10 +22,18 @@ resource "google_service_account" "gateway" {
   display_name = "ComfySwap API Gateway backend caller"
 }
 
+# One account per runner pool, so each pool's grants (its queues, its runner) are its
+# own. The primary pool keeps the single-region account.
+moved {
+  from = google_service_account.runner
+  to   = google_service_account.runner["primary"]
+}
+
 resource "google_service_account" "runner" {
+  for_each     = local.runner_pools
   project      = var.project_id
-  account_id   = "${var.prefix}-runner"
-  display_name = "ComfySwap GPU runner"
+  account_id   = each.key == "primary" ? "${var.prefix}-runner" : "${var.prefix}-run-${each.key}"
+  display_name = each.key == "primary" ? "ComfySwap GPU runner" : "ComfySwap GPU runner, pool ${each.key}"
 }
 
 resource "google_service_account" "scheduler" {
@@ -34,12 +42,18 @@ resource "google_service_account" "scheduler" {
   display_name = "ComfySwap lease reaper schedule"
 }
 
-# Identity whose OIDC token Cloud Tasks attaches to pushes (CLOUD_TASKS_INVOKER_EMAIL).
+# Identity whose OIDC token Cloud Tasks attaches to pushes (CLOUD_TASKS_INVOKER_EMAIL),
+# one per pool: it may invoke that pool's runner only.
+moved {
+  from = google_service_account.tasks_invoker[0]
+  to   = google_service_account.tasks_invoker["primary"]
+}
+
 resource "google_service_account" "tasks_invoker" {
-  count        = local.push_mode ? 1 : 0
+  for_each     = local.push_mode ? local.runner_pools : {}
   project      = var.project_id
-  account_id   = "${var.prefix}-tasks-invoker"
-  display_name = "ComfySwap Cloud Tasks push identity"
+  account_id   = each.key == "primary" ? "${var.prefix}-tasks-invoker" : "${var.prefix}-inv-${each.key}"
+  display_name = each.key == "primary" ? "ComfySwap Cloud Tasks push identity" : "ComfySwap Cloud Tasks push identity, pool ${each.key}"
 }
 
 # --- builds ----------------------------------------------------------------------------
@@ -81,19 +95,33 @@ resource "google_project_iam_member" "function_datastore" {
   member   = google_service_account.function[each.key].member
 }
 
-# Who enqueues Cloud Tasks in push mode: create_task, the reaper's function, and the
-# runner itself (it re-dispatches a task it releases at SIGTERM, schedules a retry's
+# Who enqueues Cloud Tasks in push mode: create_task and the reaper's function, on every
+# pool's queues (they dispatch to any region), and each pool's runner on its own pool's
+# queues only (it re-dispatches a task it releases at SIGTERM, schedules a retry's
 # backoff as a Cloud Task, and re-queues expired leases every few seconds).
-# One grant per enqueuer and queue shard; shard 0's key is the enqueuer's name alone,
-# as when there was one queue, so adding shards changes no existing grant.
+# One grant per enqueuer and queue; the primary pool's shard 0 key is the enqueuer's
+# name alone and its shard i WHO/i, as before pools, so no existing grant changes.
 locals {
-  enqueuers = local.push_mode ? merge(
+  # Who may enqueue into which pools' queues (variable-only: tests/infra evaluates it).
+  enqueuer_pools = local.push_mode ? merge(
+    { for name in local.dispatching_functions : name => keys(local.runner_pools) },
+    { for pool in keys(local.runner_pools) : (pool == "primary" ? "runner" : "runner-${pool}") => [pool] },
+  ) : {}
+  enqueuer_members = local.push_mode ? merge(
     { for name in local.dispatching_functions : name => google_service_account.function[name].member },
-    { runner = google_service_account.runner.member },
+    { for pool in keys(local.runner_pools) : (pool == "primary" ? "runner" : "runner-${pool}") => google_service_account.runner[pool].member },
   ) : {}
   enqueuer_grants = merge([
-    for who, member in local.enqueuers : {
-      for shard, queue in local.queues : (shard == "0" ? who : "${who}/${shard}") => { member = member, shard = shard }
+    for who, pools in local.enqueuer_pools : {
+      for key, queue in local.queues : (key == "0" ? who : "${who}/${key}") => { who = who, queue = key } if contains(pools, queue.pool)
+    }
+  ]...)
+  # actAs on each pool's invoker, once per enqueuer and pool it enqueues into (two
+  # iam_member resources for the same binding would remove it for both when one is
+  # destroyed); the primary pool's key is the enqueuer's name, as before pools.
+  invoker_users = merge([
+    for who, pools in local.enqueuer_pools : {
+      for pool in pools : (pool == "primary" ? who : "${who}@${pool}") => { who = who, pool = pool }
     }
   ]...)
 }
@@ -101,20 +129,18 @@ locals {
 resource "google_cloud_tasks_queue_iam_member" "enqueuer" {
   for_each = local.enqueuer_grants
   project  = var.project_id
-  location = google_cloud_tasks_queue.runner[each.value.shard].location
-  name     = google_cloud_tasks_queue.runner[each.value.shard].name
+  location = google_cloud_tasks_queue.runner[each.value.queue].location
+  name     = google_cloud_tasks_queue.runner[each.value.queue].name
   role     = "roles/cloudtasks.enqueuer"
-  member   = each.value.member
+  member   = local.enqueuer_members[each.value.who]
 }
 
-# Enqueuing a task with an OIDC token for the invoker requires actAs on it: once per
-# enqueuer (shard 0's grants), not per queue: two iam_member resources for the same
-# binding would remove it for both when one is destroyed.
+# Enqueuing a task with an OIDC token for an invoker requires actAs on it.
 resource "google_service_account_iam_member" "acts_as_invoker" {
-  for_each           = local.push_mode ? { for who, grant in google_cloud_tasks_queue_iam_member.enqueuer : who => grant if local.enqueuer_grants[who].shard == "0" } : {}
-  service_account_id = google_service_account.tasks_invoker[0].name
+  for_each           = local.invoker_users
+  service_account_id = google_service_account.tasks_invoker[each.value.pool].name
   role               = "roles/iam.serviceAccountUser"
-  member             = each.value.member
+  member             = local.enqueuer_members[each.value.who]
 }
 
 # data: and uploaded inputs live in the results bucket under inputs/<task_id>/ while their
@@ -172,55 +198,97 @@ resource "google_cloud_run_v2_service_iam_member" "gateway_functions" {
 
 # --- runner ----------------------------------------------------------------------------
 
-resource "google_project_iam_member" "runner" {
-  for_each = toset(concat(
+# Each pool's runner account gets the same project, bucket and secret roles; the primary
+# pool's grants keep their keys (a role, a secret id) and addresses.
+locals {
+  runner_project_roles = concat(
     ["roles/datastore.user", "roles/logging.logWriter", "roles/monitoring.metricWriter"],
     # The VM pulls its image itself (Cloud Run's service agent pulls for the service).
     var.runner_mode == "vm" ? ["roles/artifactregistry.reader"] : [],
-  ))
+  )
+  runner_secret_ids = [for id, secret in local.secrets : id if secret.runner]
+}
+
+resource "google_project_iam_member" "runner" {
+  for_each = merge([
+    for pool in keys(local.runner_pools) : {
+      for role in local.runner_project_roles : (pool == "primary" ? role : "${pool}/${role}") => { pool = pool, role = role }
+    }
+  ]...)
   project = var.project_id
-  role    = each.key
-  member  = google_service_account.runner.member
+  role    = each.value.role
+  member  = google_service_account.runner[each.value.pool].member
+}
+
+moved {
+  from = google_storage_bucket_iam_member.runner_results
+  to   = google_storage_bucket_iam_member.runner_results["primary"]
 }
 
 resource "google_storage_bucket_iam_member" "runner_results" {
-  bucket = google_storage_bucket.results.name
-  role   = "roles/storage.objectAdmin"
-  member = google_service_account.runner.member
+  for_each = local.runner_pools
+  bucket   = google_storage_bucket.results.name
+  role     = "roles/storage.objectAdmin"
+  member   = google_service_account.runner[each.key].member
+}
+
+moved {
+  from = google_storage_bucket_iam_member.runner_models
+  to   = google_storage_bucket_iam_member.runner_models["primary"]
 }
 
 resource "google_storage_bucket_iam_member" "runner_models" {
-  bucket = local.models_bucket
-  role   = "roles/storage.objectViewer"
-  member = google_service_account.runner.member
+  for_each = local.runner_pools
+  bucket   = local.models_bucket
+  role     = "roles/storage.objectViewer"
+  member   = google_service_account.runner[each.key].member
 }
 
 resource "google_secret_manager_secret_iam_member" "runner" {
-  for_each  = { for id, secret in local.secrets : id => secret if secret.runner }
+  for_each = merge([
+    for pool in keys(local.runner_pools) : {
+      for id in local.runner_secret_ids : (pool == "primary" ? id : "${pool}/${id}") => { pool = pool, secret = id }
+    }
+  ]...)
   project   = var.project_id
-  secret_id = google_secret_manager_secret.secret[each.key].secret_id
+  secret_id = google_secret_manager_secret.secret[each.value.secret].secret_id
   role      = "roles/secretmanager.secretAccessor"
-  member    = google_service_account.runner.member
+  member    = google_service_account.runner[each.value.pool].member
 }
 
-# Signed result URLs without a key file: the runner signs through IAM signBlob as itself.
+# Signed result URLs without a key file: each runner signs through IAM signBlob as itself.
+moved {
+  from = google_service_account_iam_member.runner_signs_urls[0]
+  to   = google_service_account_iam_member.runner_signs_urls["primary"]
+}
+
 resource "google_service_account_iam_member" "runner_signs_urls" {
-  count              = var.public_results ? 0 : 1
-  service_account_id = google_service_account.runner.name
+  for_each           = var.public_results ? {} : local.runner_pools
+  service_account_id = google_service_account.runner[each.key].name
   role               = "roles/iam.serviceAccountTokenCreator"
-  member             = google_service_account.runner.member
+  member             = google_service_account.runner[each.key].member
+}
+
+# Each pool's runner may be invoked by its own pool's push identity, and the home pool's
+# by the gateway (its runner routes reach that pool only). Primary's keys are as before.
+locals {
+  runner_invoker_grants = local.push_mode ? merge(
+    { for pool in keys(local.runner_pools) : (pool == "primary" ? "tasks_invoker" : "${pool}/tasks_invoker") => { pool = pool, who = "tasks_invoker/${pool}" } },
+    { (local.home_pool == "primary" ? "gateway" : "${local.home_pool}/gateway") = { pool = local.home_pool, who = "gateway" } },
+  ) : {}
+  runner_invoker_members = local.push_mode ? merge(
+    { for pool in keys(local.runner_pools) : "tasks_invoker/${pool}" => google_service_account.tasks_invoker[pool].member },
+    { gateway = google_service_account.gateway.member },
+  ) : {}
 }
 
 resource "google_cloud_run_v2_service_iam_member" "runner_invokers" {
-  for_each = local.push_mode ? {
-    gateway       = google_service_account.gateway.member
-    tasks_invoker = google_service_account.tasks_invoker[0].member
-  } : {}
+  for_each = local.runner_invoker_grants
   project  = var.project_id
-  location = var.region
-  name     = google_cloud_run_v2_service.runner[0].name
+  location = google_cloud_run_v2_service.runner[each.value.pool].location
+  name     = google_cloud_run_v2_service.runner[each.value.pool].name
   role     = "roles/run.invoker"
-  member   = each.value
+  member   = local.runner_invoker_members[each.value.who]
 }
 
 # --- lease reaper schedule -------------------------------------------------------------

@@ -12,24 +12,83 @@ locals {
   # Functions that enqueue Cloud Tasks (dispatch, and re-dispatch by the reaper).
   dispatching_functions = toset(["create_task", var.reaper.target])
 
-  push_mode       = var.runner_mode == "cloud_run"
-  runner_capacity = var.engine_slots * var.runner_max_instances
-  runner_port     = 8080
-  runner_name     = "${var.prefix}-runner"
+  push_mode   = var.runner_mode == "cloud_run"
+  runner_port = 8080
+  runner_name = "${var.prefix}-runner"
+  queue_name  = "${var.prefix}-runner"
+
+  # Runner pools (var.runner_pools) with every default resolved. The pool named primary
+  # keeps the single-region names (service, queues, VMs, service accounts) and, by the
+  # moved blocks beside each resource, its state addresses: a deployment from before
+  # pools plans no replacement. Others are named after the pool (a queue's name may
+  # not be reused for 7 days after deletion, so names never depend on the order).
+  runner_pools = {
+    for name, pool in var.runner_pools : name => {
+      environments  = pool.environments
+      gpu_type      = coalesce(pool.gpu_type, var.gpu_type)
+      max_instances = coalesce(pool.max_instances, var.runner_max_instances)
+      min_instances = coalesce(pool.min_instances, var.runner_min_instances)
+      queue_name    = name == "primary" ? local.queue_name : "${local.queue_name}-${name}"
+      queue_shards  = coalesce(pool.queue_shards, var.queue.shards)
+      region        = coalesce(pool.region, var.region)
+      runner_name   = name == "primary" ? local.runner_name : "${local.runner_name}-${name}"
+      weight        = pool.weight
+      zone          = pool.zone != null ? pool.zone : (name == "primary" ? var.runner_vm.zone : null)
+    }
+  }
+  # The pool the gateway's runner routes and the single-queue settings name: primary,
+  # else the first by name.
+  home_pool = contains(keys(var.runner_pools), "primary") ? "primary" : sort(keys(var.runner_pools))[0]
+
+  # Queues per pool in the dispatcher's order (RUNNER_POOLS queues, hashed by position):
+  # shard 0 keeps the pool's queue name (no churn when N grows), shard i is NAME-i.
+  queue_names = {
+    for name, pool in local.runner_pools : name => [
+      for shard in range(pool.queue_shards) : shard == 0 ? pool.queue_name : "${pool.queue_name}-${shard}"
+    ]
+  }
+  # Every queue, keyed by primary's shard number (the keys of the single-region
+  # version) or POOL/SHARD. Each asks for its share of its pool's runner slots.
+  queues = merge([
+    for name, names in local.queue_names : {
+      for shard, queue in names : (name == "primary" ? tostring(shard) : "${name}/${shard}") => {
+        capacity = ceil(var.engine_slots * local.runner_pools[name].max_instances / length(names))
+        name     = queue
+        pool     = name
+        region   = local.runner_pools[name].region
+      }
+    }
+  ]...)
+  # Queue keys per pool, in shard order.
+  pool_queue_keys = {
+    for name, names in local.queue_names : name => [
+      for shard in range(length(names)) : name == "primary" ? tostring(shard) : "${name}/${shard}"
+    ]
+  }
+
   # Cloud Run's deterministic URL (https://SERVICE-PROJECT_NUMBER.REGION.run.app): known
-  # before the service exists, so the runner can be told its own OIDC audience.
-  runner_url = local.push_mode ? "https://${local.runner_name}-${data.google_project.project.number}.${var.region}.run.app" : ""
+  # before the service exists, so each runner can be told its own OIDC audience.
+  runner_urls = {
+    for name, pool in local.runner_pools : name => local.push_mode ? "https://${pool.runner_name}-${data.google_project.project.number}.${pool.region}.run.app" : ""
+  }
+  runner_url = local.runner_urls[local.home_pool]
   # The same for the function the reaper schedule calls: the audience of its OIDC token,
   # which the function checks (REAPER_OIDC_AUDIENCE) without referring to itself.
   reaper_audience = "https://${var.prefix}-${replace(var.reaper.target, "_", "-")}-${data.google_project.project.number}.${var.region}.run.app"
-  queue_name      = "${var.prefix}-runner"
-  # queue.shards queues: shard 0 keeps the single queue's name (no churn when N grows:
-  # a deleted queue's name cannot be reused for 7 days); shard i is queue_name-i. The
-  # order is the dispatcher's (CLOUD_TASKS_QUEUES, hashed by position).
-  queue_names = [for shard in range(var.queue.shards) : shard == 0 ? local.queue_name : "${local.queue_name}-${shard}"]
-  queues      = { for shard, name in local.queue_names : tostring(shard) => name }
-  # The runner's slots are shared by the queues: each asks for its share.
-  queue_capacity = ceil(local.runner_capacity / var.queue.shards)
+
+  # RUNNER_POOLS entries (shared/pools.py): where each pool's pushes go and as whom.
+  runner_pool_settings = {
+    for name, pool in local.runner_pools : name => {
+      audience      = local.runner_urls[name]
+      environments  = pool.environments
+      invoker_email = local.push_mode ? google_service_account.tasks_invoker[name].email : ""
+      location      = pool.region
+      name          = name
+      queues        = [for key in local.pool_queue_keys[name] : google_cloud_tasks_queue.runner[key].name]
+      runner_url    = local.runner_urls[name]
+      weight        = pool.weight
+    }
+  }
 
   gateway_region = coalesce(var.gateway.region, var.region)
   gateway_url    = "https://${google_api_gateway_gateway.api.default_hostname}"
@@ -74,10 +133,10 @@ locals {
     APP_ENV                   = var.app_env
     CF_IMAGES_ACCOUNT_ID      = var.cf_images.account_id
     CF_IMAGES_DELIVERY_DOMAIN = var.cf_images.delivery_domain
-    CLOUD_TASKS_INVOKER_EMAIL = local.push_mode ? google_service_account.tasks_invoker[0].email : ""
-    CLOUD_TASKS_LOCATION      = var.region
-    CLOUD_TASKS_QUEUE         = google_cloud_tasks_queue.runner["0"].name
-    CLOUD_TASKS_QUEUES        = join(",", [for shard in range(var.queue.shards) : google_cloud_tasks_queue.runner[tostring(shard)].name])
+    CLOUD_TASKS_INVOKER_EMAIL = local.runner_pool_settings[local.home_pool].invoker_email
+    CLOUD_TASKS_LOCATION      = local.runner_pools[local.home_pool].region
+    CLOUD_TASKS_QUEUE         = local.runner_pool_settings[local.home_pool].queues[0]
+    CLOUD_TASKS_QUEUES        = join(",", local.runner_pool_settings[local.home_pool].queues)
     DISPATCH_MODE             = local.push_mode ? "push" : "pull"
     FIRESTORE_COLLECTION      = var.firestore.collection
     FIRESTORE_DATABASE        = google_firestore_database.tasks.name
@@ -103,6 +162,8 @@ locals {
     CLOUD_TASKS_DISPATCH_DEADLINE_S = tostring(var.queue.dispatch_deadline_s)
     REAPER_INVOKER_EMAIL            = google_service_account.scheduler.email
     REAPER_OIDC_AUDIENCE            = local.reaper_audience
+    # Every pool: the functions (create_task, the reaper) dispatch to any region.
+    RUNNER_POOLS = local.push_mode ? jsonencode([for name in sort(keys(local.runner_pools)) : local.runner_pool_settings[name]]) : ""
     # functions-framework serves with gunicorn threads (default 4 per CPU): one per
     # request the instance accepts, or long polls queue behind each other.
     THREADS = tostring(var.functions.concurrency)
@@ -128,6 +189,26 @@ locals {
     RUNNER_PORT           = tostring(local.runner_port)
     TASK_TIMEOUT_S        = tostring(var.task_limits.timeout_s)
   })
+
+  # What differs per pool. A pool's runner verifies pushes for its own URL and invoker,
+  # and re-dispatches (release, retry backoff, expired leases) into its own pool only:
+  # its account may enqueue on its own queues alone (iam.tf).
+  pool_runner_env = {
+    for name, pool in local.runner_pools : name => {
+      CLOUD_TASKS_INVOKER_EMAIL = local.runner_pool_settings[name].invoker_email
+      CLOUD_TASKS_LOCATION      = pool.region
+      CLOUD_TASKS_QUEUE         = local.runner_pool_settings[name].queues[0]
+      CLOUD_TASKS_QUEUES        = join(",", local.runner_pool_settings[name].queues)
+      RUNNER_ENVIRONMENTS       = local.pool_runner_environments[name]
+      RUNNER_OIDC_AUDIENCE      = local.runner_urls[name]
+      RUNNER_POOLS              = local.push_mode ? jsonencode([local.runner_pool_settings[name]]) : ""
+      RUNNER_URL                = local.runner_urls[name]
+    }
+  }
+  # A pool's runners serve (and in pull mode claim) the pool's environments, else all.
+  pool_runner_environments = {
+    for name, pool in local.runner_pools : name => length(pool.environments) > 0 ? join(",", pool.environments) : (var.comfyui.enabled ? "face_swap,comm" : "face_swap")
+  }
 
   # Pull mode on a VM: the runner claims tasks through the gateway (the Cloud Run
   # runner must not read the gateway's URL: the gateway's config depends on the runner).
@@ -172,9 +253,10 @@ locals {
   # only with gateway.runner_ops = true, else get_task answers those it knows and 404s
   # the rest, so no client key wakes (and bills) a GPU for a status call.
   # In vm mode no runner is reachable from the gateway: both go to get_task.
-  function_backends  = { for name, function in google_cloudfunctions2_function.api : name => function.service_config[0].uri }
-  runner_backend     = local.push_mode ? google_cloud_run_v2_service.runner[0].uri : local.function_backends["get_task"]
-  runner_ops_backend = local.push_mode && var.gateway.runner_ops ? google_cloud_run_v2_service.runner[0].uri : local.function_backends["get_task"]
+  function_backends = { for name, function in google_cloudfunctions2_function.api : name => function.service_config[0].uri }
+  # The gateway reaches the home pool's runner only (one backend URL per route).
+  runner_backend     = local.push_mode ? google_cloud_run_v2_service.runner[local.home_pool].uri : local.function_backends["get_task"]
+  runner_ops_backend = local.push_mode && var.gateway.runner_ops ? google_cloud_run_v2_service.runner[local.home_pool].uri : local.function_backends["get_task"]
 
   labels = merge(var.labels, { app = "comfyswap", prefix = var.prefix })
 }

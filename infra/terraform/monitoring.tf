@@ -6,7 +6,8 @@ locals {
   # and its runner VMs.
   log_scope     = "(resource.type=\"cloud_run_revision\" AND resource.labels.service_name=~\"^${var.prefix}-\") OR (resource.type=\"gce_instance\" AND labels.\"compute.googleapis.com/resource_name\"=~\"^${local.runner_name}-\")"
   metric_prefix = "logging.googleapis.com/user/${var.prefix}"
-  runner_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.runner_name}\""
+  # Every pool's runner service: primary's is RUNNER, the others RUNNER-POOL.
+  runner_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=starts_with(\"${local.runner_name}\")"
   # A log-based metric's series carry the monitored resource of the entries it counts,
   # and the Monitoring API refuses an alert filter without resource.type. The runner
   # logs as a Cloud Run revision or as a VM; the functions (the reaper included) always

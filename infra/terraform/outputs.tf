@@ -32,13 +32,13 @@ output "models_bucket" {
 }
 
 output "queue" {
-  description = "Cloud Tasks queue of push dispatch (full resource id): shard 0."
-  value       = google_cloud_tasks_queue.runner["0"].id
+  description = "Cloud Tasks queue of push dispatch (full resource id): the home pool's (primary's) shard 0."
+  value       = google_cloud_tasks_queue.runner[local.pool_queue_keys[local.home_pool][0]].id
 }
 
 output "queues" {
-  description = "Every Cloud Tasks queue of push dispatch in the dispatcher's order (shard 0 is the queue output)."
-  value       = [for shard in range(var.queue.shards) : google_cloud_tasks_queue.runner[tostring(shard)].id]
+  description = "Every Cloud Tasks queue of push dispatch (full resource ids), pool by pool in name order, each pool's in the dispatcher's order."
+  value       = flatten([for name in sort(keys(local.runner_pools)) : [for key in local.pool_queue_keys[name] : google_cloud_tasks_queue.runner[key].id]])
 }
 
 output "results_bucket" {
@@ -46,14 +46,26 @@ output "results_bucket" {
   value       = google_storage_bucket.results.name
 }
 
+output "runner_pools" {
+  description = "Each runner pool: its region, runner URL (null in vm mode), service account and queues."
+  value = {
+    for name, pool in local.runner_pools : name => {
+      queues          = [for key in local.pool_queue_keys[name] : google_cloud_tasks_queue.runner[key].id]
+      region          = pool.region
+      runner_url      = local.push_mode ? google_cloud_run_v2_service.runner[name].uri : null
+      service_account = google_service_account.runner[name].email
+    }
+  }
+}
+
 output "runner_service_account" {
-  description = "Email of the runner's service account."
-  value       = google_service_account.runner.email
+  description = "Email of the home pool's (primary's) runner service account; runner_pools lists every pool's."
+  value       = google_service_account.runner[local.home_pool].email
 }
 
 output "runner_url" {
-  description = "URL of the Cloud Run runner (IAM-protected; null in vm mode)."
-  value       = local.push_mode ? google_cloud_run_v2_service.runner[0].uri : null
+  description = "URL of the home pool's (primary's) Cloud Run runner, the one the gateway routes to (IAM-protected; null in vm mode)."
+  value       = local.push_mode ? google_cloud_run_v2_service.runner[local.home_pool].uri : null
 }
 
 output "runner_vms" {

@@ -1,18 +1,25 @@
-# The GPU runner: a Cloud Run GPU service fed by Cloud Tasks (runner_mode = cloud_run),
-# or GPU VMs running the same container in pull mode (runner_mode = vm).
+# The GPU runners, one per runner pool (var.runner_pools) in the pool's region: a Cloud
+# Run GPU service fed by the pool's Cloud Tasks queues (runner_mode = cloud_run), or GPU
+# VMs running the same container in pull mode (runner_mode = vm).
+
+# The single runner of earlier versions is the primary pool's: kept, not re-created.
+moved {
+  from = google_cloud_run_v2_service.runner[0]
+  to   = google_cloud_run_v2_service.runner["primary"]
+}
 
 resource "google_cloud_run_v2_service" "runner" {
-  count               = local.push_mode ? 1 : 0
+  for_each            = local.push_mode ? local.runner_pools : {}
   project             = var.project_id
-  location            = var.region
-  name                = local.runner_name
+  location            = each.value.region
+  name                = each.value.runner_name
   description         = "ComfySwap GPU runner (ComfyUI + FaceFusion)."
   ingress             = var.runner.ingress == "all" ? "INGRESS_TRAFFIC_ALL" : "INGRESS_TRAFFIC_INTERNAL_ONLY"
   deletion_protection = var.deletion_protection
   labels              = local.labels
 
   template {
-    service_account                  = google_service_account.runner.email
+    service_account                  = google_service_account.runner[each.key].email
     execution_environment            = "EXECUTION_ENVIRONMENT_GEN2"
     timeout                          = "${var.runner.timeout_s}s"
     max_instance_request_concurrency = var.engine_slots
@@ -20,12 +27,12 @@ resource "google_cloud_run_v2_service" "runner" {
     labels                           = local.labels
 
     scaling {
-      min_instance_count = var.runner_min_instances
-      max_instance_count = var.runner_max_instances
+      min_instance_count = each.value.min_instances
+      max_instance_count = each.value.max_instances
     }
 
     node_selector {
-      accelerator = var.gpu_type
+      accelerator = each.value.gpu_type
     }
 
     containers {
@@ -48,7 +55,7 @@ resource "google_cloud_run_v2_service" "runner" {
       }
 
       dynamic "env" {
-        for_each = local.runner_env
+        for_each = merge(local.runner_env, local.pool_runner_env[each.key])
         content {
           name  = env.key
           value = env.value
@@ -97,7 +104,7 @@ resource "google_cloud_run_v2_service" "runner" {
 
   lifecycle {
     precondition {
-      condition     = contains(["nvidia-l4", "nvidia-rtx-pro-6000"], var.gpu_type)
+      condition     = contains(["nvidia-l4", "nvidia-rtx-pro-6000"], each.value.gpu_type)
       error_message = "Cloud Run offers nvidia-l4 and nvidia-rtx-pro-6000 GPUs; nvidia-tesla-t4 is for runner_mode = \"vm\" only."
     }
     precondition {
@@ -147,8 +154,17 @@ locals {
       "us-west1"        = "us-west1-a"
     }
   }
-  runner_vm_zone = var.runner_vm.zone != null ? var.runner_vm.zone : try(local.runner_vm_default_zones[var.gpu_type][var.region], null)
-  runner_vms     = var.runner_mode == "vm" ? { for index in range(var.runner_max_instances) : "${local.runner_name}-${index}" => index } : {}
+  # Each pool's zone: its own, else (primary) runner_vm.zone, else the table's.
+  runner_vm_zones = {
+    for name, pool in local.runner_pools : name => pool.zone != null ? pool.zone : try(local.runner_vm_default_zones[pool.gpu_type][pool.region], null)
+  }
+  # VMs by name: the primary pool's keep the single-region names RUNNER-N (their state
+  # addresses), other pools' are RUNNER-POOL-N.
+  runner_vms = var.runner_mode == "vm" ? merge([
+    for name, pool in local.runner_pools : {
+      for index in range(pool.max_instances) : "${pool.runner_name}-${index}" => { index = index, pool = name }
+    }
+  ]...) : {}
 }
 
 resource "google_compute_instance" "runner" {
@@ -156,7 +172,7 @@ resource "google_compute_instance" "runner" {
   #checkov:skip=CKV_GCP_40:The pull-mode runner needs egress to the gateway and registries; no ingress is opened. Set runner_vm.external_ip = false behind Cloud NAT.
   for_each     = local.runner_vms
   project      = var.project_id
-  zone         = local.runner_vm_zone
+  zone         = local.runner_vm_zones[each.value.pool]
   name         = each.key
   machine_type = var.runner_vm.machine_type
   labels       = local.labels
@@ -171,7 +187,7 @@ resource "google_compute_instance" "runner" {
   }
 
   guest_accelerator {
-    type  = var.gpu_type
+    type  = local.runner_pools[each.value.pool].gpu_type
     count = 1
   }
 
@@ -182,8 +198,10 @@ resource "google_compute_instance" "runner" {
   }
 
   network_interface {
-    network    = var.runner_vm.network
-    subnetwork = var.runner_vm.subnetwork
+    network = var.runner_vm.network
+    # A subnetwork is regional: runner_vm.subnetwork is the primary pool's; the other
+    # pools' VMs take the network's subnet in their own region.
+    subnetwork = each.value.pool == "primary" ? var.runner_vm.subnetwork : null
     dynamic "access_config" {
       for_each = var.runner_vm.external_ip ? [1] : []
       content {}
@@ -191,7 +209,7 @@ resource "google_compute_instance" "runner" {
   }
 
   service_account {
-    email  = google_service_account.runner.email
+    email  = google_service_account.runner[each.value.pool].email
     scopes = ["cloud-platform"]
   }
 
@@ -208,7 +226,7 @@ resource "google_compute_instance" "runner" {
     google-monitoring-enabled = "true"
     serial-port-enable        = "false"
     startup-script = templatefile("${path.module}/templates/runner_vm_startup.sh.tftpl", {
-      env           = merge(local.vm_runner_env, { RUNNER_ID = each.key })
+      env           = merge(local.vm_runner_env, local.pool_runner_env[each.value.pool], { RUNNER_ID = each.key })
       image         = var.runner_image
       models_bucket = local.models_bucket
       port          = local.runner_port
@@ -220,12 +238,16 @@ resource "google_compute_instance" "runner" {
 
   lifecycle {
     precondition {
-      condition     = var.gpu_type != "nvidia-rtx-pro-6000"
+      condition     = local.runner_pools[each.value.pool].gpu_type != "nvidia-rtx-pro-6000"
       error_message = "runner_mode = \"vm\" supports gpu_type nvidia-l4 (g2 machine types) or nvidia-tesla-t4 (n1)."
     }
     precondition {
-      condition     = local.runner_vm_zone != null
-      error_message = "No default zone with this GPU is known for the region: set runner_vm.zone (see https://cloud.google.com/compute/docs/gpus/gpu-regions-zones)."
+      condition     = local.runner_vm_zones[each.value.pool] != null
+      error_message = "No default zone with this GPU is known for the pool's region: set the pool's zone (runner_vm.zone for primary; see https://cloud.google.com/compute/docs/gpus/gpu-regions-zones)."
+    }
+    precondition {
+      condition     = startswith(coalesce(local.runner_vm_zones[each.value.pool], "-"), "${local.runner_pools[each.value.pool].region}-")
+      error_message = "A runner VM's zone must be in its pool's region (runner_pools region and zone)."
     }
   }
 

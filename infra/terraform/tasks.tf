@@ -1,8 +1,9 @@
-# Cloud Tasks queues that push task ids to the Cloud Run runner (push mode). They
+# Cloud Tasks queues that push task ids to the Cloud Run runners (push mode). They
 # exist in vm mode too (empty), so switching modes does not churn them. One queue
-# dispatches at most 500 tasks/s: queue.shards queues (local.queues, shard 0 named
-# local.queue_name), and the dispatcher sends each task to the one a hash of its
-# environment and id picks (shared/dispatch/cloud_tasks.py, CLOUD_TASKS_QUEUES).
+# dispatches at most 500 tasks/s: each runner pool has queue_shards queues in its own
+# region (local.queues), and the dispatcher sends a task to a pool (a weighted hash of
+# its id, shared/pools.py) and within it to the queue a hash of its environment and id
+# picks (shared/dispatch/cloud_tasks.py, RUNNER_POOLS).
 
 # The single queue of earlier versions is shard "0": kept, not re-created.
 moved {
@@ -13,17 +14,17 @@ moved {
 resource "google_cloud_tasks_queue" "runner" {
   for_each = local.queues
   project  = var.project_id
-  name     = each.value
-  location = var.region
+  name     = each.value.name
+  location = each.value.region
 
   # At most one delivery per free engine slot; a busy runner answers 429/503 and the
   # retry policy below backs off. Cloud Tasks caps max_dispatches_per_second at 500 and
   # max_concurrent_dispatches at 5000 (RateLimits, Cloud Tasks API reference); 16 slots
   # x 100 instances would ask for 1600. The limits are per queue and each queue asks
-  # for its share of the runner's slots (local.queue_capacity).
+  # for its share of its pool's runner slots (local.queues capacity).
   rate_limits {
-    max_concurrent_dispatches = min(local.queue_capacity, 5000)
-    max_dispatches_per_second = min(local.queue_capacity, 500)
+    max_concurrent_dispatches = min(each.value.capacity, 5000)
+    max_dispatches_per_second = min(each.value.capacity, 500)
   }
 
   retry_config {

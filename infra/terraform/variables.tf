@@ -426,8 +426,90 @@ variable "runner_mode" {
   }
 }
 
+variable "runner_pools" {
+  description = "GPU runner pools, by name (a short lowercase name: it ends up in service, queue and service account names): each is a runner in its own region (region, null = region) with its own Cloud Tasks queues (queue_shards, null = queue.shards), GPU (gpu_type, null = gpu_type), instances (min_instances and max_instances, null = runner_min_instances and runner_max_instances), the environments it serves (empty = all; an environment served by one pool only is pinned to it) and weight (its share of the other tasks; 0 = fallback only). Push dispatch tries a task's pools in a weighted hash order and falls over to the next when a region's queue refuses it (RUNNER_POOLS, shared/pools.py). The pool named primary keeps the single-region names and state addresses: keep it for an existing deployment. vm mode: each pool is max_instances VMs in its region (zone, null = runner_vm.zone for primary, else the GPU zone table in runner.tf) pulling its environments."
+  type = map(object({
+    environments  = optional(list(string), [])
+    gpu_type      = optional(string)
+    max_instances = optional(number)
+    min_instances = optional(number)
+    queue_shards  = optional(number)
+    region        = optional(string)
+    weight        = optional(number, 1)
+    zone          = optional(string)
+  }))
+  default  = { primary = {} }
+  nullable = false
+  validation {
+    # Service account ids are at most 30 characters: PREFIX(16)-run-NAME.
+    condition     = length(var.runner_pools) >= 1 && length(var.runner_pools) <= 10 && alltrue([for name in keys(var.runner_pools) : can(regex("^[a-z][a-z0-9]{0,8}$", name))])
+    error_message = "runner_pools must name 1 to 10 pools, each 1-9 lowercase letters or digits starting with a letter (e.g. primary, eu, asia)."
+  }
+  validation {
+    condition     = alltrue([for pool in values(var.runner_pools) : pool.region == null || can(regex("^[a-z]+-[a-z]+[0-9]+$", coalesce(pool.region, "x")))])
+    error_message = "runner_pools region must be a Google Cloud region such as europe-west4 (or null for region)."
+  }
+  validation {
+    condition     = alltrue([for pool in values(var.runner_pools) : pool.weight >= 0 && pool.weight <= 1000 && floor(pool.weight) == pool.weight]) && sum([for pool in values(var.runner_pools) : pool.weight]) > 0
+    error_message = "runner_pools weight must be a whole number from 0 to 1000, and at least one pool needs a weight above 0 (0 = fallback only)."
+  }
+  validation {
+    condition = alltrue([for pool in values(var.runner_pools) : (
+      coalesce(pool.max_instances, var.runner_max_instances) >= 1 && coalesce(pool.max_instances, var.runner_max_instances) <= 100 &&
+      floor(coalesce(pool.max_instances, var.runner_max_instances)) == coalesce(pool.max_instances, var.runner_max_instances) &&
+      coalesce(pool.min_instances, var.runner_min_instances) >= 0 &&
+      coalesce(pool.min_instances, var.runner_min_instances) <= coalesce(pool.max_instances, var.runner_max_instances)
+    )])
+    error_message = "runner_pools max_instances must be a whole number from 1 to 100 and min_instances between 0 and max_instances."
+  }
+  validation {
+    # Queues per project: 1,000 by default (Cloud Tasks quotas); this deployment takes at most 100.
+    condition = alltrue([for pool in values(var.runner_pools) : coalesce(pool.queue_shards, var.queue.shards) >= 1 && floor(coalesce(pool.queue_shards, var.queue.shards)) == coalesce(pool.queue_shards, var.queue.shards)]) && sum([
+      for pool in values(var.runner_pools) : coalesce(pool.queue_shards, var.queue.shards)
+    ]) <= 100
+    error_message = "runner_pools queue_shards must be whole numbers of at least 1, and all pools together at most 100 queues."
+  }
+  validation {
+    condition     = alltrue([for pool in values(var.runner_pools) : contains(["nvidia-l4", "nvidia-rtx-pro-6000", "nvidia-tesla-t4"], coalesce(pool.gpu_type, var.gpu_type))])
+    error_message = "runner_pools gpu_type must be nvidia-l4, nvidia-rtx-pro-6000 (Cloud Run) or nvidia-tesla-t4 (VM only)."
+  }
+  validation {
+    # Cloud Run GPU regions (https://cloud.google.com/run/docs/configuring/services/gpu,
+    # "Supported regions", read 2026-12): L4 in these six (asia-south1 by invitation).
+    # The RTX PRO 6000 is in Preview and its regions change; Cloud Run checks those at
+    # apply. T4s exist on VMs only.
+    condition = var.runner_mode != "cloud_run" || alltrue([for pool in values(var.runner_pools) : (
+      coalesce(pool.gpu_type, var.gpu_type) == "nvidia-rtx-pro-6000" ||
+      (coalesce(pool.gpu_type, var.gpu_type) == "nvidia-l4" && contains(["asia-south1", "asia-southeast1", "europe-west1", "europe-west4", "us-central1", "us-east4"], coalesce(pool.region, var.region)))
+    )])
+    error_message = "runner_pools: Cloud Run offers nvidia-l4 GPUs only in asia-south1, asia-southeast1, europe-west1, europe-west4, us-central1 and us-east4 (and nvidia-tesla-t4 not at all): move the pool or use runner_mode = \"vm\"."
+  }
+  validation {
+    condition = var.runner_mode != "cloud_run" || !can(regex("^[0-9]+Gi$", var.runner.memory)) || !can(tonumber(var.runner.cpu)) || alltrue([for pool in values(var.runner_pools) : (
+      tonumber(var.runner.cpu) >= lookup({ "nvidia-l4" = 4, "nvidia-rtx-pro-6000" = 20 }, coalesce(pool.gpu_type, var.gpu_type), 0) &&
+      tonumber(trimsuffix(var.runner.memory, "Gi")) >= lookup({ "nvidia-l4" = 16, "nvidia-rtx-pro-6000" = 80 }, coalesce(pool.gpu_type, var.gpu_type), 0)
+    )])
+    error_message = "runner.cpu and runner.memory are below Cloud Run's minimum for a pool's gpu_type: nvidia-l4 needs 4 CPU and 16Gi, nvidia-rtx-pro-6000 20 CPU and 80Gi."
+  }
+  validation {
+    condition     = alltrue([for pool in values(var.runner_pools) : alltrue([for environment in pool.environments : can(regex("^[a-z][a-z0-9_]{0,39}$", environment))])])
+    error_message = "runner_pools environments must be environment names such as face_swap or comm."
+  }
+  validation {
+    # Every environment the runner serves needs a pool, or its tasks would wait forever.
+    condition = alltrue([for environment in(var.comfyui.enabled ? ["face_swap", "comm"] : ["face_swap"]) : anytrue([
+      for pool in values(var.runner_pools) : length(pool.environments) == 0 || contains(pool.environments, environment)
+    ])])
+    error_message = "runner_pools: every environment (face_swap, and comm while comfyui.enabled) must be served by some pool (a pool with environments = [] serves all)."
+  }
+  validation {
+    condition     = alltrue([for pool in values(var.runner_pools) : pool.zone == null || can(regex("^[a-z]+-[a-z]+[0-9]+-[a-z]$", coalesce(pool.zone, "x")))])
+    error_message = "runner_pools zone must be a zone of the pool's region such as europe-west4-a (or null)."
+  }
+}
+
 variable "runner_vm" {
-  description = "GPU VM settings (runner_mode = vm): zone (null = a zone of the region that offers gpu_type, from the table in runner.tf; set it for regions not in the table), machine type matching gpu_type, boot disk size, network, subnetwork, and whether it gets an external IP (it only needs egress; without one, give the subnet Cloud NAT)."
+  description = "GPU VM settings (runner_mode = vm): zone (null = a zone of the region that offers gpu_type, from the table in runner.tf; set it for regions not in the table; the primary pool's, other runner_pools set their own), machine type matching gpu_type, boot disk size, network, subnetwork (the primary pool's; other pools use the network's subnet in their region), and whether it gets an external IP (it only needs egress; without one, give the subnet Cloud NAT)."
   type = object({
     boot_disk_size_gb = optional(number, 200)
     external_ip       = optional(bool, true)

@@ -7,6 +7,7 @@ so validations, conditionals and `templatefile()` are Terraform's own behaviour.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -78,7 +79,7 @@ def test_graph_sees_every_kind_of_edge(graph: Graph) -> None:
     assert "google_project_service.apis" in graph.edges["google_cloudfunctions2_function.api"]  # depends_on
     assert "local.functions" in graph.edges["google_cloudfunctions2_function.api"]  # for_each
     assert "var.runner_image" in graph.edges["google_compute_instance.runner"]  # templatefile argument
-    assert "data.google_project.project" in graph.edges["local.runner_url"]
+    assert "data.google_project.project" in graph.edges["local.runner_urls"]
     assert any(kind == "output" for kind in graph.kinds.values())
 
 
@@ -336,15 +337,51 @@ def test_build_account_gets_only_what_a_function_build_needs(graph: Graph) -> No
 
 def test_the_runner_may_enqueue_and_attach_the_invoker_token(graph: Graph) -> None:
     """The push-mode runner re-dispatches itself (release at SIGTERM, retry backoff, its
-    lease reaper): enqueuer on the queue and actAs on the invoker, like create_task."""
+    lease reaper): enqueuer on its queues and actAs on its invoker, like create_task."""
     enqueuer = graph.body("google_cloud_tasks_queue_iam_member.enqueuer")
     assert enqueuer["for_each"] == "${local.enqueuer_grants}"
-    assert "google_service_account.runner.member" in str(graph.body("local.enqueuers"))
-    # Every queue shard: the grants are the product of enqueuers and local.queues.
+    assert "google_service_account.runner[pool].member" in str(graph.body("local.enqueuer_members"))
+    # Every queue shard: the grants are the product of enqueuers and their pools' queues.
     assert "local.queues" in str(graph.body("local.enqueuer_grants"))
     acts_as = graph.body("google_service_account_iam_member.acts_as_invoker")
-    assert "google_cloud_tasks_queue_iam_member.enqueuer" in str(acts_as["for_each"])
-    assert ".shard ==" in str(acts_as["for_each"]), "actAs once per enqueuer, not once per queue"
+    assert acts_as["for_each"] == "${local.invoker_users}", "actAs once per enqueuer and pool, not per queue"
+
+
+@needs_terraform
+def test_each_pools_runner_enqueues_on_its_own_queues_and_is_invoked_by_its_own_identity() -> None:
+    """Least privilege per pool: the functions enqueue on every queue of every pool (they
+    dispatch anywhere), a pool's runner on its own pool's queues only; actAs once per
+    (enqueuer, pool); each pool's invoker may call its own runner only, the gateway the
+    home pool's. The primary pool's grants keep their single-region keys."""
+    pools = {"primary": {}, "eu": {"region": "europe-west4", "queue_shards": 2}}
+    grants, users, invokers = console(
+        ["local.enqueuer_grants", "local.invoker_users", "local.runner_invoker_grants"],
+        {"runner_pools": pools},
+    ).values
+
+    assert {key: grant["queue"] for key, grant in grants.items() if grant["who"] == "create_task"} == {
+        "create_task": "0",
+        "create_task/eu/0": "eu/0",
+        "create_task/eu/1": "eu/1",
+    }
+    assert {key: grant["queue"] for key, grant in grants.items() if grant["who"].startswith("runner")} == {
+        "runner": "0",
+        "runner-eu/eu/0": "eu/0",
+        "runner-eu/eu/1": "eu/1",
+    }
+    assert {key: (user["who"], user["pool"]) for key, user in users.items() if "runner" in key} == {
+        "runner": ("runner", "primary"),
+        "runner-eu@eu": ("runner-eu", "eu"),
+    }
+    assert users["create_task"] == {"who": "create_task", "pool": "primary"}
+    assert users["create_task@eu"] == {"who": "create_task", "pool": "eu"}
+    assert invokers == {
+        "tasks_invoker": {"pool": "primary", "who": "tasks_invoker/primary"},
+        "eu/tasks_invoker": {"pool": "eu", "who": "tasks_invoker/eu"},
+        "gateway": {"pool": "primary", "who": "gateway"},
+    }
+    vm = console(["local.enqueuer_grants", "local.runner_invoker_grants"], {"runner_mode": "vm"}).values
+    assert vm == [{}, {}], "pull mode enqueues nothing and has no runner service to invoke"
 
 
 def test_functions_reach_only_the_inputs_prefix_of_the_results_bucket(graph: Graph) -> None:
@@ -523,6 +560,12 @@ def _queue_rate_limits(graph: Graph) -> dict[str, Any]:
     return graph.body("google_cloud_tasks_queue.runner")["rate_limits"][0]
 
 
+def _per_queue(expression: str) -> str:
+    """A queue's rate expression over every queue: ``min(each.value.capacity, N)`` ->
+    ``{for key, queue in local.queues : key => min(queue.capacity, N)}``."""
+    return "{for key, queue in local.queues : key => " + expression.replace("each.value", "queue") + "}"
+
+
 @needs_terraform
 @pytest.mark.parametrize(
     ("slots", "instances", "shards"),
@@ -535,43 +578,74 @@ def test_queue_rates_stay_within_cloud_tasks_limits(
     concurrent, and together they ask for the runner's slots (each its share, at least 1)."""
     rates = _queue_rate_limits(graph)
     variables = {"engine_slots": slots, "runner_max_instances": instances, "queue": {"shards": shards}}
-    per_second = evaluate(expression_of(rates["max_dispatches_per_second"]), variables)
-    concurrent = evaluate(expression_of(rates["max_concurrent_dispatches"]), variables)
-    assert 0 < per_second <= limits.QUEUE_MAX_DISPATCHES_PER_SECOND, per_second
-    assert 0 < concurrent <= limits.QUEUE_MAX_CONCURRENT_DISPATCHES, concurrent
-    share = -(-slots * instances // shards)
-    assert concurrent == min(share, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
-    assert concurrent * shards >= min(slots * instances, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+    per_second, concurrent = console(
+        [
+            _per_queue(expression_of(rates["max_dispatches_per_second"])),
+            _per_queue(expression_of(rates["max_concurrent_dispatches"])),
+        ],
+        variables,
+    ).values
+    assert len(concurrent) == shards
+    for key in concurrent:
+        assert 0 < per_second[key] <= limits.QUEUE_MAX_DISPATCHES_PER_SECOND, per_second
+        assert 0 < concurrent[key] <= limits.QUEUE_MAX_CONCURRENT_DISPATCHES, concurrent
+        share = -(-slots * instances // shards)
+        assert concurrent[key] == min(share, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+    assert sum(concurrent.values()) >= min(slots * instances, limits.QUEUE_MAX_CONCURRENT_DISPATCHES)
+
+
+@needs_terraform
+def test_each_pools_queues_share_that_pools_slots() -> None:
+    """A pool of 40 instances x 4 slots over 2 queues: 80 each; a pool of 3 over 1: 12."""
+    pools = {
+        "primary": {"max_instances": 3},
+        "eu": {"region": "europe-west4", "max_instances": 40, "queue_shards": 2},
+    }
+    rates = console(
+        ["{for key, queue in local.queues : key => [queue.region, min(queue.capacity, 5000)]}"],
+        {"engine_slots": 4, "runner_pools": pools},
+    ).values[0]
+    assert rates == {"0": ["us-central1", 12], "eu/0": ["europe-west4", 80], "eu/1": ["europe-west4", 80]}
 
 
 def test_queues_are_one_resource_for_each_shard_in_the_dispatchers_order(graph: Graph) -> None:
-    """N queues by for_each over local.queues; shard 0 keeps the old queue's name and
-    address (a moved block: a deleted queue's name cannot be reused for days); every
-    component gets CLOUD_TASKS_QUEUES in shard order; the dashboard sums the queues."""
+    """Queues by for_each over local.queues, each in its pool's region; shard 0 of the
+    primary pool keeps the old queue's name and address (a moved block: a deleted
+    queue's name cannot be reused for days); the functions get every pool's queues
+    (RUNNER_POOLS), each runner its own pool's, in shard order."""
     queue = graph.body("google_cloud_tasks_queue.runner")
     assert queue["for_each"] == "${local.queues}"
-    assert queue["name"] == "${each.value}"
+    assert queue["name"] == "${each.value.name}"
+    assert queue["location"] == "${each.value.region}"
     moved = parsed_config()["tasks.tf"]["moved"]
     assert [(str(block["from"]), str(block["to"])) for block in moved] == [
         ("${google_cloud_tasks_queue.runner}", '${google_cloud_tasks_queue.runner["0"]}')
     ], moved
-    env = str(graph.body("local.common_env"))
-    assert "CLOUD_TASKS_QUEUES" in env and "range(var.queue.shards)" in env
-    assert 'google_cloud_tasks_queue.runner["0"].name' in env
-    assert "local.queue_name" in str(graph.body("local.queue_names"))
+    assert "RUNNER_POOLS" in str(graph.body("local.function_env"))
+    pool_env = str(graph.body("local.pool_runner_env"))
+    assert "RUNNER_POOLS" in pool_env and "CLOUD_TASKS_QUEUES" in pool_env
+    settings = str(graph.body("local.runner_pool_settings"))
+    assert (
+        "google_cloud_tasks_queue.runner[key].name" in settings and "local.pool_queue_keys[name]" in settings
+    )
 
 
 @needs_terraform
 @pytest.mark.parametrize("shards", [1, 3])
 def test_queue_names_keep_shard_zero_and_refuse_bad_counts(shards: int) -> None:
+    """The default (one pool, primary) is the single-region deployment: same names, same keys."""
     names, queues = console(["local.queue_names", "local.queues"], {"queue": {"shards": shards}}).values
-    assert names[0] == f"{REQUIRED_VARIABLES['prefix']}-runner"
-    assert names == [names[0]] + [f"{names[0]}-{shard}" for shard in range(1, shards)]
-    assert queues == {str(shard): name for shard, name in enumerate(names)}
+    primary = names["primary"]
+    assert primary[0] == f"{REQUIRED_VARIABLES['prefix']}-runner"
+    assert primary == [primary[0]] + [f"{primary[0]}-{shard}" for shard in range(1, shards)]
+    assert {key: queue["name"] for key, queue in queues.items()} == {
+        str(shard): name for shard, name in enumerate(primary)
+    }
     for bad in (0, 101, 1.5):
         assert console(["var.queue"], {"queue": {"shards": bad}}).returncode != 0, bad
 
 
+@needs_terraform
 def test_sequential_fields_are_exempt_from_single_field_indexes(graph: Graph) -> None:
     """Timestamps written by the store grow with time: their automatic single-field
     indexes are hotspots (about 500 writes/s) and cost. Exempt them all, keeping only
@@ -582,10 +656,7 @@ def test_sequential_fields_are_exempt_from_single_field_indexes(graph: Graph) ->
     field = graph.body("google_firestore_field.sequential")
     assert field["for_each"] == "${local.firestore_field_indexes}"
     assert field["collection"] == "${var.firestore.collection}"
-    exempt = {
-        name: [unquote(order) for order in orders]
-        for name, orders in graph.body("local.firestore_field_indexes").items()
-    }
+    exempt = evaluate("local.firestore_field_indexes")
     assert set(exempt) >= {"created_at", "updated_at", "available_at", "lease_expires_at", "started_at"}
     assert exempt["created_at"] == ["DESCENDING"] and exempt["finished_at"] == ["DESCENDING"]
     assert all(orders == [] for name, orders in exempt.items() if name not in {"created_at", "finished_at"})
@@ -701,10 +772,17 @@ def test_functions_serve_concurrent_long_polls(graph: Graph) -> None:
 @pytest.mark.parametrize("gpu", sorted(limits.GPU_ZONES))
 def test_default_vm_zone_offers_the_gpu(gpu: str) -> None:
     for region, zones in limits.GPU_ZONES[gpu].items():
-        zone = evaluate("local.runner_vm_zone", {"region": region, "gpu_type": gpu, "runner_mode": "vm"})
+        zone = evaluate(
+            'local.runner_vm_zones["primary"]', {"region": region, "gpu_type": gpu, "runner_mode": "vm"}
+        )
         assert zone.startswith(f"{region}-") and zone.rsplit("-", 1)[1] in zones, f"{gpu} in {region}: {zone}"
+        # The same table serves a pool in that region.
+        pools = {"primary": {}, "other": {"region": region, "gpu_type": gpu}}
+        other = evaluate('local.runner_vm_zones["other"]', {"runner_mode": "vm", "runner_pools": pools})
+        assert other == zone
     chosen = evaluate(
-        "local.runner_vm_zone", {"region": "europe-west1", "runner_vm": {"zone": "europe-west1-d"}}
+        'local.runner_vm_zones["primary"]',
+        {"region": "europe-west1", "runner_vm": {"zone": "europe-west1-d"}},
     )
     assert chosen == "europe-west1-d"
 
@@ -739,3 +817,269 @@ def test_dashboard_holds_no_field_the_api_drops(graph: Graph) -> None:
 def test_openapi_document_is_routed_by_the_gateway() -> None:
     template = (TERRAFORM_DIR / "templates" / "openapi2.yaml.tftpl").read_text()
     assert re.search(r"^  /api/openapi\.json:\n    get:", template, flags=re.MULTILINE)
+
+
+# --- 17. runner pools per region --------------------------------------------------------
+
+
+def _moved(file_name: str) -> set[tuple[str, str]]:
+    return {(str(block["from"]), str(block["to"])) for block in parsed_config()[file_name].get("moved", [])}
+
+
+@needs_terraform
+def test_the_default_pool_is_the_single_region_deployment_at_its_old_addresses() -> None:
+    """Existing tfvars name no pool: one pool, primary, in region with the single-region
+    sizes, names and keys; every address that became for_each has a moved block from the
+    old one, so the plan of an existing deployment replaces nothing (its runner, its
+    queues whose names cannot be reused for days, its accounts and grants)."""
+    variables = {"region": "europe-west4", "runner_min_instances": 1, "runner_max_instances": 7}
+    pools, urls_free_names = console(
+        ["local.runner_pools", "{for name, pool in local.runner_pools : name => pool.runner_name}"], variables
+    ).values
+    assert pools == {
+        "primary": {
+            "environments": [],
+            "gpu_type": "nvidia-l4",
+            "max_instances": 7,
+            "min_instances": 1,
+            "queue_name": "cswap-runner",
+            "queue_shards": 1,
+            "region": "europe-west4",
+            "runner_name": "cswap-runner",
+            "weight": 1,
+            "zone": None,
+        }
+    }
+    assert urls_free_names == {"primary": "cswap-runner"}
+    assert _moved("runner.tf") == {
+        ("${google_cloud_run_v2_service.runner[0]}", '${google_cloud_run_v2_service.runner["primary"]}')
+    }
+    assert _moved("iam.tf") == {
+        ("${google_service_account.runner}", '${google_service_account.runner["primary"]}'),
+        ("${google_service_account.tasks_invoker[0]}", '${google_service_account.tasks_invoker["primary"]}'),
+        (
+            "${google_storage_bucket_iam_member.runner_results}",
+            '${google_storage_bucket_iam_member.runner_results["primary"]}',
+        ),
+        (
+            "${google_storage_bucket_iam_member.runner_models}",
+            '${google_storage_bucket_iam_member.runner_models["primary"]}',
+        ),
+        (
+            "${google_service_account_iam_member.runner_signs_urls[0]}",
+            '${google_service_account_iam_member.runner_signs_urls["primary"]}',
+        ),
+    }
+    graph = build_graph()
+    for address in ("google_cloud_run_v2_service.runner", "google_service_account.runner"):
+        assert "local.runner_pools" in str(graph.body(address)["for_each"]), address
+
+
+@needs_terraform
+def test_pools_in_other_regions_get_their_own_names_queues_and_vms() -> None:
+    pools = {
+        "primary": {"max_instances": 2},
+        "eu": {"region": "europe-west4", "queue_shards": 2, "weight": 3, "environments": ["comm"]},
+    }
+    queues, vms, environments = console(
+        ["local.queues", "local.runner_vms", "local.pool_runner_environments"],
+        {"runner_pools": pools, "runner_mode": "vm", "runner_max_instances": 1},
+    ).values
+    assert {key: (queue["name"], queue["region"], queue["pool"]) for key, queue in queues.items()} == {
+        "0": ("cswap-runner", "us-central1", "primary"),
+        "eu/0": ("cswap-runner-eu", "europe-west4", "eu"),
+        "eu/1": ("cswap-runner-eu-1", "europe-west4", "eu"),
+    }
+    assert vms == {
+        "cswap-runner-0": {"index": 0, "pool": "primary"},
+        "cswap-runner-1": {"index": 1, "pool": "primary"},
+        "cswap-runner-eu-0": {"index": 0, "pool": "eu"},
+    }
+    # A pool's runners serve (and in pull mode claim) the pool's environments only.
+    assert environments == {"eu": "comm", "primary": "face_swap,comm"}
+    assert "local.pool_runner_environments[name]" in str(build_graph().body("local.pool_runner_env"))
+
+
+def _runner_pools_json_expression() -> str:
+    """local.runner_pool_settings with its provider-made values (emails, queue names,
+    URLs) replaced by what they will be, so Terraform evaluates the RUNNER_POOLS it writes."""
+    from tests.infra.tfconfig import local_sources
+
+    source = local_sources()["runner_pool_settings"].split("=", 1)[1]
+    for provider_made, stand_in in {
+        "google_service_account.tasks_invoker[name].email": '"${name}-inv@p.iam.gserviceaccount.com"',
+        "google_cloud_tasks_queue.runner[key].name": "local.queues[key].name",
+        "local.runner_urls[name]": '"https://${local.runner_pools[name].runner_name}-123.${pool.region}.run.app"',
+    }.items():
+        assert provider_made in source, provider_made
+        source = source.replace(provider_made, stand_in)
+    # The console reads one line: object attributes on separate lines need commas there.
+    lines = [line.strip() for line in source.splitlines() if line.strip()]
+    one_line = lines[0]
+    for previous, line in itertools.pairwise(lines):
+        one_line += (" " if previous.endswith("{") or line.startswith("}") else ", ") + line
+    return f"jsonencode([for name, setting in {one_line} : setting])"
+
+
+@needs_terraform
+def test_the_runner_pools_terraform_writes_are_what_the_settings_accept() -> None:
+    """RUNNER_POOLS as Terraform builds it parses in Settings (shared/pools.py), and the
+    dispatcher's order then draws only from pools serving the environment."""
+    from shared.pools import pool_order
+    from shared.settings import Settings
+
+    pools = {
+        "primary": {"weight": 2},
+        "eu": {"region": "europe-west4", "queue_shards": 2, "environments": ["face_swap"]},
+        "standby": {"region": "us-east4", "weight": 0},
+    }
+    [written] = console([_runner_pools_json_expression()], {"runner_pools": pools}).values
+
+    parsed = Settings(runner_pools=written).runner_pools
+    by_name = {pool.name: pool for pool in parsed}
+    assert set(by_name) == {"primary", "eu", "standby"}
+    assert by_name["eu"].queues == ("cswap-runner-eu", "cswap-runner-eu-1")
+    assert by_name["eu"].location == "europe-west4"
+    assert by_name["eu"].effective_audience == "https://cswap-runner-eu-123.europe-west4.run.app"
+    assert by_name["standby"].weight == 0
+    assert [pool.name for pool in pool_order(parsed, "task_x", "comm")][-1] == "standby"
+    assert "eu" not in {pool.name for pool in pool_order(parsed, "task_x", "comm")}
+
+
+@needs_terraform
+@pytest.mark.parametrize(
+    ("variables", "accepted"),
+    [
+        ({"runner_pools": {"primary": {}, "eu": {"region": "europe-west4"}}}, True),
+        ({"runner_pools": {"primary": {}, "eu": {"region": "europe-west1", "weight": 0}}}, True),
+        ({"runner_pools": {"us": {}, "asia": {"region": "asia-southeast1", "max_instances": 4}}}, True),
+        ({"runner_pools": {}}, False),
+        ({"runner_pools": {"Eu": {}}}, False),
+        ({"runner_pools": {"averyveryl": {}}}, False),  # 10 characters: the account id would pass 30
+        ({"runner_pools": {"primary": {"region": "Europe West"}}}, False),
+        ({"runner_pools": {"primary": {"weight": 0}}}, False),
+        ({"runner_pools": {"primary": {"weight": -1}}}, False),
+        ({"runner_pools": {"primary": {"weight": 1.5}}}, False),
+        ({"runner_pools": {"primary": {"min_instances": 3, "max_instances": 2}}}, False),
+        ({"runner_pools": {"primary": {"max_instances": 101}}}, False),
+        (
+            {
+                "runner_pools": {
+                    "primary": {"queue_shards": 60},
+                    "eu": {"region": "europe-west4", "queue_shards": 41},
+                }
+            },
+            False,
+        ),
+        ({"runner_pools": {"primary": {"gpu_type": "nvidia-a100"}}}, False),
+        # Cloud Run offers L4s in six regions only; a VM pool may go elsewhere.
+        ({"runner_pools": {"primary": {}, "br": {"region": "southamerica-east1"}}}, False),
+        (
+            {"runner_pools": {"primary": {}, "br": {"region": "southamerica-east1"}}, "runner_mode": "vm"},
+            True,
+        ),
+        ({"runner_pools": {"primary": {"gpu_type": "nvidia-tesla-t4"}}}, False),
+        ({"runner_pools": {"primary": {"gpu_type": "nvidia-tesla-t4"}}, "runner_mode": "vm"}, True),
+        ({"runner_pools": {"primary": {}, "big": {"gpu_type": "nvidia-rtx-pro-6000"}}}, False),  # 8 CPU < 20
+        ({"runner_pools": {"primary": {"environments": ["comm"]}}}, False),  # face_swap unserved
+        (
+            {
+                "runner_pools": {
+                    "primary": {"environments": ["comm"]},
+                    "eu": {"region": "europe-west4", "environments": ["face_swap"]},
+                }
+            },
+            True,
+        ),
+        ({"runner_pools": {"primary": {"environments": ["Bad Env"]}}}, False),
+        ({"runner_pools": {"primary": {"zone": "us-central1"}}, "runner_mode": "vm"}, False),
+    ],
+)
+def test_runner_pools_are_validated(variables: dict[str, Any], accepted: bool) -> None:
+    result = console(["var.runner_pools"], variables)
+    assert (result.returncode == 0) is accepted, f"{variables}: accepted={accepted}\n{result.stderr[-1500:]}"
+
+
+def _mentions_datetime(annotation: Any) -> bool:
+    import datetime as dt
+    import typing
+
+    from pydantic import BaseModel
+
+    if annotation is dt.datetime:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_mentions_datetime(field.annotation) for field in annotation.model_fields.values())
+    return any(_mentions_datetime(argument) for argument in typing.get_args(annotation))
+
+
+@needs_terraform
+def test_every_timestamp_map_and_list_the_store_writes_is_exempt_from_automatic_indexes(graph: Graph) -> None:
+    """Firestore indexes every field, every subfield of a map and every element of a
+    list unless exempted. Every field of a task that holds a time (directly or inside a
+    map: lease.expires_at) is a sequential value (a hotspot near 500 writes/s), and every
+    map or list is index writes nobody reads (a ComfyUI workflow in params: hundreds).
+    The queries read top-level fields only, and none of those is exempted outright."""
+    import typing
+
+    from shared.store.firestore import REQUIRED_INDEXES, encode_task
+    from shared.tasks import Task
+
+    indexes = evaluate("local.firestore_field_indexes")
+    sequential = evaluate("local.firestore_sequential_fields")
+    unqueried = {name for name, kept in indexes.items() if name not in sequential and kept == []}
+    # One resource exempts them all: an empty index_config covers a map's subfields too.
+    assert graph.body("google_firestore_field.sequential")["for_each"] == "${local.firestore_field_indexes}"
+
+    timestamps = {name for name, info in Task.model_fields.items() if _mentions_datetime(info.annotation)}
+    maps_and_lists = {
+        name
+        for name, info in Task.model_fields.items()
+        if any(
+            origin in (dict, list) or (isinstance(origin, type) and hasattr(origin, "model_fields"))
+            for origin in (
+                typing.get_origin(arg) or arg for arg in (info.annotation, *typing.get_args(info.annotation))
+            )
+        )
+    }
+    assert {"redispatched_at", "lease", "created_at"} <= timestamps and {
+        "params",
+        "attempt_history",
+    } <= maps_and_lists
+    for name in timestamps - maps_and_lists:
+        assert name in sequential, f"{name} holds a time: exempt it in local.firestore_field_indexes"
+    for name in maps_and_lists:
+        assert name in unqueried, f"{name} is a map or list: exempt it in local.firestore_unqueried_fields"
+    # The encoded document's extra fields: the top-level lease time (queried, composite
+    # only) and the JSON string a nested array is stored as.
+    assert "lease_expires_at" in sequential and "params__json" in unqueried
+    document = encode_task(Task(workflow="w", environment="face_swap"))
+    composite_fields = {name for index in REQUIRED_INDEXES for name, _ in index.fields}
+    assert not (unqueried & (composite_fields | set(document) - set(Task.model_fields))), (
+        "a queried field is exempt"
+    )
+
+
+@needs_terraform
+def test_the_runner_pools_example_in_the_tfvars_example_is_valid() -> None:
+    """The commented example in terraform.tfvars.example passes the variable's validations
+    and resolves as its comments say."""
+    text = (TERRAFORM_DIR / "terraform.tfvars.example").read_text()
+    block = re.search(r"^# runner_pools = \{\n(?:#  .*\n)+# \}\n", text, flags=re.MULTILINE)
+    assert block, "terraform.tfvars.example shows no runner_pools example"
+    hcl = "\n".join(re.sub(r"\s+#.*$", "", line[2:]) for line in block.group(0).splitlines())
+    pools_hcl = hcl.split("=", 1)[1].strip()
+    # The console reads one line: object items need commas there.
+    one_line = re.sub(r"\}\s*\n\s*", "}, ", pools_hcl).replace("{\n", "{ ").replace("\n", " ")
+    resolved = console([f"{{for name, pool in {one_line} : name => pool}}"]).values[0]
+    assert set(resolved) == {"primary", "eu", "comfy", "standby"}
+    pools = evaluate(
+        "{for name, pool in local.runner_pools : name => [pool.region, pool.weight]}",
+        {"runner_pools": resolved},
+    )
+    assert pools == {
+        "primary": ["us-central1", 2],
+        "eu": ["europe-west4", 1],
+        "comfy": ["europe-west1", 1],
+        "standby": ["us-east4", 0],
+    }

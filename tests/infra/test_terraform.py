@@ -279,17 +279,35 @@ def _assert_local_members_are_service_accounts(
     parsed: dict[str, dict[str, Any]], resource: str, local_name: str
 ) -> None:
     """A grant per (member, something) pair built in a local: every member it can hold
-    comes from a local mapping names to this deployment's service accounts."""
+    is one of this deployment's service accounts, named in that local or in the locals
+    it draws its members from."""
     locals_ = {key: value for _, block in _blocks(parsed, "locals") for key, value in block.items()}
-    sources = set(re.findall(r"\blocal\.([a-z_]+)", str(locals_[local_name]))) - {"queues"}
-    assert sources, f"{resource}: local.{local_name} names no member source"
-    for source_name in sources:
-        granted_all = re.findall(r"(?:=>|[a-z_]+ =) ([^\n,}()]+)", str(locals_[source_name]))
-        assert len(granted_all) >= 2, f"{resource}: no members found in local.{source_name}"
-        for granted in granted_all:
-            assert re.fullmatch(
-                r"google_service_account\.[a-z_]+(\[[a-z0-9_]+\])?\.member", granted.strip()
-            ), f"{resource} grants to {granted}, not to this deployment's service accounts"
+    pending, seen, granted_all = [local_name], set(), []
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        text = str(locals_[name])
+        # Entries that are objects name their account as `member = ...`; plain maps map
+        # a name straight to it.
+        granted_all += re.findall(r"\bmember = ([^\n,}()]+)", text)
+        granted_all += [
+            granted
+            for granted in re.findall(r"(?:=>|[a-z_]+ =) ([^\n,}()]+)", text)
+            if granted.strip().startswith("google_service_account.")
+        ]
+        pending += [
+            other for other in re.findall(r"\blocal\.([a-z_]+)", text) if "member" in str(locals_[other])
+        ]
+    granted_all = [
+        granted for granted in granted_all if not granted.strip().startswith(("each.", "enqueuer."))
+    ]
+    assert len(granted_all) >= 2, f"{resource}: no members found in local.{local_name}"
+    for granted in granted_all:
+        assert re.fullmatch(r"google_service_account\.[a-z_]+(\[[a-z0-9_]+\])?\.member", granted.strip()), (
+            f"{resource} grants to {granted}, not to this deployment's service accounts"
+        )
 
 
 def test_iam_members_are_service_accounts(parsed: dict[str, dict[str, Any]]) -> None:
@@ -303,6 +321,13 @@ def test_iam_members_are_service_accounts(parsed: dict[str, dict[str, Any]]) -> 
                     assert re.fullmatch(
                         r"google_service_account\.[a-z_]+(\[0\])?\.member", granted.strip()
                     ), f"{type_name}.{name} grants to {granted}, not to this deployment's service accounts"
+                continue
+            members_local = re.fullmatch(r"\$\{local\.([a-z_]+)\[each\.value\.who\]\}", member)
+            if members_local:
+                # The member is looked up by name in a local that maps names to accounts.
+                _assert_local_members_are_service_accounts(
+                    parsed, f"{type_name}.{name}", members_local.group(1)
+                )
                 continue
             local_source = re.fullmatch(r"\$\{local\.([a-z_]+)\}", str(body.get("for_each", "")))
             if member == "${each.value.member}" and local_source:
@@ -414,7 +439,9 @@ def test_env_names_are_settings_names(parsed: dict[str, dict[str, Any]]) -> None
 def test_runner_is_a_gpu_service_with_no_cpu_throttling(parsed: dict[str, dict[str, Any]]) -> None:
     runner = _resources(parsed)[("google_cloud_run_v2_service", "runner")]
     template = runner["template"][0]
-    assert template["node_selector"][0]["accelerator"] == "${var.gpu_type}"
+    # One service per runner pool, each with its pool's GPU (var.gpu_type by default).
+    assert runner["for_each"] == "${local.push_mode ? local.runner_pools : {}}"
+    assert template["node_selector"][0]["accelerator"] == "${each.value.gpu_type}"
     assert "gpu_zonal_redundancy_disabled" in template
     assert template["max_instance_request_concurrency"] == "${var.engine_slots}"
     container = template["containers"][0]
@@ -430,7 +457,8 @@ def test_runner_is_a_gpu_service_with_no_cpu_throttling(parsed: dict[str, dict[s
 
 def test_vm_runner_has_a_gpu_and_terminates_on_maintenance(parsed: dict[str, dict[str, Any]]) -> None:
     vm = _resources(parsed)[("google_compute_instance", "runner")]
-    assert vm["guest_accelerator"][0]["type"] == "${var.gpu_type}"
+    # Each VM carries its pool's GPU (var.gpu_type unless the pool names one).
+    assert vm["guest_accelerator"][0]["type"] == "${local.runner_pools[each.value.pool].gpu_type}"
     assert _unquote(vm["scheduling"][0]["on_host_maintenance"]) == "TERMINATE"
     startup = (TERRAFORM_DIR / "templates" / "runner_vm_startup.sh.tftpl").read_text()
     assert "docker run" in startup
@@ -442,11 +470,12 @@ def test_vm_runner_has_a_gpu_and_terminates_on_maintenance(parsed: dict[str, dic
 
 def test_queue_concurrency_follows_engine_slots(parsed: dict[str, dict[str, Any]]) -> None:
     queue = _resources(parsed)[("google_cloud_tasks_queue", "runner")]
-    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${min(local.queue_capacity, 5000)}"
+    assert queue["rate_limits"][0]["max_concurrent_dispatches"] == "${min(each.value.capacity, 5000)}"
     retry = queue["retry_config"][0]
     assert {"max_attempts", "min_backoff", "max_backoff", "max_doublings"} <= set(retry)
-    capacity = next(block for _, block in _blocks(parsed, "locals") if "runner_capacity" in block)
-    assert capacity["runner_capacity"] == "${var.engine_slots * var.runner_max_instances}"
+    # Each queue's capacity is its share of its pool's slots: engine_slots x the pool's instances.
+    queues = next(block for _, block in _blocks(parsed, "locals") if "queues" in block)["queues"]
+    assert "var.engine_slots * local.runner_pools[name].max_instances / length(names)" in queues
 
 
 def test_function_accounts_can_enqueue_and_mint_invoker_tokens(parsed: dict[str, dict[str, Any]]) -> None:
@@ -458,8 +487,12 @@ def test_function_accounts_can_enqueue_and_mint_invoker_tokens(parsed: dict[str,
     assert _unquote(acts_as["role"]) == "roles/iam.serviceAccountUser"
     assert "tasks_invoker" in acts_as["service_account_id"]
     invokers = resources[("google_cloud_run_v2_service_iam_member", "runner_invokers")]
-    assert "gateway" in json.dumps(invokers["for_each"])
-    assert "tasks_invoker" in json.dumps(invokers["for_each"])
+    assert invokers["for_each"] == "${local.runner_invoker_grants}"
+    locals_text = json.dumps(
+        [block for _, block in _blocks(parsed, "locals") if "runner_invoker_members" in block]
+    )
+    assert "google_service_account.gateway.member" in locals_text
+    assert "google_service_account.tasks_invoker[pool].member" in locals_text
 
 
 def test_monitoring_has_metrics_dashboard_and_alerts(parsed: dict[str, dict[str, Any]]) -> None:
