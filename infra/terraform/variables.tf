@@ -440,6 +440,8 @@ variable "runner_pools" {
   }))
   default  = { primary = {} }
   nullable = false
+  # Cloud Run bounds a service's instances by the region's CPU, memory and GPU quotas,
+  # not by a fixed number (https://cloud.google.com/run/docs/configuring/max-instances-limits).
   validation {
     # Service account ids are at most 30 characters: PREFIX(16)-run-NAME.
     condition     = length(var.runner_pools) >= 1 && length(var.runner_pools) <= 10 && alltrue([for name in keys(var.runner_pools) : can(regex("^[a-z][a-z0-9]{0,8}$", name))])
@@ -455,12 +457,12 @@ variable "runner_pools" {
   }
   validation {
     condition = alltrue([for pool in values(var.runner_pools) : (
-      coalesce(pool.max_instances, var.runner_max_instances) >= 1 && coalesce(pool.max_instances, var.runner_max_instances) <= 100 &&
+      coalesce(pool.max_instances, var.runner_max_instances) >= 1 && coalesce(pool.max_instances, var.runner_max_instances) <= (var.runner_mode == "cloud_run" ? 5000 : 100) &&
       floor(coalesce(pool.max_instances, var.runner_max_instances)) == coalesce(pool.max_instances, var.runner_max_instances) &&
       coalesce(pool.min_instances, var.runner_min_instances) >= 0 &&
       coalesce(pool.min_instances, var.runner_min_instances) <= coalesce(pool.max_instances, var.runner_max_instances)
     )])
-    error_message = "runner_pools max_instances must be a whole number from 1 to 100 and min_instances between 0 and max_instances."
+    error_message = "runner_pools max_instances must be a whole number from 1 to 5000 on Cloud Run (its real bound is the region's GPU quota) or 1 to 100 VMs per pool, and min_instances between 0 and max_instances."
   }
   validation {
     # Queues per project: 1,000 by default (Cloud Tasks quotas); this deployment takes at most 100.

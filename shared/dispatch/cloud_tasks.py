@@ -26,7 +26,10 @@ passed after the server wrote it), the task is delivered once per pool. That is 
 delivery every push already tolerates: the runner claims the task (PENDING -> FETCHED, a
 compare-and-set) before it runs anything, and the second claim finds it taken and is
 dropped. Only when every pool fails does dispatch fail, and the task stays PENDING for the
-re-dispatch sweep: nothing is lost.
+re-dispatch sweep: nothing is lost. A region can also fail without refusing anything (its
+queue takes the task, its runners never claim it): each new delivery of a task (a new
+dispatch generation: the sweep's, a retry's, a release's) starts one pool further down the
+order, so the sweep moves such a task to the next region.
 
 Transient gRPC failures are retried by the client under a ``google.api_core.retry.Retry``
 (exponential backoff with jitter, within one deadline for the whole enqueue, as the GCS
@@ -238,10 +241,20 @@ class CloudTasksDispatcher(Dispatcher):
         return cls(client, routes=routes, dispatch_deadline_s=settings.cloud_tasks_dispatch_deadline_s)
 
     def routes_for(self, task: Task) -> list[PoolRoute]:
-        """The pools to try for ``task``, first choice first (shared.pools.pool_order)."""
+        """The pools to try for ``task``, first choice first: shared.pools.pool_order,
+        started one pool further down for each new delivery of the task (its dispatch
+        generation: a retry, a release, a reaped lease, the sweep's re-dispatch of a task
+        still PENDING). A region whose queue takes tasks but whose runners never claim
+        them holds a task until the sweep, and the sweep's delivery goes elsewhere."""
         by_name = {route.name: route for route in self.routes}
-        order = pool_order([route.pool for route in self.routes], task.taskId, task.environment)
-        return [by_name[pool.name] for pool in order]
+        order = [
+            by_name[pool.name]
+            for pool in pool_order([r.pool for r in self.routes], task.taskId, task.environment)
+        ]
+        if not order:
+            return order
+        start = task.dispatch_generation % len(order)
+        return order[start:] + order[:start]
 
     def queue_path_for(self, task: Task) -> str:
         """The queue of the task's first-choice pool (by :func:`queue_index` within it)."""

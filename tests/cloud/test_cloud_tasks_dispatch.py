@@ -13,6 +13,7 @@ with a recording client instead.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import socket
@@ -71,7 +72,8 @@ def cloud_tasks_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
 class RecordingTarget:
     """The runner's push endpoint as a real HTTP server on 127.0.0.1: records each POST."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200) -> None:
+        """``status``: what every POST is answered (503: a runner that never takes a task)."""
         self.requests: list[dict[str, Any]] = []
         recorded = self.requests
 
@@ -79,7 +81,7 @@ class RecordingTarget:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 recorded.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -674,3 +676,42 @@ def test_a_task_no_pool_serves_is_refused_without_an_enqueue() -> None:
 
     assert raised.value.code == "no_runner_pool" and raised.value.retryable is False
     assert client.calls == []
+
+
+@pytest.mark.emulator
+def test_a_region_that_takes_tasks_but_never_runs_them_loses_them_to_the_next_pool_at_the_sweep(
+    cloud_tasks_emulator, runner_target, tmp_path
+) -> None:
+    """The eu queue accepts the task, but eu's runners answer 503 to every push (down,
+    out of GPU quota): no enqueue fails, so no failover. The re-dispatch sweep finds the
+    task still PENDING, gives it a new dispatch generation, and that delivery starts one
+    pool further down its order: the us runner gets it."""
+    from shared.dispatch import redispatch_stale_pending
+    from shared.store.sqlite import SQLiteTaskStore
+
+    down = RecordingTarget(status=503)
+    try:
+        tag = f"pool-{uuid.uuid4().hex[:8]}"
+        dispatcher = make_dispatcher(
+            _pools_settings(cloud_tasks_emulator, _two_pools(runner_target.url, down.url, tag))
+        )
+        assert isinstance(dispatcher, CloudTasksDispatcher)
+        _create_queues(dispatcher)
+        store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+        task = store.create(
+            next(t for t in (make_task() for _ in range(40)) if dispatcher.routes_for(t)[0].name == "eu")
+        )
+
+        dispatcher.dispatch(task)
+        wait_until(lambda: len(down.requests) >= 1, timeout_s=30, what="the eu runner's 503")
+        assert runner_target.requests == []
+        report = redispatch_stale_pending(
+            store, dispatcher, older_than_s=0.0, now=task.created_at + dt.timedelta(seconds=1)
+        )
+        wait_until(lambda: len(runner_target.requests) >= 1, timeout_s=30, what="the us runner's delivery")
+    finally:
+        down.close()
+
+    assert report.dispatched == [task.taskId]
+    assert set(_delivered(runner_target)) == {task.taskId}
+    assert _delivered(down).keys() == {task.taskId}

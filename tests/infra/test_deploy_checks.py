@@ -961,7 +961,10 @@ def test_the_runner_pools_terraform_writes_are_what_the_settings_accept() -> Non
         ({"runner_pools": {"primary": {"weight": -1}}}, False),
         ({"runner_pools": {"primary": {"weight": 1.5}}}, False),
         ({"runner_pools": {"primary": {"min_instances": 3, "max_instances": 2}}}, False),
-        ({"runner_pools": {"primary": {"max_instances": 101}}}, False),
+        # Cloud Run: bounded by the region's GPU quota (a fleet of thousands); VMs: 100 per pool.
+        ({"runner_pools": {"primary": {"max_instances": 3000}}}, True),
+        ({"runner_pools": {"primary": {"max_instances": 5001}}}, False),
+        ({"runner_pools": {"primary": {"max_instances": 101}}, "runner_mode": "vm"}, False),
         (
             {
                 "runner_pools": {

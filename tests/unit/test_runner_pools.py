@@ -173,3 +173,26 @@ def test_a_bad_pool_config_stops_the_process_naming_runner_pools_and_the_fault(
 def test_parse_accepts_an_empty_setting_as_no_pools() -> None:
     assert parse_runner_pools("") == ()
     assert parse_runner_pools("  ") == ()
+
+
+def test_each_new_delivery_of_a_task_starts_one_pool_further_down_its_order() -> None:
+    """A task stuck in a region that takes it but never runs it moves on at its next
+    delivery (the sweep's new dispatch generation); the same delivery repeated stays put
+    (so Cloud Tasks can de-duplicate its name in the same queue)."""
+    from shared.dispatch.cloud_tasks import CloudTasksDispatcher, PoolRoute
+    from shared.tasks import Task
+
+    pools = [pool("us"), pool("eu", location="europe-west4"), pool("asia", location="asia-southeast1")]
+    routes = [
+        PoolRoute(p, (f"projects/p/locations/{p.location}/queues/{p.queues[0]}",), p.runner_url, "", "")
+        for p in pools
+    ]
+    dispatcher = CloudTasksDispatcher(None, routes=routes)  # the order needs no client
+    task = Task(workflow="face_swap", environment="face_swap")
+    base = [p.name for p in pool_order(pools, task.taskId, "face_swap")]
+
+    for generation in range(5):
+        delivery = task.model_copy(update={"dispatch_generation": generation})
+        order = [route.name for route in dispatcher.routes_for(delivery)]
+        assert order == base[generation % 3 :] + base[: generation % 3]
+        assert order == [route.name for route in dispatcher.routes_for(delivery.model_copy())]
