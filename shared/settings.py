@@ -213,7 +213,8 @@ class Settings(BaseSettings):
             '{"name", "location", "queues": [...], "runner_url", "audience", "invoker_email", "weight", '
             '"environments": [...]} (Terraform writes it from var.runner_pools). A task goes to the pools '
             "serving its environment, first the one a weighted hash of its id picks, the others in turn when "
-            "that region's queue cannot take it (shared/pools.py). Empty = one pool from "
+            "that region's queue cannot take it; each new delivery of a task starts one pool further down "
+            "(shared/pools.py, shared/dispatch/cloud_tasks.py). Empty = one pool from "
             "CLOUD_TASKS_LOCATION, CLOUD_TASKS_QUEUE(S), RUNNER_URL, RUNNER_OIDC_AUDIENCE and "
             "CLOUD_TASKS_INVOKER_EMAIL."
         ),
