@@ -415,6 +415,7 @@ class TaskService:
                 task = claim_for_runner(
                     self.store, self.settings, worker_id=worker_id, environments=environments
                 )
+                watch.tried(took=task is not None)
                 if task is not None:
                     return task
                 remaining = deadline - time.monotonic()

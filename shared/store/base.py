@@ -19,11 +19,12 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shared.errors import ComfySwapError, Conflict, NotFound
-from shared.store.notify import ChangeWatch, Listener
+from shared.store.notify import ChangeWatch, Listener, WorkLine, WorkWatch
 from shared.tasks import (
     LEASED_STATUSES,
     TERMINAL_STATUSES,
@@ -40,6 +41,9 @@ from shared.tasks import (
 __all__ = ["TaskStore"]
 
 Mutation = Callable[[Task], Task]
+
+# Guards the lazy creation of a store's work lines (watch_work).
+_WORK_LINES_LOCK = threading.Lock()
 
 # How long a finished task is kept (TASK_RETENTION_DAYS); make_task_store passes the setting.
 DEFAULT_RETENTION = dt.timedelta(days=30)
@@ -196,21 +200,32 @@ class TaskStore(abc.ABC):
             unsubscribe()
 
     @contextlib.contextmanager
-    def watch_work(self, environments: Iterable[str]) -> Iterator[ChangeWatch]:
-        watch = ChangeWatch()
-        unsubscribe = self.subscribe_work(list(environments), watch.notify)
+    def watch_work(self, environments: Iterable[str]) -> Iterator[WorkWatch]:
+        """Wait in this process's line for work of ``environments``: a change wakes one
+        waiter, not all (WorkLine). The waiter calls ``watch.tried(took)`` after each claim."""
+        envs = tuple(dict.fromkeys(environments))
+        with _WORK_LINES_LOCK:
+            lines: dict[frozenset[str], WorkLine] = self.__dict__.setdefault("_work_lines", {})
+            line = lines.get(frozenset(envs))
+            if line is None:
+                line = lines[frozenset(envs)] = WorkLine(
+                    lambda listener: self.subscribe_work(list(envs), listener)
+                )
+        watch = line.join()
         try:
             yield watch
         finally:
-            unsubscribe()
+            line.leave(watch)
 
     def wait_for_work(self, timeout_s: float, environments: Iterable[str] | None = None) -> bool:
         """Block until a task of ``environments`` (default: any) may have become claimable,
-        or the timeout passes; True when woken by a change."""
+        or the timeout passes; True when woken by a change (the caller claims next)."""
         from shared.workflows import ENVIRONMENTS
 
         with self.watch_work(environments if environments is not None else ENVIRONMENTS) as watch:
-            return watch.wait(timeout_s)
+            woke = watch.wait(timeout_s)
+            watch.tried(took=woke)  # the caller acts on the wake: it is not passed on
+            return woke
 
     def close(self) -> None:  # noqa: B027  # optional hook, most backends hold nothing to close
         """Release connections."""

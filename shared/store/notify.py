@@ -34,6 +34,7 @@ import secrets
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from shared.tasks import Task
 
-__all__ = ["ChangeBus", "ChangeWatch", "Listener", "TaskChange"]
+__all__ = ["ChangeBus", "ChangeWatch", "Listener", "TaskChange", "WorkLine", "WorkWatch"]
 
 _MAX_DATAGRAM = 1024
 # A receiver drains its socket at once; a send that would wait longer than this means the
@@ -102,6 +103,119 @@ class ChangeWatch:
             fired = self._changes != self._seen
             self._seen = self._changes
             return fired
+
+
+class WorkWatch(ChangeWatch):
+    """A claimer waiting for work in a :class:`WorkLine`. It says after each claim whether
+    it took a task (``tried``), so a wake it was given and did not use goes to another."""
+
+    def __init__(self, line: WorkLine) -> None:
+        super().__init__()
+        self._line = line
+        self.woken = False  # given a change it has not acted on yet (guarded by the line)
+        self.took = False
+        self.waiting_since: float | None = None  # blocked in wait() since (monotonic)
+
+    def wait(self, timeout_s: float) -> bool:
+        self._line.waiting(self)
+        try:
+            return super().wait(timeout_s)
+        finally:
+            self._line.not_waiting(self)
+
+    def tried(self, took: bool) -> None:
+        """After a claim: the wake (if any) is used; ``took`` whether it got a task."""
+        self._line.tried(self, took)
+
+
+class WorkLine:
+    """The claimers of one process waiting for work of one set of environments, woken
+    ONE per change (the longest waiting first), not all at once.
+
+    Why: a change says that one task may have become claimable; waking every waiter sent
+    them all to claim it and all but one lost (issue 14: every idle pull runner woke for
+    each new task; the fetch_task long polls of many runners wait in one instance). A
+    woken waiter that takes a task wakes the next (a burst spreads waiter by waiter;
+    the chain ends at a claim that finds nothing: one empty claim per chain). A
+    waiter woken that leaves without taking a task (its runner hung up, its deadline
+    came) passes the wake on to the next; a change that finds every waiter already woken
+    is kept (up to one per waiter) for the next that waits, so none is lost."""
+
+    def __init__(self, subscribe: Callable[[Listener], Callable[[], None]]) -> None:
+        self._subscribe = subscribe
+        self._lock = threading.Lock()
+        self._waiters: list[WorkWatch] = []  # in the order they joined
+        self._kept = 0  # changes no waiter was free for
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def join(self) -> WorkWatch:
+        watch = WorkWatch(self)
+        with self._lock:
+            self._waiters.append(watch)
+            first = self._unsubscribe is None
+            if first:
+                self._unsubscribe = lambda: None  # claimed: another joiner does not subscribe too
+        if first:
+            unsubscribe = self._subscribe(self._on_change)
+            with self._lock:
+                self._unsubscribe = unsubscribe
+        return watch
+
+    def leave(self, watch: WorkWatch) -> None:
+        with self._lock:
+            self._waiters.remove(watch)
+            unused = watch.woken and not watch.took
+            watch.woken = False
+            unsubscribe = None
+            if not self._waiters:
+                unsubscribe, self._unsubscribe, self._kept = self._unsubscribe, None, 0
+        if unsubscribe is not None:
+            unsubscribe()
+        elif unused:
+            self._on_change(watch.last)
+
+    def waiting(self, watch: WorkWatch) -> None:
+        with self._lock:
+            watch.waiting_since = time.monotonic()
+            if self._kept and not watch.woken:
+                self._kept -= 1
+                watch.woken = True
+            else:
+                return
+        watch.notify(None)
+
+    def not_waiting(self, watch: WorkWatch) -> None:
+        with self._lock:
+            watch.waiting_since = None
+
+    def tried(self, watch: WorkWatch, took: bool) -> None:
+        with self._lock:
+            woken, watch.woken, watch.took = watch.woken, False, took
+        if woken and took:
+            # More may have come than the change said: one listener snapshot can stand
+            # for a burst, and a claimer of a fleet may take another task than the head
+            # (the head then does not change: no new snapshot). The next waiter looks
+            # (a claim that finds nothing ends the chain).
+            self._wake_free()
+
+    def _on_change(self, change: TaskChange | None) -> None:
+        self._wake_free(change, keep=True)
+
+    def _wake_free(self, change: TaskChange | None = None, *, keep: bool = False) -> None:
+        with self._lock:
+            free = [watch for watch in self._waiters if not watch.woken]
+            if not free:
+                if keep:
+                    self._kept = min(self._kept + 1, len(self._waiters))
+                return
+            # Blocked in wait() longest first; then one between claims (its next wait
+            # returns at once: nothing is missed).
+            chosen = min(
+                free,
+                key=lambda watch: (watch.waiting_since is None, watch.waiting_since or 0.0),
+            )
+            chosen.woken = True
+        chosen.notify(change)
 
 
 class ChangeBus:

@@ -87,6 +87,41 @@ def test_wait_for_work_does_not_spin_on_unchanged_work(emulator: FirestoreEmulat
     store.close()
 
 
+@pytest.mark.emulator
+def test_a_new_task_wakes_one_of_the_fetches_waiting_in_one_instance(
+    emulator: FirestoreEmulator, tmp_path: Path
+) -> None:
+    """Issue 14: eight runners' fetch_task long polls wait in one instance; a new task used
+    to wake all eight, and seven lost the race for it (counted at the gRPC channel). Now
+    the head listener's change wakes one of them; a burst still reaches every waiter."""
+    import time
+
+    from benchmarks.scale import counting_stores
+    from shared.dispatch.base import NoopDispatcher
+    from shared.service import TaskService
+    from tests.waiting_fetches import start_waiting_fetches
+
+    with counting_stores(emulator.project, "tasks", 1) as ([store], counter):
+        service = TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
+        threads, fetched, _ = start_waiting_fetches(service, store, 8)
+        creator = FirestoreTaskStore(firestore.Client(project=emulator.project))
+        tasks = [creator.create(Task(workflow="face_swap", environment="face_swap"))]
+        deadline = time.monotonic() + 60
+        while len(fetched) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # An observation window, not a wait for something to finish: a fetch woken with
+        # the first one would write its compare-and-set within a few hundred ms.
+        time.sleep(1.0)
+        lost_for_the_first = counter["conflicts"] + counter["aborted"]
+        tasks += [creator.create(Task(workflow="face_swap", environment="face_swap")) for _ in range(7)]
+        for thread in threads:
+            thread.join(timeout=90)
+        creator.close()
+
+    assert lost_for_the_first == 0
+    assert sorted(task.taskId for task in fetched.values() if task) == sorted(task.taskId for task in tasks)
+
+
 class _Candidate:
     """What spread_claims reads of a query snapshot: ``get(field)``."""
 

@@ -27,6 +27,7 @@ from shared.service import TaskService
 from shared.settings import Settings
 from shared.store.sqlite import SQLiteTaskStore
 from shared.tasks import Task, TaskStatus, utcnow
+from tests.waiting_fetches import start_waiting_fetches
 
 REPO = Path(__file__).resolve().parents[2]
 OWNER = Principal(owner="key-a", roles=frozenset({"client"}))
@@ -219,3 +220,33 @@ def test_writes_from_every_thread_go_through_one_connection(store):
 
     assert len([sql for sql in statements if sql.startswith("INSERT")]) == 4
     assert store.queue_stats().pending == 4
+
+
+def test_one_new_task_wakes_one_of_many_waiting_fetches_and_a_burst_reaches_them_all(store, tmp_path):
+    """Issue 14: the fetch_task long polls of many runners wait in one instance, and each
+    new task used to wake them all: every one claimed (in Firestore, all but one lost the
+    race). A change now wakes one waiter; the others sleep on, and a burst of tasks still
+    reaches every waiter (each that takes a task wakes the next)."""
+    service = _service(store, tmp_path)
+    threads, fetched, claims = start_waiting_fetches(service, store, 8)
+    deadline = time.monotonic() + 30
+
+    first = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+    while first.taskId not in claims and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # An observation window, not a wait for something to finish: a waiter woken with the
+    # first one claims within milliseconds (the store delivers the change in create()).
+    time.sleep(1.0)
+    after_first = claims[8:]
+
+    burst = [
+        store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a")) for _ in range(7)
+    ]
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # The one woken took it and woke the next, which found nothing (the chain's end).
+    assert after_first == [first.taskId, ""], after_first
+    assert sorted(task.taskId for task in fetched.values() if task) == sorted(
+        task.taskId for task in [first, *burst]
+    )
