@@ -13,7 +13,12 @@ caches identical prompts) against the same ComfyUI, interleaved in the same run:
 * throughput with 8 concurrent clients (each its own socket for the floor), the best of 3
   interleaved rounds on each side;
 * wrapper CPU per job: CPU time of the API and runner processes over the sequential jobs;
-* CPU at idle: the API and the runner over 10 s with nothing to do.
+* CPU at idle: the API and the runner over 10 s with nothing to do;
+* where the machine goes per job on each side during the 8-client rounds (ComfyUI, this
+  benchmark's client, the API, the runner; every thread's schedstat) and the cores busy
+  meanwhile (/proc/stat): when both sides keep the cores busy, throughput is CPU per job
+  over the cores, so the ratio cannot pass (floor's CPU per job) / (ComfySwap's), the
+  ceiling printed beside the measured ratio, with the wrapper CPU per job 0.8x would need.
 
 The API and the runner are the product's own processes (``comfyswap api``, ``python -m
 gpu_runner``), on the embedded store, with ENGINE_SLOTS=8 so concurrent jobs reach
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import PY, REPO, Row, fmt_ms, median, not_measured, process_tree_cpu_s
+from benchmarks.common import PY, REPO, Row, fmt_ms, median, not_measured
 from tests.fakes import comfyui_double
 from tests.peers import comfyui_peer
 from tests.peers.comfyui_peer import start_real_comfyui
@@ -225,10 +231,6 @@ def _rates(rates: list[float]) -> str:
     return " / ".join(f"{rate:.1f}" for rate in rates)
 
 
-def _cpu_s(pids: list[int]) -> float:
-    return sum(process_tree_cpu_s(pid) for pid in pids)
-
-
 def _on_cpu_ns(pids: list[int]) -> int:
     """Nanoseconds on a CPU so far of every thread of ``pids`` and their children, from
     /proc/<pid>/task/<tid>/schedstat: exact where utime+stime count 10 ms clock ticks,
@@ -243,6 +245,60 @@ def _on_cpu_ns(pids: list[int]) -> int:
                 with contextlib.suppress(OSError, ValueError):
                     total += int((task / "schedstat").read_text().split()[0])
     return total
+
+
+def _busy_cores_s() -> float:
+    """CPU seconds the whole machine spent busy so far, all cores (/proc/stat: every field
+    but idle and iowait; USER_HZ ticks)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class _Spend:
+    """CPU per job by process on one side (nanoseconds of every thread, schedstat), and the
+    machine's busy cores over the same wall time."""
+
+    PARTS = ("ComfyUI", "client", "API", "runner")
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._pids = pids
+        self.cpu_ns = dict.fromkeys(self.PARTS, 0)
+        self.jobs = 0
+        self.busy_s = 0.0
+        self.wall_s = 0.0
+
+    def _now(self) -> dict[str, int]:
+        now = {name: _on_cpu_ns(pids) for name, pids in self._pids.items()}
+        now["client"] = time.process_time_ns()  # this process: the benchmark's clients
+        return now
+
+    @contextlib.contextmanager
+    def jobs_of(self, count: int) -> Iterator[None]:
+        before, busy, started = self._now(), _busy_cores_s(), time.perf_counter()
+        yield
+        self.wall_s += time.perf_counter() - started
+        self.busy_s += _busy_cores_s() - busy
+        after = self._now()
+        for name in after:
+            self.cpu_ns[name] += after[name] - before[name]
+        self.jobs += count
+
+    def per_job_s(self, name: str) -> float:
+        return self.cpu_ns.get(name, 0) / 1e9 / max(1, self.jobs)
+
+    @property
+    def total_per_job_s(self) -> float:
+        return sum(self.per_job_s(name) for name in self.PARTS)
+
+    @property
+    def cores_busy(self) -> float:
+        return self.busy_s / self.wall_s if self.wall_s else 0.0
+
+    def describe(self) -> str:
+        measured = [name for name in self.PARTS if name == "client" or name in self._pids]
+        parts = " + ".join(f"{name} {self.per_job_s(name) * 1000:.1f}" for name in measured)
+        return f"{parts} = {self.total_per_job_s * 1000:.1f} ms"
 
 
 def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> list[Row]:
@@ -263,16 +319,22 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
         # Interleaved batches: drift on a busy machine lands on both sides.
         for _ in range(3):
             direct += _durations(asyncio.run(_direct_jobs(comfyui.url, colours, count // 3)))
-            cpu_before = _cpu_s(pids)
+            cpu_before = _on_cpu_ns(pids)
             wrapped += _durations(asyncio.run(_wrapper_jobs(api_url, colours, count // 3)))
-            wrapper_cpu += _cpu_s(pids) - cpu_before
+            wrapper_cpu += (_on_cpu_ns(pids) - cpu_before) / 1e9
         # Interleaved rounds, the best of each side: on a shared machine a round can lose
         # half its rate to someone else's burst; the best round is what each side can do.
         direct_rates: list[float] = []
         wrapped_rates: list[float] = []
+        direct_spend = _Spend({"ComfyUI": [comfyui.pid]})
+        wrapped_spend = _Spend({"ComfyUI": [comfyui.pid], "API": pids[:1], "runner": pids[1:]})
         for _ in range(CONCURRENT_ROUNDS):
-            direct_rates.append(asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs)))
-            wrapped_rates.append(asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs)))
+            with direct_spend.jobs_of(concurrent_jobs):
+                direct_rates.append(
+                    asyncio.run(_concurrently("direct", comfyui.url, colours, concurrent_jobs))
+                )
+            with wrapped_spend.jobs_of(concurrent_jobs):
+                wrapped_rates.append(asyncio.run(_concurrently("wrapper", api_url, colours, concurrent_jobs)))
         direct_rate, wrapped_rate = max(direct_rates), max(wrapped_rates)
         time.sleep(2.0)  # the last answers and log lines settle
         idle_before = _on_cpu_ns(pids)
@@ -281,6 +343,13 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
     overhead = median(wrapped) - median(direct)
     cpu_per_job = wrapper_cpu / len(wrapped)
     ratio = wrapped_rate / direct_rate
+    ceiling = direct_spend.total_per_job_s / wrapped_spend.total_per_job_s
+    # What 0.8x would need: ComfySwap's whole CPU per job at floor / 0.8, of which ComfyUI
+    # and the client take what they take on that side now.
+    wrapper_budget = direct_spend.total_per_job_s / THROUGHPUT_TARGET - (
+        wrapped_spend.per_job_s("ComfyUI") + wrapped_spend.per_job_s("client")
+    )
+    cores = os.cpu_count() or 1
     return [
         Row(
             f"{figure}: overhead per job, median of {len(wrapped)}",
@@ -296,6 +365,17 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
             f">= {THROUGHPUT_TARGET}x direct",
             f"direct client: {direct_rate:.1f} jobs/s (rounds: {_rates(direct_rates)})",
             "meets" if ratio >= THROUGHPUT_TARGET else "MISSES",
+        ),
+        Row(
+            f"{figure}: CPU per job during the {CONCURRENCY}-client rounds, every process "
+            f"(schedstat), and the throughput ceiling it implies on {cores} cores",
+            f"ComfySwap: {wrapped_spend.describe()}, {wrapped_spend.cores_busy:.1f} of {cores} cores busy; "
+            f"ceiling {ceiling:.2f}x direct (measured {ratio:.2f}x); 0.8x needs API + runner "
+            f"<= {max(0.0, wrapper_budget) * 1000:.1f} ms per job (now "
+            f"{(wrapped_spend.per_job_s('API') + wrapped_spend.per_job_s('runner')) * 1000:.1f})",
+            "counted",
+            f"direct client: {direct_spend.describe()}, {direct_spend.cores_busy:.1f} of {cores} cores busy",
+            "info",
         ),
         Row(
             f"{figure}: wrapper CPU per job (API + runner processes)",
