@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import functools
 import time
@@ -25,6 +26,10 @@ from shared.store.notify import TaskChange
 from shared.tasks import Task, utcnow
 
 __all__ = ["HttpTaskSource", "StoreTaskSource", "TaskSource"]
+
+# A claim's answer: the task taken (or None), whether more work may be claimable now, and
+# when to look again although nothing is published (None: only a change brings work).
+_Claimed = tuple[Task | None, bool, dt.datetime | None]
 
 
 class TaskSource(Protocol):
@@ -61,14 +66,22 @@ class StoreTaskSource:
     """Claims straight from the store: a runner on the machine of its store (the embedded
     SQLite one: no hop through the task API), and tests. The same claim as fetch_task's.
 
-    One subscription to the store's work changes serves every fetch (not one per fetch),
-    and a claim that finds nothing looks up when to look again in the same thread hop."""
+    One subscription to the store's work changes serves every fetch (not one per fetch).
+    A claim looks, in the same thread hop, whether more work is claimable (after taking a
+    task) and when to look again (when there is none): a fetch then claims only when that
+    probe said so, a change was published, or the wake time came, so a runner working
+    through tasks one at a time makes one claim per task, not a second one that finds
+    nothing."""
 
     def __init__(self, store: TaskStore, settings: Settings) -> None:
         self._store = store
         self._settings = settings
         self._published = asyncio.Event()
         self._subscribed: tuple[frozenset[str], asyncio.AbstractEventLoop, Callable[[], None]] | None = None
+        # Whether the next fetch claims before it waits; and when to look again although
+        # nothing was published (a retry backoff's end, a lease to expire), from the last claim.
+        self._claim_first = True
+        self._wake_at: dt.datetime | None = None
 
     async def _subscribe(self, environments: list[str]) -> None:
         wanted = frozenset(environments)
@@ -77,6 +90,7 @@ class StoreTaskSource:
             return
         await self.close()
         self._published = published = asyncio.Event()
+        self._claim_first = True  # other environments: what the last claim saw says nothing
 
         def on_work(change: TaskChange) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed under a late change
@@ -90,36 +104,45 @@ class StoreTaskSource:
         # Subscribed before the first claim, so work published in between is not missed.
         await self._subscribe(environments)
 
-        def claim() -> tuple[Task | None, dt.datetime | None]:
+        def claim() -> _Claimed:
             task = claim_for_runner(
                 self._store, self._settings, worker_id=worker_id, environments=environments
             )
-            if task is not None:
-                return task, None
-            return None, self._store.next_wake_at(environments, utcnow())
+            now = utcnow()
+            if task is not None and self._store.may_have_work(environments, now):
+                return task, True, None
+            return task, False, self._store.next_wake_at(environments, now)
 
         while True:
-            self._published.clear()
-            task, wake_at = await self._claim_or_give_back(claim, worker_id)
+            # Cleared before the claim: a change committed after it began sets it again.
+            if self._claim_first or self._published.is_set():
+                self._published.clear()
+                task, self._claim_first, self._wake_at = await self._claim_or_give_back(claim, worker_id)
+                if task is not None:
+                    return task
             remaining = deadline - time.monotonic()
-            if task is not None or remaining <= 0:
-                return task
-            if wake_at is not None:
-                remaining = min(remaining, max(0.0, (wake_at - utcnow()).total_seconds()) + 0.001)
-            with contextlib.suppress(TimeoutError):
+            if remaining <= 0:
+                return None
+            if self._wake_at is not None:
+                remaining = min(remaining, max(0.0, (self._wake_at - utcnow()).total_seconds()) + 0.001)
+            try:
                 await asyncio.wait_for(self._published.wait(), timeout=remaining)
+            except TimeoutError:
+                self._claim_first = True  # the wake time, or the fetch's end: look once more
 
-    async def _claim_or_give_back(
-        self, claim: Callable[[], tuple[Task | None, dt.datetime | None]], worker_id: str
-    ) -> tuple[Task | None, dt.datetime | None]:
+    async def _claim_or_give_back(self, claim: Callable[[], _Claimed], worker_id: str) -> _Claimed:
         """The claim runs on in its thread when the fetch is cancelled (shutdown): what it
         takes then is given back at once, not left leased to a runner that stopped looking."""
-        claiming = asyncio.ensure_future(asyncio.to_thread(claim))
+        # The executor's future itself (as asyncio.to_thread, without a task around it).
+        claiming = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(contextvars.copy_context().run, claim)
+        )
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
+            self._claim_first = True
             with contextlib.suppress(Exception):
-                late, _ = await claiming
+                late = (await claiming)[0]
                 if late is not None:
                     release = functools.partial(
                         self._store.release, late.taskId, worker_id=worker_id, reason="shutdown"

@@ -221,20 +221,19 @@ class Worker:
                 # hop and a commit would idle the slot between jobs), and only once the engine
                 # has run PROCESSING_WRITE_DELAY_S: a shorter job goes FETCHED -> COMPLETED
                 # with one store write fewer.
-                marking = asyncio.ensure_future(self._mark_processing(task.taskId, held, dict(timings)))
-                marking.add_done_callback(functools.partial(_cancel_if_refused, held.cancel))
+                marking = _ProcessingMark(self, task.taskId, held, dict(timings))
                 held.in_engine = True
                 phase = time.perf_counter()
                 try:
                     result = await self._run_engine(engine, job, held)
                 except BaseException:
-                    await _settle(marking, held, raise_refusal=False)  # the engine's error wins
+                    await marking.settle(raise_refusal=False)  # the engine's error wins
                     raise
                 finally:
                     held.in_engine = False
                 timings["engine_s"] = time.perf_counter() - phase
                 # Conflict when the task was cancelled or taken over meanwhile.
-                await _settle(marking, held, raise_refusal=True)
+                await marking.settle(raise_refusal=True)
             # The slot is free; let the next task be claimed while this one uploads.
             self.release_hold()
             hold_released = True
@@ -292,7 +291,7 @@ class Worker:
         if final.is_terminal and input_refs(task.params.input_data):
             # The task is over: its stored data: inputs (face images) go now.
             self.spawn(asyncio.to_thread(drop_task_inputs, self.input_store, task))
-        if self._on_finished is not None and final.is_terminal:
+        if self._on_finished is not None and final.is_terminal and final.webhook_url:
             # Webhooks go out in the background: a slow receiver never holds a slot or a request.
             self.spawn(self._on_finished(final))
         return final
@@ -300,13 +299,6 @@ class Worker:
     @functools.cached_property
     def input_store(self) -> InputStore:
         return make_input_store(self.settings)
-
-    async def _mark_processing(self, task_id: str, held: HeldTask, timings: dict[str, float]) -> None:
-        await asyncio.sleep(PROCESSING_WRITE_DELAY_S)
-        held.marking_processing = True
-        await asyncio.to_thread(
-            self.store.start_processing, task_id, worker_id=self.worker_id, timings=timings
-        )
 
     async def _record_failure(self, task: Task, error: ComfySwapError, timings: dict[str, float]) -> Task:
         held = self.in_flight.get(task.taskId)
@@ -411,20 +403,43 @@ class Worker:
         await drain(self, grace_s)
 
 
-async def _settle(marking: asyncio.Future[None], held: HeldTask, *, raise_refusal: bool) -> None:
-    """A PROCESSING write still waiting for its delay is dropped; one under way is waited
-    for (its refusal raised when ``raise_refusal``)."""
-    if not held.marking_processing:
-        marking.cancel()
-    results = await asyncio.gather(marking, return_exceptions=True)
-    if raise_refusal and isinstance(results[0], Exception):
-        raise results[0]
+class _ProcessingMark:
+    """The PROCESSING write of a job on the engine, made once it has run
+    PROCESSING_WRITE_DELAY_S: until then a timer, not a task (most ComfyUI jobs end first)."""
 
+    def __init__(self, worker: Worker, task_id: str, held: HeldTask, timings: dict[str, float]) -> None:
+        self._worker = worker
+        self._task_id = task_id
+        self._held = held
+        self._timings = timings
+        self._write: asyncio.Future[Any] | None = None
+        self._timer = asyncio.get_running_loop().call_later(PROCESSING_WRITE_DELAY_S, self._start)
 
-def _cancel_if_refused(cancel: asyncio.Event, marking: asyncio.Future[Any]) -> None:
-    """A refused PROCESSING write (cancelled, or taken over) stops the engine at once."""
-    if not marking.cancelled() and marking.exception() is not None:
-        cancel.set()
+    def _start(self) -> None:
+        self._held.marking_processing = True
+        write = functools.partial(
+            self._worker.store.start_processing,
+            self._task_id,
+            worker_id=self._worker.worker_id,
+            timings=self._timings,
+        )
+        self._write = asyncio.ensure_future(asyncio.to_thread(write))
+        self._write.add_done_callback(self._cancel_if_refused)
+
+    def _cancel_if_refused(self, write: asyncio.Future[Any]) -> None:
+        """A refused PROCESSING write (cancelled, or taken over) stops the engine at once."""
+        if not write.cancelled() and write.exception() is not None:
+            self._held.cancel.set()
+
+    async def settle(self, *, raise_refusal: bool) -> None:
+        """A write still waiting for its delay is dropped; one under way is waited for (its
+        refusal raised when ``raise_refusal``)."""
+        self._timer.cancel()
+        if self._write is None:
+            return
+        results = await asyncio.gather(self._write, return_exceptions=True)
+        if raise_refusal and isinstance(results[0], Exception):
+            raise results[0]
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -184,6 +184,12 @@ class TaskStore(abc.ABC):
         """Call ``listener`` when a task of ``environments`` may have become claimable."""
         return _nothing_to_unsubscribe
 
+    def may_have_work(self, environments: Iterable[str], now: dt.datetime) -> bool:
+        """False only when no PENDING task of ``environments`` is claimable at ``now``: a
+        claimer that just took a task then waits for a notification (or next_wake_at)
+        instead of claiming again to find nothing. True (the default) when unsure."""
+        return True
+
     def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
         """When a claimer waiting for work must look again although nobody wrote: the end
         of the earliest retry backoff (of ``environments``) or the earliest lease to expire

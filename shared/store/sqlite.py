@@ -321,6 +321,15 @@ class SQLiteTaskStore(TaskStore):
 
         return self._changes.subscribe(matching)
 
+    def may_have_work(self, environments: Iterable[str], now: dt.datetime) -> bool:
+        envs = list(environments)
+        marks = ",".join("?" * len(envs)) or "NULL"
+        query = (
+            "SELECT 1 FROM tasks WHERE status='PENDING' "  # noqa: S608  # only '?' marks are interpolated
+            f"AND environment IN ({marks}) AND available_at <= ? LIMIT 1"
+        )
+        return self._connection().execute(query, (*envs, _ts(now))).fetchone() is not None
+
     def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
         envs = list(environments)
         marks = ",".join("?" * len(envs)) or "NULL"
