@@ -142,6 +142,30 @@ resource "google_logging_metric" "runner_heartbeat" {
   }
 }
 
+# A runner pool's queue refused an enqueue (shared/dispatch/cloud_tasks.py) and the task
+# went to the next pool: a region in trouble shows here before any task waits.
+resource "google_logging_metric" "dispatch_failovers" {
+  project = var.project_id
+  name    = "${var.prefix}/dispatch_failovers"
+  filter  = "(${local.log_scope}) AND jsonPayload.event=\"dispatch_pool_failed\""
+
+  metric_descriptor {
+    metric_kind  = "DELTA"
+    value_type   = "INT64"
+    unit         = "1"
+    display_name = "ComfySwap dispatches moved to another runner pool"
+    labels {
+      key         = "pool"
+      value_type  = "STRING"
+      description = "The runner pool whose queue refused the enqueue."
+    }
+  }
+
+  label_extractors = {
+    pool = "EXTRACT(jsonPayload.pool)"
+  }
+}
+
 # The Monitoring API knows a new log-based metric only after a while: an alert policy
 # created right after it fails with "Cannot find metric(s) ... it could take up to 10
 # minutes to become available" (hashicorp/terraform-provider-google#11102). The alerts
@@ -173,10 +197,11 @@ locals {
       tiles = [
         for index, tile in [
           {
-            title  = "Cloud Tasks queue depth"
+            title  = "Cloud Tasks queue depth by region"
             filter = "metric.type=\"cloudtasks.googleapis.com/queue/depth\" AND resource.type=\"cloud_tasks_queue\" AND resource.labels.queue_id=starts_with(\"${local.queue_name}\")"
             align  = "ALIGN_MEAN"
             reduce = "REDUCE_SUM"
+            group  = ["resource.label.location"]
           },
           {
             title  = "Age of the oldest PENDING task (s, max)"
@@ -212,17 +237,24 @@ locals {
             group  = ["metric.label.engine"]
           },
           {
-            title  = "Runner instances"
+            title  = "Runner instances by region"
             filter = "metric.type=\"run.googleapis.com/container/instance_count\" AND ${local.runner_filter}"
             align  = "ALIGN_MAX"
             reduce = "REDUCE_SUM"
-            group  = ["metric.label.state"]
+            group  = ["resource.label.location", "metric.label.state"]
           },
           {
             title  = "Runner GPU utilisation (p95)"
             filter = "metric.type=\"run.googleapis.com/container/gpu/utilizations\" AND ${local.runner_filter}"
             align  = "ALIGN_PERCENTILE_95"
             reduce = "REDUCE_MAX"
+          },
+          {
+            title  = "Dispatch failovers by refusing pool (per s)"
+            filter = "metric.type=\"${local.metric_prefix}/dispatch_failovers\""
+            align  = "ALIGN_RATE"
+            reduce = "REDUCE_SUM"
+            group  = ["metric.label.pool"]
           },
           ] : merge(
           { for axis, position in { xPos = (index % 2) * 6, yPos = floor(index / 2) * 4 } : axis => position if position != 0 },

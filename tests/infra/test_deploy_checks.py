@@ -181,6 +181,8 @@ EVENT_SOURCES = {
     "task_claimed": {"fetch_task", "runner"},
     "queue_stats": {"runner", "reaper"},
     "runner_heartbeat": {"runner"},
+    # A dispatch that fell over to another pool: the functions (a runner has one pool).
+    "dispatch_pool_failed": {"create_task", "reaper"},
 }
 _FUNCTIONS_ON_CLOUD_RUN = dict.fromkeys(("create_task", "fetch_task", "reaper"), "cloud_run_revision")
 SOURCE_RESOURCE_TYPES = {
