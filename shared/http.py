@@ -31,6 +31,7 @@ logger = get_logger(__name__)
 
 Handler = Callable[["RequestContext"], flask.Response]
 ANONYMOUS = Principal(owner="", roles=frozenset())
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +90,21 @@ def rate_limiter(svc: TaskService) -> RateLimiter:
     return RateLimiter.from_settings(svc.settings)
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
-    response = flask.Response(json.dumps(body, default=str), status=status, mimetype="application/json")
-    for key, value in (headers or {}).items():
-        response.headers[key] = value
-    response.headers.setdefault("Cache-Control", "no-store")
-    return response
+def json_response(
+    body: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    *,
+    encoded: dict[str, str] | None = None,
+) -> flask.Response:
+    """``body`` as JSON; ``encoded`` adds members to that object whose values are JSON text
+    already (a task the service serialised once), appended as they are, not parsed again."""
+    text = json.dumps(body, default=str)
+    if encoded:
+        members = [f"{json.dumps(name)}: {value}" for name, value in encoded.items()]
+        text = text[:-1] + (", " if body else "") + ", ".join(members) + "}"
+    all_headers = {"Cache-Control": "no-store", **headers} if headers else _NO_STORE
+    return flask.Response(text, status=status, headers=all_headers, mimetype="application/json")
 
 
 def error_response(error: ComfySwapError) -> flask.Response:

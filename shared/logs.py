@@ -35,6 +35,8 @@ _trace_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace",
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# The pathname of an event's record: log_event skips the caller lookup.
+_NO_SOURCE = "(event)"
 # Never write these keys' values, whatever a caller passes in ``extra``.
 _SECRET_KEYS = {"authorization", "api_key", "token", "secret", "password", "r2_secret_key", "x-api-key"}
 
@@ -99,8 +101,14 @@ def unbind_trace(token: contextvars.Token[str | None]) -> None:
 
 
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
-    """One structured event (``event`` is what log-based metrics filter on)."""
-    logger.log(level, event, extra={"event": event, **fields})
+    """One structured event (``event`` is what log-based metrics filter on).
+
+    The record goes through the logger's handlers and filters like any other, but is made
+    without ``Logger.log``'s caller lookup (a walk up the stack on every line, issue 15):
+    the JSON line names its logger and event, never a source file or line."""
+    if logger.isEnabledFor(level):
+        extra = {"event": event, **fields}
+        logger.handle(logger.makeRecord(logger.name, level, _NO_SOURCE, 0, event, (), None, extra=extra))
 
 
 def log_failure(

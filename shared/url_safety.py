@@ -18,7 +18,7 @@ import functools
 import ipaddress
 import re
 from typing import Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from shared.errors import UnsafeInput, ValidationFailed
 
@@ -202,6 +202,24 @@ class _HttpTarget:
 
 def _parse_http_url(url: str, *, allow_loopback: bool) -> _HttpTarget:
     """Static checks of an http(s) URL: everything that can be decided without DNS."""
+    parts, scheme, host, address, port = _checked_http_parts(url, allow_loopback=allow_loopback)
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    query = quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+    return _HttpTarget(
+        url=url,
+        scheme=scheme,
+        host=host,
+        address=address,
+        port=port or _HTTP_DEFAULT_PORTS[scheme],
+        target=f"{path}?{query}" if query else path,
+    )
+
+
+def _checked_http_parts(
+    url: str, *, allow_loopback: bool
+) -> tuple[SplitResult, str, str, ipaddress.IPv4Address | ipaddress.IPv6Address | None, int | None]:
+    """The checks of ``_parse_http_url`` without building the request target: task creation
+    (``check_input_url``) only needs the verdict, a download needs the target too."""
     if not url:
         raise _RefusalError("URL is empty")
     if len(url) > MAX_URL_LENGTH:
@@ -210,6 +228,9 @@ def _parse_http_url(url: str, *, allow_loopback: bool) -> _HttpTarget:
         raise _RefusalError(
             "URL contains whitespace, control characters or a backslash (percent-encode them, e.g. %20)"
         )
+    if not url.isascii() and not _is_utf8_encodable(url):
+        # JSON's \ud800 escapes decode to lone surrogates, which no request can carry.
+        raise _RefusalError("URL holds a lone surrogate (invalid Unicode); percent-encode its UTF-8 bytes")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -245,16 +266,15 @@ def _parse_http_url(url: str, *, allow_loopback: bool) -> _HttpTarget:
         reason = _address_refusal(address, allow_loopback=allow_loopback)
         if reason:
             raise _RefusalError(f"host is {reason}")
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    query = quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
-    return _HttpTarget(
-        url=url,
-        scheme=scheme,
-        host=host,
-        address=address,
-        port=port or _HTTP_DEFAULT_PORTS[scheme],
-        target=f"{path}?{query}" if query else path,
-    )
+    return parts, scheme, host, address, port
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ascii_host(raw_host: str) -> str:
@@ -332,7 +352,7 @@ def check_input_url(
             _, payload = _decode_data_url(value, max_bytes=max_bytes)
             _sniff_or_refuse(payload)
         else:
-            _parse_http_url(value, allow_loopback=allow_loopback)
+            _checked_http_parts(value, allow_loopback=allow_loopback)
     except _RefusalError as refusal:
         raise ValidationFailed(field, refusal.reason, code=refusal.code) from None
 

@@ -27,12 +27,11 @@ def _created(ctx: RequestContext, *, face_swap_shortcut: bool) -> flask.Response
         face_swap_shortcut=face_swap_shortcut,
     )
     task = result.task
-    body = {
+    body: dict[str, object] = {
         "success": True,
         "taskId": task.taskId,
         "task_id": task.taskId,
         "status": task.status.value,
-        "task": ctx.service.task_view(task, document=result.document)["task"],
         "message": "Task created successfully"
         if result.created
         else "Task already created with this Idempotency-Key",
@@ -40,7 +39,11 @@ def _created(ctx: RequestContext, *, face_swap_shortcut: bool) -> flask.Response
     headers = {"Location": f"/api/tasks/{task.taskId}"}
     if not result.created:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(body, 200, headers)
+    if result.task_json is None:  # a replay: the stored task, read back
+        body["task"] = ctx.service.task_view(task)["task"]
+        return json_response(body, 200, headers)
+    # A new task: the JSON the service made for the store, not a second serialisation.
+    return json_response(body, 200, headers, encoded={"task": result.task_json})
 
 
 def create(ctx: RequestContext) -> flask.Response:

@@ -61,6 +61,20 @@ def test_allow_loopback_does_not_open_other_private_addresses(url: str) -> None:
     assert caught.value.code == "unsafe_url"
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/\ud800.jpg", "https://example.com/a.jpg?v=\udfff", "https://example.com/#\ud83d"],
+)
+def test_a_url_holding_a_lone_surrogate_is_refused_not_a_crash(url: str) -> None:
+    """JSON's \\ud800 escape decodes to a lone surrogate: the check raised UnicodeEncodeError
+    where its contract is ValidationFailed naming the field (the API's pydantic models refuse
+    such strings first today; the fetcher's parse shares this check)."""
+    with pytest.raises(ValidationFailed) as caught:
+        check_input_url(url, field=FIELD)
+    assert caught.value.code == "unsafe_url"
+    assert "surrogate" in caught.value.message
+
+
 def test_refuses_over_long_url() -> None:
     url = "https://example.com/" + "a" * MAX_URL_LENGTH
 

@@ -41,21 +41,27 @@ def test_create_face_swap_returns_seed_shape_and_stores_unified_format(api):
 
 
 def test_a_created_task_is_serialised_once_and_answered_as_stored(api, monkeypatch):
-    """issue 15: the size check's JSON is the stored row and the answer reuses its document
-    (create_task serialised the task three times: size check, row, answer)."""
+    """issue 15: the size check's JSON is the stored row and the answer reuses it (create_task
+    serialised the task three times: size check, row, answer; then the document dict and
+    json.dumps of it: now pydantic writes the JSON once and nothing builds the dict)."""
     from shared.tasks import Task
 
     serialised: list[str] = []
-    to_document = Task.to_document
+    to_document, model_dump_json = Task.to_document, Task.model_dump_json
 
-    def counting(task: Task) -> dict[str, Any]:
-        serialised.append(task.taskId)
+    def counting_document(task: Task) -> dict[str, Any]:
+        serialised.append("document")
         return to_document(task)
 
-    monkeypatch.setattr(Task, "to_document", counting)
+    def counting_json(task: Task, **kwargs: Any) -> str:
+        serialised.append("json")
+        return model_dump_json(task, **kwargs)
+
+    monkeypatch.setattr(Task, "to_document", counting_document)
+    monkeypatch.setattr(Task, "model_dump_json", counting_json)
     response = api.create(GOOD_FACE_SWAP)
     assert response.status_code == 200
-    assert len(serialised) == 1
+    assert serialised == ["json"]
     monkeypatch.undo()
 
     answered = response.get_json()["task"]
