@@ -15,6 +15,7 @@ from logging import WARNING
 from typing import Any
 
 from gpu_runner.engines.base import ProgressCallback
+from gpu_runner.wake import CancelSignal, Wake
 from shared.errors import ComfySwapError, Conflict, NotFound
 from shared.logs import get_logger, log_event
 from shared.store.base import TaskStore
@@ -34,14 +35,14 @@ class HeldTask:
     and drain."""
 
     task_id: str
-    cancel: asyncio.Event
+    cancel: CancelSignal
     owner: str = ""
     lease_lost: bool = False
     progress: Progress | None = None
     progress_written: Progress | None = None
     in_engine: bool = False
     # Wakes the lease keeper: a change published by someone else, or progress it waits for.
-    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    wake: Wake = dataclasses.field(default_factory=Wake)
     taken: bool = False  # a published change says the task left this runner
     wants_progress: bool = False
     finishing: bool = False  # our own final write is under way: its change is not a loss
@@ -105,8 +106,7 @@ async def keep_lease(
             held.wants_progress = not progress_due
             held.wake.clear()
             if not held.taken:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(held.wake.wait(), timeout=max(0.0, due - loop.time()))
+                await held.wake.wait(max(0.0, due - loop.time()))
             now = loop.time()
             if held.finishing:
                 return  # the final write is under way; it needs no renewal

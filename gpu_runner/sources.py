@@ -18,6 +18,7 @@ from typing import Protocol
 
 import httpx
 
+from gpu_runner.wake import Wake
 from shared.errors import UpstreamUnavailable
 from shared.service import claim_for_runner
 from shared.settings import Settings
@@ -76,7 +77,7 @@ class StoreTaskSource:
     def __init__(self, store: TaskStore, settings: Settings) -> None:
         self._store = store
         self._settings = settings
-        self._published = asyncio.Event()
+        self._published = Wake()
         self._subscribed: tuple[frozenset[str], asyncio.AbstractEventLoop, Callable[[], None]] | None = None
         # Whether the next fetch claims before it waits; and when to look again although
         # nothing was published (a retry backoff's end, a lease to expire), from the last claim.
@@ -89,7 +90,7 @@ class StoreTaskSource:
         if self._subscribed is not None and self._subscribed[:2] == (wanted, loop):
             return
         await self.close()
-        self._published = published = asyncio.Event()
+        self._published = published = Wake()
         self._claim_first = True  # other environments: what the last claim saw says nothing
 
         def on_work(change: TaskChange) -> None:
@@ -125,9 +126,7 @@ class StoreTaskSource:
                 return None
             if self._wake_at is not None:
                 remaining = min(remaining, max(0.0, (self._wake_at - utcnow()).total_seconds()) + 0.001)
-            try:
-                await asyncio.wait_for(self._published.wait(), timeout=remaining)
-            except TimeoutError:
+            if not await self._published.wait(remaining):
                 self._claim_first = True  # the wake time, or the fetch's end: look once more
 
     async def _claim_or_give_back(self, claim: Callable[[], _Claimed], worker_id: str) -> _Claimed:

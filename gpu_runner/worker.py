@@ -36,6 +36,7 @@ from gpu_runner.engines.base import Engine, EngineResult, PreparedJob
 from gpu_runner.lease import HeldTask, keep_lease, progress_reporter
 from gpu_runner.results import Discarder, Uploader, finish_job
 from gpu_runner.sources import HttpTaskSource, StoreTaskSource, TaskSource
+from gpu_runner.wake import CancelSignal
 from shared.errors import (
     ComfySwapError,
     Conflict,
@@ -190,7 +191,7 @@ class Worker:
         if not hold_acquired:
             await self.take_hold()
         token = bind_task(task.taskId)
-        held = HeldTask(task.taskId, asyncio.Event(), owner=task.owner, job=asyncio.current_task())
+        held = HeldTask(task.taskId, CancelSignal(), owner=task.owner, job=asyncio.current_task())
         self.in_flight[task.taskId] = held
         keeper = asyncio.ensure_future(
             keep_lease(
@@ -369,16 +370,18 @@ class Worker:
         log_event(logger, "task_finished", **fields)
 
     async def _cancellable(self, work: Awaitable[PreparedJob], held: HeldTask) -> PreparedJob:
+        """``work`` (the downloads), stopped at once when the task is cancelled meanwhile."""
         job_future = asyncio.ensure_future(work)
-        cancel_wait = asyncio.ensure_future(held.cancel.wait())
-        done, _ = await asyncio.wait({job_future, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
-        cancel_wait.cancel()
-        if job_future in done:
-            return job_future.result()
-        job_future.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await job_future
-        raise JobCancelled("task cancelled while its inputs downloaded")
+        stop_hook = held.cancel.on_set(job_future.cancel)
+        try:
+            return await job_future
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if held.cancel.is_set() and not (current is not None and current.cancelling()):
+                raise JobCancelled("task cancelled while its inputs downloaded") from None
+            raise  # this job itself is being cancelled (shutdown): the downloads with it
+        finally:
+            stop_hook()
 
     async def _run_engine(self, engine: Engine, job: PreparedJob, held: HeldTask) -> EngineResult:
         try:

@@ -49,6 +49,7 @@ from gpu_runner.engines.comfyui_watch import (
     PromptWatch,
     UploadedImage,
 )
+from gpu_runner.wake import CancelSignal, Wake
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
 
@@ -435,7 +436,10 @@ class ComfyUIClient:
         watch = PromptWatch(prompt_id, prompt, on_progress)
         self._watches[prompt_id] = watch
         cancel_waiter: asyncio.Task[None] | None = None
-        if cancel is not None:
+        stop_hook = _nothing
+        if isinstance(cancel, CancelSignal):
+            stop_hook = cancel.on_set(watch.wake.set)  # the worker's: no task waits on it
+        elif cancel is not None:
             cancel_waiter = asyncio.create_task(_set_when(cancel, watch.wake))
         generation = self._socket_generation
         try:
@@ -447,6 +451,7 @@ class ComfyUIClient:
             return self._outcome(watch, drops)
         finally:
             self._watches.pop(prompt_id, None)
+            stop_hook()
             if cancel_waiter is not None:
                 cancel_waiter.cancel()
 
@@ -525,9 +530,7 @@ class ComfyUIClient:
                     poll = asyncio.create_task(self._poll(watch))
                     poll.add_done_callback(lambda _: watch.wake.set())
                 watch.wake.clear()
-                wait_s = max(0.01, min(next_poll, deadline) - loop.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.wake.wait(), timeout=wait_s)
+                await watch.wake.wait(max(0.01, min(next_poll, deadline) - loop.time()))
         finally:
             if poll is not None and not poll.done():
                 poll.cancel()
@@ -586,6 +589,10 @@ def _write_file(dest: Path, payload: bytes) -> None:
     dest.write_bytes(payload)
 
 
-async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+async def _set_when(source: asyncio.Event, target: Wake) -> None:
     await source.wait()
     target.set()
+
+
+def _nothing() -> None:
+    pass

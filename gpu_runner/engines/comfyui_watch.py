@@ -6,7 +6,6 @@ nodes finished (plus the running node's fraction) of all the nodes that are not 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from gpu_runner.engines.comfyui_errors import TERMINAL_EVENTS, execution_error, terminal_from_history
+from gpu_runner.wake import Wake
 from shared.errors import TransientError
 
 __all__ = [
@@ -169,7 +169,7 @@ class PromptWatch:
         self.terminal: tuple[str, dict[str, Any]] | None = None
         self.finished = False
         self.history_entry: dict[str, Any] | None = None
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.poll_now = False
         self.current_node: str | None = None
         self._finished_nodes: set[str] = set()
