@@ -46,6 +46,7 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
         (
             "storage_",
             "gcs_",
+            "inputs_bucket",
             "google_application_credentials",
             "r2_",
             "cf_images_",

@@ -13,11 +13,12 @@ inspects it like any other input. When the task ends (completed, failed, cancell
 failed by the reaper) its inputs are deleted; tasks that never reached an end (a crash
 between store and create) are found by :func:`sweep_inputs`.
 
-Where: the first object store of the result chain that can hold them (GCS or R2, the
-same bucket as results, under ``inputs/<task_id>/``, a prefix the bucket's lifecycle
-rule expires after a day as a backstop), else files under ``DATA_DIR/inputs`` (the
-embedded default, where the API and the runner share one machine). Inputs are never
-served: the local folder is outside the results root and no route reads it.
+Where: the first object store of the result chain that can hold them (GCS or R2: the
+bucket INPUTS_BUCKET names, else the results bucket; under ``inputs/<task_id>/``, a
+prefix the bucket's lifecycle rule expires after a day as a backstop), else files
+under ``DATA_DIR/inputs`` (the embedded default, where the API and the runner share one
+machine). Inputs are never served: the local folder is outside the results root and no
+route reads it.
 """
 
 from __future__ import annotations
@@ -133,12 +134,21 @@ class InputStore:
 
 def make_input_store(settings: Settings) -> InputStore:
     """GCS or R2 when the result chain has one (the API and the runner both reach it),
-    else the local folder DATA_DIR/inputs (one machine)."""
+    else the local folder DATA_DIR/inputs (one machine).
+
+    On GCS or R2 the inputs go to INPUTS_BUCKET when it is set, else to the results
+    bucket. A results bucket made public (public_results in Terraform: ``allUsers`` may
+    read and *list* it) must not hold people's photos, so a deployment with public results
+    keeps them in a private bucket of their own.
+    """
     from shared.storage import make_provider
     from shared.storage.local import LocalStorage
 
     for name in [settings.storage_provider, *settings.fallback_providers]:
         if name in ("gcs", "r2"):
+            if settings.inputs_bucket:
+                field = "gcs_bucket_name" if name == "gcs" else "r2_bucket_name"
+                settings = settings.model_copy(update={field: settings.inputs_bucket})
             return InputStore(make_provider(name, settings))
     return InputStore(LocalStorage(settings.data_dir / "inputs", "", key_prefix=INPUT_KEY_PREFIX))
 

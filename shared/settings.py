@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     google_application_credentials: str = Field(
         "", description="GOOGLE_APPLICATION_CREDENTIALS: service-account key file (optional on GCP)."
     )
+    inputs_bucket: str = Field(
+        "",
+        description="INPUTS_BUCKET: a private bucket on the first GCS/R2 provider of the chain for "
+        "inputs sent as `data:` (kept until their task ends); empty = `inputs/` in the results "
+        "bucket. Set it whenever the results bucket is public: a public GCS bucket lists its objects.",
+    )
     r2_bucket_name: str = Field("", description="R2_BUCKET_NAME: results bucket for `r2`.")
     r2_account_id: str = Field("", description="R2_ACCOUNT_ID: Cloudflare account id (endpoint host).")
     r2_access_key: str = Field("", description="R2_ACCESS_KEY: R2 access key id.", repr=False)

@@ -143,21 +143,22 @@ resource "google_service_account_iam_member" "acts_as_invoker" {
   member             = local.enqueuer_members[each.value.who]
 }
 
-# data: and uploaded inputs live in the results bucket under inputs/<task_id>/ while their
+# data: and uploaded inputs live under inputs/<task_id>/ (in the results bucket, or the
+# inputs bucket when results are public: storage.tf) while their
 # task runs (shared/inputs.py): create_task writes them and deletes them on cancel,
 # get_task's reaper deletes those of ended tasks (listing the prefix first). Only that
 # prefix: an IAM condition on the object name, and on the list prefix for listings
 # (Cloud Storage IAM conditions, storage.googleapis.com/objectListPrefix).
 resource "google_storage_bucket_iam_member" "function_inputs" {
   for_each = toset(["create_task", "get_task"])
-  bucket   = google_storage_bucket.results.name
+  bucket   = local.inputs_bucket
   role     = "roles/storage.objectUser"
   member   = google_service_account.function[each.key].member
 
   condition {
     title       = "inputs-only"
     description = "Objects under inputs/ only."
-    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.results.name}/objects/inputs/\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"inputs/\")"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${local.inputs_bucket}/objects/inputs/\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"inputs/\")"
   }
 }
 
@@ -229,6 +230,15 @@ resource "google_storage_bucket_iam_member" "runner_results" {
   for_each = local.runner_pools
   bucket   = google_storage_bucket.results.name
   role     = "roles/storage.objectAdmin"
+  member   = google_service_account.runner[each.key].member
+}
+
+# The runner reads a task's stored inputs and deletes them when it ends (and sweeps
+# leftovers); in the results bucket its objectAdmin grant above covers that.
+resource "google_storage_bucket_iam_member" "runner_inputs" {
+  for_each = var.public_results ? local.runner_pools : {}
+  bucket   = google_storage_bucket.inputs[0].name
+  role     = "roles/storage.objectUser"
   member   = google_service_account.runner[each.key].member
 }
 

@@ -142,6 +142,7 @@ locals {
     FIRESTORE_DATABASE        = google_firestore_database.tasks.name
     GCS_BUCKET_NAME           = google_storage_bucket.results.name
     GCS_BUCKET_REGION         = google_storage_bucket.results.location
+    INPUTS_BUCKET             = var.public_results ? local.inputs_bucket : ""
     GOOGLE_CLOUD_PROJECT      = var.project_id
     LEASE_SECONDS             = tostring(var.task_limits.lease_seconds)
     LOG_LEVEL                 = var.log_level

@@ -48,6 +48,44 @@ resource "google_storage_bucket" "results" {
   depends_on = [google_project_service.apis]
 }
 
+# Inputs sent as data: (people's photos) while their task runs (shared/inputs.py). They
+# live under inputs/ in the results bucket unless results are public: a bucket readable
+# by anyone is listable by anyone too, so then they get this private bucket (INPUTS_BUCKET).
+resource "google_storage_bucket" "inputs" {
+  #checkov:skip=CKV_GCP_62:Objects live at most a day; audit logs cover access.
+  #checkov:skip=CKV_GCP_78:Inputs are deleted when their task ends; versioning would keep them.
+  count                       = var.public_results ? 1 : 0
+  project                     = var.project_id
+  name                        = "${var.prefix}-inputs-${var.project_id}"
+  location                    = coalesce(var.results_bucket.location, var.region)
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = true
+  labels                      = local.labels
+
+  versioning {
+    enabled = false
+  }
+
+  # Inputs are deleted when their task ends; a day is the backstop for any left behind
+  # (this bucket holds nothing else).
+  lifecycle_rule {
+    action {
+      type = "Delete"
+    }
+    condition {
+      age = 1
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+locals {
+  # Where the input store keeps data: inputs (the object names start with inputs/ in both).
+  inputs_bucket = var.public_results ? one(google_storage_bucket.inputs[*].name) : google_storage_bucket.results.name
+}
+
 resource "google_storage_bucket" "sources" {
   #checkov:skip=CKV_GCP_62:Holds only build inputs (function zips); audit logs cover access.
   project                     = var.project_id

@@ -238,7 +238,7 @@ variable "project_id" {
 }
 
 variable "public_results" {
-  description = "false (default): the results bucket enforces public access prevention and the runner returns signed URLs (SIGNED_URLS=true). true: prevention is inherited and plain object URLs are returned; this module still grants no public access, so make the objects readable yourself (e.g. a CDN or a reviewed IAM grant)."
+  description = "false (default): the results bucket enforces public access prevention and the runner returns signed URLs (SIGNED_URLS=true). true: prevention is inherited and plain object URLs are returned; this module still grants no public access, so make the objects readable yourself (e.g. a CDN or a reviewed IAM grant). Inputs sent as data: (people's photos) then go to a private inputs bucket of their own (INPUTS_BUCKET), since a bucket anyone may read is listable by anyone."
   type        = bool
   default     = false
   nullable    = false

@@ -386,24 +386,46 @@ def test_each_pools_runner_enqueues_on_its_own_queues_and_is_invoked_by_its_own_
     assert vm == [{}, {}], "pull mode enqueues nothing and has no runner service to invoke"
 
 
-def test_functions_reach_only_the_inputs_prefix_of_the_results_bucket(graph: Graph) -> None:
-    """The input store (shared/inputs.py) keeps data: inputs under inputs/ in the results
-    bucket: the functions that write and delete them get that prefix only, and a
-    lifecycle rule removes what a crash left behind."""
+def test_functions_reach_only_the_inputs_prefix_of_the_inputs_bucket(graph: Graph) -> None:
+    """The input store (shared/inputs.py) keeps data: inputs under inputs/ in the bucket
+    local.inputs_bucket names: the functions that write and delete them get that prefix
+    only, and a lifecycle rule removes what a crash left behind."""
     from shared.inputs import INPUT_KEY_PREFIX
 
     grant = graph.body("google_storage_bucket_iam_member.function_inputs")
-    assert "google_storage_bucket.results." in str(grant["bucket"])
+    assert "local.inputs_bucket" in str(grant["bucket"])
     expression = str(grant["condition"][0]["expression"])
-    assert f'/objects/{INPUT_KEY_PREFIX}\\")' in expression
+    assert "${local.inputs_bucket}/objects/" + INPUT_KEY_PREFIX + '\\")' in expression
     assert f'objectListPrefix\\", \\"\\").startsWith(\\"{INPUT_KEY_PREFIX}\\")' in expression
     rules = graph.body("google_storage_bucket.results")["lifecycle_rule"]
     assert any(f'"{INPUT_KEY_PREFIX}"' in str(rule["condition"][0].get("matches_prefix")) for rule in rules)
+    (backstop,) = graph.body("google_storage_bucket.inputs")["lifecycle_rule"]
+    assert backstop["condition"][0]["age"] == 1 and "matches_prefix" not in backstop["condition"][0]
     for address, body in graph.nodes.items():
         if address.startswith(
             "google_storage_bucket_iam_member."
         ) and "google_service_account.function" in str(body["member"]):
             assert "condition" in body, f"{address}: a function's bucket grant without the inputs/ condition"
+
+
+def test_public_results_keep_the_inputs_in_a_private_bucket_of_their_own(graph: Graph) -> None:
+    """The finding: with public_results the operator makes the results bucket readable,
+    and a bucket allUsers may read is listable too, so the photos waiting under inputs/
+    were anyone's. Now public results move the inputs to a bucket that enforces public
+    access prevention, the processes are told its name (INPUTS_BUCKET, read by
+    shared.inputs.make_input_store) and every runner pool may read and delete there."""
+    bucket = graph.body("google_storage_bucket.inputs")
+    assert "var.public_results" in str(bucket["count"])
+    assert unquote(bucket["public_access_prevention"]) == "enforced"
+    assert "cors" not in bucket, "nothing loads inputs from a browser"
+    assert "var.public_results" in _locals_text(graph, "inputs_bucket")
+    assert "google_storage_bucket.inputs" in _locals_text(graph, "inputs_bucket")
+    env = str(graph.body("local.common_env")["INPUTS_BUCKET"])
+    assert "var.public_results" in env and "local.inputs_bucket" in env
+    runner = graph.body("google_storage_bucket_iam_member.runner_inputs")
+    assert "var.public_results" in str(runner["for_each"]) and "local.runner_pools" in str(runner["for_each"])
+    assert "google_storage_bucket.inputs" in str(runner["bucket"])
+    assert unquote(runner["role"]) == "roles/storage.objectUser"
 
 
 # --- 7. make deploy from a fresh clone --------------------------------------------------
