@@ -246,26 +246,7 @@ class TaskStore(abc.ABC):
     def claim(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
         """Lease one named task (push delivery). Conflict if it is not PENDING."""
         now = utcnow()
-
-        def mutate(task: Task) -> Task:
-            if task.status != TaskStatus.PENDING:
-                raise Conflict(
-                    f"task {task_id} is {task.status}, not PENDING",
-                    code="not_claimable",
-                    details={"task_id": task_id, "status": task.status.value},
-                )
-            if task.available_at > now:
-                # In retry backoff: a push (a Cloud Tasks retry, a duplicate) must wait
-                # for it exactly as a pulling runner's claim_next does.
-                wait_s = (task.available_at - now).total_seconds()
-                raise Conflict(
-                    f"task {task_id} is in retry backoff for another {wait_s:.1f}s",
-                    code="not_available_yet",
-                    details={"task_id": task_id, "retry_after_s": max(1, math.ceil(wait_s))},
-                )
-            return _leased(task, worker_id, lease_seconds, now)
-
-        return self.update(task_id, mutate)
+        return self.update(task_id, lambda task: claimed_by_name(task, worker_id, lease_seconds, now))
 
     def heartbeat(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
         """Extend the lease; Conflict(lease_lost) if another runner holds it now."""
@@ -477,6 +458,27 @@ def _attempt_record(task: Task, error: ComfySwapError, now: dt.datetime) -> dict
         "retryable": error.retryable,
         "at": now.isoformat(),
     }
+
+
+def claimed_by_name(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:
+    """The claimed form of a task a push delivery names (TaskStore.claim); Conflict if it is
+    not PENDING or still in retry backoff."""
+    if task.status != TaskStatus.PENDING:
+        raise Conflict(
+            f"task {task.taskId} is {task.status}, not PENDING",
+            code="not_claimable",
+            details={"task_id": task.taskId, "status": task.status.value},
+        )
+    if task.available_at > now:
+        # In retry backoff: a push (a Cloud Tasks retry, a duplicate) must wait for it
+        # exactly as a pulling runner's claim_next does.
+        wait_s = (task.available_at - now).total_seconds()
+        raise Conflict(
+            f"task {task.taskId} is in retry backoff for another {wait_s:.1f}s",
+            code="not_available_yet",
+            details={"task_id": task.taskId, "retry_after_s": max(1, math.ceil(wait_s))},
+        )
+    return _leased(task, worker_id, lease_seconds, now)
 
 
 def leased_copy(task: Task, worker_id: str, lease_seconds: float, now: dt.datetime) -> Task:

@@ -57,6 +57,7 @@ from shared.store.base import (
     Claim,
     Mutation,
     TaskStore,
+    claimed_by_name,
     fair_pick,
     leased_copy,
 )
@@ -368,14 +369,41 @@ class FirestoreTaskStore(TaskStore):
         def body(transaction: Any) -> Task:
             snapshot = reference.get(transaction=transaction)
             if not snapshot.exists:
-                raise NotFound(
-                    f"task {task_id} not found", code="task_not_found", details={"task_id": task_id}
-                )
+                raise _not_found(task_id)
             updated = mutate(decode_task(snapshot.to_dict() or {}))
             transaction.set(reference, encode_task(updated, self.expire_at(updated)))
             return updated
 
         return self._run_transaction(body)
+
+    def claim(self, task_id: str, *, worker_id: str, lease_seconds: float) -> Task:
+        """Lease one named task (push delivery) with a compare-and-set on its update time,
+        as claim_next writes, not a transaction: Cloud Tasks delivers at least once, and
+        duplicate deliveries of one task (a retry, two regions' queues) arrive together.
+        As transactions they queued on the document's lock; the emulator resolves that by
+        lock timeouts (8 deliveries took 2.5 s, once 60 s and 239 aborted commits, and
+        seven ended store_contention instead of not_claimable). Here one write wins and
+        each other one fails at once, reads the task again and gets the Conflict."""
+        reference = self._tasks.document(task_id)
+        for _ in range(self._transaction_attempts):
+            snapshot = reference.get()
+            if not snapshot.exists:
+                raise _not_found(task_id)
+            document = snapshot.to_dict() or {}
+            claimed = claimed_by_name(decode_task(document), worker_id, lease_seconds, utcnow())
+            try:
+                reference.update(
+                    _replacement(document, encode_task(claimed)),
+                    option=self._client.write_option(last_update_time=snapshot.update_time),
+                )
+            except (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted):
+                continue  # changed (or deleted) since the read: the next read tells why
+            return claimed
+        raise TransientError(
+            "the task store is busy (too much contention); try again",
+            code="store_contention",
+            details={"attempts": self._transaction_attempts},
+        )
 
     def _claim(self, claim: Claim) -> Task | None:
         """Lease the best available PENDING task with a compare-and-set on its update time.
@@ -787,6 +815,10 @@ class FirestoreTaskStore(TaskStore):
             .order_by("available_at", direction=firestore.Query.ASCENDING)
             .limit(1)
         )
+
+
+def _not_found(task_id: str) -> NotFound:
+    return NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
 
 
 def spread_claims(candidates: list[Any], rng: random.Random) -> list[Any]:

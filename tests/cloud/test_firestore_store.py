@@ -122,6 +122,45 @@ def test_a_new_task_wakes_one_of_the_fetches_waiting_in_one_instance(
     assert sorted(task.taskId for task in fetched.values() if task) == sorted(task.taskId for task in tasks)
 
 
+@pytest.mark.emulator
+def test_duplicate_deliveries_of_a_task_claim_it_once_without_locking(emulator: FirestoreEmulator) -> None:
+    """A push claim was a transaction: eight deliveries of one task at once queued on its
+    lock, the emulator broke the queue with lock timeouts (aborted commits, 2.5 s; once
+    239 aborted commits in 60 s and seven store_contention errors instead of refusals).
+    It is a compare-and-set now: one write wins, the others fail at once and are refused."""
+    import threading
+
+    from benchmarks.scale import counting_stores
+    from shared.errors import Conflict
+
+    seeding = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    task = seeding.create(Task(workflow="face_swap", environment="face_swap"))
+    seeding.close()
+    outcomes: list[str] = []
+    with counting_stores(emulator.project, "tasks", 8) as (runners, counter):
+        start = threading.Barrier(len(runners))
+
+        def deliver(index: int) -> None:
+            start.wait(timeout=30)
+            try:
+                runners[index].claim(task.taskId, worker_id=f"runner-{index}", lease_seconds=60)
+                outcomes.append("claimed")
+            except Conflict as exc:
+                outcomes.append(exc.code)
+            except Exception as exc:  # reported by the assertion below
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=deliver, args=(index,)) for index in range(len(runners))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        aborted = counter["aborted"]
+
+    assert sorted(outcomes) == ["claimed"] + ["not_claimable"] * 7
+    assert aborted == 0
+
+
 class _Candidate:
     """What spread_claims reads of a query snapshot: ``get(field)``."""
 
