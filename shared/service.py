@@ -324,16 +324,18 @@ class TaskService:
             return self._visible_task(task_id, principal)
         deadline = time.monotonic() + wait_s
         # Subscribed before the first read: a change landing between the read and the wait
-        # still wakes the wait. Each wake-up is a change of this task, never a timer.
-        with self.wait_slots.hold(principal.owner), self.store.watch_task(task_id) as watch:
+        # still wakes the wait. Only its end wakes it (a runner's claim or progress does
+        # not: the answer would be the same wait again), never a timer.
+        waiting = self.store.watch_task(task_id, wake_on=_TERMINAL_VALUES)
+        with self.wait_slots.hold(principal.owner), waiting as watch:
             task = self._visible_task(task_id, principal)
             while not task.is_terminal and (remaining := deadline - time.monotonic()) > 0:
                 if not watch.wait(remaining):
                     continue
-                change = watch.last
+                change = watch.last  # woken: the task ended
                 if change is not None and change.task is not None:
                     task = change.task  # delivered with the change: no read
-                elif change is None or change.status in _TERMINAL_VALUES:
+                else:
                     task = self._visible_task(task_id, principal)
             last = watch.last
             if not task.is_terminal and last is not None:  # the wait ended: answer the latest state

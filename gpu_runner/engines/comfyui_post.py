@@ -83,8 +83,9 @@ class PromptPoster:
                 connection.close()
         else:
             connection.close()
-        request = httpx.Request("POST", f"http://{self._host_header}{self._path_prefix}{path}")
-        return httpx.Response(status, headers=headers, content=content, request=request)
+        # No httpx.Request behind it (parsing its URL cost more than the rest of the answer):
+        # callers read status, headers and body, never raise_for_status() or .request.
+        return httpx.Response(status, headers=headers, content=content)
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shared.errors import ComfySwapError, Conflict, NotFound
-from shared.store.notify import ChangeWatch, Listener, WorkLine, WorkWatch
+from shared.store.notify import ChangeWatch, Listener, TaskChange, WorkLine, WorkWatch
 from shared.tasks import (
     LEASED_STATUSES,
     TERMINAL_STATUSES,
@@ -197,9 +197,21 @@ class TaskStore(abc.ABC):
         return None
 
     @contextlib.contextmanager
-    def watch_task(self, task_id: str) -> Iterator[ChangeWatch]:
+    def watch_task(self, task_id: str, *, wake_on: Iterable[str] | None = None) -> Iterator[ChangeWatch]:
+        """``wake_on``: the statuses whose changes wake the waiter (default: every change);
+        a change to another status is only kept as ``watch.last``."""
         watch = ChangeWatch()
-        unsubscribe = self.subscribe_task(task_id, watch.notify)
+        listener: Listener = watch.notify
+        if wake_on is not None:
+            waking = frozenset(wake_on)
+
+            def listener(change: TaskChange) -> None:
+                if change.status in waking:
+                    watch.notify(change)
+                else:
+                    watch.last = change  # read when the wait ends without a waking change
+
+        unsubscribe = self.subscribe_task(task_id, listener)
         try:
             yield watch
         finally:
