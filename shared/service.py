@@ -111,14 +111,7 @@ class TaskService:
     def build_task(self, request: CreateTaskRequest, principal: Principal) -> Task:
         # Imported here: get_task and fetch_task never build a task (a shorter cold start).
         from shared.url_safety import check_input_url
-        from shared.workflows import (
-            RAW_WORKFLOW,
-            TEMPLATES,
-            FaceSwapInput,
-            build_input_data,
-            resolve_environment,
-            validate_for_engine,
-        )
+        from shared.workflows import RAW_WORKFLOW, TEMPLATES, build_input_data, resolve_environment
 
         workflow = request.workflow_id
         if workflow == RAW_WORKFLOW or "wf_json" in request.task_data:
@@ -128,10 +121,13 @@ class TaskService:
                 known = ", ".join([*TEMPLATES, RAW_WORKFLOW])
                 raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
             environment = resolve_environment(workflow, request.environment)
-        input_data = build_input_data(workflow, request.task_data, allow_raw=principal.may_send_raw_workflows)
-        if workflow == "face_swap":
-            # A model the deployment's engine cannot run is a 400 now, not a failed job later.
-            validate_for_engine(FaceSwapInput.model_validate(input_data), self.settings.face_swap_engine)
+        # A model the deployment's engine cannot run is a 400 now, not a failed job later.
+        input_data = build_input_data(
+            workflow,
+            request.task_data,
+            allow_raw=principal.may_send_raw_workflows,
+            face_swap_engine=self.settings.face_swap_engine,
+        )
 
         def check(url: str, field: str) -> None:
             try:

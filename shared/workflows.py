@@ -450,8 +450,12 @@ def _raw_image_inputs(value: Any, wf_json: dict[str, Any]) -> list[dict[str, str
     return entries
 
 
-def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: bool) -> dict[str, Any]:
-    """Validate ``task_data`` and return ``params.input_data`` in the unified format."""
+def build_input_data(
+    workflow: str, task_data: dict[str, Any], *, allow_raw: bool, face_swap_engine: str | None = None
+) -> dict[str, Any]:
+    """Validate ``task_data`` and return ``params.input_data`` in the unified format; with
+    ``face_swap_engine``, a face swap is also checked against that engine
+    (``validate_for_engine``) on the model already validated, not on a second validation."""
     if workflow == RAW_WORKFLOW or "wf_json" in task_data:
         if not allow_raw:
             raise ValidationFailed("task_data.wf_json", "this API key may not send raw ComfyUI workflows")
@@ -468,6 +472,8 @@ def build_input_data(workflow: str, task_data: dict[str, Any], *, allow_raw: boo
         params = template.params_model.model_validate(task_data)
     except ValidationError as exc:
         raise validation_failed_from(exc, "task_data") from None
+    if face_swap_engine is not None and isinstance(params, FaceSwapInput):
+        validate_for_engine(params, face_swap_engine)
     if template.build is None:
         # Optional options left unset (pixel_boost) stay out: the engine applies its default.
         return params.model_dump(exclude_none=True)
