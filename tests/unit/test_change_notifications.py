@@ -250,3 +250,41 @@ def test_one_new_task_wakes_one_of_many_waiting_fetches_and_a_burst_reaches_them
     assert sorted(task.taskId for task in fetched.values() if task) == sorted(
         task.taskId for task in [first, *burst]
     )
+
+
+def test_a_wake_its_waiter_did_not_use_goes_to_the_next_waiter(store, tmp_path):
+    """Only one waiter is woken per change: if that one leaves without a task (its runner
+    hung up), the wake must go on to another, or the task would wait for a deadline."""
+    service = _service(store, tmp_path)
+    gone = threading.Event()
+    results: dict[str, Task | None] = {}
+
+    def fetch(name: str, caller_gone=lambda: False) -> None:
+        results[name] = service.fetch_for_runner(
+            worker_id=name, environments=["face_swap"], wait_s=25.0, caller_gone=caller_gone
+        )
+
+    leaving = threading.Thread(target=fetch, args=("runner-leaving", gone.is_set))
+    leaving.start()
+    deadline = time.monotonic() + 30
+
+    def waiting() -> int:
+        lines = store.__dict__.get("_work_lines", {})
+        return sum(1 for line in lines.values() for watch in line._waiters if watch.waiting_since)
+
+    while waiting() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first waiter waits longest: the change goes to it
+    staying = threading.Thread(target=fetch, args=("runner-staying",))
+    staying.start()
+    while waiting() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    gone.set()
+    began = time.monotonic()
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a"))
+    leaving.join(timeout=60)
+    staying.join(timeout=60)
+
+    assert results["runner-leaving"] is None
+    assert results["runner-staying"] is not None and results["runner-staying"].taskId == task.taskId
+    assert time.monotonic() - began < 15, "the task waited for the staying fetch's deadline"
