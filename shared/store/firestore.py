@@ -14,13 +14,15 @@ worker claims) and ``expire_at`` (the TTL policy deletes it). A claimer that cou
 another live announcement for its environments is one of a fleet before it has lost a
 single race (``claim_next``).
 
-Two kinds of compare-and-set. ``update()`` (every life-cycle step in
+Two kinds of compare-and-set. ``update()`` (every other life-cycle step in
 :mod:`shared.store.base`) is a read-write transaction: it locks what it reads and
 commits all or nothing, and two transactions on one document are serialised (one is
-aborted and retried by ``@firestore.transactional``). ``claim_next()`` picks from a
-query and writes on the condition that the document's ``update_time`` is still the one
-it read (see its docstring for why not a transaction); either way two runners never
-lease the same task (tests/contract checks both under contention).
+aborted and retried by ``@firestore.transactional``). The claims, where runners (or
+duplicate deliveries) contend, lock nothing: ``claim_next()`` picks from a query and
+``claim()`` reads the named task, and each writes on the condition that the document's
+``update_time`` is still the one it read (see their docstrings for why not a
+transaction); either way two runners never lease the same task (tests/contract checks
+both under contention).
 
 Idempotency keys are unique per (owner, key) through a second collection,
 ``<collection>_idempotency_keys/{sha256(owner, key)}``, created in the same atomic
@@ -161,7 +163,7 @@ CLAIM_SHARDS = 64
 _SPREAD_S = 30.0
 # Claimer announcements: how long one counts as live, and how often a claiming worker
 # rewrites its own (each costs one write per environment and one count per environment
-# and process: at 10,000 runners about 170 writes/s, spread over the environments).
+# and process: at 10,000 runners about 330 writes/s, spread over the environments).
 _PRESENCE_S = 90.0
 _PRESENCE_REFRESH_S = 30.0
 # Random shards a claimer of a fleet reads before the whole queue's head.
