@@ -110,19 +110,22 @@ class TaskService:
 
     def build_task(self, request: CreateTaskRequest, principal: Principal) -> Task:
         # Imported here: get_task and fetch_task never build a task (a shorter cold start).
-        from shared.url_safety import check_input_url
-        from shared.workflows import RAW_WORKFLOW, TEMPLATES, build_input_data, resolve_environment
+        # As modules: ``from module import name`` in a function costs every call about three
+        # times as much (the import system looks for the module's __path__ and builds, then
+        # drops, the AttributeError), some 8,000 instructions per statement (issue 15).
+        import shared.url_safety as url_safety
+        import shared.workflows as workflows
 
         workflow = request.workflow_id
-        if workflow == RAW_WORKFLOW or "wf_json" in request.task_data:
-            environment = resolve_environment(RAW_WORKFLOW, request.environment)
+        if workflow == workflows.RAW_WORKFLOW or "wf_json" in request.task_data:
+            environment = workflows.resolve_environment(workflows.RAW_WORKFLOW, request.environment)
         else:
-            if workflow not in TEMPLATES:
-                known = ", ".join([*TEMPLATES, RAW_WORKFLOW])
+            if workflow not in workflows.TEMPLATES:
+                known = ", ".join([*workflows.TEMPLATES, workflows.RAW_WORKFLOW])
                 raise ValidationFailed("workflow", f"unknown workflow {workflow!r}; known: {known}")
-            environment = resolve_environment(workflow, request.environment)
+            environment = workflows.resolve_environment(workflow, request.environment)
         # A model the deployment's engine cannot run is a 400 now, not a failed job later.
-        input_data = build_input_data(
+        input_data = workflows.build_input_data(
             workflow,
             request.task_data,
             allow_raw=principal.may_send_raw_workflows,
@@ -131,7 +134,7 @@ class TaskService:
 
         def check(url: str, field: str) -> None:
             try:
-                check_input_url(
+                url_safety.check_input_url(
                     url,
                     field=field,
                     allow_loopback=self.settings.fetch_allow_loopback,
@@ -224,21 +227,22 @@ class TaskService:
     def _store_data_inputs(self, task: Task) -> bool:
         """Move every ``data:`` input of ``task`` to the input store (shared.inputs) and put
         its reference, with digest and size, everywhere the task held the payload."""
-        from shared.inputs import replace_strings
-        from shared.url_safety import data_url_payload, is_data_url
+        import shared.url_safety as url_safety  # as a module: see build_task
 
         input_data = task.params.input_data
         fields = [(field, input_data.get(field)) for field in ("source_url", "target_url")]
         fields += [(item["param"], item["url"]) for item in input_data.get("image_inputs", [])]
         mapping: dict[str, str] = {}
         for field, value in fields:
-            if not isinstance(value, str) or not is_data_url(value) or value in mapping:
+            if not isinstance(value, str) or not url_safety.is_data_url(value) or value in mapping:
                 continue
-            media_type, payload = data_url_payload(
+            media_type, payload = url_safety.data_url_payload(
                 value, field=f"task_data.{field}", max_bytes=self.settings.fetch_max_bytes
             )
             mapping[value] = self.input_store.put(task.taskId, field, payload, media_type).url
         if mapping:
+            from shared.inputs import replace_strings
+
             task.params.input_data = replace_strings(input_data, mapping)
             log_event(logger, "inputs_stored", task_id=task.taskId, count=len(mapping))
         return bool(mapping)

@@ -47,6 +47,9 @@ _HOST_NAME_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 # Anything a browser or libc would rewrite or cut at: whitespace, controls, backslash.
 _URL_FORBIDDEN_CHARS: Final = re.compile(r"[\x00-\x20\x7f\\]")
 _NUMERIC_LABEL: Final = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)")
+# Four decimal octets 0-255 without leading zeros (a leading zero means octal: not this form).
+_OCTET: Final = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_DECIMAL: Final = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 _DATA_URL: Final = re.compile(
     r"data:(?P<media_type>[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)",
     re.IGNORECASE | re.DOTALL,
@@ -142,6 +145,9 @@ def _parse_ipv4_like(host: str) -> ipaddress.IPv4Address | None:
     must be judged as that address. As in the WHATWG URL standard, a host whose last label
     is numeric is an address or invalid, never a name to look up.
     """
+    if _DOTTED_DECIMAL.fullmatch(host):  # the usual spelling, four octets: no label by label parse
+        first, second, third, fourth = host.split(".")
+        return ipaddress.IPv4Address(int(first) << 24 | int(second) << 16 | int(third) << 8 | int(fourth))
     labels = host.split(".")
     if not _NUMERIC_LABEL.fullmatch(labels[-1]):
         return None
