@@ -12,12 +12,9 @@ from shared.store.base import TaskStore
 from shared.tasks import Task
 
 
-def start_waiting_fetches(
-    service: TaskService, store: TaskStore, count: int, deadline_s: float = 60.0
-) -> tuple[list[threading.Thread], dict[int, Task | None], list[str]]:
-    """``count`` long polls in threads, returned once each one's first claim found nothing
-    (it waits next). ``claims`` records every claim of ``store`` from then on: the task id,
-    or "" for none (counted around the store's real claim_next)."""
+def count_claims(store: TaskStore) -> list[str]:
+    """Every claim of ``store`` from now on: the task id, or "" when it found nothing
+    (counted around the store's real claim_next)."""
     claims: list[str] = []
     real_claim_next = store.claim_next
 
@@ -27,6 +24,16 @@ def start_waiting_fetches(
         return task
 
     store.claim_next = counted_claim_next  # type: ignore[method-assign]  # the real claim, counted
+    return claims
+
+
+def start_waiting_fetches(
+    service: TaskService, store: TaskStore, count: int, deadline_s: float = 60.0
+) -> tuple[list[threading.Thread], dict[int, Task | None], list[str]]:
+    """``count`` long polls in threads, returned once each one's first claim found nothing
+    (it waits next). ``claims`` records every claim of ``store`` from then on: the task id,
+    or "" for none (counted around the store's real claim_next)."""
+    claims = count_claims(store)
     fetched: dict[int, Task | None] = {}
 
     def fetch(index: int) -> None:

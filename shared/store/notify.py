@@ -115,6 +115,10 @@ class WorkWatch(ChangeWatch):
         self.woken = False  # given a change it has not acted on yet (guarded by the line)
         self.took = False
         self.waiting_since: float | None = None  # blocked in wait() since (monotonic)
+        # A change it was given of a task claimable only later (a retry's backoff): it
+        # waits for that time, and the others, who waited before the change, do not
+        # know it. Handed on if it leaves without a task (guarded by the line).
+        self.later: TaskChange | None = None
 
     def wait(self, timeout_s: float) -> bool:
         self._line.waiting(self)
@@ -138,7 +142,9 @@ class WorkLine:
     woken waiter that takes a task wakes the next (a burst spreads waiter by waiter;
     the chain ends at a claim that finds nothing: one empty claim per chain). A
     waiter woken that leaves without taking a task (its runner hung up, its deadline
-    came) passes the wake on to the next; a change that finds every waiter already woken
+    came) passes the wake on to the next, and so does one that leaves without a task after
+    a change of a task claimable only later (a backoff: no write marks its end, and only
+    the waiter woken knows to look then); a change that finds every waiter already woken
     is kept (up to one per waiter) for the next that waits, so none is lost."""
 
     def __init__(self, subscribe: Callable[[Listener], Callable[[], None]]) -> None:
@@ -146,6 +152,7 @@ class WorkLine:
         self._lock = threading.Lock()
         self._waiters: list[WorkWatch] = []  # in the order they joined
         self._kept = 0  # changes no waiter was free for
+        self._kept_later: TaskChange | None = None  # a kept change claimable only later
         self._unsubscribe: Callable[[], None] | None = None
 
     def join(self) -> WorkWatch:
@@ -156,7 +163,16 @@ class WorkLine:
             if first:
                 self._unsubscribe = lambda: None  # claimed: another joiner does not subscribe too
         if first:
-            unsubscribe = self._subscribe(self._on_change)
+            try:
+                unsubscribe = self._subscribe(self._on_change)
+            except BaseException:
+                # Not left as a phantom waiter that holds the claim to subscribe: the
+                # next joiner must subscribe, or every later waiter of this line sleeps
+                # to its deadline.
+                with self._lock:
+                    self._waiters.remove(watch)
+                    self._unsubscribe = None
+                raise
             with self._lock:
                 self._unsubscribe = unsubscribe
         return watch
@@ -164,15 +180,17 @@ class WorkLine:
     def leave(self, watch: WorkWatch) -> None:
         with self._lock:
             self._waiters.remove(watch)
-            unused = watch.woken and not watch.took
-            watch.woken = False
+            unused = not watch.took and (watch.woken or watch.later is not None)
+            change = watch.later or watch.last
+            watch.woken, watch.later = False, None
             unsubscribe = None
             if not self._waiters:
                 unsubscribe, self._unsubscribe, self._kept = self._unsubscribe, None, 0
+                self._kept_later = None
         if unsubscribe is not None:
             unsubscribe()
         elif unused:
-            self._on_change(watch.last)
+            self._on_change(change)
 
     def waiting(self, watch: WorkWatch) -> None:
         with self._lock:
@@ -180,6 +198,9 @@ class WorkLine:
             if self._kept and not watch.woken:
                 self._kept -= 1
                 watch.woken = True
+                watch.later = watch.later or self._kept_later
+                if not self._kept:
+                    self._kept_later = None
             else:
                 return
         watch.notify(None)
@@ -195,18 +216,23 @@ class WorkLine:
             # More may have come than the change said: one listener snapshot can stand
             # for a burst, and a claimer of a fleet may take another task than the head
             # (the head then does not change: no new snapshot). The next waiter looks
-            # (a claim that finds nothing ends the chain).
-            self._wake_free()
+            # (a claim that finds nothing ends the chain); never this one, which leaves
+            # with its task (a wake given to it would be dropped with it).
+            self._wake_free(watch.later, exclude=watch)
 
     def _on_change(self, change: TaskChange | None) -> None:
         self._wake_free(change, keep=True)
 
-    def _wake_free(self, change: TaskChange | None = None, *, keep: bool = False) -> None:
+    def _wake_free(
+        self, change: TaskChange | None = None, *, keep: bool = False, exclude: WorkWatch | None = None
+    ) -> None:
+        later = change if change is not None and change.available_at > time.time() else None
         with self._lock:
-            free = [watch for watch in self._waiters if not watch.woken]
+            free = [watch for watch in self._waiters if not watch.woken and watch is not exclude]
             if not free:
                 if keep:
                     self._kept = min(self._kept + 1, len(self._waiters))
+                    self._kept_later = later or self._kept_later
                 return
             # Blocked in wait() longest first; then one between claims (its next wait
             # returns at once: nothing is missed).
@@ -215,6 +241,7 @@ class WorkLine:
                 key=lambda watch: (watch.waiting_since is None, watch.waiting_since or 0.0),
             )
             chosen.woken = True
+            chosen.later = later or chosen.later
         chosen.notify(change)
 
 
@@ -241,11 +268,11 @@ class ChangeBus:
         returns the unsubscribe function. The first subscriber binds this process's socket."""
         with self._lock:
             self._reset_after_fork()
+            if self._receiver is None:
+                self._start_receiver()  # first: a subscription that fails leaves no listener
             self._next_id += 1
             listener_id = self._next_id
             self._listeners[listener_id] = listener
-            if self._receiver is None:
-                self._start_receiver()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -271,16 +298,19 @@ class ChangeBus:
     def _start_receiver(self) -> None:
         path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for attempt in range(3):
-            self._ensure_directory()
-            try:
-                receiver.bind(str(path))
-                break
-            except FileNotFoundError:
-                # The last process of this store left and removed the folder just now.
-                if attempt == 2:
-                    receiver.close()
-                    raise
+        try:
+            for attempt in range(3):
+                self._ensure_directory()
+                try:
+                    receiver.bind(str(path))
+                    break
+                except FileNotFoundError:
+                    # The last process of this store left and removed the folder just now.
+                    if attempt == 2:
+                        raise
+        except BaseException:
+            receiver.close()
+            raise
         self._receiver, self._receiver_path = receiver, path
         atexit.register(self._leave, path)
         thread = threading.Thread(

@@ -1,0 +1,80 @@
+"""Waiting for work in one process (the fetch_task long polls of many runners in one API
+instance), on every backend: a change wakes ONE waiter (shared/store/notify.py WorkLine),
+so whatever that waiter learns must not leave with it while a claimable task stays
+PENDING and the other waiters sleep to their deadlines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.dispatch.base import NoopDispatcher
+from shared.service import MAX_FETCH_WAIT_S, TaskService
+from shared.settings import Settings
+from shared.store.base import TaskStore
+from shared.tasks import Task, TaskStatus, utcnow
+from tests.waiting_fetches import count_claims
+
+
+def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_retry_backoff_learned_by_a_runner_that_hangs_up_reaches_the_next_waiter(
+    store: TaskStore, tmp_path: Path
+) -> None:
+    """Two runners' long polls wait. A task that becomes claimable in a few seconds (a
+    retry's backoff) is published once: it wakes the longest waiting, which claims
+    nothing yet and waits for the backoff's end. That runner then hangs up (it is
+    stopping: scale-in, SIGTERM). The other waiter computed its wait before the task
+    existed and knows of no wake time: unless the knowledge is handed on, it sleeps to
+    its own deadline (25 s) while the task is claimable."""
+    service = TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
+    claims = count_claims(store)
+    results: dict[str, Task | None] = {}
+    first_gone = threading.Event()
+
+    def fetch(worker_id: str, caller_gone: Callable[[], bool]) -> None:
+        results[worker_id] = service.fetch_for_runner(
+            worker_id=worker_id,
+            environments=["face_swap"],
+            wait_s=MAX_FETCH_WAIT_S,
+            caller_gone=caller_gone,
+        )
+
+    first = threading.Thread(target=fetch, args=("runner-1", first_gone.is_set))
+    first.start()
+    assert _until(lambda: len(claims) == 1, 30), claims  # runner-1 found nothing: it waits
+    second = threading.Thread(target=fetch, args=("runner-2", lambda: False))
+    second.start()
+    assert _until(lambda: len(claims) == 2, 30), claims  # runner-2 too, behind runner-1
+
+    backoff = dt.timedelta(seconds=3)
+    task = store.create(
+        Task(workflow="face_swap", environment="face_swap", owner="key-a", available_at=utcnow() + backoff)
+    )
+    # The change woke runner-1 (the longest waiting); its claim finds nothing yet.
+    assert _until(lambda: len(claims) == 3, 30), claims
+    assert claims == ["", "", ""]
+    first_gone.set()
+    first.join(timeout=60)
+    assert results["runner-1"] is None
+
+    # runner-2 must take the task once it is claimable, long before its own deadline
+    # (about 22 s after the backoff ends). 10 s is room for a busy machine.
+    claimable_by = task.available_at + dt.timedelta(seconds=10)
+    taken = _until(
+        lambda: (store.get(task.taskId) or task).status != TaskStatus.PENDING,
+        max(0.0, (claimable_by - utcnow()).total_seconds()),
+    )
+    second.join(timeout=60)
+
+    assert taken, f"PENDING {(utcnow() - task.available_at).total_seconds():.1f} s after its backoff ended"
+    assert results["runner-2"] is not None and results["runner-2"].taskId == task.taskId
