@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import shutil
 import socket
@@ -370,24 +371,31 @@ class Worker:
         log_event(logger, "task_finished", **fields)
 
     async def _cancellable(self, work: Awaitable[PreparedJob], held: HeldTask) -> PreparedJob:
-        """``work`` (the downloads), stopped at once when the task is cancelled meanwhile."""
-        job_future = asyncio.ensure_future(work)
-        stop_hook = held.cancel.on_set(job_future.cancel)
+        """``work`` (the downloads) in this task, stopped at once when the task is cancelled
+        meanwhile: the cancel signal cancels this task, and that cancellation (only that
+        one: not a shutdown's) becomes JobCancelled."""
+        if held.cancel.is_set():
+            if inspect.iscoroutine(work):
+                work.close()  # never started
+            raise JobCancelled("task cancelled before its inputs downloaded")
+        current = asyncio.current_task()
+        assert current is not None, "process() runs in a task"
+        # set() runs while this task waits inside ``work``: the cancellation lands there.
+        stop_hook = held.cancel.on_set(current.cancel)
         try:
-            return await job_future
+            return await work
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if held.cancel.is_set() and not (current is not None and current.cancelling()):
+            if held.cancel.is_set() and current.uncancel() == 0:
                 raise JobCancelled("task cancelled while its inputs downloaded") from None
-            raise  # this job itself is being cancelled (shutdown): the downloads with it
+            raise  # this job itself is being cancelled (shutdown)
         finally:
             stop_hook()
 
     async def _run_engine(self, engine: Engine, job: PreparedJob, held: HeldTask) -> EngineResult:
         try:
-            result = await asyncio.wait_for(
-                engine.run(job, progress_reporter(held), held.cancel), timeout=self.settings.task_timeout_s
-            )
+            # In this task, not one of its own (as asyncio.wait_for would run it).
+            async with asyncio.timeout(self.settings.task_timeout_s):
+                result = await engine.run(job, progress_reporter(held), held.cancel)
         except TimeoutError:
             held.cancel.set()
             raise JobFailed(
