@@ -32,6 +32,8 @@ logger = get_logger(__name__)
 Handler = Callable[["RequestContext"], flask.Response]
 ANONYMOUS = Principal(owner="", roles=frozenset())
 _NO_STORE = {"Cache-Control": "no-store"}
+# One encoder for every answer: json.dumps(..., default=str) builds a new one per call.
+_encode = json.JSONEncoder(default=str).encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ def json_response(
 ) -> flask.Response:
     """``body`` as JSON; ``encoded`` adds members to that object whose values are JSON text
     already (a task the service serialised once), appended as they are, not parsed again."""
-    text = json.dumps(body, default=str)
+    text = _encode(body)
     if encoded:
         members = [f"{json.dumps(name)}: {value}" for name, value in encoded.items()]
         text = text[:-1] + (", " if body else "") + ", ".join(members) + "}"
