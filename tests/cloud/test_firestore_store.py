@@ -327,6 +327,36 @@ def test_a_lone_claimer_that_announced_itself_keeps_strict_order(emulator: Fires
 
 
 @pytest.mark.emulator
+def test_a_dead_runners_announcement_that_ttl_has_not_deleted_yet_does_not_spread_the_survivor(
+    emulator: FirestoreEmulator,
+) -> None:
+    """A crashed runner's announcement stays until the TTL policy deletes it, which takes
+    up to a day in Firestore. The count must go by seen_at, or the lone survivor claims
+    from random shards (FIFO lost) for that day."""
+    import datetime as dt
+    import hashlib
+
+    from shared.tasks import utcnow
+
+    stale = utcnow() - dt.timedelta(seconds=120)
+    client = firestore.Client(project=emulator.project)
+    client.collection("tasks_fleet").document("face_swap").collection("tasks_claimers").document(
+        hashlib.sha256(b"runner-dead").hexdigest()
+    ).set({"worker_id": "runner-dead", "seen_at": stale, "expire_at": stale + dt.timedelta(seconds=90)})
+    store = FirestoreTaskStore(client)
+    try:
+        created = [store.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(6)]
+        order = [
+            store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
+            for _ in range(6)
+        ]
+        assert [task.taskId if task else None for task in order] == created
+        assert store._spread_until == 0.0
+    finally:
+        store.close()
+
+
+@pytest.mark.emulator
 def test_a_claimer_that_sees_another_announced_worker_spreads(emulator: FirestoreEmulator) -> None:
     """A worker that announced itself (claimed within the last _PRESENCE_S) on another
     machine makes a new claimer one of a fleet before it lost any race."""
