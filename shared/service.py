@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.auth import Principal
 from shared.dispatch import Dispatcher, make_dispatcher
+from shared.dispatch.base import record_dispatch_failure
 from shared.errors import (
     ComfySwapError,
     Conflict,
@@ -297,9 +298,15 @@ class TaskService:
         try:
             self.dispatcher.dispatch(task)
         except ComfySwapError as exc:
-            # The task is stored and PENDING; the re-dispatch sweep enqueues it again.
+            # The task is stored and PENDING; the re-dispatch sweep enqueues it again, and
+            # the task's error says so (or it ends FAILED when no dispatch can succeed).
             # The client still gets its task id: nothing is lost.
             log_failure(logger, "dispatch_failed", exc, task_id=task.taskId, level=logging.ERROR)
+            recorded = record_dispatch_failure(self.store, task.taskId, exc)
+            if recorded is not None and recorded.is_terminal:
+                self.drop_inputs_of_finished(recorded)
+                if recorded.webhook_url:
+                    self._notify_in_background(recorded)
 
     def reap_expired_leases(self) -> list[Task]:
         """Tasks whose runner stopped renewing its lease go back to PENDING and are

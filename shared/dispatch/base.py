@@ -1,8 +1,10 @@
 """How a stored task reaches a runner: pushed (Cloud Tasks) or pulled (fetch_task).
 
 Dispatch is at least once. create_task stores the task first and dispatches second; a
-dispatch that fails leaves the task PENDING and logged, and
-:func:`redispatch_stale_pending`, run by the periodic sweep, enqueues it again. A
+dispatch that fails leaves the task PENDING, logged and saying so in its ``error``
+(retryable: :func:`record_dispatch_failure`), and :func:`redispatch_stale_pending`, run by
+the periodic sweep, enqueues it again; a dispatch that can never succeed (no runner pool
+serves the task's environment) ends the task FAILED instead of PENDING forever. A
 duplicate delivery is harmless: the runner claims (PENDING -> FETCHED) before it runs
 anything, and only one claim can win.
 """
@@ -16,9 +18,15 @@ import logging
 from shared.errors import ComfySwapError, Conflict, NotFound
 from shared.logs import get_logger, log_event, log_failure
 from shared.store.base import TaskStore
-from shared.tasks import Task, TaskStatus, utcnow
+from shared.tasks import Task, TaskError, TaskStatus, apply_transition, utcnow
 
-__all__ = ["Dispatcher", "NoopDispatcher", "RedispatchReport", "redispatch_stale_pending"]
+__all__ = [
+    "Dispatcher",
+    "NoopDispatcher",
+    "RedispatchReport",
+    "record_dispatch_failure",
+    "redispatch_stale_pending",
+]
 
 logger = get_logger(__name__)
 
@@ -83,6 +91,7 @@ def redispatch_stale_pending(
         except ComfySwapError as exc:
             report.failed[task_id] = exc.code
             log_failure(logger, "redispatch_failed", exc, task_id=task_id, level=logging.ERROR)
+            record_dispatch_failure(store, task_id, exc)
             continue
         report.dispatched.append(task_id)
     if report.dispatched or report.failed:
@@ -103,3 +112,27 @@ def _due_again(store: TaskStore, task_id: str, cutoff: dt.datetime, now: dt.date
         )
 
     return store.update(task_id, mutate)
+
+
+def record_dispatch_failure(store: TaskStore, task_id: str, error: ComfySwapError) -> Task | None:
+    """Say on the task that its dispatch failed: still PENDING with the error (retryable:
+    the sweep enqueues it again; a claim clears it), or FAILED when no dispatch can ever
+    succeed (a non-retryable error: no runner pool serves its environment). A task that
+    is no longer PENDING (a "failed" enqueue that was in fact delivered and claimed) is
+    left alone. Returns the task as stored, None when it was left alone."""
+    task_error = TaskError(**error.to_dict())
+
+    def mutate(task: Task) -> Task:
+        if task.status != TaskStatus.PENDING:
+            raise Conflict("no longer pending", code="not_pending")
+        if error.retryable:
+            return task.model_copy(update={"error": task_error})
+        return apply_transition(task, TaskStatus.FAILED, changes={"error": task_error})
+
+    try:
+        return store.update(task_id, mutate)
+    except (Conflict, NotFound):
+        return None
+    except ComfySwapError as exc:  # the store failed too: the log line above still says it
+        log_failure(logger, "dispatch_failure_unrecorded", exc, task_id=task_id, level=logging.ERROR)
+        return None

@@ -632,6 +632,17 @@ def test_a_task_in_two_regions_queues_runs_once_because_the_claim_is_the_fence(
     assert stored is not None and stored.lease is not None and stored.lease.owner == "runner-eu"
 
 
+def _every_pool_unreachable() -> CloudTasksDispatcher:
+    """Two regions' pools whose Cloud Tasks answers nothing (a closed port), within a
+    2 s retry deadline."""
+    settings = _pools_settings(
+        f"127.0.0.1:{free_port()}", _two_pools("https://us.example", "https://eu.example", "down")
+    )
+    routed = make_dispatcher(settings)
+    assert isinstance(routed, CloudTasksDispatcher)
+    return CloudTasksDispatcher(routed._client, routes=routed.routes, retry_deadline_s=2.0)
+
+
 def test_when_every_pool_fails_the_dispatch_fails_naming_each_and_the_task_stays_pending(tmp_path) -> None:
     """Cloud Tasks unreachable in both regions: dispatch_failed (retryable) with each
     pool's error, within the one retry deadline; the stored task is still PENDING for the
@@ -639,12 +650,7 @@ def test_when_every_pool_fails_the_dispatch_fails_naming_each_and_the_task_stays
     from shared.store.sqlite import SQLiteTaskStore
     from shared.tasks import TaskStatus
 
-    settings = _pools_settings(
-        f"127.0.0.1:{free_port()}", _two_pools("https://us.example", "https://eu.example", "down")
-    )
-    routed = make_dispatcher(settings)
-    assert isinstance(routed, CloudTasksDispatcher)
-    dispatcher = CloudTasksDispatcher(routed._client, routes=routed.routes, retry_deadline_s=2.0)
+    dispatcher = _every_pool_unreachable()
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
     task = store.create(make_task())
     started = time.monotonic()
@@ -659,6 +665,69 @@ def test_when_every_pool_fails_the_dispatch_fails_naming_each_and_the_task_stays
     assert time.monotonic() - started < 2.0 + 10.0, "the retry deadline bounds every pool together"
     stored = store.get(task.taskId)
     assert stored is not None and stored.status == TaskStatus.PENDING
+
+
+def test_a_dispatch_that_failed_in_every_pool_says_so_on_the_task_which_stays_pending(tmp_path) -> None:
+    """The client gets its task id; the task itself must say what failed and that it is
+    retried (the re-dispatch sweep enqueues it again), not look like any queued task
+    while nothing will deliver it until the sweep. A claim clears the error."""
+    from shared.auth import Principal
+    from shared.service import TaskService
+    from shared.store.sqlite import SQLiteTaskStore
+    from shared.tasks import TaskStatus
+
+    dispatcher = _every_pool_unreachable()
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    service = TaskService(Settings(data_dir=tmp_path / "data"), store, dispatcher)
+
+    created = service.create_task(
+        {"workflow": "basic_generation"}, principal=Principal(owner="a", roles=frozenset({"client"}))
+    )
+
+    stored = store.get(created.task.taskId)
+    assert stored is not None and stored.status == TaskStatus.PENDING
+    assert stored.error is not None
+    assert (stored.error.code, stored.error.retryable) == ("dispatch_failed", True)
+    assert stored.error.details is not None
+    assert [entry["pool"] for entry in stored.error.details["pools"]] == [
+        route.name for route in dispatcher.routes_for(stored)
+    ]
+    assert store.claim(stored.taskId, worker_id="runner-us", lease_seconds=60).error is None
+
+
+def test_a_task_no_pool_serves_ends_failed_saying_so_not_pending_forever(tmp_path) -> None:
+    """No runner pool serves the environment (RUNNER_POOLS environments): no dispatch can
+    ever succeed, so the task ends FAILED with the reason (not retried), at create and at
+    the sweep, instead of staying PENDING and failing every sweep again forever."""
+    from shared.dispatch import redispatch_stale_pending
+    from shared.service import TaskService
+    from shared.store.sqlite import SQLiteTaskStore
+    from shared.tasks import TaskStatus
+
+    pools: list[dict[str, Any]] = [
+        {
+            "name": "comfy",
+            "location": EU,
+            "queues": ["q"],
+            "runner_url": "https://comfy.example",
+            "environments": ["comm"],
+        }
+    ]
+    dispatcher = make_dispatcher(_pools_settings(f"127.0.0.1:{free_port()}", pools))
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    service = TaskService(Settings(data_dir=tmp_path / "data"), store, dispatcher)
+    at_create = store.create(make_task(owner="a"))
+    at_sweep = store.create(make_task(owner="a"))
+
+    service.dispatch_task(at_create)
+    report = redispatch_stale_pending(store, dispatcher, older_than_s=0.0)
+
+    assert report.failed == {at_sweep.taskId: "no_runner_pool"}
+    for task_id in (at_create.taskId, at_sweep.taskId):
+        stored = store.get(task_id)
+        assert stored is not None and stored.status == TaskStatus.FAILED
+        assert stored.error is not None
+        assert (stored.error.code, stored.error.retryable) == ("no_runner_pool", False)
 
 
 def test_a_task_no_pool_serves_is_refused_without_an_enqueue() -> None:
