@@ -272,7 +272,7 @@ class TaskService:
         ``json.dumps(task.to_document())``, without building the document's dict first: a
         third of create_task's serialising CPU, issue 15); the stored row appends the one
         withheld field to that object's text."""
-        task_json = task.model_dump_json(exclude=_WITHHELD_FROM_VIEW)
+        task_json = TaskService.task_json(task)
         fingerprint = json.dumps(task.request_fingerprint)
         serialized = f'{task_json[:-1]},"request_fingerprint":{fingerprint}}}'
         size = len(serialized) if serialized.isascii() else len(serialized.encode())
@@ -355,6 +355,28 @@ class TaskService:
         if task is None or not principal.can_see(task.owner):
             raise NotFound(f"task {task_id} not found", code="task_not_found", details={"task_id": task_id})
         return task
+
+    @staticmethod
+    def task_json(task: Task, *, with_inputs: bool = True) -> str:
+        """``task_view(task, with_inputs=...)["task"]`` as JSON text, written by pydantic's
+        serializer straight from the model: the same JSON for a third of the CPU of
+        ``to_document`` + ``json.dumps`` (issue 15). Without inputs, only ``params`` goes
+        through the dict that ``without_input_media`` scrubs."""
+        if with_inputs:
+            return task.model_dump_json(exclude=_WITHHELD_FROM_VIEW)
+        rest = task.model_dump_json(exclude={*_WITHHELD_FROM_VIEW, "params"})
+        params = without_input_media({"params": task.params.model_dump(mode="json")})["params"]
+        return f'{rest[:-1]},"params":{json.dumps(params)}}}'
+
+    @staticmethod
+    def task_view_members(task: Task) -> dict[str, Any]:
+        """``task_view(task)`` less its ``task`` member, which ``task_json`` writes."""
+        done = task.model_dump(mode="json", include={"output_data", "error"})
+        return {
+            "status": task.status.value,
+            "result": done["output_data"] if task.status == TaskStatus.COMPLETED else None,
+            "error": done["error"],
+        }
 
     @staticmethod
     def task_view(task: Task, *, with_inputs: bool = True) -> dict[str, Any]:

@@ -42,8 +42,8 @@ def fetch(ctx: RequestContext) -> flask.Response:
     )
     if task is None:
         return json_response({"code": 204, "success": True, "data": None, "message": "No task available"})
-    data = ctx.service.task_view(task)["task"]
-    return json_response({"code": 200, "success": True, "data": data, "message": "Task fetched successfully"})
+    body = {"code": 200, "success": True, "message": "Task fetched successfully"}
+    return json_response(body, encoded={"data": ctx.service.task_json(task)})
 
 
 ROUTES = [

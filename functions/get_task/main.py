@@ -36,7 +36,9 @@ def one_task(ctx: RequestContext) -> flask.Response:
         ctx.path_params["task_id"], principal=ctx.principal, wait_s=query_float(ctx.request, "wait", 0.0)
     )
     # A finished task's inputs are gone (face data lives only for the job): not even their URLs.
-    return json_response(ctx.service.task_view(task, with_inputs=not task.is_terminal))
+    # task_view's shape, the task written as JSON by pydantic (not to_document + json.dumps).
+    task_json = ctx.service.task_json(task, with_inputs=not task.is_terminal)
+    return json_response(ctx.service.task_view_members(task), encoded={"task": task_json})
 
 
 def all_tasks(ctx: RequestContext) -> flask.Response:

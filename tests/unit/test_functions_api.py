@@ -302,3 +302,49 @@ def test_get_task_wait_holds_until_the_task_ends(api):
     assert client.get(f"/api/tasks/{task_id}?wait=-1").status_code == 400
     assert client.get(f"/api/tasks/{task_id}?wait=soon").status_code == 400
     assert client.get("/api/tasks/task_unknown?wait=1").status_code == 404
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_the_task_as_answered_is_task_views_document(with_inputs):
+    """issue 15: get_task and fetch_task write the task with pydantic's JSON serializer; it
+    must be task_view's document, inputs withheld the same way (input: references kept)."""
+    import datetime as dt
+    import json
+
+    from shared.service import TaskService
+    from shared.tasks import Lease, Task, TaskError, TaskStatus
+
+    tasks = [
+        Task(
+            workflow="face_swap",
+            environment="face_swap",
+            params={"input_data": {"source_url": "https://example.com/é.jpg", "target_url": "input:ab:12"}},
+            request_fingerprint="f" * 64,
+            idempotency_key="k",
+        ),
+        Task(
+            workflow="image_to_image",
+            environment="comm",
+            status=TaskStatus.COMPLETED,
+            params={
+                "input_data": {
+                    "wf_json": {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}},
+                    "template_params": {"image_url": "https://example.com/a.png", "prompt": "p"},
+                    "image_inputs": [{"param": "image_url", "node": "1", "url": "https://example.com/a.png"}],
+                }
+            },
+            output_data={"images": ["https://cdn.example.com/o.png"], "n": 1.5},
+            timings={"engine_s": 0.25},
+            lease=Lease(owner="runner-1", expires_at=dt.datetime(2026, 12, 2, tzinfo=dt.UTC)),
+        ),
+        Task(
+            workflow="face_swap",
+            environment="face_swap",
+            status=TaskStatus.FAILED,
+            error=TaskError(code="no_face", message="no face", details={"field": "source_url"}),
+        ),
+    ]
+    for task in tasks:
+        view = TaskService.task_view(task, with_inputs=with_inputs)
+        assert json.loads(TaskService.task_json(task, with_inputs=with_inputs)) == view["task"]
+        assert TaskService.task_view_members(task) == {key: view[key] for key in ("status", "result", "error")}
