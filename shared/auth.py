@@ -62,6 +62,12 @@ class Principal:
             raise Forbidden("this route needs runner credentials", code="runner_required")
 
 
+# The one caller of an open (keyless) deployment; frozen, so every request shares it.
+_OPEN_PRINCIPAL = Principal(
+    owner=LOCAL_OWNER, roles=frozenset({"client", "admin", "raw_workflows", "runner"}), open_mode=True
+)
+
+
 def new_api_key() -> str:
     return "csk_" + secrets.token_urlsafe(32)
 
@@ -118,9 +124,7 @@ def open_mode(settings: Settings) -> bool:
 def authenticate(headers: Mapping[str, str] | Any, settings: Settings) -> Principal:
     """The caller of this request, from ``X-API-Key`` or ``Authorization: Bearer``."""
     if open_mode(settings):
-        return Principal(
-            owner=LOCAL_OWNER, roles=frozenset({"client", "admin", "raw_workflows", "runner"}), open_mode=True
-        )
+        return _OPEN_PRINCIPAL
     presented = headers.get("X-API-Key") or ""
     authorization = headers.get("Authorization") or ""
     if not presented and authorization.lower().startswith("bearer "):

@@ -88,8 +88,17 @@ def parse_json(raw: bytes | str, *, field: str = "body", max_depth: int = MAX_JS
         raise ValidationFailed(field, f"JSON nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValidationFailed(field, f"not valid JSON: {exc}") from None
-    check_depth(value, field=field, max_depth=max_depth)
+    # Each level opens a bracket: text with no more brackets than the limit (counted in C,
+    # brackets inside strings included) cannot be deeper, and needs no walk (issue 15).
+    if _brackets(raw) > max_depth:
+        check_depth(value, field=field, max_depth=max_depth)
     return value
+
+
+def _brackets(raw: bytes | str) -> int:
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[")
+    return raw.count(b"{") + raw.count(b"[")
 
 
 def check_depth(value: Any, *, field: str, max_depth: int = MAX_JSON_DEPTH) -> None:
