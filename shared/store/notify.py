@@ -113,6 +113,9 @@ class WorkWatch(ChangeWatch):
         super().__init__()
         self._line = line
         self.woken = False  # given a change it has not acted on yet (guarded by the line)
+        # Whether its claim in progress began after the wake (its wait returned woken): a
+        # wake that comes during a claim may come after the claim read the store.
+        self.acting = False
         self.took = False
         self.waiting_since: float | None = None  # blocked in wait() since (monotonic)
         # A change it was given of a task claimable only later (a retry's backoff): it
@@ -208,10 +211,18 @@ class WorkLine:
     def not_waiting(self, watch: WorkWatch) -> None:
         with self._lock:
             watch.waiting_since = None
+            watch.acting = watch.woken
 
     def tried(self, watch: WorkWatch, took: bool) -> None:
         with self._lock:
-            woken, watch.woken, watch.took = watch.woken, False, took
+            woken, watch.took = watch.woken, took
+            if took or watch.acting:
+                watch.woken = False
+            # else: the wake came during a claim that may have read the store before the
+            # change: it is not used yet. The next wait returns at once, and the claim
+            # after it acts on it (and, taking a task, wakes the next: a change may stand
+            # for a burst).
+            watch.acting = False
         if woken and took:
             # More may have come than the change said: one listener snapshot can stand
             # for a burst, and a claimer of a fleet may take another task than the head

@@ -161,6 +161,80 @@ def test_duplicate_deliveries_of_a_task_claim_it_once_without_locking(emulator: 
     assert aborted == 0
 
 
+@pytest.mark.emulator
+def test_a_burst_that_arrives_during_the_waiters_claims_reaches_every_waiter_of_a_fleet(
+    emulator: FirestoreEmulator, tmp_path: Path
+) -> None:
+    """Two runners' fetches in one instance, both in the middle of a claim (which read the
+    queue empty) when a burst of tasks arrives: the head listener delivers ONE change
+    (the head), and the line wakes the first of them. Its claim in flight finds nothing;
+    its next claim, as one of a fleet (another runner announced itself), takes a random
+    task of the burst, not the head, so no new head and no new change follow. Unless that
+    taker wakes the other waiter, the other sleeps to its deadline (25 s) while the rest
+    of the burst is PENDING. (Without the fix it still passes now and then: when the
+    taker's random pick is the head, the head moves and the listener wakes the other.)"""
+    import datetime as dt
+    import hashlib
+    import threading
+    import time
+
+    from shared.dispatch.base import NoopDispatcher
+    from shared.service import MAX_FETCH_WAIT_S, TaskService
+    from shared.tasks import utcnow
+
+    client = firestore.Client(project=emulator.project)
+    now = utcnow()
+    client.collection("tasks_fleet").document("face_swap").collection("tasks_claimers").document(
+        hashlib.sha256(b"runner-elsewhere").hexdigest()
+    ).set({"worker_id": "runner-elsewhere", "seen_at": now, "expire_at": now + dt.timedelta(seconds=90)})
+    store = FirestoreTaskStore(client)
+    service = TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
+    in_flight: list[str] = []
+    release = threading.Event()
+    real_claim_next = store.claim_next
+
+    def claim_next_held_once(**kwargs: Any) -> Task | None:
+        task = real_claim_next(**kwargs)
+        if len(in_flight) < 2:  # each fetch's first claim: its answer comes after the burst
+            in_flight.append(kwargs["worker_id"])
+            release.wait(60)
+        return task
+
+    store.claim_next = claim_next_held_once  # type: ignore[method-assign]  # the real claim, held
+    results: dict[str, tuple[Task | None, float]] = {}
+
+    def fetch(worker_id: str) -> None:
+        task = service.fetch_for_runner(
+            worker_id=worker_id, environments=["face_swap"], wait_s=MAX_FETCH_WAIT_S
+        )
+        results[worker_id] = (task, time.monotonic())
+
+    threads = [threading.Thread(target=fetch, args=(f"runner-{index}",)) for index in range(2)]
+    deadline = time.monotonic() + 60
+    for started, thread in enumerate(threads, start=1):
+        thread.start()  # runner-0 joins the line first, then runner-1
+        while len(in_flight) < started and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert in_flight == ["runner-0", "runner-1"]
+    creator = FirestoreTaskStore(firestore.Client(project=emulator.project))
+    burst = [creator.create(Task(workflow="face_swap", environment="face_swap")) for _ in range(30)]
+    line = store.__dict__["_work_lines"][frozenset({"face_swap"})]
+    while not any(watch.woken for watch in line._waiters) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(watch.woken for watch in line._waiters), "the burst's change reached the line"
+    released_at = time.monotonic()
+    release.set()
+    for thread in threads:
+        thread.join(timeout=90)
+    creator.close()
+    store.close()
+
+    taken = {task.taskId for task, _ in results.values() if task}
+    assert len(taken) == 2 and taken <= {task.taskId for task in burst}
+    slowest = max(at for _, at in results.values()) - released_at
+    assert slowest < 10.0, f"a waiter slept {slowest:.1f} s with the rest of the burst PENDING"
+
+
 class _Candidate:
     """What spread_claims reads of a query snapshot: ``get(field)``."""
 

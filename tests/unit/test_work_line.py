@@ -48,6 +48,26 @@ def test_a_waiter_that_takes_a_task_hands_the_next_wake_to_another_not_to_itself
         assert second.wait(0.0) is True
 
 
+def test_a_wake_that_came_during_a_claim_still_carries_the_chain_on(store):
+    """A change that came while its waiter's claim was in flight is not used by that claim
+    (it may have read the store before the change): the next claim acts on it, and when
+    that one takes a task it wakes the next waiter, as any woken taker does. Before, the
+    empty claim counted as the wake's use, so the taker woke nobody: with Firestore's head
+    listener one change stands for a whole burst, and a claimer of a fleet takes a random
+    task of it, not the head (no new head, no new change): the rest of the burst stayed
+    PENDING while the other waiter slept to its deadline."""
+    with store.watch_work(["face_swap"]) as first, store.watch_work(["face_swap"]) as second:
+        store.create(_task())  # during both waiters' first claims (neither blocked yet)
+        first.tried(took=False)  # its claim had read the store before the change
+        second.tried(took=False)
+        assert first.wait(10.0) is True  # the wake is still there: it claims again at once
+        assert second.wait(0.0) is False
+
+        first.tried(took=True)
+
+        assert second.wait(0.0) is True
+
+
 def test_a_subscription_that_failed_once_does_not_leave_the_process_deaf(store, tmp_path):
     """The first waiter of a line subscribes for the whole line. When that subscription
     fails (here: the change folder has the wrong mode; in production a full file table),
