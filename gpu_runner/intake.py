@@ -40,13 +40,26 @@ async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float)
         try:
             task = await _fetch(worker, source, environments, wait_s)
             failures = 0
-        except ComfySwapError as exc:
+        except Exception as exc:  # any failure: the loop must go on
+            # Not only ComfySwapError: a store error (the embedded SQLite store raises
+            # sqlite3 errors as they are) or an answer that does not parse would end the
+            # loop, and the runner, still heartbeating, would never claim again.
             worker.release_hold()
             if worker.draining:
                 break
             failures += 1
             delay = min(30.0, 0.5 * 2**failures)
-            log_failure(logger, "fetch_failed", exc, retry_in_s=delay)
+            if isinstance(exc, ComfySwapError):
+                log_failure(logger, "fetch_failed", exc, retry_in_s=delay)
+            else:
+                log_event(
+                    logger,
+                    "fetch_failed",
+                    level=logging.WARNING,
+                    code="unexpected",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=delay,
+                )
             await asyncio.sleep(delay)
             continue
         if task is None:
