@@ -347,4 +347,6 @@ def test_the_task_as_answered_is_task_views_document(with_inputs):
     for task in tasks:
         view = TaskService.task_view(task, with_inputs=with_inputs)
         assert json.loads(TaskService.task_json(task, with_inputs=with_inputs)) == view["task"]
-        assert TaskService.task_view_members(task) == {key: view[key] for key in ("status", "result", "error")}
+        assert TaskService.task_view_members(task) == {
+            key: view[key] for key in ("status", "result", "error")
+        }
