@@ -229,6 +229,7 @@ locals {
     [["owner", "ASCENDING"], ["created_at", "DESCENDING"]],
     [["status", "ASCENDING"], ["created_at", "DESCENDING"]],
     [["owner", "ASCENDING"], ["status", "ASCENDING"], ["created_at", "DESCENDING"]],
+    [["status", "ASCENDING"], ["environment", "ASCENDING"], ["updated_at", "DESCENDING"]],
     [["status", "ASCENDING"], ["created_at", "ASCENDING"]],
     [["owner", "ASCENDING"], ["status", "ASCENDING"], ["created_at", "ASCENDING"]],
   ]

@@ -130,6 +130,9 @@ REQUIRED_INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec("tasks", (("owner", "ASCENDING"), ("created_at", "DESCENDING"))),
     IndexSpec("tasks", (("status", "ASCENDING"), ("created_at", "DESCENDING"))),
     IndexSpec("tasks", (("owner", "ASCENDING"), ("status", "ASCENDING"), ("created_at", "DESCENDING"))),
+    # subscribe_work's arrivals listener: the PENDING task of the environments written
+    # last (created, or put back: a reaped lease, a released task, a retry).
+    IndexSpec("tasks", (("status", "ASCENDING"), ("environment", "ASCENDING"), ("updated_at", "DESCENDING"))),
     # queue_stats: the oldest PENDING task, overall and per owner.
     IndexSpec("tasks", (("status", "ASCENDING"), ("created_at", "ASCENDING"))),
     IndexSpec("tasks", (("owner", "ASCENDING"), ("status", "ASCENDING"), ("created_at", "ASCENDING"))),
@@ -788,33 +791,50 @@ class FirestoreTaskStore(TaskStore):
         return watch.unsubscribe
 
     def subscribe_work(self, environments: Iterable[str], listener: Listener) -> Callable[[], None]:
-        """Wake on a change at the head of the claim queue of ``environments``: one shared
-        query listener per environment set and process (opened by the first waiter, kept)."""
+        """Wake on new work of ``environments``: one shared pair of query listeners per
+        environment set and process (opened by the first waiter, kept), on the head of the
+        claim queue and on the PENDING task written last (see :class:`_WorkFeed`)."""
         key = frozenset(environments)
         with self._work_lock:
             feed = self._work_feeds.get(key)
             if feed is None:
-                feed = self._work_feeds[key] = _WorkFeed(self._claim_head_query(sorted(key)))
+                envs = sorted(key)
+                feed = self._work_feeds[key] = _WorkFeed(
+                    self._claim_head_query(envs), self._arrivals_query(envs)
+                )
         return feed.subscribe(listener)
 
     def next_wake_at(self, environments: Iterable[str], now: dt.datetime) -> dt.datetime | None:
-        """The end of the head task's retry backoff, from the listener's copy (no read).
-        Expired leases are the scheduled reaper's (POST /internal/reap, every minute)."""
+        """The soonest end of a retry backoff the listeners saw (the head's, or that of a
+        task put back behind it), from their copies (no read). Expired leases are the
+        scheduled reaper's (POST /internal/reap, every minute)."""
         with self._work_lock:
             feed = self._work_feeds.get(frozenset(environments))
-        head_available_at = feed.head_available_at if feed is not None else None
-        return head_available_at if head_available_at is not None and head_available_at > now else None
+        return feed.next_wake_at(now) if feed is not None else None
 
     def _claim_head_query(self, envs: list[str]) -> Any:
         # The claim query's own order and index (REQUIRED_INDEXES[0]), limited to its head:
-        # a new task wakes waiters when it becomes the head (a waiting claimer has found
-        # nothing claimable, so anything claimable that arrives sorts first), and each
-        # change costs one read per listener, not one per queued task.
+        # a new task wakes waiters when it becomes the head, and each change costs one
+        # read per listener, not one per queued task.
         return (
             self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
             .where(filter=FieldFilter("environment", "in", envs))
             .order_by("priority", direction=firestore.Query.DESCENDING)
             .order_by("available_at", direction=firestore.Query.ASCENDING)
+            .limit(1)
+        )
+
+    def _arrivals_query(self, envs: list[str]) -> Any:
+        # The PENDING task written last: every write that makes a task PENDING (create,
+        # release, reap, retry) sets updated_at, so it is the newest there even when it
+        # sorts behind the head (a higher-priority task in retry backoff stays the head:
+        # the head listener sees no change). Limited to one: one read per such write.
+        # updated_at is the writer's clock: a write stamped before one already seen (clock
+        # skew between writers) wakes nobody and costs its waiters their deadline.
+        return (
+            self._tasks.where(filter=FieldFilter("status", "==", TaskStatus.PENDING.value))
+            .where(filter=FieldFilter("environment", "in", envs))
+            .order_by("updated_at", direction=firestore.Query.DESCENDING)
             .limit(1)
         )
 
@@ -856,14 +876,36 @@ def _change_of(task: Task) -> TaskChange:
 
 
 class _WorkFeed:
-    """One query listener on the head of a claim queue, fanned out to local waiters."""
+    """Two query listeners on a claim queue, fanned out to local waiters.
 
-    def __init__(self, query: Any) -> None:
+    The head listener (the claim order's first task) wakes waiters when the head changes
+    and gives the head's backoff end. Alone it missed a task claimable now that sorts
+    behind a head in retry backoff (a lower priority): the head stays the head, no
+    snapshot, and every waiter slept to its deadline. The arrivals listener (the PENDING
+    task written last) sees every task that becomes PENDING; it wakes a waiter only for a
+    write newer than any it saw (the newest being claimed moves an older one up: no new
+    work) of a task that sorts behind the head (one that sorts first becomes the head:
+    the head listener wakes for it, so the common case still costs one wake)."""
+
+    def __init__(self, head_query: Any, arrivals_query: Any) -> None:
         self._lock = threading.Lock()
         self._listeners: dict[int, Listener] = {}
         self._next_id = 0
+        self._head: Task | None = None
         self.head_available_at: dt.datetime | None = None
-        self._watch = query.on_snapshot(self._on_snapshot)
+        self._newest: dt.datetime | None = None  # the latest updated_at the arrivals saw
+        self._later_at: dt.datetime | None = None  # the soonest backoff end behind the head
+        self._head_seen = threading.Event()
+        self._arrivals_seen = threading.Event()
+        self._watches = [
+            head_query.on_snapshot(self._on_head_snapshot),
+            arrivals_query.on_snapshot(self._on_arrivals_snapshot),
+        ]
+
+    def listening(self) -> bool:
+        """Both listeners delivered their first snapshot (what a test waits for: a task
+        written before that is in the first snapshot, not a change)."""
+        return self._head_seen.is_set() and self._arrivals_seen.is_set()
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         with self._lock:
@@ -877,15 +919,52 @@ class _WorkFeed:
 
         return unsubscribe
 
-    def _on_snapshot(self, snapshots: list[Any], changes: Any, read_time: Any) -> None:
+    def next_wake_at(self, now: dt.datetime) -> dt.datetime | None:
+        with self._lock:
+            if self._later_at is not None and self._later_at <= now:
+                self._later_at = None
+            times = [at for at in (self.head_available_at, self._later_at) if at is not None and at > now]
+        return min(times, default=None)
+
+    def _on_head_snapshot(self, snapshots: list[Any], changes: Any, read_time: Any) -> None:
         head = decode_task(snapshots[0].to_dict() or {}) if snapshots else None
-        self.head_available_at = head.available_at if head is not None else None
-        if head is None:
-            return  # the queue emptied: nothing to claim
+        with self._lock:
+            self._head = head
+            self.head_available_at = head.available_at if head is not None else None
+        self._head_seen.set()
+        if head is not None:  # None: the queue emptied, nothing to claim
+            self._deliver(head)
+
+    def _on_arrivals_snapshot(self, snapshots: list[Any], changes: Any, read_time: Any) -> None:
+        newest = decode_task(snapshots[0].to_dict() or {}) if snapshots else None
+        self._arrivals_seen.set()
+        if newest is None:
+            return
+        with self._lock:
+            if self._newest is not None and newest.updated_at <= self._newest:
+                return
+            self._newest = newest.updated_at
+            head = self._head
+            if head is None or _claim_order(newest) <= _claim_order(head):
+                return  # it is (or becomes) the head: the head listener wakes for it
+            if newest.available_at > utcnow() and (
+                self._later_at is None or newest.available_at < self._later_at
+            ):
+                self._later_at = newest.available_at  # no write will mark its backoff's end
+        self._deliver(newest)
+
+    def _deliver(self, task: Task) -> None:
         with self._lock:
             listeners = list(self._listeners.values())
+        change = _change_of(task)
         for listener in listeners:
-            listener(_change_of(head))
+            listener(change)
 
     def close(self) -> None:
-        self._watch.unsubscribe()
+        for watch in self._watches:
+            watch.unsubscribe()
+
+
+def _claim_order(task: Task) -> tuple[int, dt.datetime, str]:
+    """Where ``task`` sorts in the claim query (priority desc, available_at, then id)."""
+    return -task.priority, task.available_at, task.taskId

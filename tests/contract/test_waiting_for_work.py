@@ -78,3 +78,51 @@ def test_a_retry_backoff_learned_by_a_runner_that_hangs_up_reaches_the_next_wait
 
     assert taken, f"PENDING {(utcnow() - task.available_at).total_seconds():.1f} s after its backoff ended"
     assert results["runner-2"] is not None and results["runner-2"].taskId == task.taskId
+
+
+def _listening(store: TaskStore) -> bool:
+    """Firestore: the work listeners have delivered their first snapshots. A task written
+    before that is in a first snapshot, not a change: the test would pass by timing."""
+    feeds = getattr(store, "_work_feeds", None)
+    if feeds is None:
+        return True  # SQLite: every write publishes, nothing to wait for
+    return bool(feeds) and all(feed.listening() for feed in list(feeds.values()))
+
+
+def test_a_task_that_arrives_behind_a_higher_priority_one_in_backoff_is_taken_at_once(
+    store: TaskStore, tmp_path: Path
+) -> None:
+    """The queue's head is a high-priority task in retry backoff; a lower-priority task
+    that is claimable now arrives. A waiter must take it now, not when the head's backoff
+    ends (a listener on the head alone sees no change: the head stays the head)."""
+    service = TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
+    claims = count_claims(store)
+    backoff = dt.timedelta(seconds=MAX_FETCH_WAIT_S)
+    store.create(
+        Task(
+            workflow="face_swap",
+            environment="face_swap",
+            owner="key-a",
+            priority=9,
+            available_at=utcnow() + backoff,
+        )
+    )
+    results: list[Task | None] = []
+
+    def fetch() -> None:
+        wait_s = MAX_FETCH_WAIT_S
+        results.append(
+            service.fetch_for_runner(worker_id="runner-1", environments=["face_swap"], wait_s=wait_s)
+        )
+
+    waiting = threading.Thread(target=fetch)
+    waiting.start()
+    assert _until(lambda: len(claims) >= 1, 30), claims  # it found nothing claimable: it waits
+    assert _until(lambda: _listening(store), 30)
+
+    task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a", priority=1))
+    taken = _until(lambda: (store.get(task.taskId) or task).status != TaskStatus.PENDING, 10.0)
+    waiting.join(timeout=60)
+
+    assert taken, "a claimable task stayed PENDING while a fetch waited for the head's backoff"
+    assert [found.taskId if found else None for found in results] == [task.taskId]
