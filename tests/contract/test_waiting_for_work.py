@@ -27,6 +27,14 @@ def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
     return condition()
 
 
+def _taken_by(store: TaskStore, task: Task, by: dt.datetime) -> bool:
+    """Whether ``task`` leaves PENDING before ``by``."""
+    return _until(
+        lambda: (store.get(task.taskId) or task).status != TaskStatus.PENDING,
+        max(0.0, (by - utcnow()).total_seconds()),
+    )
+
+
 def test_a_retry_backoff_learned_by_a_runner_that_hangs_up_reaches_the_next_waiter(
     store: TaskStore, tmp_path: Path
 ) -> None:
@@ -69,11 +77,7 @@ def test_a_retry_backoff_learned_by_a_runner_that_hangs_up_reaches_the_next_wait
 
     # runner-2 must take the task once it is claimable, long before its own deadline
     # (about 22 s after the backoff ends). 10 s is room for a busy machine.
-    claimable_by = task.available_at + dt.timedelta(seconds=10)
-    taken = _until(
-        lambda: (store.get(task.taskId) or task).status != TaskStatus.PENDING,
-        max(0.0, (claimable_by - utcnow()).total_seconds()),
-    )
+    taken = _taken_by(store, task, task.available_at + dt.timedelta(seconds=10))
     second.join(timeout=60)
 
     assert taken, f"PENDING {(utcnow() - task.available_at).total_seconds():.1f} s after its backoff ended"
@@ -89,12 +93,11 @@ def _listening(store: TaskStore) -> bool:
     return bool(feeds) and all(feed.listening() for feed in list(feeds.values()))
 
 
-def test_a_task_that_arrives_behind_a_higher_priority_one_in_backoff_is_taken_at_once(
+def _a_fetch_waiting_behind_a_head_in_backoff(
     store: TaskStore, tmp_path: Path
-) -> None:
-    """The queue's head is a high-priority task in retry backoff; a lower-priority task
-    that is claimable now arrives. A waiter must take it now, not when the head's backoff
-    ends (a listener on the head alone sees no change: the head stays the head)."""
+) -> tuple[threading.Thread, list[Task | None]]:
+    """A high-priority task in a retry backoff as long as a fetch's wait heads the queue,
+    and one fetch waits (its claim found nothing claimable; the listeners are up)."""
     service = TaskService(Settings(data_dir=tmp_path / "data"), store, NoopDispatcher())
     claims = count_claims(store)
     backoff = dt.timedelta(seconds=MAX_FETCH_WAIT_S)
@@ -119,10 +122,46 @@ def test_a_task_that_arrives_behind_a_higher_priority_one_in_backoff_is_taken_at
     waiting.start()
     assert _until(lambda: len(claims) >= 1, 30), claims  # it found nothing claimable: it waits
     assert _until(lambda: _listening(store), 30)
+    return waiting, results
+
+
+def test_a_task_that_arrives_behind_a_higher_priority_one_in_backoff_is_taken_at_once(
+    store: TaskStore, tmp_path: Path
+) -> None:
+    """The queue's head is a high-priority task in retry backoff; a lower-priority task
+    that is claimable now arrives. A waiter must take it now, not when the head's backoff
+    ends (a listener on the head alone sees no change: the head stays the head)."""
+    waiting, results = _a_fetch_waiting_behind_a_head_in_backoff(store, tmp_path)
 
     task = store.create(Task(workflow="face_swap", environment="face_swap", owner="key-a", priority=1))
     taken = _until(lambda: (store.get(task.taskId) or task).status != TaskStatus.PENDING, 10.0)
     waiting.join(timeout=60)
 
     assert taken, "a claimable task stayed PENDING while a fetch waited for the head's backoff"
+    assert [found.taskId if found else None for found in results] == [task.taskId]
+
+
+def test_a_backoff_behind_a_higher_priority_one_in_a_longer_backoff_ends_a_wait_when_it_ends(
+    store: TaskStore, tmp_path: Path
+) -> None:
+    """The head is a high-priority task in a long retry backoff; a lower-priority task is
+    put behind it with a short one. No write marks the short backoff's end: a waiter must
+    wake for it then (next_wake_at), not at the head's backoff end or its own deadline."""
+    waiting, results = _a_fetch_waiting_behind_a_head_in_backoff(store, tmp_path)
+
+    available_at = utcnow() + dt.timedelta(seconds=2)
+    task = store.create(
+        Task(
+            workflow="face_swap",
+            environment="face_swap",
+            owner="key-a",
+            priority=1,
+            available_at=available_at,
+        )
+    )
+    # 10 s after its backoff ends is room for a busy machine, and well before the head's.
+    taken = _taken_by(store, task, task.available_at + dt.timedelta(seconds=10))
+    waiting.join(timeout=60)
+
+    assert taken, f"PENDING {(utcnow() - task.available_at).total_seconds():.1f} s after its backoff ended"
     assert [found.taskId if found else None for found in results] == [task.taskId]
