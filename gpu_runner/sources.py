@@ -118,7 +118,13 @@ class StoreTaskSource:
             # Cleared before the claim: a change committed after it began sets it again.
             if self._claim_first or self._published.is_set():
                 self._published.clear()
-                task, self._claim_first, self._wake_at = await self._claim_or_give_back(claim, worker_id)
+                try:
+                    task, self._claim_first, self._wake_at = await self._claim_or_give_back(claim, worker_id)
+                except BaseException:
+                    # A claim that failed (or was cancelled) has not used up the change
+                    # that prompted it: the next fetch claims at once.
+                    self._claim_first = True
+                    raise
                 if task is not None:
                     return task
             remaining = deadline - time.monotonic()
@@ -139,7 +145,6 @@ class StoreTaskSource:
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
-            self._claim_first = True
             with contextlib.suppress(Exception):
                 late = (await claiming)[0]
                 if late is not None:

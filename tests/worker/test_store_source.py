@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import time
 from pathlib import Path
 
@@ -127,3 +128,55 @@ def test_a_task_in_retry_backoff_is_claimed_when_its_backoff_ends(settings: Sett
     assert taken is not None and taken.taskId == first.taskId
     assert backed_off is not None and backed_off.taskId == later.taskId
     assert waited < LONG_WAIT_S / 2  # woken at the backoff's end, not at the fetch's
+
+
+class FailingOnceStore(CountingStore):
+    """The real SQLite store whose next claim fails (a locked or full database) when armed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail_next = False
+
+    def _claim(self, claim: Claim) -> Task | None:
+        if self.fail_next:
+            self.fail_next = False
+            self.claims += 1
+            raise sqlite3.OperationalError("database is locked")
+        return super()._claim(claim)
+
+
+def test_a_change_whose_claim_failed_is_claimed_by_the_next_fetch(settings, tmp_path: Path) -> None:
+    """A claim that raises must not use up the change that prompted it: the pull loop's next
+    fetch claims at once. Before, the notification was cleared and the fetch waited for the
+    next change or the end of its long poll (up to 25 s with fetch_task's)."""
+    store = FailingOnceStore(tmp_path / "tasks.sqlite3")
+    source = StoreTaskSource(store, settings)
+
+    async def scenario() -> tuple[Task | None, float]:
+        # An empty queue: the fetch claims once, finds nothing, and waits for a change.
+        fetching = asyncio.ensure_future(
+            source.next_task(worker_id="runner-1", environments=ENVIRONMENTS, wait_s=LONG_WAIT_S)
+        )
+        await asyncio.sleep(0.05)
+        store.fail_next = True
+        await asyncio.to_thread(store.create, face_swap_task())
+        with pytest.raises(sqlite3.OperationalError):
+            await asyncio.wait_for(fetching, timeout=LONG_WAIT_S)
+        # As the pull loop does after a failed fetch: it fetches again.
+        started = time.monotonic()
+        task = await asyncio.wait_for(
+            source.next_task(worker_id="runner-1", environments=ENVIRONMENTS, wait_s=LONG_WAIT_S),
+            timeout=LONG_WAIT_S,
+        )
+        waited = time.monotonic() - started
+        await source.close()
+        return task, waited
+
+    try:
+        task, waited = asyncio.run(scenario())
+    finally:
+        store.close()
+
+    assert task is not None
+    assert waited < LONG_WAIT_S / 2  # claimed at once, not at the long poll's end
+    assert store.claims == 3  # the empty queue, the failed claim, the one that took it
