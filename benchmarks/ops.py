@@ -380,9 +380,9 @@ def _create_with_plan(service: Any, principal: Any, engine: _ScriptedEngine, pla
     }
     original = service.store.create
 
-    def create(task: Any) -> Any:
+    def create(task: Any, **options: Any) -> Any:
         engine.plan[task.taskId] = plan
-        return original(task)
+        return original(task, **options)
 
     service.store.create = create
     try:

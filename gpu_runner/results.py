@@ -10,6 +10,7 @@ before and after each upload (the lease keeper sets ``held.lease_lost`` from the
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 import time
@@ -108,6 +109,7 @@ def finish_job(
     worker_id: str,
     timings: dict[str, float],
     started: float,
+    engine_started_at: dt.datetime,
     workdir: Path,
 ) -> Task:
     """Upload the outputs, then write COMPLETED fenced by the lease (refused: cancelled or
@@ -115,7 +117,8 @@ def finish_job(
     them), then remove the job's work folder, whatever happened. Blocking: one thread hop.
 
     ``timings`` gets ``upload_s`` and ``runner_total_s`` (``started`` is the job's
-    perf_counter start) before they are written with the task."""
+    perf_counter start) before they are written with the task; ``engine_started_at``
+    becomes its ``started_at`` when no PROCESSING write set it (a short job)."""
     try:
         phase = time.perf_counter()
         output_data = upload_outputs(task, result, held, upload, discard)
@@ -128,6 +131,7 @@ def finish_job(
                 worker_id=worker_id,
                 output_data=output_data,
                 timings={key: round(value, 6) for key, value in timings.items()},
+                started_at=engine_started_at,
             )
         except Conflict:
             discard_results(discard, [item["key"] for item in output_data["outputs"]])

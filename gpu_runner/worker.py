@@ -51,7 +51,7 @@ from shared.inputs import InputStore, drop_task_inputs, input_refs, make_input_s
 from shared.logs import bind_task, get_logger, log_event, log_failure, unbind_task
 from shared.settings import Settings
 from shared.store.base import TaskStore
-from shared.tasks import Task, TaskStatus
+from shared.tasks import Task, TaskStatus, utcnow
 
 __all__ = ["HttpTaskSource", "StoreTaskSource", "TaskSource", "Uploader", "Worker"]
 
@@ -225,6 +225,7 @@ class Worker:
                 # with one store write fewer.
                 marking = _ProcessingMark(self, task.taskId, held, dict(timings))
                 held.in_engine = True
+                engine_started_at = utcnow()
                 phase = time.perf_counter()
                 try:
                     result = await self._run_engine(engine, job, held)
@@ -251,6 +252,7 @@ class Worker:
                 worker_id=self.worker_id,
                 timings=timings,
                 started=started,
+                engine_started_at=engine_started_at,
                 workdir=workdir,
             )
             workdir_removed = True  # by the hop, once awaited (next line), whatever happens

@@ -320,11 +320,23 @@ class TaskStore(abc.ABC):
         worker_id: str,
         output_data: dict[str, Any],
         timings: dict[str, float] | None = None,
+        started_at: dt.datetime | None = None,
     ) -> Task:
+        """``started_at``: when the job went on the engine. A short job goes FETCHED ->
+        COMPLETED without a PROCESSING write (gpu_runner/worker.py), and a finished task
+        still says when it started."""
+
         def mutate(task: Task) -> Task:
             merged = {**task.timings, **(timings or {})}
             progress = Progress(value=1, max=1, stage="done")
-            changes = {"output_data": output_data, "timings": merged, "error": None, "progress": progress}
+            changes: dict[str, Any] = {
+                "output_data": output_data,
+                "timings": merged,
+                "error": None,
+                "progress": progress,
+            }
+            if task.started_at is None and started_at is not None:
+                changes["started_at"] = started_at
             return apply_transition(task, TaskStatus.COMPLETED, worker_id=worker_id, changes=changes)
 
         return self.update(task_id, mutate)

@@ -272,3 +272,29 @@ def test_a_push_claimed_as_drain_begins_is_released_not_run(settings, results, t
         assert worker.in_flight == {} and not worker.busy
     finally:
         store.close()
+
+
+def test_a_job_shorter_than_the_processing_write_delay_still_records_when_it_started(
+    settings, store, results
+) -> None:
+    """A short job goes FETCHED -> COMPLETED with no PROCESSING write (one store write
+    fewer); its finished task still says when it went on the engine, as every finished
+    task did before (clients read finished_at - started_at as the processing time)."""
+    engine = SteeredEngine()
+    engine.engine_done.set()  # the engine returns at once: well under the delay
+    worker = _pulling_worker(settings, store, engine, results)
+    task = store.create(face_swap_task())
+
+    async def scenario() -> None:
+        pulling = asyncio.ensure_future(worker.run_pull_loop(wait_s=0.5))
+        await until(lambda: store.get_or_raise(task.taskId).status == TaskStatus.COMPLETED, what="COMPLETED")
+        await worker.drain(grace_s=5)
+        await asyncio.wait_for(pulling, timeout=20)
+
+    asyncio.run(scenario())
+
+    done = store.get_or_raise(task.taskId)
+    assert done.status == TaskStatus.COMPLETED
+    assert done.started_at is not None
+    assert done.finished_at is not None
+    assert done.created_at <= done.started_at <= done.finished_at
