@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import PY, REPO, Row, fmt_ms, median, not_measured
+from benchmarks.common import PY, REPO, Row, failed, fmt_ms, median, not_measured
 from tests.fakes import comfyui_double
 from tests.peers import comfyui_peer
 from tests.peers.comfyui_peer import start_real_comfyui
@@ -412,11 +412,7 @@ def comfyui_floor_rows(workdir: Path, *, count: int = 30, concurrent_jobs: int =
         try:
             rows += _measure(workdir / "real", True, count, concurrent_jobs)
         except Exception as exc:
-            rows.append(
-                not_measured(
-                    "8. ComfyUI path vs direct client (real ComfyUI)", f"{type(exc).__name__}: {exc}"
-                )
-            )
+            rows.append(failed("8. ComfyUI path vs direct client (real ComfyUI)", exc))
     else:
         rows.append(
             not_measured("8. ComfyUI path vs direct client (real ComfyUI)", comfyui_peer.missing_reason())
@@ -424,5 +420,5 @@ def comfyui_floor_rows(workdir: Path, *, count: int = 30, concurrent_jobs: int =
     try:
         rows += _measure(workdir / "double", False, count, concurrent_jobs)
     except Exception as exc:
-        rows.append(not_measured("8. ComfyUI path vs direct client (double)", f"{type(exc).__name__}: {exc}"))
+        rows.append(failed("8. ComfyUI path vs direct client (double)", exc))
     return rows

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 @dataclasses.dataclass
 class Row:
-    """One line of the table. ``verdict``: ``meets``, ``MISSES``, ``info`` or ``not measured``."""
+    """One line of the table. ``verdict``: ``meets``, ``MISSES``, ``info``, ``not measured``
+    or ``FAILED``."""
 
     figure: str
     measured: str
@@ -87,7 +89,16 @@ def process_tree_cpu_s(pid: int) -> float:
 
 
 def not_measured(figure: str, reason: str) -> Row:
+    """A figure this machine cannot measure (no emulator, no real peer, no time left)."""
     return Row(figure, f"not measured: {reason}", "", "", "not measured")
+
+
+def failed(figure: str, exc: BaseException) -> Row:
+    """A figure whose measurement raised: a defect in the benchmark or in the product, not
+    a missing dependency. Its traceback goes to stderr and ``make bench`` exits 1."""
+    traceback.print_exception(exc, file=sys.stderr)
+    first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return Row(figure, f"failed: {type(exc).__name__}: {first_line}", "", "", "FAILED")
 
 
 def verdict(ok: bool) -> str:

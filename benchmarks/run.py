@@ -9,8 +9,9 @@ many runners claiming from one Firestore queue, then fed by a push dispatcher (9
 tasks/s (10: issue 14, docs/scale.md);
 then the embedded stack is started once for the orchestration
 overhead (2), the runner's efficiency (1) and the API cost (3, last: it leaves thousands
-of PENDING tasks behind). A part that fails or lacks a dependency prints ``not measured:
-<reason>`` and the run goes on. The table goes to stdout and build/bench/latest.md.
+of PENDING tasks behind). A part that lacks a dependency prints ``not measured: <reason>``;
+one that raises prints ``failed: <error>`` (its traceback on stderr) and the run exits 1
+once the others are measured. The table goes to stdout and build/bench/latest.md.
 
     python -m benchmarks.run                 # everything (8 to 10 minutes on 2 cores)
     python -m benchmarks.run --only 1,2      # some figures
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import REPO, Row, not_measured
+from benchmarks.common import REPO, Row, failed, not_measured
 
 __all__ = ["main"]
 
@@ -109,14 +110,12 @@ def _stack_parts(figures: set[str]) -> Part:
 
 
 def _guarded(figure: str, part: Callable[[], list[Row]]) -> list[Row]:
+    """A part that raises is a FAILED row (the rest of the run goes on); a part that lacks a
+    dependency returns its own ``not measured`` rows."""
     try:
         return part()
     except Exception as exc:
-        return [
-            not_measured(
-                figure, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            )
-        ]
+        return [failed(figure, exc)]
 
 
 def _machine() -> str:
@@ -241,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(table)
     sys.stdout.write(table)
+    broken = [row.figure for row in rows if row.verdict == "FAILED"]
+    if broken:
+        print(f"[bench] FAILED (traceback above): {'; '.join(broken)}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
