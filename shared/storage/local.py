@@ -123,11 +123,12 @@ class LocalStorage(StorageProvider):
                     raise OSError("not a work file: copy it")
                 os.link(local_path, tmp_name)
             except OSError:
-                # Another file system (or one without links): copyfile uses the kernel's
-                # copy (sendfile / copy_file_range) where it can.
+                # Another file system (or one without links): the kernel's copy.
                 fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.close(fd)
-                shutil.copyfile(local_path, tmp_name)
+                try:
+                    _copy_into(local_path, fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp_name, destination)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -212,3 +213,26 @@ def result_url_key(settings: Settings) -> bytes:
         finally:
             Path(tmp_name).unlink(missing_ok=True)
     return path.read_text().strip().encode()
+
+
+def _copy_into(source: Path, fd: int) -> None:
+    """Copy ``source`` into the open, empty file ``fd`` with the kernel's copy (sendfile, as
+    shutil.copyfile does), or through userspace where sendfile cannot.
+
+    Not shutil.copyfile onto the file's name: it reopens the file with O_TRUNC, and ext4
+    writes out a file truncated to zero when it is closed (auto_da_alloc, a guard for
+    programs that rewrite files in place), so a 200 MB result waited ~40 ms for the disk."""
+    with source.open("rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        try:
+            while offset < size:
+                sent = os.sendfile(fd, src.fileno(), offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+        except OSError:
+            if offset:
+                raise
+            with open(fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst)

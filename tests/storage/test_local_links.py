@@ -50,3 +50,22 @@ def test_a_retried_upload_replaces_the_object(tmp_path):
 
     assert (tmp_path / "results" / "task_3" / "000.png").read_bytes() == b"second"
     assert [path.name for path in (tmp_path / "results" / "task_3").iterdir()] == ["000.png"]
+
+
+def test_a_copied_upload_is_byte_identical_through_the_kernel_copy_or_without_it(tmp_path, monkeypatch):
+    content = os.urandom(3 * 1024 * 1024 + 17)
+    shared = tmp_path / "engine-shared" / "out.mp4"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(content)
+    store = _store(tmp_path)
+
+    store.upload_file(shared, "results/task_4/000.mp4", "video/mp4")
+    assert (tmp_path / "results" / "task_4" / "000.mp4").read_bytes() == content
+
+    def no_sendfile(*args, **kwargs):  # a file system or kernel without it
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    store.upload_file(shared, "results/task_5/000.mp4", "video/mp4")
+    assert (tmp_path / "results" / "task_5" / "000.mp4").read_bytes() == content
+    assert sorted(path.name for path in (tmp_path / "results" / "task_5").iterdir()) == ["000.mp4"]
