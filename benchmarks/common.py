@@ -252,6 +252,22 @@ class BenchStack:
         task: dict[str, Any] = response.json()["task"]
         return task
 
+    def long_poll_terminal(self, task_id: str, *, timeout_s: float) -> dict[str, Any]:
+        """The task once it has ended, by ``GET /api/tasks/{id}?wait=`` (what the README tells
+        clients to do): no requests while it runs, unlike ``wait_terminal``'s polling."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            wait_s = max(0.0, min(20.0, deadline - time.monotonic()))
+            response = self.client.get(
+                f"/api/tasks/{task_id}", params={"wait": f"{wait_s:.3f}"}, timeout=wait_s + 30.0
+            )
+            response.raise_for_status()
+            task: dict[str, Any] = response.json()["task"]
+            if task["status"] in TERMINAL:
+                return task
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{task_id} still {task['status']} after {timeout_s:g}s")
+
     def wait_terminal(self, task_id: str, *, timeout_s: float, interval_s: float = 0.02) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:
