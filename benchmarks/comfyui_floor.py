@@ -228,6 +228,19 @@ def _comfyswap(workdir: Path, comfyui_url: str, comfyui_root: Path) -> Iterator[
         api.stop()
 
 
+def _needs(wrapper_budget: float, spend: _Spend) -> str:
+    """What 0.8x would take of the API and the runner, or that ComfyUI and the client alone
+    already spend more than 0.8x allows on these cores."""
+    now_ms = (spend.per_job_s("API") + spend.per_job_s("runner")) * 1000
+    if wrapper_budget <= 0:
+        return (
+            f"0.8x is out of reach here even with a wrapper that costs nothing: ComfyUI and the "
+            f"client alone take {-wrapper_budget * 1000:.1f} ms per job more than it allows "
+            f"(API + runner now {now_ms:.1f})"
+        )
+    return f"0.8x needs API + runner <= {wrapper_budget * 1000:.1f} ms per job (now {now_ms:.1f})"
+
+
 def _rates(rates: list[float]) -> str:
     return " / ".join(f"{rate:.1f}" for rate in rates)
 
@@ -380,9 +393,7 @@ def _measure(workdir: Path, real: bool, count: int, concurrent_jobs: int) -> lis
             f"(schedstat), and the throughput ceiling it implies on {cores} cores",
             f"ComfySwap: {wrapped_spend.describe()} (at most {wrapped_max_rate:.0f} jobs/s on "
             f"{cores} cores), {wrapped_spend.cores_busy:.1f} of {cores} cores busy; ceiling "
-            f"{ceiling:.2f}x direct (measured {ratio:.2f}x); 0.8x needs API + runner <= "
-            f"{max(0.0, wrapper_budget) * 1000:.1f} ms per job (now "
-            f"{(wrapped_spend.per_job_s('API') + wrapped_spend.per_job_s('runner')) * 1000:.1f})",
+            f"{ceiling:.2f}x direct (measured {ratio:.2f}x); {_needs(wrapper_budget, wrapped_spend)}",
             "counted",
             f"direct client: {direct_spend.describe()}, {direct_spend.cores_busy:.1f} of {cores} cores busy "
             "(cores busy: /proc/stat over each round, its clients' connects and closes included)",

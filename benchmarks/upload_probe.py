@@ -160,6 +160,9 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         elif provider == "r2":
             import boto3  # noqa: F401
     chain = None if args.raw else _provider_chain()
+    # Both sides start with no dirty pages of the previous upload to write back: the kernel
+    # throttles a writer behind them, and whichever ran second paid for the first.
+    os.sync()
     rss_before = peak_rss_mb()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
