@@ -387,17 +387,21 @@ def test_a_lone_claimer_that_announced_itself_keeps_strict_order(emulator: Fires
     """Its own announcement is no evidence of a fleet: it claims the oldest task, every time."""
     store = FirestoreTaskStore(firestore.Client(project=emulator.project))
     try:
-        created = [
-            store.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(12)
-        ]
-        order = [
-            store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
-            for _ in range(12)
-        ]
-        assert [task.taskId if task else None for task in order] == created
-        assert store._spread_until == 0.0
+        _assert_claims_in_strict_order(store, 12)
     finally:
         store.close()
+
+
+def _assert_claims_in_strict_order(store: FirestoreTaskStore, count: int) -> None:
+    """``count`` new tasks come back from claim_next oldest first, and the store never
+    went into spread mode (random claim shards)."""
+    created = [store.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(count)]
+    order = [
+        store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
+        for _ in range(count)
+    ]
+    assert [task.taskId if task else None for task in order] == created
+    assert store._spread_until == 0.0
 
 
 @pytest.mark.emulator
@@ -419,13 +423,7 @@ def test_a_dead_runners_announcement_that_ttl_has_not_deleted_yet_does_not_sprea
     ).set({"worker_id": "runner-dead", "seen_at": stale, "expire_at": stale + dt.timedelta(seconds=90)})
     store = FirestoreTaskStore(client)
     try:
-        created = [store.create(Task(workflow="face_swap", environment="face_swap")).taskId for _ in range(6)]
-        order = [
-            store.claim_next(worker_id="runner-0", environments=["face_swap"], lease_seconds=60)
-            for _ in range(6)
-        ]
-        assert [task.taskId if task else None for task in order] == created
-        assert store._spread_until == 0.0
+        _assert_claims_in_strict_order(store, 6)
     finally:
         store.close()
 
