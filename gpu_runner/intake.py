@@ -49,17 +49,12 @@ async def pull_until_draining(worker: Worker, source: TaskSource, wait_s: float)
                 break
             failures += 1
             delay = min(30.0, 0.5 * 2**failures)
-            if isinstance(exc, ComfySwapError):
-                log_failure(logger, "fetch_failed", exc, retry_in_s=delay)
-            else:
-                log_event(
-                    logger,
-                    "fetch_failed",
-                    level=logging.WARNING,
-                    code="unexpected",
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=delay,
-                )
+            error = (
+                exc
+                if isinstance(exc, ComfySwapError)
+                else ComfySwapError(f"{type(exc).__name__}: {exc}", code="unexpected")
+            )
+            log_failure(logger, "fetch_failed", error, retry_in_s=delay)
             await asyncio.sleep(delay)
             continue
         if task is None:

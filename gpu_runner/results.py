@@ -26,7 +26,7 @@ from shared.storage.base import StoredObject, result_key
 from shared.store.base import TaskStore
 from shared.tasks import Task
 
-__all__ = ["Discarder", "Uploader", "discard_results", "finish_job", "upload_outputs"]
+__all__ = ["Discarder", "Uploader", "discard_results", "finish_job", "rounded", "upload_outputs"]
 
 logger = get_logger(__name__)
 
@@ -130,7 +130,7 @@ def finish_job(
                 task.taskId,
                 worker_id=worker_id,
                 output_data=output_data,
-                timings={key: round(value, 6) for key, value in timings.items()},
+                timings=rounded(timings),
                 started_at=engine_started_at,
             )
         except Conflict:
@@ -139,3 +139,8 @@ def finish_job(
     finally:
         # A video job leaves thousands of frames: removed here, off the event loop.
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def rounded(timings: dict[str, float]) -> dict[str, float]:
+    """Timings as a task stores them: seconds to the microsecond."""
+    return {key: round(value, 6) for key, value in timings.items()}

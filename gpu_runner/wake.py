@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-__all__ = ["CancelSignal", "Wake"]
+__all__ = ["CancelSignal", "Wake", "nothing"]
 
 
 class Wake:
@@ -81,7 +81,7 @@ class CancelSignal(asyncio.Event):
         that takes it back."""
         if self.is_set():
             callback()
-            return _nothing
+            return nothing
         self._callbacks.append(callback)
 
         def remove() -> None:
@@ -91,5 +91,5 @@ class CancelSignal(asyncio.Event):
         return remove
 
 
-def _nothing() -> None:
-    pass
+def nothing() -> None:
+    """A callback that does nothing (a removal with nothing to remove, a stop with nothing to stop)."""

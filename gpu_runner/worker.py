@@ -35,7 +35,7 @@ from gpu_runner import intake
 from gpu_runner.drain import drain
 from gpu_runner.engines.base import Engine, EngineResult, PreparedJob
 from gpu_runner.lease import HeldTask, keep_lease, progress_reporter
-from gpu_runner.results import Discarder, Uploader, finish_job
+from gpu_runner.results import Discarder, Uploader, finish_job, rounded
 from gpu_runner.sources import HttpTaskSource, StoreTaskSource, TaskSource
 from gpu_runner.wake import CancelSignal
 from shared.errors import (
@@ -337,7 +337,7 @@ class Worker:
             task.taskId,
             worker_id=self.worker_id,
             error=error,
-            timings=_rounded(timings),
+            timings=rounded(timings),
             retry_delay_s=retry_delay_s(task.attempts),
         )
 
@@ -453,7 +453,3 @@ class _ProcessingMark:
         results = await asyncio.gather(self._write, return_exceptions=True)
         if raise_refusal and isinstance(results[0], Exception):
             raise results[0]
-
-
-def _rounded(timings: dict[str, float]) -> dict[str, float]:
-    return {key: round(value, 6) for key, value in timings.items()}

@@ -304,9 +304,7 @@ class TaskService:
             log_failure(logger, "dispatch_failed", exc, task_id=task.taskId, level=logging.ERROR)
             recorded = record_dispatch_failure(self.store, task.taskId, exc)
             if recorded is not None and recorded.is_terminal:
-                self.drop_inputs_of_finished(recorded)
-                if recorded.webhook_url:
-                    self._notify_in_background(recorded)
+                self._ended_here(recorded)
 
     def reap_expired_leases(self) -> list[Task]:
         """Tasks whose runner stopped renewing its lease go back to PENDING and are
@@ -472,9 +470,7 @@ class TaskService:
         self.get_task(task_id, principal=principal)
         task = self.store.cancel(task_id)
         log_event(logger, "task_finished", task_id=task_id, outcome="CANCELLED", code="cancelled")
-        self.drop_inputs_of_finished(task)
-        if task.webhook_url:
-            self._notify_in_background(task)
+        self._ended_here(task)
         return task
 
     # --- delete -----------------------------------------------------------------------
@@ -492,6 +488,13 @@ class TaskService:
         removed = purge_task(make_storage_chain(self.settings), self.store, self.input_store, task_id)
         log_event(logger, "task_deleted", task_id=task_id, objects=removed)
         return removed
+
+    def _ended_here(self, task: Task) -> None:
+        """A task this service ended (a cancel, a dispatch that can never succeed): its
+        inputs go, and its webhook is told."""
+        self.drop_inputs_of_finished(task)
+        if task.webhook_url:
+            self._notify_in_background(task)
 
     def _notify_in_background(self, task: Task) -> None:
         """The webhook goes out after the answer, never inside it: a receiver that never

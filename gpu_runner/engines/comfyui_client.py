@@ -49,7 +49,7 @@ from gpu_runner.engines.comfyui_watch import (
     PromptWatch,
     UploadedImage,
 )
-from gpu_runner.wake import CancelSignal, Wake
+from gpu_runner.wake import CancelSignal, Wake, nothing
 from shared.errors import JobCancelled, JobFailed, UpstreamUnavailable
 from shared.logs import get_logger, log_event
 
@@ -436,7 +436,7 @@ class ComfyUIClient:
         watch = PromptWatch(prompt_id, prompt, on_progress)
         self._watches[prompt_id] = watch
         cancel_waiter: asyncio.Task[None] | None = None
-        stop_hook = _nothing
+        stop_hook = nothing
         if isinstance(cancel, CancelSignal):
             stop_hook = cancel.on_set(watch.wake.set)  # the worker's: no task waits on it
         elif cancel is not None:
@@ -592,7 +592,3 @@ def _write_file(dest: Path, payload: bytes) -> None:
 async def _set_when(source: asyncio.Event, target: Wake) -> None:
     await source.wait()
     target.set()
-
-
-def _nothing() -> None:
-    pass

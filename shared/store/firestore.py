@@ -342,11 +342,7 @@ class FirestoreTaskStore(TaskStore):
             if refused:
                 raise refused[0]
             return cast(_T, result)
-        raise TransientError(
-            "the task store is busy (too much contention); try again",
-            code="store_contention",
-            details={"attempts": self._transaction_attempts},
-        ) from last_error
+        raise self._contention("the task store") from last_error
 
     # --- primitives -------------------------------------------------------------------
     def create(self, task: Task, *, serialized: str | None = None) -> Task:
@@ -396,16 +392,27 @@ class FirestoreTaskStore(TaskStore):
                 raise _not_found(task_id)
             document = snapshot.to_dict() or {}
             claimed = claimed_by_name(decode_task(document), worker_id, lease_seconds, utcnow())
-            try:
-                reference.update(
-                    _replacement(document, encode_task(claimed)),
-                    option=self._client.write_option(last_update_time=snapshot.update_time),
-                )
-            except (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted):
-                continue  # changed (or deleted) since the read: the next read tells why
-            return claimed
-        raise TransientError(
-            "the task store is busy (too much contention); try again",
+            if self._write_if_unchanged(snapshot, document, claimed):
+                return claimed
+            # Changed (or deleted) since the read: the next read tells why.
+        raise self._contention("the task store")
+
+    def _write_if_unchanged(self, snapshot: Any, document: dict[str, Any], updated: Task) -> bool:
+        """Write ``updated`` over the task ``snapshot`` read, only if nobody wrote it since (a
+        compare-and-set on its update time): False when it changed or went, or (the
+        emulator, under load) the write timed out on its lock."""
+        try:
+            snapshot.reference.update(
+                _replacement(document, encode_task(updated)),
+                option=self._client.write_option(last_update_time=snapshot.update_time),
+            )
+        except (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted):
+            return False
+        return True
+
+    def _contention(self, what: str) -> TransientError:
+        return TransientError(
+            f"{what} is busy (too much contention); try again",
             code="store_contention",
             details={"attempts": self._transaction_attempts},
         )
@@ -487,24 +494,14 @@ class FirestoreTaskStore(TaskStore):
             snapshot = turns[0]
             document = snapshot.to_dict() or {}
             claimed = leased_copy(decode_task(document), claim.worker_id, claim.lease_seconds, now)
-            try:
-                snapshot.reference.update(
-                    _replacement(document, encode_task(claimed)),
-                    option=self._client.write_option(last_update_time=snapshot.update_time),
-                )
-            except (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted):
-                # Another runner claimed (or someone changed) it first, or (the emulator,
-                # under load) the write timed out on its lock: this claimer is one of
-                # several, so it reads a random shard from now on (see above).
-                self.claim_conflicts += 1
-                self._spread_until = time.monotonic() + _SPREAD_S
-                continue
-            return claimed
-        raise TransientError(
-            "the task queue is busy (too much contention); try again",
-            code="store_contention",
-            details={"attempts": self._transaction_attempts},
-        )
+            if self._write_if_unchanged(snapshot, document, claimed):
+                return claimed
+            # Another runner claimed (or someone changed) it first, or the write timed
+            # out on its lock: this claimer is one of several, so it reads a random shard
+            # from now on (see above).
+            self.claim_conflicts += 1
+            self._spread_until = time.monotonic() + _SPREAD_S
+        raise self._contention("the task queue")
 
     def _fleet_seen(self, worker_id: str, envs: list[str]) -> bool:
         """Whether another worker claiming ``envs`` announced itself in the last
