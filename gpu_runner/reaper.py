@@ -23,7 +23,13 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from shared.dispatch import Dispatcher, NoopDispatcher, make_dispatcher, redispatch_stale_pending
+from shared.dispatch import (
+    Dispatcher,
+    NoopDispatcher,
+    OwnPoolsDispatcher,
+    make_dispatcher,
+    redispatch_stale_pending,
+)
 from shared.logs import get_logger, log_event
 from shared.service import TaskService
 from shared.settings import Settings
@@ -43,7 +49,7 @@ class Reaper:
         self.storage = storage
         self.push = push
         try:
-            dispatcher: Dispatcher = make_dispatcher(settings)
+            dispatcher: Dispatcher = OwnPoolsDispatcher(make_dispatcher(settings))
         except Exception as exc:  # no Cloud Tasks credentials here: reap, the sweep enqueues
             log_event(logger, "reaper_cannot_dispatch", error=repr(exc), level=30)
             dispatcher = NoopDispatcher()

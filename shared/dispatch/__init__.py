@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from shared.dispatch.base import Dispatcher, NoopDispatcher, RedispatchReport, redispatch_stale_pending
+from shared.dispatch.base import (
+    Dispatcher,
+    NoopDispatcher,
+    OwnPoolsDispatcher,
+    RedispatchReport,
+    redispatch_stale_pending,
+)
 from shared.settings import Settings
 
-__all__ = ["Dispatcher", "NoopDispatcher", "RedispatchReport", "make_dispatcher", "redispatch_stale_pending"]
+__all__ = [
+    "Dispatcher",
+    "NoopDispatcher",
+    "OwnPoolsDispatcher",
+    "RedispatchReport",
+    "make_dispatcher",
+    "redispatch_stale_pending",
+]
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:

@@ -23,6 +23,7 @@ from shared.tasks import Task, TaskError, TaskStatus, apply_transition, utcnow
 __all__ = [
     "Dispatcher",
     "NoopDispatcher",
+    "OwnPoolsDispatcher",
     "RedispatchReport",
     "record_dispatch_failure",
     "redispatch_stale_pending",
@@ -35,6 +36,27 @@ class Dispatcher(abc.ABC):
     @abc.abstractmethod
     def dispatch(self, task: Task) -> None:
         """Make sure a runner will get ``task``; raise shared.errors.TransientError if not now."""
+
+    def serves(self, task: Task) -> bool:
+        """Whether this dispatcher knows a way to a runner for ``task`` at all."""
+        return True
+
+
+class OwnPoolsDispatcher(Dispatcher):
+    """A runner's dispatcher. Each runner knows only its own pool (Terraform gives a pool's
+    runners that pool alone), so a task it cannot route may well be served by another
+    pool: its "no runner pool" is no verdict. Only the functions, which know every pool,
+    may end such a task FAILED (at create, or at the scheduled sweep). A runner leaves
+    it PENDING for that sweep instead, as it does when it cannot dispatch at all."""
+
+    def __init__(self, inner: Dispatcher) -> None:
+        self.inner = inner
+
+    def dispatch(self, task: Task) -> None:
+        if not self.inner.serves(task):
+            log_event(logger, "dispatch_left_to_sweep", task_id=task.taskId, environment=task.environment)
+            return
+        self.inner.dispatch(task)
 
 
 class NoopDispatcher(Dispatcher):

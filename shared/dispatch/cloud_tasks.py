@@ -256,6 +256,9 @@ class CloudTasksDispatcher(Dispatcher):
         start = task.dispatch_generation % len(order)
         return order[start:] + order[:start]
 
+    def serves(self, task: Task) -> bool:
+        return bool(self.routes_for(task))
+
     def queue_path_for(self, task: Task) -> str:
         """The queue of the task's first-choice pool (by :func:`queue_index` within it)."""
         routes = self.routes_for(task)

@@ -730,6 +730,42 @@ def test_a_task_no_pool_serves_ends_failed_saying_so_not_pending_forever(tmp_pat
         assert (stored.error.code, stored.error.retryable) == ("no_runner_pool", False)
 
 
+def test_a_runner_that_knows_only_its_own_pool_leaves_other_pools_tasks_pending(tmp_path) -> None:
+    """Terraform gives each pool's runners their own pool alone (RUNNER_POOLS). A comm-only
+    pool's runner, sweeping at start or re-queueing a task, must not end face_swap tasks
+    FAILED for "no runner pool": another pool serves them. It leaves them PENDING, without
+    an error, for the functions' scheduled sweep, which knows every pool."""
+    from gpu_runner.reaper import Reaper
+    from shared.storage import make_storage_chain
+    from shared.store.sqlite import SQLiteTaskStore
+    from shared.tasks import TaskStatus
+
+    pools: list[dict[str, Any]] = [
+        {
+            "name": "comfy",
+            "location": EU,
+            "queues": ["q"],
+            "runner_url": "https://comfy.example",
+            "environments": ["comm"],
+        }
+    ]
+    settings = _pools_settings(f"127.0.0.1:{free_port()}", pools).model_copy(
+        update={"data_dir": tmp_path / "data", "runner_environments": ["comm"]}
+    )
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    reaper = Reaper(settings, store, make_storage_chain(settings), push=True)
+    swept = store.create(make_task(owner="a"))
+    requeued = store.create(make_task(owner="a"))
+
+    reaper.sweep_at_start()
+    reaper.requeued(requeued)
+
+    for task_id in (swept.taskId, requeued.taskId):
+        stored = store.get(task_id)
+        assert stored is not None and stored.status == TaskStatus.PENDING
+        assert stored.error is None
+
+
 def test_a_task_no_pool_serves_is_refused_without_an_enqueue() -> None:
     client = RecordingClient()
     only_comm = RunnerPool(
