@@ -695,6 +695,19 @@ def test_a_dispatch_that_failed_in_every_pool_says_so_on_the_task_which_stays_pe
     assert store.claim(stored.taskId, worker_id="runner-us", lease_seconds=60).error is None
 
 
+def _comm_only_pools() -> list[dict[str, Any]]:
+    """RUNNER_POOLS of one pool that serves comm only."""
+    return [
+        {
+            "name": "comfy",
+            "location": EU,
+            "queues": ["q"],
+            "runner_url": "https://comfy.example",
+            "environments": ["comm"],
+        }
+    ]
+
+
 def test_a_task_no_pool_serves_ends_failed_saying_so_not_pending_forever(tmp_path) -> None:
     """No runner pool serves the environment (RUNNER_POOLS environments): no dispatch can
     ever succeed, so the task ends FAILED with the reason (not retried), at create and at
@@ -704,15 +717,7 @@ def test_a_task_no_pool_serves_ends_failed_saying_so_not_pending_forever(tmp_pat
     from shared.store.sqlite import SQLiteTaskStore
     from shared.tasks import TaskStatus
 
-    pools: list[dict[str, Any]] = [
-        {
-            "name": "comfy",
-            "location": EU,
-            "queues": ["q"],
-            "runner_url": "https://comfy.example",
-            "environments": ["comm"],
-        }
-    ]
+    pools = _comm_only_pools()
     dispatcher = make_dispatcher(_pools_settings(f"127.0.0.1:{free_port()}", pools))
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
     service = TaskService(Settings(data_dir=tmp_path / "data"), store, dispatcher)
@@ -740,15 +745,7 @@ def test_a_runner_that_knows_only_its_own_pool_leaves_other_pools_tasks_pending(
     from shared.store.sqlite import SQLiteTaskStore
     from shared.tasks import TaskStatus
 
-    pools: list[dict[str, Any]] = [
-        {
-            "name": "comfy",
-            "location": EU,
-            "queues": ["q"],
-            "runner_url": "https://comfy.example",
-            "environments": ["comm"],
-        }
-    ]
+    pools = _comm_only_pools()
     settings = _pools_settings(f"127.0.0.1:{free_port()}", pools).model_copy(
         update={"data_dir": tmp_path / "data", "runner_environments": ["comm"]}
     )
