@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import PY, REPO, Row, failed, fmt_ms, median, not_measured
+from benchmarks.common import PY, REPO, Row, failed, fmt_ms, machine_busy_s, median, not_measured
 from tests.fakes import comfyui_double
 from tests.peers import comfyui_peer
 from tests.peers.comfyui_peer import start_real_comfyui
@@ -261,14 +261,6 @@ def _on_cpu_ns(pids: list[int]) -> int:
     return total
 
 
-def _busy_cores_s() -> float:
-    """CPU seconds the whole machine spent busy so far, all cores (/proc/stat: every field
-    but idle and iowait; USER_HZ ticks)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 class _Spend:
     """CPU per job by process on one side (nanoseconds of every thread, schedstat), and the
     machine's busy cores over the same wall time."""
@@ -289,10 +281,10 @@ class _Spend:
 
     @contextlib.contextmanager
     def jobs_of(self, count: int) -> Iterator[None]:
-        before, busy, started = self._now(), _busy_cores_s(), time.perf_counter()
+        before, busy, started = self._now(), machine_busy_s(), time.perf_counter()
         yield
         self.wall_s += time.perf_counter() - started
-        self.busy_s += _busy_cores_s() - busy
+        self.busy_s += machine_busy_s() - busy
         after = self._now()
         for name in after:
             self.cpu_ns[name] += after[name] - before[name]

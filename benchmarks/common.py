@@ -88,6 +88,17 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process of this machine has used so far, all cores (/proc/stat's
+    busy fields: all but idle and iowait); 0.0 where /proc is not there."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def not_measured(figure: str, reason: str) -> Row:
     """A figure this machine cannot measure (no emulator, no real peer, no time left)."""
     return Row(figure, f"not measured: {reason}", "", "", "not measured")
@@ -246,8 +257,13 @@ class BenchStack:
         response.raise_for_status()
         return str(response.json()["taskId"])
 
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/api/tasks/{task_id}")
+    def get_task(self, task_id: str, *, wait_s: float = 0.0) -> dict[str, Any]:
+        """The task; with ``wait_s``, once it ended or the wait did (``?wait=``)."""
+        if wait_s > 0:
+            params, timeout = {"wait": f"{wait_s:.3f}"}, wait_s + 30.0
+            response = self.client.get(f"/api/tasks/{task_id}", params=params, timeout=timeout)
+        else:
+            response = self.client.get(f"/api/tasks/{task_id}")
         response.raise_for_status()
         task: dict[str, Any] = response.json()["task"]
         return task
@@ -257,12 +273,7 @@ class BenchStack:
         clients to do): no requests while it runs, unlike ``wait_terminal``'s polling."""
         deadline = time.monotonic() + timeout_s
         while True:
-            wait_s = max(0.0, min(20.0, deadline - time.monotonic()))
-            response = self.client.get(
-                f"/api/tasks/{task_id}", params={"wait": f"{wait_s:.3f}"}, timeout=wait_s + 30.0
-            )
-            response.raise_for_status()
-            task: dict[str, Any] = response.json()["task"]
+            task = self.get_task(task_id, wait_s=max(0.001, min(20.0, deadline - time.monotonic())))
             if task["status"] in TERMINAL:
                 return task
             if time.monotonic() > deadline:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Row, environment, not_measured
+from benchmarks.common import Row, environment, machine_busy_s, not_measured
 
 __all__ = ["scale_rows"]
 
@@ -129,19 +129,6 @@ def _process_group_cpu_s(group: int) -> float:
     return total / ticks
 
 
-def _machine_busy_s() -> float:
-    """CPU seconds every process of this machine has used (all cores, /proc/stat's busy
-    fields); 0.0 where /proc is not there."""
-    import os
-
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def _one_count(project: str, runners: int, emulator_group: int = 0) -> dict[str, Any]:
     from google.cloud import firestore
 
@@ -157,9 +144,9 @@ def _one_count(project: str, runners: int, emulator_group: int = 0) -> dict[str,
     ]
     with counting_stores(project, collection, runners) as (stores, counter):
         emulator_cpu_s, client_cpu_s = _process_group_cpu_s(emulator_group), time.process_time()
-        busy_s = _machine_busy_s()
+        busy_s = machine_busy_s()
         result = _run_runners(stores, lock)
-        busy_s = _machine_busy_s() - busy_s
+        busy_s = machine_busy_s() - busy_s
         # What the simulation (figure 10) is built from: requests per claim, and each
         # request's CPU on the emulator and in this process (the runners' client side).
         result["emulator_cpu_s"] = _process_group_cpu_s(emulator_group) - emulator_cpu_s

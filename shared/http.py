@@ -19,7 +19,15 @@ import flask
 
 from shared.auth import Principal, authenticate
 from shared.errors import BadRequest, ComfySwapError, NotFound, RateLimited, ValidationFailed
-from shared.logs import bind_task, bind_trace, configure_logging, get_logger, unbind_task, unbind_trace
+from shared.logs import (
+    bind_task,
+    bind_trace,
+    configure_logging,
+    encode_json,
+    get_logger,
+    unbind_task,
+    unbind_trace,
+)
 from shared.ratelimit import RateLimiter
 from shared.request_guard import body_too_large, parse_json
 from shared.service import TaskService
@@ -32,8 +40,6 @@ logger = get_logger(__name__)
 Handler = Callable[["RequestContext"], flask.Response]
 ANONYMOUS = Principal(owner="", roles=frozenset())
 _NO_STORE = {"Cache-Control": "no-store"}
-# One encoder for every answer: json.dumps(..., default=str) builds a new one per call.
-_encode = json.JSONEncoder(default=str).encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +107,7 @@ def json_response(
 ) -> flask.Response:
     """``body`` as JSON; ``encoded`` adds members to that object whose values are JSON text
     already (a task the service serialised once), appended as they are, not parsed again."""
-    text = _encode(body)
+    text = encode_json(body)
     if encoded:
         members = [f"{json.dumps(name)}: {value}" for name, value in encoded.items()]
         text = text[:-1] + (", " if body else "") + ", ".join(members) + "}"

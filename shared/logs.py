@@ -23,6 +23,7 @@ __all__ = [
     "bind_task",
     "bind_trace",
     "configure_logging",
+    "encode_json",
     "get_logger",
     "log_event",
     "log_task_claimed",
@@ -42,7 +43,9 @@ _SECRET_KEYS = {"authorization", "api_key", "token", "secret", "password", "r2_s
 
 
 # One encoder for every line: json.dumps(..., default=str) builds a new one per call.
-_encode = json.JSONEncoder(default=str).encode
+# One encoder for log lines and JSON answers (shared.http), str() for what JSON lacks:
+# json.dumps(..., default=str) would build a new one per call.
+encode_json = json.JSONEncoder(default=str).encode
 # The date and time of day of the latest whole second logged, formatted once a second.
 _second: tuple[int, str] = (-1, "")
 
@@ -82,7 +85,7 @@ class CloudLoggingFormatter(logging.Formatter):
             entry[key] = "[redacted]" if key.lower() in _SECRET_KEYS else value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return _encode(entry)
+        return encode_json(entry)
 
 
 def configure_logging(level: str = "INFO") -> None:

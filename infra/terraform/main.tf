@@ -185,7 +185,6 @@ locals {
     FACE_SWAP_ENGINE      = var.face_swap.engine
     FACE_SWAP_RETRY_COUNT = tostring(var.face_swap.retry_count)
     FACE_SWAP_TIMEOUT     = tostring(var.face_swap.timeout_s)
-    RUNNER_ENVIRONMENTS   = var.comfyui.enabled ? "face_swap,comm" : "face_swap"
     RUNNER_HOST           = "0.0.0.0"
     RUNNER_PORT           = tostring(local.runner_port)
     TASK_TIMEOUT_S        = tostring(var.task_limits.timeout_s)
@@ -208,8 +207,10 @@ locals {
   }
   # A pool's runners serve (and in pull mode claim) the pool's environments, else all.
   pool_runner_environments = {
-    for name, pool in local.runner_pools : name => length(pool.environments) > 0 ? join(",", pool.environments) : (var.comfyui.enabled ? "face_swap,comm" : "face_swap")
+    for name, pool in local.runner_pools : name => length(pool.environments) > 0 ? join(",", pool.environments) : local.served_environments
   }
+  # Every environment this deployment serves (a pool that names none serves them all).
+  served_environments = var.comfyui.enabled ? "face_swap,comm" : "face_swap"
 
   # Pull mode on a VM: the runner claims tasks through the gateway (the Cloud Run
   # runner must not read the gateway's URL: the gateway's config depends on the runner).

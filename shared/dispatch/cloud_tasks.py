@@ -212,6 +212,8 @@ class CloudTasksDispatcher(Dispatcher):
             )
             routes = (PoolRoute(pool, paths, target_url, invoker_email, audience or target_url),)
         self.routes = tuple(routes)
+        self._route_by_name = {route.name: route for route in self.routes}
+        self._pools = [route.pool for route in self.routes]
         self.queue_paths = [path for route in self.routes for path in route.queue_paths]
         # The first pool's: what a single-pool deployment and its logs call "the queue".
         first = self.routes[0]
@@ -246,10 +248,8 @@ class CloudTasksDispatcher(Dispatcher):
         generation: a retry, a release, a reaped lease, the sweep's re-dispatch of a task
         still PENDING). A region whose queue takes tasks but whose runners never claim
         them holds a task until the sweep, and the sweep's delivery goes elsewhere."""
-        by_name = {route.name: route for route in self.routes}
         order = [
-            by_name[pool.name]
-            for pool in pool_order([r.pool for r in self.routes], task.taskId, task.environment)
+            self._route_by_name[pool.name] for pool in pool_order(self._pools, task.taskId, task.environment)
         ]
         if not order:
             return order
