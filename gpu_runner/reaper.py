@@ -28,7 +28,6 @@ from shared.dispatch import (
     NoopDispatcher,
     OwnPoolsDispatcher,
     make_dispatcher,
-    redispatch_stale_pending,
 )
 from shared.logs import get_logger, log_event
 from shared.service import TaskService
@@ -61,7 +60,7 @@ class Reaper:
         self.service.dispatch_task(task)
 
     def sweep_at_start(self) -> None:
-        redispatch_stale_pending(self.service.store, self.service.dispatcher, 0.0, new_generation=False)
+        self.service.redispatch_stale_pending(0.0, new_generation=False)
 
     def sweep_orphans(self) -> None:
         sweep_orphans(self.storage, self.service.store, self.service.input_store)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.auth import Principal
-from shared.dispatch import Dispatcher, make_dispatcher
+from shared.dispatch import Dispatcher, RedispatchReport, make_dispatcher, redispatch_stale_pending
 from shared.dispatch.base import record_dispatch_failure
 from shared.errors import (
     ComfySwapError,
@@ -305,6 +305,18 @@ class TaskService:
             recorded = record_dispatch_failure(self.store, task.taskId, exc)
             if recorded is not None and recorded.is_terminal:
                 self._ended_here(recorded)
+
+    def redispatch_stale_pending(
+        self, older_than_s: float, *, new_generation: bool = True
+    ) -> RedispatchReport:
+        """The re-dispatch sweep (shared.dispatch.redispatch_stale_pending); a task it ends
+        FAILED (no runner pool serves it) is followed up as a failed dispatch at create is."""
+        report = redispatch_stale_pending(
+            self.store, self.dispatcher, older_than_s, new_generation=new_generation
+        )
+        for task in report.ended:
+            self._ended_here(task)
+        return report
 
     def reap_expired_leases(self) -> list[Task]:
         """Tasks whose runner stopped renewing its lease go back to PENDING and are

@@ -12,7 +12,6 @@ from __future__ import annotations
 import flask
 import functions_framework
 
-from shared.dispatch import redispatch_stale_pending
 from shared.http import (
     RequestContext,
     Route,
@@ -102,7 +101,7 @@ def reap(ctx: RequestContext) -> flask.Response:
 
     authorize_reaper(ctx.request.headers, ctx.settings)
     reaped = ctx.service.reap_expired_leases()
-    sweep = redispatch_stale_pending(ctx.service.store, ctx.service.dispatcher, older_than_s=STALE_PENDING_S)
+    sweep = ctx.service.redispatch_stale_pending(STALE_PENDING_S)
     stats = ctx.service.store.queue_stats()
     log_event(logger, "queue_stats", queue_length=stats.queue_length, **stats.model_dump())
     return json_response(

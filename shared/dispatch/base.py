@@ -67,11 +67,13 @@ class NoopDispatcher(Dispatcher):
 
 
 class RedispatchReport:
-    """What one sweep did, by task id: enqueued again, or still failing (and why)."""
+    """What one sweep did, by task id: enqueued again, or still failing (and why); and the
+    tasks it ended FAILED (no dispatch can ever succeed), for their owner's follow-up."""
 
     def __init__(self) -> None:
         self.dispatched: list[str] = []
         self.failed: dict[str, str] = {}
+        self.ended: list[Task] = []
 
     def as_dict(self) -> dict[str, int]:
         return {"dispatched": len(self.dispatched), "failed": len(self.failed)}
@@ -113,7 +115,9 @@ def redispatch_stale_pending(
         except ComfySwapError as exc:
             report.failed[task_id] = exc.code
             log_failure(logger, "redispatch_failed", exc, task_id=task_id, level=logging.ERROR)
-            record_dispatch_failure(store, task_id, exc)
+            recorded = record_dispatch_failure(store, task_id, exc)
+            if recorded is not None and recorded.is_terminal:
+                report.ended.append(recorded)
             continue
         report.dispatched.append(task_id)
     if report.dispatched or report.failed:

@@ -735,6 +735,36 @@ def test_a_task_no_pool_serves_ends_failed_saying_so_not_pending_forever(tmp_pat
         assert (stored.error.code, stored.error.retryable) == ("no_runner_pool", False)
 
 
+def test_a_task_the_sweep_ends_failed_keeps_no_stored_input(tmp_path) -> None:
+    """The scheduled sweep (get_task's /internal/reap) that finds no pool serving a task
+    ends it FAILED, and, as a failed dispatch at create does, removes the photos stored
+    for it (before, they stayed until the bucket's lifecycle rule)."""
+    from shared.auth import Principal
+    from shared.service import TaskService
+    from shared.store.sqlite import SQLiteTaskStore
+    from shared.tasks import TaskStatus
+    from tests.large_photo import data_url
+
+    settings = Settings(data_dir=tmp_path / "data")
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    photo = data_url(b"\xff\xd8\xff\xe0 not really a photo", "image/jpeg")
+    created = TaskService(settings, store, NoopDispatcher()).create_task(
+        {"workflow": "face_swap", "task_data": {"source_url": photo, "target_url": photo}},
+        principal=Principal(owner="a", roles=frozenset({"client"})),
+    )
+    sweeping = TaskService(
+        settings, store, make_dispatcher(_pools_settings(f"127.0.0.1:{free_port()}", _comm_only_pools()))
+    )
+    assert set(sweeping.input_store.stored_task_ids()) == {created.task.taskId}
+
+    report = sweeping.redispatch_stale_pending(0.0)
+
+    assert report.failed == {created.task.taskId: "no_runner_pool"}
+    stored = store.get(created.task.taskId)
+    assert stored is not None and stored.status == TaskStatus.FAILED
+    assert list(sweeping.input_store.stored_task_ids()) == []
+
+
 def test_a_runner_that_knows_only_its_own_pool_leaves_other_pools_tasks_pending(tmp_path) -> None:
     """Terraform gives each pool's runners their own pool alone (RUNNER_POOLS). A comm-only
     pool's runner, sweeping at start or re-queueing a task, must not end face_swap tasks
